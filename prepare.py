@@ -231,7 +231,7 @@ def fetch(url, tmp, stop, progress_bytes):
             raise TransientError(f"server resumed at the wrong offset ({r.headers.get('Content-Range')})")
         expected = int(r.headers["Content-Length"]) + (have if resumed else 0) if "Content-Length" in r.headers else None
         with open(tmp, "ab" if resumed else "wb") as f:
-            for chunk in r.iter_content(1 << 20):
+            for chunk in r.iter_content(1 << 16):  # small chunks: a killed download leaves its bytes on disk
                 if stop.is_set():
                     return
                 f.write(chunk)
@@ -390,13 +390,14 @@ def split_paragraphs(text):
     return docs + [current] if current else docs
 
 
-def read_documents(path):
+def read_documents(path, retry):
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         problem = parquet_problem(path)
         if problem:
             raise SystemExit(f"{path}: {problem}. --source needs parquet files with a string column named "
-                             f"'text' (one document per row); rename the column holding your documents.")
+                             f"'text' (one document per row): rename the column holding your documents, then run: "
+                             f"{retry}")
         docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()
     elif suffix == ".jsonl":
         docs = []
@@ -408,10 +409,10 @@ def read_documents(path):
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise SystemExit(f"{path}:{lineno}: not valid JSON ({e}). --source needs one JSON object "
-                                     f'per line, like {{"text": "..."}}')
+                                     f'per line, like {{"text": "..."}}; fix the file, then run: {retry}')
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise SystemExit(f'{path}:{lineno}: no string field "text". --source needs one JSON object '
-                                     f'per line, like {{"text": "..."}}')
+                                     f'per line, like {{"text": "..."}}; fix the file, then run: {retry}')
                 docs.append(record["text"])
     else:
         docs = split_paragraphs(path.read_text(encoding="utf-8", errors="replace"))
@@ -446,15 +447,16 @@ def import_source(spec):
         print(f"source: {len(files)} files unchanged since the last import into {dataset_dir(name)}")
         return name, manifest
     print(f"source: reading {len(files)} files from {spec}")
+    retry = f"uv run prepare.py --source {shlex.quote(spec)}"
     per_file = []
     for f in files:
-        docs = read_documents(f)
+        docs = read_documents(f, retry)
         per_file.append(docs)
         print(f"  {f}: {len(docs)} documents")
     if len(files) >= 2:
         if not per_file[-1]:
             raise SystemExit(f"{files[-1]} holds no documents, but the last file (sorted) is the validation split. "
-                             f"Add text to it or remove it, then run: uv run prepare.py --source {shlex.quote(spec)}")
+                             f"Add text to it or remove it, then run: {retry}")
         train_parts, val_docs = [d for d in per_file[:-1] if d], per_file[-1]
         split = f"last file in sorted order is validation: {files[-1]}"
     else:
@@ -462,13 +464,13 @@ def import_source(spec):
         if len(docs) < 2:
             raise SystemExit(f"{files[0]} holds {len(docs)} documents; a train/val split needs at least 2. "
                              f"Add text (or more files: the last one becomes validation), then run: "
-                             f"uv run prepare.py --source {shlex.quote(spec)}")
+                             f"{retry}")
         n_val = max(1, len(docs) // 10)
         train_parts, val_docs = [docs[:-n_val]], docs[-n_val:]
         split = f"single file: its last {n_val} of {len(docs)} documents are validation"
     if not train_parts:
         raise SystemExit(f"--source {spec}: no training documents (every file but the validation one is empty). "
-                         f"Add text, then run: uv run prepare.py --source {shlex.quote(spec)}")
+                         f"Add text, then run: {retry}")
     shards = {shard_name(i): docs for i, docs in enumerate(train_parts)}
     shards[shard_name(len(train_parts))] = val_docs
     names = list(shards)
