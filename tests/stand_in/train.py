@@ -1,0 +1,67 @@
+"""Stand-in train.py for the agent_loop tests: prints the summary block (or the failure) that the
+constants below ask for, like the real one, in well under a second."""
+import os
+import subprocess
+import sys
+import time
+
+from prepare import PROFILE
+
+VAL_BPB = 1.0             # the result to report
+NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
+SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
+MODE = "ok"               # ok | crash | fail | nan | hang | tamper | nosummary
+SLEEP = 0.0               # seconds of "training"
+MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
+EMBEDDING_LR = 0.9
+DEPTH = 8
+TOTAL_BATCH_SIZE = 2**18
+DEVICE_BATCH_SIZE = 128
+WARMDOWN_RATIO = 0.75
+ADAM_BETAS = (0.8, 0.95)
+if PROFILE == "cpu":
+    DEPTH = 4
+elif PROFILE == "smoke":
+    DEPTH = 2
+    TOTAL_BATCH_SIZE = 2**13
+    DEVICE_BATCH_SIZE = 16
+
+seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
+print(f"training {PROFILE} depth {DEPTH} seed {seed}", flush=True)
+time.sleep(SLEEP)
+if MODE == "crash":
+    raise RuntimeError("CUDA out of memory (stand-in)")
+if MODE == "fail":
+    print("FAIL: loss is nan at step 3", flush=True)
+    sys.exit(1)
+if MODE == "hang":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(os.environ["STANDIN_CHILD_PID"], "w") as f:
+        f.write(str(child.pid))
+    time.sleep(600)
+if MODE == "tamper":
+    with open("prepare.py", "a") as f:
+        f.write("# tampered by train.py\n")
+if MODE == "nosummary":
+    sys.exit(0)
+val = VAL_BPB + NOISE * (seed - 42)
+if SHAPED:
+    val += abs(MATRIX_LR - 0.03) + 0.01 * abs(DEPTH - 3) + 0.02 * abs(WARMDOWN_RATIO - 0.6)
+if MODE == "nan":
+    val = float("nan")
+print("---")
+print(f"val_bpb:          {val:.6f}")
+print("training_seconds: 1.0")
+print("total_seconds:    1.2")
+print("peak_vram_mb:     2048.0")
+print("mfu_percent:      n/a")
+print("total_tokens_M:   0.1")
+print("num_steps:        10")
+print("num_params_M:     0.5")
+print(f"depth:            {DEPTH}")
+print(f"profile:          {PROFILE}")
+print("device:           cpu")
+print("attention:        sdpa")
+print(f"seed:             {seed}")
+print("startup_seconds:  0.1")
+print("eval_seconds:     0.1")

@@ -1,0 +1,519 @@
+"""Tests of agent_loop.py: real git repos in temp dirs, real subprocesses, a stand-in train.py
+(tests/stand_in/) that prints the summary its constants ask for, and one end-to-end run of the
+real train.py on the smoke profile."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AGENT_LOOP = REPO / "agent_loop.py"
+STAND_IN = Path(__file__).resolve().parent / "stand_in"
+sys.path.insert(0, str(REPO))
+import agent_loop  # noqa: E402  (for the pure functions: mutate, summary parsing)
+
+UPSTREAM_TSV = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+                "baseline\t0.997900\t44.0\tkeep\tbaseline\n"
+                "a1b2c3d\t0.993200\t44.2\tkeep\tincrease LR to 0.04\n"
+                "b2c3d4e\t1.005000\t44.0\tdiscard\tswitch to GeLU activation\n"
+                "c3d4e5f\t0.000000\t0.0\tcrash\tdouble model width (OOM)\n")
+
+
+# -----------------------------------------------------------------------------
+# Helpers: a repo with the stand-ins, no git identity, and the loop as a real subprocess
+
+
+@pytest.fixture
+def env(tmp_path):
+    """No git identity anywhere (the loop must bring its own), a private cache that is ready."""
+    (tmp_path / "gitconfig").write_text("")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "ready").write_text("")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
+    e.update(GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"), GIT_CONFIG_NOSYSTEM="1",
+             AUTORESEARCH_CACHE_DIR=str(cache), AUTORESEARCH_PROFILE="smoke", HOME=str(tmp_path))
+    return e
+
+
+@pytest.fixture
+def repo(tmp_path, env):
+    r = tmp_path / "repo"
+    r.mkdir()
+    for f in ("prepare.py", "train.py"):
+        shutil.copy(STAND_IN / f, r / f)
+    (r / "README.md").write_text("a lab\n")
+    (r / ".gitignore").write_text("results.tsv\nlogs/\n__pycache__/\nworktrees/\n")
+    git(r, env, "init", "-q", "-b", "main")
+    git(r, env, "add", ".")
+    git(r, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "stand-ins")
+    return r
+
+
+def git(repo, env, *args):
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def loop(repo, env, *args, check=True, timeout=120, stdin=None):
+    p = subprocess.run([sys.executable, str(AGENT_LOOP), *args], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=timeout, input=stdin)
+    if check:
+        assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+def set_train(repo, **consts):
+    """Edit the stand-in's top-level constants, e.g. VAL_BPB=0.99, MODE='crash'."""
+    path = repo / "train.py"
+    text = path.read_text()
+    for name, value in consts.items():
+        text, n = re.subn(rf"^{name} = .*?(  #.*)?$", lambda m: f"{name} = {value!r}{m[1] or ''}", text,
+                          count=1, flags=re.M)
+        assert n == 1, name
+    path.write_text(text)
+
+
+def rows(repo):
+    lines = (repo / "results.tsv").read_text().split("\n")
+    assert lines[-1] == "", "results.tsv must end with a newline"
+    header = lines[0].split("\t")
+    out = [dict(zip(header, line.split("\t"))) for line in lines[1:-1]]
+    assert all(len(line.split("\t")) == len(header) for line in lines[1:-1]), "a partial row"
+    return out
+
+
+def initialised(repo, env, repeats=1, tag="t", **baseline):
+    """init on a baseline train.py with these constants (committed on main first)."""
+    if baseline:
+        set_train(repo, **baseline)
+        git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline")
+    return loop(repo, env, "init", "--tag", tag, "--repeats", str(repeats))
+
+
+def clean_tracked(repo, env):
+    return git(repo, env, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+def pid_gone(pid):
+    """Gone, or a zombie waiting for a parent that never reaps (PID 1 in some containers)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_for(predicate, seconds=30):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# -----------------------------------------------------------------------------
+# init
+
+
+def test_init_creates_branch_header_and_baseline_with_noise(repo, env):
+    out = initialised(repo, env, repeats=2, NOISE=0.002).stdout
+    assert git(repo, env, "branch", "--show-current") == "autoresearch/t"
+    assert (repo / "results.tsv").read_text().split("\n")[0].split("\t")[:5] == \
+        ["commit", "val_bpb", "memory_gb", "status", "description"]
+    (base,) = rows(repo)
+    assert base["status"] == "keep" and base["description"] == "baseline" and base["seeds"] == "42,43"
+    assert base["val_bpb_runs"] == "1.000000,1.002000" and base["val_bpb"] == "1.001000"
+    assert base["memory_gb"] == "2.0"
+    # 2 sigma of (1.000, 1.002) = 0.00283 is above the 0.1% floor: it is the margin
+    assert "margin=0.0028" in out and "2 sigma of 2 baseline runs" in base["note"]
+    assert clean_tracked(repo, env)
+
+
+def test_init_lists_every_failed_check_with_its_fix(repo, env):
+    (Path(env["AUTORESEARCH_CACHE_DIR"]) / "ready").unlink()
+    (repo / "README.md").write_text("my unsaved notes\n")
+    with open(repo / "prepare.py", "a") as f:
+        f.write("# edited\n")
+    p = loop(repo, env, "init", "--tag", "t", check=False)
+    assert p.returncode == 1
+    assert "uv run prepare.py --dataset synthetic" in p.stderr       # data not ready
+    assert "git checkout -- prepare.py" in p.stderr                   # prepare.py changed
+    assert "README.md" in p.stderr and "git stash" in p.stderr        # dirty tree
+    assert git(repo, env, "branch", "--show-current") == "main"
+    assert (repo / "README.md").read_text() == "my unsaved notes\n"
+
+
+def test_init_refuses_an_existing_branch(repo, env):
+    git(repo, env, "branch", "autoresearch/t")
+    p = loop(repo, env, "init", "--tag", "t", check=False)
+    assert p.returncode == 1 and "already exists" in p.stderr and "--tag tb" in p.stderr
+
+
+def test_step_outside_an_autoresearch_branch_names_init(repo, env):
+    p = loop(repo, env, "step", "-m", "x", check=False)
+    assert p.returncode == 2 and "agent_loop.py init --tag" in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# step: keep, discard, crash, timeout, NaN, duplicates
+
+
+def test_step_keeps_a_real_improvement_and_prints_one_line(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.99)
+    out = loop(repo, env, "step", "-m", "lower the loss").stdout
+    assert out.count("\n") == 1
+    assert re.match(r"keep val_bpb=0\.990000 delta=-0\.0100 \(margin 0\.0010\) best=0\.990000 log=logs/t/001-\w{7}\.log",
+                    out), out
+    base, exp = rows(repo)
+    assert exp["status"] == "keep" and exp["description"] == "lower the loss" and exp["n"] == "1"
+    assert git(repo, env, "rev-parse", "--short=7", "HEAD") == exp["commit"]
+    assert git(repo, env, "log", "-1", "--format=%an <%ae>") == "autoresearch <autoresearch@localhost>"
+    assert "keep: 0.990000 < best 1.000000 - margin 0.0010" in exp["note"]
+    log = (repo / exp["log"]).read_text()
+    assert "===== decision =====" in log and "loop overhead" in log and "-VAL_BPB = 1.0" in log
+    assert clean_tracked(repo, env)
+
+
+def test_step_discards_a_change_within_the_noise_margin_and_keeps_it_reachable(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.9995)
+    out = loop(repo, env, "step", "-m", "tiny gain").stdout
+    assert out.startswith("discard val_bpb=0.999500 delta=-0.0005 (margin 0.0010) best=1.000000")
+    exp = rows(repo)[1]
+    assert exp["status"] == "discard" and "is not below best 1.000000 - margin 0.0010" in exp["note"]
+    assert "VAL_BPB = 1.0" in (repo / "train.py").read_text()          # back at the best
+    assert git(repo, env, "rev-parse", "HEAD") == git(repo, env, "rev-parse", "main")
+    saved = git(repo, env, "show", "refs/autoresearch/t/discarded/1:train.py")
+    assert "VAL_BPB = 0.9995" in saved
+    assert git(repo, env, "rev-parse", "--short=7", "refs/autoresearch/t/discarded/1") == exp["commit"]
+
+
+def test_crash_records_zero_values_and_the_traceback(repo, env):
+    initialised(repo, env)
+    set_train(repo, MODE="crash")
+    out = loop(repo, env, "step", "-m", "double width").stdout
+    assert out.startswith("crash exit code 1: RuntimeError: CUDA out of memory (stand-in)")
+    exp = rows(repo)[1]
+    assert (exp["val_bpb"], exp["memory_gb"], exp["status"]) == ("0.000000", "0.0", "crash")
+    assert "RuntimeError: CUDA out of memory" in exp["note"] and 'File "' in exp["note"]
+    assert git(repo, env, "show", "refs/autoresearch/t/discarded/1:train.py").count("MODE = 'crash'") == 1
+
+
+@pytest.mark.parametrize("mode, reason", [("fail", "FAIL: loss is nan at step 3"), ("nan", "val_bpb is nan"),
+                                          ("nosummary", "no summary block")])
+def test_fail_nan_and_missing_summary_are_crashes(repo, env, mode, reason):
+    initialised(repo, env)
+    set_train(repo, MODE=mode)
+    out = loop(repo, env, "step", "-m", mode).stdout
+    assert out.startswith(f"crash {reason}")
+    assert rows(repo)[1]["status"] == "crash"
+
+
+def test_timeout_kills_train_and_its_children(repo, env, tmp_path):
+    initialised(repo, env)
+    set_train(repo, MODE="hang")
+    env = dict(env, STANDIN_CHILD_PID=str(tmp_path / "child.pid"))
+    out = loop(repo, env, "step", "-m", "hang", "--timeout", "2").stdout
+    assert out.startswith("crash timeout: killed with its whole process group after 2 s")
+    child = int((tmp_path / "child.pid").read_text())
+    assert wait_for(lambda: pid_gone(child), 15), "train.py's child survived the timeout"
+    assert rows(repo)[1]["status"] == "crash"
+    assert clean_tracked(repo, env)
+
+
+def test_identical_train_py_is_never_run_twice(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=1.01)
+    loop(repo, env, "step", "-m", "worse")
+    set_train(repo, VAL_BPB=1.01)
+    out = loop(repo, env, "step", "-m", "worse again").stdout
+    assert out.startswith("skip identical to #1")
+    assert len(rows(repo)) == 2 and len(list((repo / "logs" / "t").glob("0*.log"))) == 2
+    assert "VAL_BPB = 1.0" in (repo / "train.py").read_text()
+    out = loop(repo, env, "step", "-m", "nothing").stdout
+    assert out.startswith("skip train.py is unchanged")
+
+
+def test_confirm_reruns_a_candidate_with_the_next_seed(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.99, NOISE=0.02)           # seed 42: 0.99, seed 43: 1.01
+    out = loop(repo, env, "step", "-m", "lucky seed", "--confirm").stdout
+    exp = rows(repo)[1]
+    assert out.startswith("discard val_bpb=1.000000") and exp["seeds"] == "42,43"
+    assert exp["note"].startswith("discard: not confirmed: seed 42 gave 0.990000")
+    set_train(repo, VAL_BPB=0.98, NOISE=0.001)
+    loop(repo, env, "step", "-m", "real gain", "--confirm")
+    exp = rows(repo)[2]
+    assert exp["status"] == "keep" and exp["val_bpb_runs"] == "0.980000,0.981000" and exp["val_bpb"] == "0.980500"
+
+
+def test_min_delta_overrides_the_noise_margin(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.9995)
+    assert loop(repo, env, "step", "-m", "tiny", "--min-delta", "0").stdout.startswith("keep")
+
+
+# -----------------------------------------------------------------------------
+# Integrity: other files, dirty trees
+
+
+def test_step_refuses_changes_outside_train_py_and_leaves_them(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.9)
+    with open(repo / "prepare.py", "a") as f:
+        f.write("# easier metric\n")
+    p = loop(repo, env, "step", "-m", "cheat", check=False)
+    assert p.returncode == 2 and "prepare.py" in p.stderr and "git stash push -- prepare.py" in p.stderr
+    assert (repo / "prepare.py").read_text().endswith("# easier metric\n")
+    assert "VAL_BPB = 0.9" in (repo / "train.py").read_text()
+    assert len(rows(repo)) == 1
+
+
+def test_run_refuses_a_dirty_tree_and_keeps_the_users_change(repo, env):
+    initialised(repo, env)
+    (repo / "README.md").write_text("my unsaved notes\n")
+    p = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "1", check=False)
+    assert p.returncode == 2 and "README.md" in p.stderr and "git stash" in p.stderr
+    assert (repo / "README.md").read_text() == "my unsaved notes\n"
+    assert len(rows(repo)) == 1
+
+
+def test_run_rejects_an_agent_that_edits_prepare_py(repo, env, tmp_path):
+    initialised(repo, env)
+    before = (repo / "prepare.py").read_text()
+    agent = tmp_path / "evil.sh"
+    agent.write_text("#!/bin/sh\necho '# tampered' >> prepare.py\n"
+                     "sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py\necho 'tamper with the metric'\n")
+    agent.chmod(0o755)
+    out = loop(repo, env, "run", "--agent", str(agent), "--max-experiments", "1").stdout
+    assert "discard rejected: changed prepare.py" in out and "| tamper with the metric" in out
+    assert (repo / "prepare.py").read_text() == before
+    exp = rows(repo)[1]
+    assert exp["status"] == "discard" and exp["note"].startswith("rejected: changed prepare.py")
+    assert exp["description"] == "tamper with the metric"
+    ref = "refs/autoresearch/t/discarded/1"
+    assert git(repo, env, "show", f"{ref}:prepare.py").endswith("# tampered")
+    assert "VAL_BPB = 0.5" in git(repo, env, "show", f"{ref}:train.py")
+    assert "VAL_BPB = 1.0" in (repo / "train.py").read_text() and clean_tracked(repo, env)
+
+
+def test_train_py_that_writes_prepare_py_while_running_is_rejected(repo, env):
+    initialised(repo, env)
+    set_train(repo, MODE="tamper", VAL_BPB=0.5)
+    out = loop(repo, env, "step", "-m", "tamper at run time").stdout
+    assert out.startswith("discard rejected: train.py changed prepare.py while running")
+    assert "tampered" not in (repo / "prepare.py").read_text() and clean_tracked(repo, env)
+    assert "tampered" in git(repo, env, "show", "refs/autoresearch/t/discarded/1:prepare.py")
+
+
+# -----------------------------------------------------------------------------
+# run: agents, mutate, interruption and resume
+
+
+def test_agent_gets_the_prompt_on_stdin_and_in_a_file(repo, env, tmp_path):
+    initialised(repo, env)
+    (repo / "program.md").write_text("PROGRAM: lower val_bpb.\n")
+    agent = tmp_path / "agent.sh"
+    agent.write_text(f"#!/bin/sh\ncat > {tmp_path}/stdin.txt\ncp \"$AUTORESEARCH_PROMPT_FILE\" {tmp_path}/file.txt\n"
+                     "sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.95/' train.py\necho 'thinking...'\necho\n"
+                     "echo 'lower VAL_BPB to 0.95'\necho '' \n")
+    agent.chmod(0o755)
+    out = loop(repo, env, "run", "--agent", str(agent), "--max-experiments", "1").stdout
+    prompt = (tmp_path / "stdin.txt").read_text()
+    assert prompt == (tmp_path / "file.txt").read_text()
+    assert "PROGRAM: lower val_bpb." in prompt and "edit only train.py" in prompt and "baseline + 0 experiments" in prompt
+    assert "#1 keep val_bpb=0.950000" in out and out.rstrip().split("\n")[-2].endswith("| lower VAL_BPB to 0.95")
+    assert rows(repo)[1]["description"] == "lower VAL_BPB to 0.95"
+
+
+def test_agent_that_changes_nothing_is_skipped_without_training(repo, env):
+    initialised(repo, env)
+    out = loop(repo, env, "run", "--agent", "echo 'I changed nothing'", "--max-experiments", "2").stdout
+    assert out.count("skip train.py is unchanged") == 2 and len(rows(repo)) == 1
+
+
+def test_failing_agent_stops_the_loop_after_three_tries(repo, env):
+    initialised(repo, env)
+    p = loop(repo, env, "run", "--agent", "echo half >> train.py; exit 3", check=False)
+    assert p.returncode == 1 and p.stdout.count("agent exited with code 3") == 3
+    assert "failed 3 times in a row" in p.stdout and clean_tracked(repo, env) and len(rows(repo)) == 1
+    refs = git(repo, env, "for-each-ref", "--format=%(refname)", "refs/autoresearch/t/agent-failed").split()
+    assert len(refs) == 3  # the half-done edits are saved, not thrown away
+
+
+def test_mutate_loop_runs_distinct_experiments_and_leaves_the_best(repo, env):
+    initialised(repo, env, SHAPED=True)
+    out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "4").stdout
+    lines = [line for line in out.split("\n") if line.startswith("#")]
+    assert len(lines) == 4 and all(re.search(r" \| [A-Z_]+ .+ -> .+$", line) for line in lines), out
+    exps = rows(repo)[1:]
+    assert len({r["train_py"] for r in exps}) == 4 and [r["n"] for r in exps] == ["1", "2", "3", "4"]
+    best = [r for r in rows(repo) if r["status"] == "keep"][-1]
+    assert git(repo, env, "rev-parse", "--short=7", "HEAD") == best["commit"] and clean_tracked(repo, env)
+    for r in exps:
+        if r["status"] != "keep":
+            git(repo, env, "rev-parse", f"refs/autoresearch/t/discarded/{r['n']}")
+
+
+def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
+    initialised(repo, env, tag="k", SLEEP=1.5)
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--max-experiments", "10"],
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    running = repo / "logs" / "k" / "running.json"
+
+    def training_second_experiment():
+        state = json.loads(running.read_text()) if running.exists() else {}
+        return len(rows(repo)) >= 2 and state.get("phase") == "train" and "pgid" in state
+    assert wait_for(training_second_experiment, 60)
+    state = json.loads(running.read_text())
+    proc.kill()
+    proc.wait()
+    finished = rows(repo)
+    assert agent_loop.proc_start_time(state["pgid"]) is not None  # the orphan train.py still runs
+    out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "1").stdout
+    assert wait_for(lambda: pid_gone(state["pgid"]), 15), "the orphaned train.py was not stopped"
+    after = rows(repo)
+    assert after[:len(finished)] == finished                            # nothing rewritten
+    interrupted, new = after[len(finished):]
+    assert interrupted["n"] == str(state["n"]) and interrupted["status"] == "crash"
+    assert interrupted["note"].startswith("interrupted") and "interrupted" in out
+    assert new["n"] == str(state["n"] + 1) and new["status"] in ("keep", "discard")
+    assert [r["n"] for r in after] == [str(i) for i in range(len(after))]  # no duplicate, no gap
+    git(repo, env, "rev-parse", f"refs/autoresearch/k/discarded/{state['n']}")
+    assert not running.exists() and clean_tracked(repo, env)
+
+
+def test_sigterm_stops_cleanly_at_the_best_commit(repo, env, tmp_path):
+    initialised(repo, env)
+    set_train(repo, MODE="hang")
+    env = dict(env, STANDIN_CHILD_PID=str(tmp_path / "child.pid"))
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "step", "-m", "hang"], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: (tmp_path / "child.pid").exists(), 30)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "stopped: autoresearch/t at the best commit" in out
+    assert wait_for(lambda: pid_gone(int((tmp_path / "child.pid").read_text())), 15)
+    exp = rows(repo)[1]
+    assert exp["status"] == "crash" and exp["note"].startswith("interrupted: the loop was stopped")
+    assert 'MODE = "ok"' in (repo / "train.py").read_text() and clean_tracked(repo, env)
+    assert "MODE = 'hang'" in git(repo, env, "show", "refs/autoresearch/t/discarded/1:train.py")
+
+
+def test_a_partial_last_row_is_ignored_then_repaired(repo, env):
+    initialised(repo, env)
+    with open(repo / "results.tsv", "a") as f:
+        f.write("abc1234\t0.99")                      # what a power cut mid-write could leave
+    s = json.loads(loop(repo, env, "report", "--json").stdout)
+    assert s["experiments"] == 0
+    set_train(repo, VAL_BPB=1.02)
+    loop(repo, env, "step", "-m", "worse")
+    assert [r["n"] for r in rows(repo)] == ["0", "1"]
+
+
+# -----------------------------------------------------------------------------
+# mutate proposals (pure functions)
+
+
+def test_mutate_edits_the_active_profile_block_and_respects_batch_rules():
+    source = (STAND_IN / "train.py").read_text()
+    params = agent_loop.active_hyperparameters(source, "smoke")
+    assert params["DEPTH"][2] == 2 and params["TOTAL_BATCH_SIZE"][2] == 2**13 and params["MATRIX_LR"][2] == 0.04
+    assert agent_loop.active_hyperparameters(source, "reference")["DEPTH"][2] == 8
+    assert agent_loop.active_hyperparameters(source, "cpu")["DEPTH"][2] == 4
+    import random
+    seen, descriptions = set(), set()
+    for i in range(60):
+        new, desc = agent_loop.propose_mutation(source, "smoke", 128, random.Random(i), seen)
+        after = agent_loop.active_hyperparameters(new, "smoke")
+        changed = [k for k in params if params[k][2] != after[k][2]]
+        assert len(changed) == 1 and desc.startswith(changed[0] + " ")
+        p = {k: v[2] for k, v in after.items()}
+        assert p["TOTAL_BATCH_SIZE"] % (p["DEVICE_BATCH_SIZE"] * 128) == 0
+        assert p["DEPTH"] >= 1 and 0 < p["MATRIX_LR"] <= 1 and all(0.5 <= b <= 0.999 for b in p["ADAM_BETAS"])
+        if changed[0] == "DEPTH":  # the smoke block's line, not the top-level one
+            assert "    DEPTH = 2" not in new and "DEPTH = 8" in new
+        if changed[0] == "TOTAL_BATCH_SIZE":
+            assert re.search(r"^    TOTAL_BATCH_SIZE = 2\*\*1[24]$", new, re.M)
+        descriptions.add(desc)
+        compile(new, "train.py", "exec")
+    assert len(descriptions) > 10
+    # never a train.py that was seen before
+    first, _ = agent_loop.propose_mutation(source, "smoke", 128, random.Random(0), seen)
+    again, _ = agent_loop.propose_mutation(source, "smoke", 128, random.Random(0), {agent_loop.blob_hash(first.encode())})
+    assert again != first
+
+
+def test_summary_block_parsing_takes_the_last_block():
+    out = "step 1\r step 2\n---\nval_bpb: 9.0\n---\nval_bpb:          0.997900\npeak_vram_mb:     45060.2\nmfu_percent:      n/a\n"
+    s = agent_loop.parse_summary(out)
+    assert s == {"val_bpb": "0.997900", "peak_vram_mb": "45060.2", "mfu_percent": "n/a"}
+
+
+# -----------------------------------------------------------------------------
+# report
+
+
+def test_report_reads_an_upstream_five_column_results_tsv(tmp_path, env):
+    up = tmp_path / "up.tsv"
+    up.write_text(UPSTREAM_TSV)
+    s = json.loads(loop(tmp_path, env, "report", "--json", "--results", str(up)).stdout)
+    assert s["best"]["val_bpb"] == 0.9932 and s["best"]["commit"] == "a1b2c3d"
+    assert s["baseline"]["val_bpb"] == 0.9979 and s["improvement"] == 0.0047
+    assert (s["experiments"], s["keeps"], s["discards"], s["crashes"]) == (3, 1, 1, 1)
+    assert s["kept"][0]["delta"] == -0.0047 and s["crashed"][0]["description"] == "double model width (OOM)"
+    text = loop(tmp_path, env, "report", str(up)).stdout
+    assert "0.993200" in text and "improvement 0.004700 (0.47%)" in text and "double model width" in text
+    up.write_text(UPSTREAM_TSV.rstrip("\n"))  # hand-written: no final newline
+    assert json.loads(loop(tmp_path, env, "report", "--json", str(up)).stdout)["crashes"] == 1
+
+
+def test_report_plot_and_json_of_our_results(repo, env, tmp_path):
+    initialised(repo, env)
+    for val, mode in ((0.99, "ok"), (1.0005, "ok"), (0.99, "crash"), (0.98, "ok")):
+        set_train(repo, VAL_BPB=val, MODE=mode)
+        loop(repo, env, "step", "-m", f"val {val} {mode}")
+    s = json.loads(loop(repo, env, "report", "--json").stdout)
+    assert (s["experiments"], s["keeps"], s["crashes"], s["best"]["val_bpb"]) == (4, 2, 1, 0.98)
+    assert [k["description"] for k in s["kept"]] == ["val 0.99 ok", "val 0.98 ok"]
+    assert s["loop_overhead_s_mean"] is not None
+    png = tmp_path / "progress.png"
+    loop(repo, env, "report", "--plot", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -----------------------------------------------------------------------------
+# End to end with the real prepare.py and train.py (smoke profile, synthetic data)
+
+REAL = all((REPO / f).exists() for f in ("prepare.py", "train.py"))
+
+
+@pytest.mark.skipif(not REAL, reason="prepare.py and train.py are not in the repository yet")
+def test_end_to_end_mutate_run_with_the_real_train_py(tmp_path, env):
+    r = tmp_path / "real"
+    r.mkdir()
+    for f in ("prepare.py", "train.py", ".gitignore"):
+        shutil.copy(REPO / f, r / f)
+    git(r, env, "init", "-q", "-b", "main")
+    git(r, env, "add", ".")
+    git(r, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "real")
+    env = dict(env, AUTORESEARCH_CACHE_DIR=str(tmp_path / "real-cache"))
+    subprocess.run([sys.executable, "prepare.py", "--dataset", "synthetic"], cwd=r, env=env, check=True,
+                   capture_output=True, timeout=600)
+    loop(r, env, "init", "--tag", "e2e", "--repeats", "1", timeout=600)
+    out = loop(r, env, "run", "--agent", "mutate", "--max-experiments", "3", timeout=1200).stdout
+    assert len([line for line in out.split("\n") if line.startswith("#")]) == 3, out
+    all_rows = rows(r)
+    assert len(all_rows) == 4 and all_rows[0]["profile"] == "smoke" and float(all_rows[0]["val_bpb"]) > 0
+    assert all(row["status"] in ("keep", "discard", "crash") for row in all_rows)
+    assert clean_tracked(r, env)
+    s = json.loads(loop(r, env, "report", "--json").stdout)
+    assert s["experiments"] == 3
