@@ -1,0 +1,219 @@
+"""train.py: model and optimizer pieces on tiny inputs, then one real smoke run end to end (CPU, offline)."""
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = tempfile.mkdtemp(prefix="autoresearch-train-test-")
+os.environ["AUTORESEARCH_PROFILE"] = "smoke"  # prepare.py reads these at import time
+os.environ["AUTORESEARCH_CACHE_DIR"] = CACHE
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402  (importing must not start a training run)
+
+SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
+                "num_steps", "num_params_M", "depth", "profile", "device", "attention", "seed", "startup_seconds",
+                "eval_seconds"]
+
+
+def tiny_model(vocab_size=64, seq_len=32, depth=2, pattern="L", seed=0):
+    torch.manual_seed(seed)
+    config = train.GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_embd=64, head_dim=32,
+                             window_pattern=pattern)
+    model = train.GPT(config)
+    model.init_weights()
+    return model
+
+
+def naive_attention(q, k, v, window):
+    """Softmax attention written out: scores, a causal sliding-window mask, weights, sum. q, k, v: [B, T, H, D]."""
+    T = q.size(1)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.size(-1))
+    i = torch.arange(T)
+    allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+# ---------------------------------------------------------------------------
+# Model and optimizer pieces
+# ---------------------------------------------------------------------------
+
+def test_forward_returns_logits_mean_loss_and_per_token_losses():
+    model = tiny_model()
+    idx = torch.randint(0, 64, (3, 32))
+    assert model(idx).shape == (3, 32, 64)
+    loss = model(idx, idx)
+    per_token = model(idx, idx, reduction="none")
+    assert loss.shape == ()
+    assert per_token.shape == (3 * 32,)
+    assert torch.allclose(per_token.mean(), loss)
+    # zero-initialised output projections and a tiny lm_head: the untrained model is close to uniform
+    assert abs(loss.item() - math.log(64)) < 0.1
+
+
+def test_window_pattern_gives_short_windows_and_a_full_last_layer():
+    model = tiny_model(seq_len=64, depth=5, pattern="SSL")
+    assert model.windows == [8, 8, 64, 8, 64]  # S = context/8; the last layer is always full
+    assert [str(i) for i in (0, 2, 4)] == list(model.value_embeds.keys())  # alternating, last included
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40])
+def test_windowed_attention_equals_naive_masked_softmax(window):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 3, 16) for _ in range(3))
+    expected = naive_attention(q, k, v, window)
+    assert torch.allclose(train.attention(q, k, v, window, "sdpa"), expected, atol=1e-5)
+
+
+def test_short_window_layer_ignores_tokens_outside_its_window():
+    model = tiny_model(seq_len=64, depth=2, pattern="S")
+    window = model.windows[0]
+    assert window == 8
+    attn = model.blocks[0].attn  # layer 0 of 2 has no value embedding
+    nn_init = torch.nn.init
+    for linear in (attn.c_proj,):
+        nn_init.normal_(linear.weight)  # zero-initialised: make the output depend on the input
+    x = torch.randn(1, 64, 64)
+    changed = x.clone()
+    changed[:, 0] += 1.0
+    cos, sin = model.cos[:64], model.sin[:64]
+    with torch.no_grad():
+        y0, y1 = (attn(inp, None, cos, sin, window, None) for inp in (x, changed))
+    differs = (y0 - y1).abs().amax(dim=-1)[0] > 1e-6
+    assert differs[:window].all() and not differs[window:].any()
+
+
+def test_polar_express_gives_singular_values_near_one():
+    torch.manual_seed(0)
+    for rows, cols in [(64, 256), (256, 64), (96, 96)]:  # wide, tall, square; stacked like Muon's shape groups
+        k = min(rows, cols)
+        U = torch.linalg.qr(torch.randn(3, rows, k)).Q
+        V = torch.linalg.qr(torch.randn(3, cols, k)).Q
+        spectrum = torch.logspace(-2, 0, k)  # condition number 100
+        G = U @ torch.diag_embed(spectrum.expand(3, k)) @ V.mT
+        s = torch.linalg.svdvals(train.polar_express(G))
+        # 5 steps map every singular value in [1e-3, 1] (after normalisation) into [0.86, 1.14]
+        assert s.min() > 0.85 and s.max() < 1.15, (rows, cols, s.min().item(), s.max().item())
+
+
+def test_param_groups_cover_every_parameter_exactly_once():
+    model = tiny_model(depth=3)
+    optimizer = train.make_optimizer(model, fused=False)
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len({id(p) for p in grouped})
+    assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        if group["kind"] == "muon":
+            assert all(p.ndim == 2 and p.shape == group["params"][0].shape for p in group["params"])
+    muon = {id(p) for g in optimizer.param_groups if g["kind"] == "muon" for p in g["params"]}
+    assert muon == {id(p) for p in model.blocks.parameters()}
+
+
+def test_loss_falls_on_a_repeating_sequence_with_muon_adamw():
+    model = tiny_model(vocab_size=32, seq_len=32)
+    optimizer = train.make_optimizer(model, fused=False)
+    pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3])
+    data = pattern.repeat(20)
+    losses = []
+    for step in range(40):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        batch = torch.stack([data[s:s + 33] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        for group in optimizer.param_groups:
+            if group["kind"] == "muon":
+                group["momentum"] = train.get_muon_momentum(step)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_schedules_follow_progress():
+    assert train.get_lr_multiplier(0.0) == 1.0
+    assert math.isclose(train.get_lr_multiplier(1.0), train.FINAL_LR_FRAC)
+    assert train.get_weight_decay(1.0) == 0.0
+    assert train.get_muon_momentum(0) == train.MUON_MOMENTUM[0]
+    assert train.get_muon_momentum(10**6) == train.MUON_MOMENTUM[1]
+
+
+# ---------------------------------------------------------------------------
+# End to end: real prepare.py (synthetic data), real train.py, smoke profile
+# ---------------------------------------------------------------------------
+
+def run(args, cwd=REPO, timeout=300):
+    env = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=CACHE, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def parse_summary(stdout):
+    block = stdout.split("\n---\n")[-1]
+    return dict(re.findall(r"^(\w+):\s+(\S+)$", block, flags=re.M))
+
+
+@pytest.fixture(scope="module")
+def smoke_run():
+    prepared = run(["prepare.py", "--dataset", "synthetic"])
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    trained = run(["train.py"])
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    return trained
+
+
+def unigram_bits_per_byte():
+    """Entropy of the val tokens' unigram distribution, in bits per byte: what a model with no context reaches."""
+    script = (
+        "import math, torch, prepare\n"
+        "tok = prepare.Tokenizer.from_directory()\n"
+        "nbytes = prepare.get_token_bytes()\n"
+        "rows = prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN\n"
+        "loader = prepare.make_dataloader(tok, rows, prepare.MAX_SEQ_LEN, 'val', device='cpu')\n"
+        "y = next(loader)[1].flatten()\n"
+        "y = y[nbytes[y] > 0]\n"
+        "p = torch.bincount(y, minlength=tok.get_vocab_size()).double() / len(y)\n"
+        "bits = -(p[p > 0] * p[p > 0].log2()).sum().item()\n"
+        "print(bits * len(y) / nbytes[y].sum().item())\n"
+    )
+    result = run(["-c", script])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def test_smoke_run_prints_the_summary_block_in_order(smoke_run):
+    lines = smoke_run.stdout.rstrip("\n").split("\n")
+    block = lines[lines.index("---") + 1:]
+    assert [line.split(":")[0] for line in block] == SUMMARY_KEYS
+    values = [line.split(":", 1)[1] for line in block]
+    assert len({len(line) - len(value.lstrip()) for line, value in zip(block, values)}) == 1  # values aligned
+    summary = parse_summary(smoke_run.stdout)
+    assert summary["profile"] == "smoke" and summary["device"] == "cpu" and summary["attention"] == "sdpa"
+    assert summary["mfu_percent"] == "n/a" and summary["seed"] == "42"
+    assert int(summary["num_steps"]) > train.TIMED_FROM_STEP
+    assert float(summary["training_seconds"]) >= 15.0
+
+
+def test_smoke_run_beats_the_unigram_entropy(smoke_run):
+    val_bpb = float(parse_summary(smoke_run.stdout)["val_bpb"])
+    assert 0 < val_bpb < 0.8 * unigram_bits_per_byte()
+
+
+def test_diverging_run_fails_fast_with_fail(smoke_run, tmp_path):
+    source = (REPO / "train.py").read_text()
+    diverging, count = re.subn(r"^(\s*)EMBEDDING_LR = [^#\n]+", r"\1EMBEDDING_LR = float('nan') ", source, flags=re.M)
+    assert count >= 1
+    (tmp_path / "train.py").write_text(diverging)
+    shutil.copy(REPO / "prepare.py", tmp_path / "prepare.py")
+    result = run([str(tmp_path / "train.py")], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert any(line.startswith("FAIL") for line in result.stdout.splitlines()), result.stdout[-2000:]
+    assert "---" not in result.stdout.splitlines()
