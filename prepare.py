@@ -38,11 +38,14 @@ import tiktoken
 # ---------------------------------------------------------------------------
 # Profiles and constants
 
+# TOKENIZER_MAX_CHARS: train text the tokenizer learns from. TRAIN_MAX_TOKENS: train tokens pre-tokenized, several
+# runs' worth (a 300 s run reads ~500M tokens on an H100, ~10M on 2 CPU cores); the val split is pre-tokenized up
+# to 2 * EVAL_TOKENS, all that evaluation reads.
 PROFILES = {
-    #            MAX_SEQ_LEN  TIME_BUDGET  EVAL_TOKENS   VOCAB_SIZE  TOKENIZER_MAX_CHARS
-    "reference": (2048,       300,         40 * 524288,  8192,       2_000_000_000),
-    "cpu":       (256,        300,         2**20,        8192,       300_000_000),
-    "smoke":     (128,        15,          2**15,        1024,       5_000_000),
+    #            MAX_SEQ_LEN  TIME_BUDGET  EVAL_TOKENS   VOCAB_SIZE  TOKENIZER_MAX_CHARS  TRAIN_MAX_TOKENS
+    "reference": (2048,       300,         40 * 524288,  8192,       2_000_000_000,       2_000_000_000),
+    "cpu":       (256,        300,         2**20,        8192,       100_000_000,         50_000_000),
+    "smoke":     (128,        15,          2**15,        1024,       5_000_000,           5_000_000),
 }
 SPECIAL_TOKENS = ["<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]  # first one is BOS
 # GPT-4's split pattern, except numbers split into groups of at most 2 digits (saves vocab for a small tokenizer)
@@ -79,7 +82,7 @@ def resolve_profile():
 
 
 PROFILE = resolve_profile()
-MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, VOCAB_SIZE, TOKENIZER_MAX_CHARS = PROFILES[PROFILE]
+MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, VOCAB_SIZE, TOKENIZER_MAX_CHARS, TRAIN_MAX_TOKENS = PROFILES[PROFILE]
 
 # ---------------------------------------------------------------------------
 # Cache layout: raw shards per dataset, artifacts per dataset and profile, the active dataset per profile
@@ -138,18 +141,20 @@ DATASET = os.environ.get("AUTORESEARCH_DATASET") or read_active_dataset(PROFILE)
 class Progress:
     def __init__(self, every=5.0):
         self.tty = sys.stdout.isatty()
-        self.every = every
+        self.every = 0.2 if self.tty else every  # seconds between updates
         self.last = 0.0
         self.lock = threading.Lock()
 
     def show(self, text, final=False):
         with self.lock:
             now = time.time()
+            if not final and now - self.last < self.every:
+                return
+            self.last = now
             if self.tty:
                 print(f"\r\033[K{text}", end="\n" if final else "", flush=True)
-            elif final or now - self.last >= self.every:
+            else:
                 print(text, flush=True)
-                self.last = now
 
 
 def sha256_of(path):
@@ -240,7 +245,7 @@ def fetch(url, tmp, stop, progress_bytes):
         raise TransientError(f"transfer ended at {tmp.stat().st_size} of {expected} bytes")
 
 
-def download_shard(index, folder, stop, progress_bytes):
+def download_shard(index, folder, stop, progress_bytes, warn):
     url, path = shard_url(index), folder / shard_name(index)
     tmp = path.with_name(path.name + ".tmp")
     error = None
@@ -267,8 +272,9 @@ def download_shard(index, folder, stop, progress_bytes):
             raise TransientError(f"downloaded file is corrupt ({problem}); fetching it again")
         except TransientError as e:
             error = e
-            print(f"{shard_name(index)}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed: {e}", flush=True)
-            stop.wait(BACKOFF_SECONDS * 2 ** (attempt - 1))
+            delay = BACKOFF_SECONDS * 2 ** (attempt - 1)
+            warn(str(e), f"{shard_name(index)}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed ({e}); retrying in {delay:g}s")
+            stop.wait(delay)
     raise SystemExit(f"Could not download {shard_name(index)} from {url} after {DOWNLOAD_ATTEMPTS} attempts "
                      f"(last error: {error}). Run the same command again to resume.")
 
@@ -300,8 +306,15 @@ def download_climbmix(num_shards, workers):
           f"{len(wanted) - len(todo)} already in {folder}, {len(todo)} to download with {workers} workers")
 
     progress, stop, lock = Progress(), threading.Event(), threading.Lock()
-    state = {"bytes": 0, "done": 0}
+    state, warned = {"bytes": 0, "done": 0}, set()
     start = time.time()
+
+    def warn(key, message):  # each distinct failure once: eight workers failing alike is one problem
+        with lock:
+            if key in warned:
+                return
+            warned.add(key)
+        print(message, flush=True)
 
     def report(final=False):
         mb = state["bytes"] / 1e6
@@ -314,7 +327,7 @@ def download_climbmix(num_shards, workers):
         report()
 
     def one(index):
-        download_shard(index, folder, stop, add_bytes)
+        download_shard(index, folder, stop, add_bytes, warn)
         if not stop.is_set():
             with lock:
                 state["done"] += 1
@@ -708,28 +721,39 @@ def write_token_split(directory, split, batches, dtype):
     return len(offsets) - 1, int(offsets[-1])
 
 
-def tokenize_batches(enc, folder, files, label, pool, threads):
-    """Encodes the documents of `files` in parallel chunks, yielding lists of token lists with BOS first."""
+def tokenize_batches(enc, folder, files, label, max_tokens, pool, threads):
+    """Encodes the documents of `files` in order, in parallel chunks, until max_tokens: yields lists of token
+    lists with BOS first."""
     bos = enc.encode_single_token(SPECIAL_TOKENS[0])
-    progress, start, chars, docs = Progress(), time.time(), 0, 0
+    progress, start, docs, tokens = Progress(), time.time(), 0, 0
 
     def encode(texts):
         return [[bos] + enc.encode_ordinary(t) for t in texts]
 
-    for texts in iter_texts(folder, files, batch_size=4096):
+    for texts in iter_texts(folder, files, batch_size=512):
         step = -(-len(texts) // threads)
-        yield [ids for chunk in pool.map(encode, [texts[i:i + step] for i in range(0, len(texts), step)]) for ids in chunk]
-        chars += sum(map(len, texts))
-        docs += len(texts)
-        progress.show(f"tokenize {label}: {docs} documents, {chars / 1e6:.1f}M characters, "
-                      f"{chars / 1e6 / max(time.time() - start, 1e-6):.1f}M chars/s")
-    progress.show(f"tokenize {label}: {docs} documents, {chars / 1e6:.1f}M characters in {time.time() - start:.1f}s",
+        batch = [ids for chunk in pool.map(encode, [texts[i:i + step] for i in range(0, len(texts), step)])
+                 for ids in chunk]
+        ends = np.cumsum([len(ids) for ids in batch]) + tokens
+        capped = ends[-1] >= max_tokens
+        if capped:  # keep documents until the cap is reached
+            batch = batch[:int(np.searchsorted(ends, max_tokens)) + 1]
+        yield batch
+        docs += len(batch)
+        tokens = int(ends[len(batch) - 1])
+        progress.show(f"tokenize {label}: {docs:,} documents, {tokens / 1e6:.1f}M tokens, "
+                      f"{tokens / 1e6 / max(time.time() - start, 1e-6):.1f}M tokens/s")
+        if capped:
+            print(f"tokenize {label}: stopped at the {PROFILE} profile's cap of {max_tokens / 1e6:.1f}M tokens")
+            break
+    progress.show(f"tokenize {label}: {docs:,} documents, {tokens / 1e6:.1f}M tokens in {time.time() - start:.1f}s",
                   final=True)
 
 
 def tokenize_split(enc, folder, files, directory, split, pool, threads):
-    dtype = token_dtype(enc.n_vocab)
-    return write_token_split(directory, split, tokenize_batches(enc, folder, files, split, pool, threads), dtype)
+    max_tokens = TRAIN_MAX_TOKENS if split == "train" else 2 * EVAL_TOKENS
+    batches = tokenize_batches(enc, folder, files, split, max_tokens, pool, threads)
+    return write_token_split(directory, split, batches, token_dtype(enc.n_vocab))
 
 
 def load_token_split(directory, split):
@@ -753,6 +777,7 @@ def load_token_split(directory, split):
 def build_tokenizer_and_tokens(name, manifest):
     """Trains the tokenizer and writes the token files for (dataset, profile); skipped when already up to date."""
     settings = {"format": FORMAT_VERSION, "vocab_size": VOCAB_SIZE, "max_chars": TOKENIZER_MAX_CHARS,
+                "max_tokens": [TRAIN_MAX_TOKENS, 2 * EVAL_TOKENS],
                 "pattern": SPLIT_PATTERN, "specials": SPECIAL_TOKENS, "train": manifest["train"],
                 "val": manifest["val"], "sha256": {k: v["sha256"] for k, v in sorted(manifest["shards"].items())}}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -925,9 +950,10 @@ def evaluate_bpb(model, tokenizer, batch_size):
         for i in range(0, len(rows), batch_size):
             chunk = torch.from_numpy(rows[i:i + batch_size].astype(np.int64)).to(device)
             x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
-            loss = model(x, y, reduction="none").reshape(y.shape).double()
+            loss = model(x, y, reduction="none").reshape(y.shape).float()
             nbytes = token_bytes[y]
-            row_nats.append(torch.where(nbytes > 0, loss, 0.0).sum(dim=1).cpu())
+            # rows summed in float64 on the CPU (MPS has no float64), one row at a time whatever the batch
+            row_nats.append(torch.where(nbytes > 0, loss, 0.0).cpu().double().sum(dim=1))
             total_bytes += nbytes.sum()
     # fsum over per-row sums: the total does not depend on how rows were grouped into batches
     return math.fsum(torch.cat(row_nats).tolist()) / (math.log(2) * total_bytes.item())
