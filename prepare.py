@@ -63,7 +63,7 @@ CONNECT_ATTEMPTS = 3          # when the server cannot be reached at all: offlin
 CONNECT_TIMEOUT, READ_TIMEOUT = 5, 60
 BACKOFF_SECONDS = 0.5         # doubled after each failed attempt
 
-SYNTHETIC_DOCS = {"train": 5000, "val": 500}  # ~5 MB + 0.5 MB of text
+SYNTHETIC_DOCS = {"train": 5000, "val": 500}  # ~7 MB + 0.7 MB of text
 SYNTHETIC_SEEDS = {"train": 1, "val": 2}
 
 
@@ -175,7 +175,8 @@ def parquet_problem(path):
 
 
 def shard_record(path):
-    return {"sha256": sha256_of(path), "bytes": path.stat().st_size, "documents": pq.ParquetFile(path).metadata.num_rows}
+    return {"sha256": sha256_of(path), "bytes": path.stat().st_size,
+            "documents": pq.ParquetFile(path).metadata.num_rows}
 
 # ---------------------------------------------------------------------------
 # climbmix: parallel, resumable, verified download from Hugging Face (or the mirror in HF_ENDPOINT)
@@ -234,7 +235,8 @@ def fetch(url, tmp, stop, progress_bytes):
         if resumed and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
             tmp.unlink()
             raise TransientError(f"server resumed at the wrong offset ({r.headers.get('Content-Range')})")
-        expected = int(r.headers["Content-Length"]) + (have if resumed else 0) if "Content-Length" in r.headers else None
+        length = r.headers.get("Content-Length")
+        expected = int(length) + (have if resumed else 0) if length else None
         with open(tmp, "ab" if resumed else "wb") as f:
             for chunk in r.iter_content(1 << 16):  # small chunks: a killed download leaves its bytes on disk
                 if stop.is_set():
@@ -256,8 +258,7 @@ def download_shard(index, folder, stop, progress_bytes, warn):
             try:
                 fetch(url, tmp, stop, progress_bytes)
             except requests.exceptions.ConnectionError as e:
-                if e.request is not None and e.response is None and attempt >= CONNECT_ATTEMPTS \
-                        and not tmp.exists():
+                if e.request is not None and e.response is None and attempt >= CONNECT_ATTEMPTS:
                     raise SystemExit(offline_message(url, connection_reason(e)))
                 raise TransientError(f"connection failed: {connection_reason(e)}")
             except requests.exceptions.RequestException as e:  # broken transfer, read timeout: resume next time
@@ -273,7 +274,8 @@ def download_shard(index, folder, stop, progress_bytes, warn):
         except TransientError as e:
             error = e
             delay = BACKOFF_SECONDS * 2 ** (attempt - 1)
-            warn(str(e), f"{shard_name(index)}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed ({e}); retrying in {delay:g}s")
+            warn(str(e), f"{shard_name(index)}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed ({e}); "
+                         f"retrying in {delay:g}s")
             stop.wait(delay)
     raise SystemExit(f"Could not download {shard_name(index)} from {url} after {DOWNLOAD_ATTEMPTS} attempts "
                      f"(last error: {error}). Run the same command again to resume.")
@@ -438,16 +440,21 @@ def write_shard(path, docs):
     os.replace(tmp, path)
 
 
-def replace_dataset(name, shards, manifest):
-    """Writes the shards (name -> docs) and manifest of a dataset, dropping whatever it held before."""
+def write_dataset(name, shards, manifest):
+    """Writes shards ((filename, docs) pairs, consumed one at a time) and the manifest of a dataset into a fresh
+    folder that then replaces the old one. The manifest's train/val lists may be filled in while shards are read."""
     folder = dataset_dir(name)
+    work = folder.with_name(f"{name}.tmp{os.getpid()}")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for filename, docs in shards:
+        write_shard(work / filename, docs)
+    manifest["shards"] = {f: shard_record(work / f) for f in manifest["train"] + manifest["val"]}
+    write_json(work / "manifest.json", manifest)
     if folder.exists():
         shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for filename, docs in shards.items():
-        write_shard(folder / filename, docs)
-    manifest["shards"] = {filename: shard_record(folder / filename) for filename in shards}
-    write_json(folder / "manifest.json", manifest)
+    os.replace(work, folder)
     return manifest
 
 
@@ -461,37 +468,44 @@ def import_source(spec):
         return name, manifest
     print(f"source: reading {len(files)} files from {spec}")
     retry = f"uv run prepare.py --source {shlex.quote(spec)}"
-    per_file = []
-    for f in files:
-        docs = read_documents(f, retry)
-        per_file.append(docs)
-        print(f"  {f}: {len(docs)} documents")
     if len(files) >= 2:
-        if not per_file[-1]:
-            raise SystemExit(f"{files[-1]} holds no documents, but the last file (sorted) is the validation split. "
-                             f"Add text to it or remove it, then run: {retry}")
-        train_parts, val_docs = [d for d in per_file[:-1] if d], per_file[-1]
-        split = f"last file in sorted order is validation: {files[-1]}"
+        split = f"the last file in sorted order is validation: {files[-1]}"
     else:
-        docs = per_file[0]
-        if len(docs) < 2:
-            raise SystemExit(f"{files[0]} holds {len(docs)} documents; a train/val split needs at least 2. "
-                             f"Add text (or more files: the last one becomes validation), then run: "
-                             f"{retry}")
-        n_val = max(1, len(docs) // 10)
-        train_parts, val_docs = [docs[:-n_val]], docs[-n_val:]
-        split = f"single file: its last {n_val} of {len(docs)} documents are validation"
-    if not train_parts:
-        raise SystemExit(f"--source {spec}: no training documents (every file but the validation one is empty). "
-                         f"Add text, then run: {retry}")
-    shards = {shard_name(i): docs for i, docs in enumerate(train_parts)}
-    shards[shard_name(len(train_parts))] = val_docs
-    names = list(shards)
-    print(f"split: {split}\n  train: {sum(map(len, train_parts))} documents in {len(train_parts)} shards, "
-          f"val: {len(val_docs)} documents")
-    manifest = {"dataset": name, "source": os.path.abspath(os.path.expanduser(spec)), "files": fingerprint, "format": FORMAT_VERSION,
-                "train": names[:-1], "val": names[-1:], "split": split}
-    return name, replace_dataset(name, shards, manifest)
+        split = "single file: its last 10% of documents (at least 1) are validation"
+    manifest = {"dataset": name, "source": os.path.abspath(os.path.expanduser(spec)), "files": fingerprint,
+                "format": FORMAT_VERSION, "train": [], "val": [], "split": split}
+    counts = {"train": 0, "val": 0}
+
+    def shards():  # one input file in memory at a time
+        for i, path in enumerate(files):
+            docs = read_documents(path, retry)
+            print(f"  {path}: {len(docs)} documents")
+            if len(files) == 1:
+                if len(docs) < 2:
+                    raise SystemExit(f"{path} holds {len(docs)} documents; a train/val split needs at least 2. "
+                                     f"Add text (or more files: the last one becomes validation), then run: {retry}")
+                n_val = max(1, len(docs) // 10)
+                parts = [("train", docs[:-n_val]), ("val", docs[-n_val:])]
+            elif i == len(files) - 1:
+                if not docs:
+                    raise SystemExit(f"{path} holds no documents, but the last file (sorted) is the validation "
+                                     f"split. Add text to it or remove it, then run: {retry}")
+                parts = [("val", docs)]
+            else:
+                parts = [("train", docs)] if docs else []
+            for role, part in parts:
+                filename = shard_name(len(manifest["train"]) + len(manifest["val"]))
+                manifest[role].append(filename)
+                counts[role] += len(part)
+                yield filename, part
+        if not manifest["train"]:
+            raise SystemExit(f"--source {spec}: no training documents (every file but the validation one is "
+                             f"empty). Add text, then run: {retry}")
+
+    write_dataset(name, shards(), manifest)
+    print(f"split: {split}\n  train: {counts['train']} documents in {len(manifest['train'])} shards, "
+          f"val: {counts['val']} documents")
+    return name, manifest
 
 # ---------------------------------------------------------------------------
 # synthetic: generated stories with consistent entities, facts and arithmetic that a small model can learn
@@ -591,13 +605,13 @@ def make_synthetic():
     if manifest and manifest.get("recipe") == recipe:
         print(f"synthetic: already generated in {dataset_dir('synthetic')}")
         return manifest
-    shards = {shard_name(0): synthetic_documents("train"), shard_name(1): synthetic_documents("val")}
+    shards = [(shard_name(0), synthetic_documents("train")), (shard_name(1), synthetic_documents("val"))]
     print(f"synthetic: generated {SYNTHETIC_DOCS['train']} train + {SYNTHETIC_DOCS['val']} val documents, "
-          f"{sum(len(d) for docs in shards.values() for d in docs) / 1e6:.1f}M characters")
+          f"{sum(len(d) for _, docs in shards for d in docs) / 1e6:.1f}M characters")
     manifest = {"dataset": "synthetic", "source": "generated by prepare.py", "recipe": recipe,
                 "train": [shard_name(0)], "val": [shard_name(1)],
                 "split": f"separate generator seeds: train {SYNTHETIC_SEEDS['train']}, val {SYNTHETIC_SEEDS['val']}"}
-    return replace_dataset("synthetic", shards, manifest)
+    return write_dataset("synthetic", shards, manifest)
 
 # ---------------------------------------------------------------------------
 # Tokenizer: BPE trained with rustbpe on the train split, saved as a tiktoken encoding
@@ -642,7 +656,7 @@ def train_tokenizer(folder, files, vocab_size, max_chars):
 
 
 def check_round_trip(enc):
-    sample = "Hello, wörld! naïve café — 東京タワー 🚀👩‍💻 x=42; def f(a): return a**2  \n\tÅngström ∑ 1234567"
+    sample = "Hello, wörld! naïve café — 東京タワー 🚀👩‍💻 x=42; def f(a): return a**2  \n\tÅngström ∑ 1234"
     decoded = enc.decode(enc.encode_ordinary(sample))
     if decoded != sample:
         raise RuntimeError(f"tokenizer round trip failed: {sample!r} came back as {decoded!r}")
@@ -682,7 +696,9 @@ class Tokenizer:
         return self.bos_token_id
 
     def encode(self, text, prepend=None, num_threads=8):
-        first = [] if prepend is None else [prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)]
+        if prepend is not None and not isinstance(prepend, int):
+            prepend = self.enc.encode_single_token(prepend)
+        first = [] if prepend is None else [prepend]
         if isinstance(text, str):
             return first + self.enc.encode_ordinary(text)
         return [first + ids for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
@@ -802,7 +818,8 @@ def build_tokenizer_and_tokens(name, manifest):
     with ThreadPoolExecutor(threads) as pool:
         counts = {split: tokenize_split(enc, folder, manifest[split], work, split, pool, threads)
                   for split in ("train", "val")}
-    meta = {"dataset": name, "profile": PROFILE, "fingerprint": fingerprint, "dtype": np.dtype(token_dtype(enc.n_vocab)).name,
+    meta = {"dataset": name, "profile": PROFILE, "fingerprint": fingerprint,
+            "dtype": np.dtype(token_dtype(enc.n_vocab)).name,
             "vocab_size": enc.n_vocab, "tokenizer_chars": chars, "tokenizer_seconds": round(seconds, 2),
             "tokenize_seconds": round(time.time() - start, 2),
             **{f"{split}_documents": n for split, (n, _) in counts.items()},
