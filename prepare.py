@@ -710,11 +710,12 @@ class Tokenizer:
 def get_token_bytes(device="cpu", directory=None):
     """UTF-8 byte length of every token (0 for the special tokens), for bits per byte."""
     import torch
-    directory = Path(directory) if directory else prepared_dir(DATASET) if DATASET else None
-    if directory is None or not (directory / "token_bytes.npy").exists():
+    if directory is None and DATASET is not None:
+        directory = prepared_dir(DATASET)
+    if directory is None or not (Path(directory) / "token_bytes.npy").exists():
         raise FileNotFoundError(f"No token byte lengths prepared for the '{PROFILE}' profile. "
                                 f"Prepare them: {prepare_command(DATASET)}")
-    return torch.from_numpy(np.load(directory / "token_bytes.npy")).to(device)
+    return torch.from_numpy(np.load(Path(directory) / "token_bytes.npy")).to(device)
 
 # ---------------------------------------------------------------------------
 # Pre-tokenization: every document once, BOS first, into <split>.bin (uint16 tokens) + <split>.offsets.npy
@@ -784,8 +785,7 @@ def load_token_split(directory, split):
     if len(offsets) < 2 or offsets[-1] == 0:
         raise ValueError(f"The {split} split in {directory} has no documents, so there is nothing to load. "
                          f"Prepare a dataset with {split} data: {prepare_command(DATASET)}")
-    dtype = json.loads((directory / "meta.json").read_text())["dtype"] if (directory / "meta.json").exists() \
-        else token_dtype(2**16)
+    dtype = json.loads((directory / "meta.json").read_text())["dtype"]
     # a plain ndarray view of the memmap: slicing it skips numpy.memmap's per-slice bookkeeping
     return np.memmap(directory / f"{split}.bin", dtype=dtype, mode="r").view(np.ndarray), offsets
 
@@ -923,7 +923,7 @@ def make_dataloader(tokenizer, B, T, split, device=None, seed=0):
             host[0], host[1] = batch[:, :-1], batch[:, 1:]
             on_device = staging[k].to(device, non_blocking=True)
             copied[k] = torch.cuda.Event()
-            copied[k].record()
+            copied[k].record(torch.cuda.current_stream(device))
             yield on_device[0], on_device[1], epoch
         else:  # fresh contiguous copies, as the batch array is refilled for the next step
             inputs, targets = torch.from_numpy(batch[:, :-1].copy()), torch.from_numpy(batch[:, 1:].copy())
@@ -1003,7 +1003,10 @@ def main():
         description="Prepare data, tokenizer and token files for autoresearch (profile from AUTORESEARCH_PROFILE: "
                     "reference, cpu or smoke; cache in AUTORESEARCH_CACHE_DIR, default ~/.cache/autoresearch).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""datasets:
+        epilog="profiles (AUTORESEARCH_PROFILE; unset: reference with CUDA, else cpu):\n" + "".join(
+            f"  {name:<10}  context {p[0]}, eval {p[2]:,} tokens, vocab {p[3]}; tokenizer trained on <= {p[4] / 1e6:g}M "
+            f"chars, <= {p[5] / 1e6:g}M train tokens kept\n" for name, p in PROFILES.items())
+        + """\ndatasets:
   climbmix    karpathy/climbmix-400b-shuffle from Hugging Face: --num-shards train shards + the pinned
               validation shard shard_06542. Honours HF_ENDPOINT (mirrors) and HF_TOKEN. Resumable.
   synthetic   generated offline in seconds: stories with consistent characters, towns, counting and
@@ -1013,7 +1016,7 @@ def main():
                 .jsonl    one JSON object per line with a string field "text"
                 .txt      split at blank lines into paragraphs, merged into ~4,000-character documents
               Split: with 2 or more files the last one in sorted order is validation; with a single file
-              its last 10%% of documents (at least 1). The dataset is named after the path.
+              its last 10% of documents (at least 1). The dataset is named after the path.
 Each run records the prepared dataset as the active one for the profile (AUTORESEARCH_DATASET overrides).""")
     parser.add_argument("--dataset", choices=["climbmix", "synthetic"], default="climbmix",
                         help="dataset to prepare (default climbmix)")
