@@ -189,10 +189,13 @@ def tree_status():
 
 
 def changed_since(best):
-    """Tracked paths that differ from the best commit: uncommitted, or committed on top of it."""
+    """Tracked paths that differ from the best commit: uncommitted, or committed on top of it.
+    prepare.py is also hashed outright: the metric lives there."""
     changed, _ = tree_status()
     if head() != best:
         changed |= set(git("diff", "--name-only", "-z", best, "HEAD").split("\0")) - {""}
+    if git("hash-object", "--", PREPARE, check=False) != git("rev-parse", f"{best}:{PREPARE}", check=False):
+        changed.add(PREPARE)
     return changed
 
 
@@ -611,6 +614,8 @@ def save_and_reset(loop, name, message):
     clean tree, so it never throws anything away. Returns the ref, or None if nothing differed."""
     best = loop.best_commit
     dirty, _ = tree_status()
+    if git("hash-object", "--", PREPARE, check=False) != git("rev-parse", f"HEAD:{PREPARE}", check=False):
+        dirty.add(PREPARE)
     if dirty:
         commit(sorted(dirty), message)
     if head() == best:
@@ -722,7 +727,7 @@ def run_experiment(loop, description, started, strict, untracked_new=()):
     runs = measure(loop, log, state)
     train_wall = time.monotonic() - train_start
     status, val, note = decide(loop, runs)
-    dirty, _ = tree_status()
+    dirty = changed_since(sha)
     if dirty:  # train.py wrote to tracked files while it ran: its number cannot be trusted
         status, val, note = "discard", 0.0, f"rejected: {TRAIN} changed {', '.join(sorted(dirty))} while running"
     got = runs[0].summary.get("profile")
@@ -739,7 +744,7 @@ def run_experiment(loop, description, started, strict, untracked_new=()):
 def reject(loop, n, best, description, others, started, note_extra):
     """The proposal changed files other than train.py: save all of it under a ref, restore them,
     and record a row that says so (no training run)."""
-    dirty, _ = tree_status()
+    dirty = changed_since(head())
     sha = commit(sorted(dirty), f"[rejected] {description}") if dirty else head()
     log = str(loop.dir / f"{n:03d}-{sha[:7]}.log")
     write_log_header(loop, log, n, sha, best, description)
@@ -1011,12 +1016,12 @@ def format_report(s, path, recent=0):
     pct = f" ({s['improvement_percent']:.2f}%)" if s["improvement_percent"] is not None else ""
     rate = f" ({100 * s['keep_rate']:.0f}%)" if s["keep_rate"] is not None else ""
     lines = [f"{path}{' (tag ' + s['tag'] + ')' if s['tag'] else ''}: baseline + {s['experiments']} experiments",
-             f"baseline  {s['baseline']['val_bpb']:.6f}  {s['baseline']['commit']}",
-             f"best      {s['best']['val_bpb']:.6f}  {s['best']['commit']}  improvement {s['improvement']:.6f}{pct}"
-             f"  {s['best']['description']}",
+             f"baseline val_bpb {s['baseline']['val_bpb']:.6f}  {s['baseline']['commit']}",
+             f"best val_bpb     {s['best']['val_bpb']:.6f}  {s['best']['commit']}  improvement {s['improvement']:.6f}{pct}"
+             f"  ({s['best']['description']})",
              f"keeps {s['keeps']}{rate}, discards {s['discards']}, crashes {s['crashes']}"]
     if s["noise_sigma"] is not None:
-        lines.append(f"noise     sigma {s['noise_sigma']:.6f} from {len(s['baseline']['runs'])} baseline runs")
+        lines.append(f"noise sigma       {s['noise_sigma']:.6f}  from {len(s['baseline']['runs'])} baseline runs")
     if s["loop_overhead_s_mean"] is not None:
         lines.append(f"loop overhead {s['loop_overhead_s_mean']:.2f} s per experiment (mean; excludes training)")
     def entry(e):
@@ -1044,12 +1049,19 @@ def plot(s, path):
     xs = list(range(len(hist)))
     measured = [(x, e) for x, e in zip(xs, hist) if e["val_bpb"] > 0 and e["status"] != "crash"]
     base, best = s["baseline"]["val_bpb"], s["best"]["val_bpb"]
-    span = max(base - best, 0.002)
-    low, high = best - 0.4 * span, base + 1.5 * span
+    # the scale follows the bulk of the results; a diverged run must not squash the progress line
+    vals = sorted(e["val_bpb"] for _, e in measured)
+    top = max(vals[int(0.9 * (len(vals) - 1))], base)
+    pad = 0.08 * max(top - best, 0.002)
+    low, high = best - pad, top + pad
     fig, ax = plt.subplots(figsize=(12, 6))
-    disc = [(x, min(e["val_bpb"], high)) for x, e in measured if e["status"] != "keep"]
+    disc = [(x, e["val_bpb"]) for x, e in measured if e["status"] != "keep" and e["val_bpb"] <= high]
     if disc:
         ax.scatter(*zip(*disc), s=16, color="0.55", alpha=0.35, label="discard", zorder=2)
+    off = [x for x, e in measured if e["status"] != "keep" and e["val_bpb"] > high]
+    if off:
+        ax.scatter(off, [high - 0.3 * pad] * len(off), marker="^", s=22, color="0.55", alpha=0.5,
+                   label="discard (off scale)", zorder=2)
     keeps = [(x, e) for x, e in measured if e["status"] == "keep"]
     ax.scatter([x for x, _ in keeps], [e["val_bpb"] for _, e in keeps], s=50, color="#1a9850",
                edgecolor="black", linewidth=0.5, label="keep", zorder=4)
@@ -1064,14 +1076,15 @@ def plot(s, path):
     ax.step(xs, running, where="post", color="#1a9850", linewidth=1.5, label="best so far", zorder=3)
     failed = [x for x, e in zip(xs, hist) if e["status"] == "crash" or e["val_bpb"] <= 0]
     if failed:
-        ax.scatter(failed, [low + 0.05 * (high - low)] * len(failed), marker="x", color="#d73027",
+        ax.scatter(failed, [low + 0.3 * pad] * len(failed), marker="x", color="#d73027",
                    label="crash / rejected", zorder=4)
     ax.set_ylim(low, high)
     ax.set_xlabel("experiment")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_title(f"{s['experiments']} experiments, {s['keeps']} kept: val_bpb {base:.4f} -> {best:.4f}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="best", fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -1272,6 +1285,8 @@ def cmd_run(args):
                     continue
                 failures = 0
             line = run_experiment(loop, description, started, strict=False, untracked_new=untracked_new)
+            if untracked_new:
+                say(loop, f"#{n} note: the agent created untracked files (left in place): {', '.join(sorted(untracked_new))}")
             say(loop, f"#{n} {line} | {description}")
     except (KeyboardInterrupt, Stop):
         stop_cleanly(loop)

@@ -39,7 +39,7 @@ def env(tmp_path):
     (cache / "ready").write_text("")
     e = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
     e.update(GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"), GIT_CONFIG_NOSYSTEM="1",
-             AUTORESEARCH_CACHE_DIR=str(cache), AUTORESEARCH_PROFILE="smoke", HOME=str(tmp_path))
+             AUTORESEARCH_CACHE_DIR=str(cache), AUTORESEARCH_PROFILE="smoke")
     return e
 
 
@@ -369,14 +369,16 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
                             cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     running = repo / "logs" / "k" / "running.json"
 
-    def training_second_experiment():
+    def training_second_experiment():  # experiment #2's train.py is running, its row not yet written
         state = json.loads(running.read_text()) if running.exists() else {}
-        return len(rows(repo)) >= 2 and state.get("phase") == "train" and "pgid" in state
+        return (state.get("n") == 2 == len(rows(repo)) and state.get("phase") == "train" and "pgid" in state
+                and agent_loop.proc_start_time(state["pgid"]) is not None)
     assert wait_for(training_second_experiment, 60)
-    state = json.loads(running.read_text())
     proc.kill()
     proc.wait()
+    state = json.loads(running.read_text())
     finished = rows(repo)
+    assert state["n"] == 2 == len(finished)
     assert agent_loop.proc_start_time(state["pgid"]) is not None  # the orphan train.py still runs
     out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "1").stdout
     assert wait_for(lambda: pid_gone(state["pgid"]), 15), "the orphaned train.py was not stopped"
