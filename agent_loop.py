@@ -668,8 +668,8 @@ def interrupted_row(loop, state, reason):
     say(loop, f"#{state['n']} crash {reason} log={state['log']}")
     return {"commit": short(commit_sha), "val_bpb": "0.000000", "memory_gb": "0.0", "status": "crash",
             "description": git("log", "-1", "--format=%s", commit_sha), "tag": loop.tag, "n": str(state["n"]),
-            "profile": loop.config["profile"], "train_py": git("rev-parse", f"{commit_sha}:{TRAIN}")[:12], "timestamp": now_iso(),
-            "log": state["log"], "note": reason}
+            "profile": loop.config["profile"], "train_py": git("rev-parse", f"{commit_sha}:{TRAIN}")[:12],
+            "timestamp": now_iso(), "log": state["log"], "note": reason}
 
 
 def check_position(loop, allow_ahead):
@@ -932,19 +932,22 @@ def build_prompt(loop, n):
     base, best = git("rev-parse", f"{loop.rows[0]['commit']}^{{commit}}"), loop.best_commit
     diff = git("diff", base, best, "--", TRAIN).split("\n") if base != best else []
     if len(diff) > PROMPT_DIFF_LINES:
-        diff = diff[:PROMPT_DIFF_LINES] + [f"... ({len(diff) - PROMPT_DIFF_LINES} more lines: git diff {base[:7]} {best[:7]})"]
+        more = len(diff) - PROMPT_DIFF_LINES
+        diff = diff[:PROMPT_DIFF_LINES] + [f"... ({more} more lines: git diff {base[:7]} {best[:7]})"]
     crash = ""
     last = loop.rows[-1]
     if last["status"] == "crash" and last.get("log") and Path(last["log"]).exists():
         tail = Path(last["log"]).read_text(errors="replace").splitlines()[-CRASH_TAIL_LINES:]
-        crash = f"\n## The last experiment (#{last['n']}) crashed; the end of its log\n```\n" + "\n".join(tail) + "\n```\n"
+        crash = (f"\n## The last experiment (#{last['n']}) crashed; the end of its log\n```\n"
+                 + "\n".join(tail) + "\n```\n")
     rules = (f"You are called by `agent_loop.py run` for experiment #{n} on branch {loop.branch}, with a fresh "
              f"context. Make ONE experimental change to {TRAIN} (edit only {TRAIN}: a change to any other file "
              f"gets the experiment rejected). Do NOT run {TRAIN}, agent_loop.py or git yourself: the loop commits, "
              f"trains for the fixed budget, measures val_bpb and keeps or discards the change. Identical versions of "
              f"{TRAIN} are never run twice. End your reply with ONE line that describes the change; it becomes the "
              f"description in results.tsv.")
-    return (f"# Instructions for this call\n{rules}\n\n# program.md\n{program}\n\n# The run so far\n```\n{report}\n```\n"
+    return (f"# Instructions for this call\n{rules}\n\n# program.md\n{program}\n\n"
+            f"# The run so far\n```\n{report}\n```\n"
             f"\n## Kept changes to {TRAIN} so far (git diff baseline best)\n```diff\n"
             f"{chr(10).join(diff) or '(none yet: the best is still the baseline)'}\n```\n{crash}"
             f"\n# Reminder\n{rules}\n")
@@ -1017,7 +1020,8 @@ def format_report(s, path, recent=0):
     rate = f" ({100 * s['keep_rate']:.0f}%)" if s["keep_rate"] is not None else ""
     lines = [f"{path}{' (tag ' + s['tag'] + ')' if s['tag'] else ''}: baseline + {s['experiments']} experiments",
              f"baseline val_bpb {s['baseline']['val_bpb']:.6f}  {s['baseline']['commit']}",
-             f"best val_bpb     {s['best']['val_bpb']:.6f}  {s['best']['commit']}  improvement {s['improvement']:.6f}{pct}"
+             f"best val_bpb     {s['best']['val_bpb']:.6f}  {s['best']['commit']}  "
+             f"improvement {s['improvement']:.6f}{pct}"
              f"  ({s['best']['description']})",
              f"keeps {s['keeps']}{rate}, discards {s['discards']}, crashes {s['crashes']}"]
     if s["noise_sigma"] is not None:
@@ -1285,9 +1289,10 @@ def cmd_run(args):
                     continue
                 failures = 0
             line = run_experiment(loop, description, started, strict=False, untracked_new=untracked_new)
-            if untracked_new:
-                say(loop, f"#{n} note: the agent created untracked files (left in place): {', '.join(sorted(untracked_new))}")
             say(loop, f"#{n} {line} | {description}")
+            if untracked_new:
+                say(loop, f"#{n} note: the agent created untracked files (left in place): "
+                          f"{', '.join(sorted(untracked_new))}")
     except (KeyboardInterrupt, Stop):
         stop_cleanly(loop)
     s = summarize(loop.rows)
@@ -1304,10 +1309,9 @@ def cmd_report(args):
     header, rows = read_results(path)
     if "tag" in header:
         tag = args.tag
-        if tag is None:
-            branch = current_branch()
-            tags = {r.get("tag") for r in rows}
-            tag = branch[len(BRANCH_PREFIX):] if branch[len(BRANCH_PREFIX):] in tags else (rows[-1]["tag"] if rows else None)
+        if tag is None:  # the current branch's run, else the latest one
+            here = current_branch().removeprefix(BRANCH_PREFIX)
+            tag = here if here in {r.get("tag") for r in rows} else (rows[-1]["tag"] if rows else None)
         rows = [r for r in rows if r.get("tag") == tag]
     if not rows:
         raise LoopError(f"{path} has no rows{' for tag ' + args.tag if args.tag else ''} yet")
@@ -1340,7 +1344,8 @@ def cmd_demo(args):
     stages = [
         ("prepare: synthetic data and tokenizer for the smoke profile (offline; cached in "
          f"{env['AUTORESEARCH_CACHE_DIR']})", [sys.executable, PREPARE, "--dataset", "synthetic"]),
-        (f"baseline: agent_loop.py init --tag {tag} --repeats 1", [sys.executable, me, "init", "--tag", tag, "--repeats", "1"]),
+        (f"baseline: agent_loop.py init --tag {tag} --repeats 1",
+         [sys.executable, me, "init", "--tag", tag, "--repeats", "1"]),
         (f"{args.experiments} experiments: agent_loop.py run --agent mutate --max-experiments {args.experiments}",
          [sys.executable, me, "run", "--agent", "mutate", "--max-experiments", str(args.experiments)]),
         ("report", [sys.executable, me, "report", "--plot", "progress.png"]),
@@ -1376,18 +1381,23 @@ def build_parser():
     init.add_argument("--tag", help="run name; branch autoresearch/TAG (default: today, e.g. mar5)")
     init.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                       help=f"baseline runs with seeds 42, 43, ... to measure noise (default {DEFAULT_REPEATS})")
-    init.add_argument("--timeout", type=float, help="hard limit per train.py run, s (default max(2*budget, budget+120))")
+    init.add_argument("--timeout", type=float,
+                      help="hard limit per train.py run, s (default max(2*budget, budget+120))")
     init.set_defaults(func=cmd_init)
 
     decide_flags = argparse.ArgumentParser(add_help=False)
     decide_flags.add_argument("--confirm", action="store_true",
-                              help="re-run a candidate keep with the next seed; keep only if the mean still clears the margin")
+                              help="re-run a candidate keep with the next seed; keep only if the mean "
+                                   "still clears the margin")
     decide_flags.add_argument("--min-delta", type=float,
-                              help="keep margin in val_bpb (default: 2 sigma of the baseline runs, at least 0.1%% of the baseline)")
+                              help="keep margin in val_bpb (default: 2 sigma of the baseline runs, at "
+                                   "least 0.1%% of the baseline)")
     decide_flags.add_argument("--timeout", type=float,
-                              help="hard limit per train.py run, s (default max(2*budget, budget+120): 600 s at the reference budget)")
+                              help="hard limit per train.py run, s (default max(2*budget, budget+120): "
+                                   "600 s at the reference budget)")
 
-    step = sub.add_parser("step", parents=[decide_flags], help="commit the change to train.py, run it, keep or reset; print one line")
+    step = sub.add_parser("step", parents=[decide_flags],
+                          help="commit the change to train.py, run it, keep or reset; print one line")
     step.add_argument("-m", "--message", required=True, help="one-line description of the change")
     step.set_defaults(func=cmd_step)
 

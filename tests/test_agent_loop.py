@@ -156,6 +156,18 @@ def test_init_refuses_an_existing_branch(repo, env):
     assert p.returncode == 1 and "already exists" in p.stderr and "--tag tb" in p.stderr
 
 
+def test_init_resumes_after_a_crashed_baseline(repo, env):
+    set_train(repo, MODE="crash")
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "broken")
+    p = loop(repo, env, "init", "--tag", "t", "--repeats", "1", check=False)
+    assert p.returncode == 1 and "the baseline crashed" in p.stderr and "init --tag t` again" in p.stderr
+    assert not rows(repo)                                   # no row for a baseline that never ran
+    set_train(repo, MODE="ok")
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "fixed")
+    out = loop(repo, env, "init", "--tag", "t", "--repeats", "1").stdout
+    assert out.startswith("resuming branch autoresearch/t") and rows(repo)[0]["status"] == "keep"
+
+
 def test_step_outside_an_autoresearch_branch_names_init(repo, env):
     p = loop(repo, env, "step", "-m", "x", check=False)
     assert p.returncode == 2 and "agent_loop.py init --tag" in p.stderr
@@ -194,6 +206,18 @@ def test_step_discards_a_change_within_the_noise_margin_and_keeps_it_reachable(r
     saved = git(repo, env, "show", "refs/autoresearch/t/discarded/1:train.py")
     assert "VAL_BPB = 0.9995" in saved
     assert git(repo, env, "rev-parse", "--short=7", "refs/autoresearch/t/discarded/1") == exp["commit"]
+
+
+def test_step_runs_a_change_the_agent_already_committed(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.98)
+    git(repo, env, "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qam", "agent's own commit")
+    set_train(repo, VAL_BPB=1.03)                          # and more on top, uncommitted
+    out = loop(repo, env, "step", "-m", "two commits").stdout
+    assert out.startswith("discard val_bpb=1.030000")
+    assert "VAL_BPB = 1.0" in (repo / "train.py").read_text() and clean_tracked(repo, env)
+    saved = "refs/autoresearch/t/discarded/1"
+    assert git(repo, env, "log", "--format=%s", f"{saved}~1", "-1") == "agent's own commit"
 
 
 def test_crash_records_zero_values_and_the_traceback(repo, env):
