@@ -373,6 +373,42 @@ def test_failing_agent_stops_the_loop_after_three_tries(repo, env):
     assert len(refs) == 3  # the half-done edits are saved, not thrown away
 
 
+def test_agent_timeout_kills_the_agent_and_its_children(repo, env, tmp_path):
+    initialised(repo, env)
+    agent = tmp_path / "slow.sh"
+    agent.write_text(f"#!/bin/sh\necho '# half an idea' >> train.py\nsleep 300 &\necho $! > {tmp_path}/child.pid\n"
+                     "wait\n")
+    agent.chmod(0o755)
+    out = loop(repo, env, "run", "--agent", str(agent), "--agent-timeout", "1", "--max-experiments", "1").stdout
+    assert "#1 skip agent timed out after 1 s" in out and "its changes saved at refs/autoresearch/t/" in out
+    assert wait_for(lambda: pid_gone(int((tmp_path / "child.pid").read_text())), 15)
+    assert "# half an idea" not in (repo / "train.py").read_text() and len(rows(repo)) == 1
+
+
+def test_kill_9_during_the_agent_saves_its_partial_edit_on_resume(repo, env, tmp_path):
+    initialised(repo, env)
+    agent = tmp_path / "busy.sh"
+    agent.write_text(f"#!/bin/sh\necho '# half an idea' >> train.py\necho $$ > {tmp_path}/agent.pid\nsleep 300\n")
+    agent.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", str(agent)], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: (tmp_path / "agent.pid").exists() and "pgid" in (repo / "logs/t/running.json").read_text())
+    proc.kill()
+    proc.wait()
+    out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0").stdout
+    assert "#1 interrupted before training; its changes are saved at refs/autoresearch/t/interrupted/1.1" in out
+    assert wait_for(lambda: pid_gone(int((tmp_path / "agent.pid").read_text())), 15)
+    assert "# half an idea" in git(repo, env, "show", "refs/autoresearch/t/interrupted/1.1:train.py")
+    assert "# half an idea" not in (repo / "train.py").read_text() and clean_tracked(repo, env)
+    assert len(rows(repo)) == 1
+
+
+def test_hours_limit_stops_before_starting_an_experiment(repo, env):
+    initialised(repo, env)
+    out = loop(repo, env, "run", "--agent", "mutate", "--hours", "0").stdout
+    assert "time limit of 0.0 h reached" in out and len(rows(repo)) == 1
+
+
 def test_mutate_loop_runs_distinct_experiments_and_leaves_the_best(repo, env):
     initialised(repo, env, SHAPED=True)
     out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "4").stdout
