@@ -63,3 +63,16 @@ def test_quick_start_main_job_runs_offline_in_a_fresh_clone_and_shows_the_report
     branch = subprocess.run(["git", "branch", "--show-current"], cwd=clone, capture_output=True, text=True).stdout
     assert status == "" and branch.strip() == "main"
     assert not (clone / "results.tsv").exists()
+
+
+def test_results_example_has_the_columns_agent_loop_writes_and_reports(tmp_path):
+    import json
+    import sys
+    sys.path.insert(0, str(REPO))
+    import agent_loop
+    lines = (REPO / "results.tsv.example").read_text().splitlines()
+    assert lines[0].split("\t") == agent_loop.COLUMNS
+    assert all(len(line.split("\t")) == len(agent_loop.COLUMNS) for line in lines[1:])
+    out = subprocess.run([sys.executable, "agent_loop.py", "report", "--json", "results.tsv.example"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert "0.965800" in json.dumps(json.loads(out))  # the best kept row
