@@ -51,7 +51,12 @@ class GPTConfig:
 
 
 flash_attn_3 = None  # the Flash Attention 3 module, when choose_attention() could load it
-flex_attention = create_block_mask = None  # imported by choose_attention() only when picked (slow import)
+flex_attention = create_block_mask = None  # set by use_flex_attention(), only when picked: a slow import
+
+
+def use_flex_attention():
+    global flex_attention, create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 def norm(x):
@@ -445,8 +450,7 @@ def choose_attention(device, windows, seq_len):
             print(f"Flash Attention 3 unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); falling back")
     if min(windows) == seq_len:
         return "sdpa"  # plain causal everywhere: SDPA's flash kernel
-    global flex_attention, create_block_mask  # flex attention skips the blocks outside a sliding window
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    use_flex_attention()  # skips the blocks outside a sliding window; SDPA would need a dense mask
     return "flex"
 
 

@@ -9,26 +9,26 @@ import sys
 import tempfile
 from pathlib import Path
 
+from unittest import mock
+
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = tempfile.mkdtemp(prefix="autoresearch-train-test-")
-os.environ["AUTORESEARCH_PROFILE"] = "smoke"  # prepare.py reads these at import time
-os.environ["AUTORESEARCH_CACHE_DIR"] = CACHE
 sys.path.insert(0, str(REPO))
-
-import train  # noqa: E402  (importing must not start a training run)
+# prepare.py (imported by train.py) reads these at import time; the rest of the session keeps its environment
+with mock.patch.dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=tempfile.mkdtemp()):
+    import train  # importing must not start a training run
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "profile", "device", "attention", "seed", "startup_seconds",
                 "eval_seconds"]
 
 
-def tiny_model(vocab_size=64, seq_len=32, depth=2, pattern="L", seed=0):
+def tiny_model(vocab_size=64, seq_len=32, depth=2, pattern="L", seed=0, attention="sdpa"):
     torch.manual_seed(seed)
     config = train.GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_embd=64, head_dim=32,
-                             window_pattern=pattern)
+                             window_pattern=pattern, attention=attention)
     model = train.GPT(config)
     model.init_weights()
     return model
@@ -73,6 +73,20 @@ def test_windowed_attention_equals_naive_masked_softmax(window):
     q, k, v = (torch.randn(2, 40, 3, 16) for _ in range(3))
     expected = naive_attention(q, k, v, window)
     assert torch.allclose(train.attention(q, k, v, window, "sdpa"), expected, atol=1e-5)
+
+
+def test_flex_attention_model_matches_the_sdpa_model():
+    # the CUDA path without Flash Attention 3 uses flex attention; its block masks must mean the same windows
+    train.use_flex_attention()
+    sdpa = tiny_model(seq_len=64, depth=3, pattern="SL")
+    flex = tiny_model(seq_len=64, depth=3, pattern="SL", attention="flex")
+    for block in sdpa.blocks:  # zero-initialised projections would hide the attention output
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
+    flex.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 64, (2, 64))
+    assert flex.windows == [8, 64, 64]
+    with torch.no_grad():  # flex attention has no CPU backward; the forward is what defines the windows
+        assert torch.allclose(flex(idx, idx, reduction="none"), sdpa(idx, idx, reduction="none"), atol=1e-4)
 
 
 def test_short_window_layer_ignores_tokens_outside_its_window():
@@ -151,8 +165,9 @@ def test_schedules_follow_progress():
 # End to end: real prepare.py (synthetic data), real train.py, smoke profile
 # ---------------------------------------------------------------------------
 
-def run(args, cwd=REPO, timeout=300):
-    env = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=CACHE, PYTHONUNBUFFERED="1")
+def run(args, cache, cwd=REPO, timeout=300):
+    env = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
+    env.pop("AUTORESEARCH_DATASET", None)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -162,15 +177,13 @@ def parse_summary(stdout):
 
 
 @pytest.fixture(scope="module")
-def smoke_run():
-    prepared = run(["prepare.py", "--dataset", "synthetic"])
-    assert prepared.returncode == 0, prepared.stderr[-2000:]
-    trained = run(["train.py"])
+def smoke_run(smoke_cache):  # smoke_cache (conftest.py): synthetic data prepared for the smoke profile
+    trained = run(["train.py"], smoke_cache)
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     return trained
 
 
-def unigram_bits_per_byte():
+def unigram_bits_per_byte(cache):
     """Entropy of the val tokens' unigram distribution, in bits per byte: what a model with no context reaches."""
     script = (
         "import math, torch, prepare\n"
@@ -184,7 +197,7 @@ def unigram_bits_per_byte():
         "bits = -(p[p > 0] * p[p > 0].log2()).sum().item()\n"
         "print(bits * len(y) / nbytes[y].sum().item())\n"
     )
-    result = run(["-c", script])
+    result = run(["-c", script], cache)
     assert result.returncode == 0, result.stderr[-2000:]
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -202,18 +215,18 @@ def test_smoke_run_prints_the_summary_block_in_order(smoke_run):
     assert float(summary["training_seconds"]) >= 15.0
 
 
-def test_smoke_run_beats_the_unigram_entropy(smoke_run):
+def test_smoke_run_beats_the_unigram_entropy(smoke_run, smoke_cache):
     val_bpb = float(parse_summary(smoke_run.stdout)["val_bpb"])
-    assert 0 < val_bpb < 0.8 * unigram_bits_per_byte()
+    assert 0 < val_bpb < 0.8 * unigram_bits_per_byte(smoke_cache)
 
 
-def test_diverging_run_fails_fast_with_fail(smoke_run, tmp_path):
+def test_diverging_run_fails_fast_with_fail(smoke_cache, tmp_path):
     source = (REPO / "train.py").read_text()
     diverging, count = re.subn(r"^(\s*)EMBEDDING_LR = [^#\n]+", r"\1EMBEDDING_LR = float('nan') ", source, flags=re.M)
     assert count >= 1
     (tmp_path / "train.py").write_text(diverging)
     shutil.copy(REPO / "prepare.py", tmp_path / "prepare.py")
-    result = run([str(tmp_path / "train.py")], cwd=tmp_path, timeout=120)
+    result = run([str(tmp_path / "train.py")], smoke_cache, cwd=tmp_path, timeout=120)
     assert result.returncode != 0
     assert any(line.startswith("FAIL") for line in result.stdout.splitlines()), result.stdout[-2000:]
     assert "---" not in result.stdout.splitlines()
