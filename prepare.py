@@ -9,6 +9,7 @@ experiments comparable. Profile (reference | cpu | smoke) from AUTORESEARCH_PROF
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -121,6 +122,22 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def rebuilding(folder):
+    """A fresh work folder that replaces `folder` when the block succeeds and is deleted when it fails: an
+    interrupted prepare leaves the old folder or the new one, never a half-written one."""
+    work = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(work, folder)
+
+
 def prepare_command(dataset):
     """The command that prepares `dataset` for the active profile (for error messages)."""
     args = ""
@@ -224,9 +241,8 @@ def fetch(url, tmp, stop, progress_bytes):
         if r.status_code in (401, 403):
             raise SystemExit(f"{name}: access denied (HTTP {r.status_code}) for {url}\n"
                              f"Set a valid Hugging Face token: HF_TOKEN=hf_... uv run prepare.py")
-        if r.status_code == 416:  # the partial file is not a prefix the server recognises: start over
-            tmp.unlink()
-            raise TransientError("server rejected the resume range")
+        if r.status_code == 416:  # nothing after our bytes: tmp is complete (killed before the rename) or garbage,
+            return                # which the parquet check that follows tells apart
         if r.status_code >= 500 or r.status_code in (408, 429):
             raise TransientError(f"HTTP {r.status_code}")
         if r.status_code >= 400:
@@ -269,7 +285,7 @@ def download_shard(index, folder, stop, progress_bytes, warn):
             if problem is None:
                 os.replace(tmp, path)
                 return
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
             raise TransientError(f"downloaded file is corrupt ({problem}); fetching it again")
         except TransientError as e:
             error = e
@@ -376,10 +392,12 @@ def find_source_files(spec):
     else:
         raise SystemExit(f"--source {spec}: no such file or folder. Give a folder, a file or a glob of "
                          f".parquet/.jsonl/.txt files, e.g. uv run prepare.py --source ~/corpus")
-    files = sorted((f for f in files if f.is_file() and f.suffix.lower() in SOURCE_SUFFIXES), key=str)
+    cache = CACHE_DIR.resolve()  # the cache's own shards are never a source, e.g. with the cache inside the folder
+    files = sorted((f for f in files if f.is_file() and f.suffix.lower() in SOURCE_SUFFIXES
+                    and cache not in f.resolve().parents), key=str)
     if not files:
-        raise SystemExit(f"--source {spec}: no .parquet, .jsonl or .txt files there. Point it at your text, "
-                         f"e.g. uv run prepare.py --source ~/corpus/*.jsonl")
+        raise SystemExit(f"--source {spec}: no .parquet, .jsonl or .txt files there (files in the cache {CACHE_DIR} "
+                         f"do not count). Point it at your text, e.g. uv run prepare.py --source ~/corpus/*.jsonl")
     return files
 
 
@@ -443,18 +461,11 @@ def write_shard(path, docs):
 def write_dataset(name, shards, manifest):
     """Writes shards ((filename, docs) pairs, consumed one at a time) and the manifest of a dataset into a fresh
     folder that then replaces the old one. The manifest's train/val lists may be filled in while shards are read."""
-    folder = dataset_dir(name)
-    work = folder.with_name(f"{name}.tmp{os.getpid()}")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    for filename, docs in shards:
-        write_shard(work / filename, docs)
-    manifest["shards"] = {f: shard_record(work / f) for f in manifest["train"] + manifest["val"]}
-    write_json(work / "manifest.json", manifest)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(work, folder)
+    with rebuilding(dataset_dir(name)) as work:
+        for filename, docs in shards:
+            write_shard(work / filename, docs)
+        manifest["shards"] = {f: shard_record(work / f) for f in manifest["train"] + manifest["val"]}
+        write_json(work / "manifest.json", manifest)
     return manifest
 
 
@@ -621,7 +632,8 @@ def iter_texts(folder, files, batch_size=1024):
     """Batches of document texts from parquet shards, in order."""
     for filename in files:
         for batch in pq.ParquetFile(folder / filename).iter_batches(batch_size=batch_size, columns=["text"]):
-            yield [t for t in batch.column(0).to_pylist() if t]
+            if texts := [t for t in batch.column(0).to_pylist() if t]:
+                yield texts
 
 
 def train_tokenizer(folder, files, vocab_size, max_chars):
@@ -803,31 +815,25 @@ def build_tokenizer_and_tokens(name, manifest):
         if meta.get("fingerprint") == fingerprint:
             print(f"tokenizer and tokens for '{name}' / '{PROFILE}' are up to date in {final}")
             return meta
-    work = final.with_name(f"{PROFILE}.tmp{os.getpid()}")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
     folder = dataset_dir(name)
-    enc, chars, seconds = train_tokenizer(folder, manifest["train"], VOCAB_SIZE, TOKENIZER_MAX_CHARS)
-    print(f"tokenizer: vocab {enc.n_vocab} trained on {chars / 1e6:.1f}M characters in {seconds:.1f}s "
-          f"({chars / 1e6 / max(seconds, 1e-6):.1f}M chars/s)")
-    with open(work / "tokenizer.pkl", "wb") as f:
-        pickle.dump(enc, f)
-    np.save(work / "token_bytes.npy", token_byte_lengths(enc))
-    start, threads = time.time(), os.cpu_count() or 1
-    with ThreadPoolExecutor(threads) as pool:
-        counts = {split: tokenize_split(enc, folder, manifest[split], work, split, pool, threads)
-                  for split in ("train", "val")}
-    meta = {"dataset": name, "profile": PROFILE, "fingerprint": fingerprint,
-            "dtype": np.dtype(token_dtype(enc.n_vocab)).name,
-            "vocab_size": enc.n_vocab, "tokenizer_chars": chars, "tokenizer_seconds": round(seconds, 2),
-            "tokenize_seconds": round(time.time() - start, 2),
-            **{f"{split}_documents": n for split, (n, _) in counts.items()},
-            **{f"{split}_tokens": t for split, (_, t) in counts.items()}}
-    write_json(work / "meta.json", meta)  # written last: its presence means the folder is complete
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(work, final)
+    with rebuilding(final) as work:
+        enc, chars, seconds = train_tokenizer(folder, manifest["train"], VOCAB_SIZE, TOKENIZER_MAX_CHARS)
+        print(f"tokenizer: vocab {enc.n_vocab} trained on {chars / 1e6:.1f}M characters in {seconds:.1f}s "
+              f"({chars / 1e6 / max(seconds, 1e-6):.1f}M chars/s)")
+        with open(work / "tokenizer.pkl", "wb") as f:
+            pickle.dump(enc, f)
+        np.save(work / "token_bytes.npy", token_byte_lengths(enc))
+        start, threads = time.time(), os.cpu_count() or 1
+        with ThreadPoolExecutor(threads) as pool:
+            counts = {split: tokenize_split(enc, folder, manifest[split], work, split, pool, threads)
+                      for split in ("train", "val")}
+        meta = {"dataset": name, "profile": PROFILE, "fingerprint": fingerprint,
+                "dtype": np.dtype(token_dtype(enc.n_vocab)).name,
+                "vocab_size": enc.n_vocab, "tokenizer_chars": chars, "tokenizer_seconds": round(seconds, 2),
+                "tokenize_seconds": round(time.time() - start, 2),
+                **{f"{split}_documents": n for split, (n, _) in counts.items()},
+                **{f"{split}_tokens": t for split, (_, t) in counts.items()}}
+        write_json(work / "meta.json", meta)  # written last: its presence means the folder is complete
     return meta
 
 # ---------------------------------------------------------------------------
@@ -908,21 +914,20 @@ def make_dataloader(tokenizer, B, T, split, device=None, seed=0):
     rows = best_fit_rows(document_stream(offsets, shuffle=split == "train", seed=seed), T + 1)
     batch = np.empty((B, T + 1), dtype=np.int64)
     if device.type == "cuda":
-        # two pinned staging buffers, so that filling one never races the asynchronous copy from the other
+        # two pinned staging buffers, so that filling one never races the asynchronous copy from the other; each
+        # copy lands in a fresh device tensor, ordered with the model's kernels on the same stream
         staging = [torch.empty((2, B, T), dtype=torch.long, pin_memory=True) for _ in range(2)]
-        copied = [None, None]
+        copied = [torch.cuda.Event(), torch.cuda.Event()]  # waiting on a never-recorded event returns at once
     for step in itertools.count():
         for b in range(B):
             segments, epoch = next(rows)
             fill_row(batch[b], segments, tokens, bos)
         if device.type == "cuda":
             k = step % 2
-            if copied[k] is not None:
-                copied[k].synchronize()
+            copied[k].synchronize()  # the copy out of this buffer two steps ago has finished
             host = staging[k].numpy()
             host[0], host[1] = batch[:, :-1], batch[:, 1:]
             on_device = staging[k].to(device, non_blocking=True)
-            copied[k] = torch.cuda.Event()
             copied[k].record(torch.cuda.current_stream(device))
             yield on_device[0], on_device[1], epoch
         else:  # fresh contiguous copies, as the batch array is refilled for the next step
@@ -932,26 +937,21 @@ def make_dataloader(tokenizer, B, T, split, device=None, seed=0):
 # ---------------------------------------------------------------------------
 # Evaluation: bits per byte on EVAL_TOKENS tokens of pinned validation data
 
-_eval_rows_cache = {}
-
 
 def eval_rows(directory, T, n_rows, bos):
     """The validation rows (n_rows x (T+1) tokens), packed like training rows from val documents in file order.
     The same rows whatever the batch size; wraps around the val split (with a warning) when it is too small."""
-    key = (str(directory), T, n_rows)
-    if key not in _eval_rows_cache:
-        tokens, offsets = load_token_split(directory, "val")
-        needed = n_rows * (T + 2)  # +1 per row for the BOS a crop may add
-        passes = 1 if needed <= len(tokens) else math.ceil(needed / len(tokens)) + 1
-        if passes > 1:
-            print(f"warning: the val split has {len(tokens):,} tokens, fewer than the {n_rows * T:,} evaluated: "
-                  f"evaluation wraps around it", file=sys.stderr)
-        rows = best_fit_rows(document_stream(offsets, shuffle=False, seed=0, epochs=passes), T + 1)
-        out = np.empty((n_rows, T + 1), dtype=tokens.dtype)
-        for r in range(n_rows):
-            fill_row(out[r], next(rows)[0], tokens, bos)
-        _eval_rows_cache[key] = out
-    return _eval_rows_cache[key]
+    tokens, offsets = load_token_split(directory, "val")
+    # packing places every token it reads (a crop adds a BOS, never drops one): n_rows * (T+1) tokens fill the rows
+    passes = math.ceil(n_rows * (T + 1) / len(tokens))
+    if passes > 1:
+        print(f"warning: the val split has {len(tokens):,} tokens, fewer than the {n_rows * (T + 1):,} that "
+              f"{n_rows:,} evaluation rows read: evaluation wraps around it", file=sys.stderr)
+    rows = best_fit_rows(document_stream(offsets, shuffle=False, seed=0, epochs=passes), T + 1)
+    out = np.empty((n_rows, T + 1), dtype=tokens.dtype)
+    for r in range(n_rows):
+        fill_row(out[r], next(rows)[0], tokens, bos)
+    return out
 
 
 def evaluate_bpb(model, tokenizer, batch_size):
@@ -1018,9 +1018,10 @@ def main():
               Split: with 2 or more files the last one in sorted order is validation; with a single file
               its last 10% of documents (at least 1). The dataset is named after the path.
 Each run records the prepared dataset as the active one for the profile (AUTORESEARCH_DATASET overrides).""")
-    parser.add_argument("--dataset", choices=["climbmix", "synthetic"], default="climbmix",
-                        help="dataset to prepare (default climbmix)")
-    parser.add_argument("--source", metavar="PATH", help="prepare local files instead (see below)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--dataset", choices=["climbmix", "synthetic"], default="climbmix",
+                       help="dataset to prepare (default climbmix)")
+    which.add_argument("--source", metavar="PATH", help="prepare local files instead (see below)")
     parser.add_argument("--num-shards", type=int, default=10,
                         help=f"climbmix train shards to download (default 10, -1 = all {CLIMBMIX_TRAIN_SHARDS})")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
@@ -1049,8 +1050,8 @@ Each run records the prepared dataset as the active one for the profile (AUTORES
     print(f"  tokens:    train {meta['train_tokens']:,} in {meta['train_documents']:,} documents, "
           f"val {meta['val_tokens']:,} in {meta['val_documents']:,} documents ({meta['dtype']}) "
           f"[{meta['tokenize_seconds']:.1f}s]")
-    if meta["val_tokens"] < EVAL_TOKENS:
-        print(f"  note: val has fewer tokens than EVAL_TOKENS ({EVAL_TOKENS:,}): evaluation wraps around it")
+    if meta["val_tokens"] < EVAL_TOKENS // MAX_SEQ_LEN * (MAX_SEQ_LEN + 1):
+        print(f"  note: val has fewer tokens than evaluation reads ({EVAL_TOKENS:,} targets): it wraps around them")
     print(f"  active dataset for '{PROFILE}': {name} (recorded in {active_file(PROFILE)})")
     print(f"next: AUTORESEARCH_PROFILE={PROFILE} uv run train.py")
 

@@ -101,6 +101,8 @@ class HubHandler(BaseHTTPRequestHandler):
                 return self.send_error(404)
             body = hub.files[name][:len(hub.files[name]) // 2] if action == "truncate" else hub.files[name]
             start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+            if start >= len(body) > 0:
+                return self.send_error(416)  # like Hugging Face's CDN: nothing left after those bytes
             self.send_response(206 if start else 200)
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -144,14 +146,16 @@ def assert_shards_match(cache, hub, names):
 
 def test_download_fetches_train_and_pinned_val_shards_in_parallel_with_token(hub, tmp_path):
     hub.delay = 0.3  # slow answers, so that parallel workers overlap
-    r = run_prepare("--num-shards", "2", "--download-workers", "3", cache=tmp_path, HF_ENDPOINT=hub.url,
+    # rows without text (more than one read batch of them) are skipped
+    hub.files["shard_00001.parquet"] = parquet_bytes([""] * 600 + documents(1, 150))
+    r = run_prepare("--num-shards", "2", "--download-workers", "2", cache=tmp_path, HF_ENDPOINT=hub.url,
                     HF_TOKEN="hf_test")
     assert r.returncode == 0, r.output
     manifest = assert_shards_match(tmp_path, hub, ["shard_00000.parquet", "shard_00001.parquet",
                                                    "shard_06542.parquet"])
     assert manifest["train"] == ["shard_00000.parquet", "shard_00001.parquet"]
     assert manifest["val"] == ["shard_06542.parquet"]
-    assert hub.max_inflight >= 2
+    assert hub.max_inflight == 2  # three shards, two workers: parallel, and no more than asked
     assert all(entry["auth"] == "Bearer hf_test" for entry in hub.log)
     assert not list(climbmix_dir(tmp_path).glob("*.tmp"))
     assert (tmp_path / "prepared" / "climbmix" / "smoke" / "meta.json").exists()
@@ -205,6 +209,17 @@ def test_killed_download_resumes_from_its_partial_bytes(hub, tmp_path):
     assert_shards_match(tmp_path, hub, [name])
 
 
+def test_complete_download_killed_before_its_rename_is_kept(hub, tmp_path):
+    name = "shard_00000.parquet"
+    folder = climbmix_dir(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / (name + ".tmp")).write_bytes(hub.files[name])
+    r = run_prepare("--num-shards", "1", cache=tmp_path, HF_ENDPOINT=hub.url)
+    assert r.returncode == 0, r.output
+    assert [entry["range"] for entry in hub.requests_for(name)] == [f"bytes={len(hub.files[name])}-"]  # a 416
+    assert_shards_match(tmp_path, hub, [name])
+
+
 def test_missing_shard_fails_once_naming_the_shard_and_url(hub, tmp_path):
     del hub.files["shard_00002.parquet"]
     r = run_prepare("--num-shards", "3", cache=tmp_path, HF_ENDPOINT=hub.url)
@@ -212,6 +227,16 @@ def test_missing_shard_fails_once_naming_the_shard_and_url(hub, tmp_path):
     assert "shard_00002.parquet" in r.output and "404" in r.output
     assert f"{hub.url}{HF_PREFIX}shard_00002.parquet" in r.output
     assert len(hub.requests_for("shard_00002.parquet")) == 1
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--num-shards", "0"], "--num-shards 0: climbmix has 6542 train shards"),
+    (["--download-workers", "0"], "--download-workers 0: use at least 1"),
+])
+def test_bad_download_arguments_fail_before_any_request(hub, tmp_path, args, expected):
+    r = run_prepare(*args, cache=tmp_path, HF_ENDPOINT=hub.url)
+    assert r.returncode != 0 and expected in r.output and "Traceback" not in r.output
+    assert not hub.log
 
 
 def test_offline_download_fails_quickly_and_offers_source_synthetic_and_mirror(tmp_path):
@@ -238,16 +263,35 @@ def shard_texts(cache, name, shard):
 def test_parquet_source_uses_its_last_file_as_validation(tmp_path):
     src = tmp_path / "books"
     src.mkdir()
-    for i, n in enumerate((60, 50, 20)):
-        pq.write_table(pa.table({"text": documents(i, n), "id": list(range(n))}), src / f"part{i}.parquet")
+    val = documents(2, 20) + [" ".join(["quizzaciously"] * 300)]  # a word only validation has, many times
+    for i, docs in enumerate((documents(0, 60), documents(1, 50), val)):
+        pq.write_table(pa.table({"text": docs, "id": list(range(len(docs)))}), src / f"part{i}.parquet")
     r = run_prepare("--source", str(src), cache=tmp_path / "cache")
     assert r.returncode == 0, r.output
     manifest = prepared_manifest(tmp_path / "cache", "books")
     assert manifest["train"] == ["shard_00000.parquet", "shard_00001.parquet"]
-    assert shard_texts(tmp_path / "cache", "books", manifest["val"][0]) == documents(2, 20)
+    assert shard_texts(tmp_path / "cache", "books", manifest["val"][0]) == val
     assert "part2.parquet" in manifest["split"] and "part2.parquet" in r.output
-    meta = json.loads((tmp_path / "cache" / "prepared" / "books" / "smoke" / "meta.json").read_text())
-    assert meta["train_documents"] == 110 and meta["val_documents"] == 20
+    directory = tmp_path / "cache" / "prepared" / "books" / "smoke"
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta["train_documents"] == 110 and meta["val_documents"] == 21
+    # trained on train only: validation's frequent word did not become a token
+    assert len(prepare.Tokenizer.from_directory(directory).encode(" quizzaciously")) > 3
+
+
+def test_source_folder_holding_the_cache_is_read_but_never_modified(tmp_path):
+    src = tmp_path / "notes"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(20 + i, 30)))
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in src.iterdir()}
+    cache = src / ".cache"
+    for _ in range(2):  # the second run must not read the cache's own shards as more source files
+        r = run_prepare("--source", str(src), cache=cache)
+        assert r.returncode == 0, r.output
+        meta = json.loads((cache / "prepared" / "notes" / "smoke" / "meta.json").read_text())
+        assert meta["train_documents"] == 60 and meta["val_documents"] == 30
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in before} == before
 
 
 def test_jsonl_source_reads_the_text_field_of_each_line(tmp_path):
@@ -283,20 +327,27 @@ def test_single_txt_file_splits_paragraphs_and_keeps_the_last_tenth_for_validati
     ("no-text-column", "no 'text' column (columns: body)"),
     ("jsonl-without-text", 'no string field "text"'),
     ("one-document", "at least 2"),
+    ("inside-cache", "files in the cache"),
 ])
 def test_bad_source_fails_with_the_problem_and_the_fix(tmp_path, case, expected):
-    src = tmp_path / "src"
+    src = tmp_path / ("cache/datasets/mine" if case == "inside-cache" else "src")
     if case != "missing":
-        src.mkdir()
+        src.mkdir(parents=True)
     if case == "no-text-column":
         pq.write_table(pa.table({"body": ["a", "b"]}), src / "a.parquet")
     elif case == "jsonl-without-text":
         (src / "a.jsonl").write_text('{"body": "x"}\n')
-    elif case == "one-document":
+    elif case in ("one-document", "inside-cache"):
         (src / "a.txt").write_text("just one paragraph")
     r = run_prepare("--source", str(src), cache=tmp_path / "cache")
     assert r.returncode != 0
     assert expected in r.output and "uv run prepare.py" in r.output and "Traceback" not in r.output
+    assert not list((tmp_path / "cache").glob("**/*.tmp*"))  # no half-written folder left behind
+
+
+def test_source_and_dataset_together_are_refused(tmp_path):
+    r = run_prepare("--dataset", "synthetic", "--source", str(tmp_path), cache=tmp_path / "cache")
+    assert r.returncode != 0 and "not allowed with" in r.output
 
 
 # ---------------------------------------------------------------------------
@@ -428,6 +479,17 @@ def test_same_seed_gives_the_same_batches_and_another_seed_does_not(smoke_cache)
     assert (x[:, 0] == tok.get_bos_token_id()).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_held_by_the_caller_are_not_overwritten_by_later_copies(smoke_cache):
+    tok = prepare.Tokenizer.from_directory(smoke_dir(smoke_cache))
+    on_gpu = prepare.make_dataloader(tok, 4, 128, "train", device="cuda")
+    held = [next(on_gpu) for _ in range(6)]  # three times the two staging buffers
+    on_cpu = prepare.make_dataloader(tok, 4, 128, "train", device="cpu")
+    for x, y, epoch in held:
+        cx, cy, cepoch = next(on_cpu)
+        assert x.is_cuda and torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy) and epoch == cepoch
+
+
 def test_empty_split_raises_a_clear_error(smoke_cache, tmp_path):
     tok = prepare.Tokenizer.from_directory(smoke_dir(smoke_cache))
     write_split(tmp_path, "train", [])
@@ -473,6 +535,25 @@ def test_uniform_model_scores_log2_vocab_times_tokens_per_byte_whatever_the_batc
     assert (rows[:, 0] == tok.get_bos_token_id()).all()
 
 
+class HalfPrecisionLossModel(UniformModel):
+    """Returns its per-token losses in bfloat16, as a model computing its loss under autocast may."""
+
+    def forward(self, x, y, reduction="mean"):
+        return super().forward(x, y, reduction).to(torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_evaluation_on_cuda_under_autocast_matches_the_cpu(smoke_cache, monkeypatch):
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 64 * 40)
+    tok = prepare.Tokenizer.from_directory(smoke_dir(smoke_cache))
+    on_cpu = prepare.evaluate_bpb(UniformModel(tok.get_vocab_size()), tok, 16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        on_gpu = prepare.evaluate_bpb(UniformModel(tok.get_vocab_size()).cuda(), tok, 16)
+        half = prepare.evaluate_bpb(HalfPrecisionLossModel(tok.get_vocab_size()).cuda(), tok, 16)
+    assert on_gpu == pytest.approx(on_cpu, rel=1e-6) and half == pytest.approx(on_cpu, rel=1e-2)
+
+
 def test_evaluation_wraps_around_a_small_val_split_with_a_warning(smoke_cache, monkeypatch, capsys):
     tok = prepare.Tokenizer.from_directory(smoke_dir(smoke_cache))
     val_tokens = json.loads((tok.directory / "meta.json").read_text())["val_tokens"]
@@ -489,10 +570,11 @@ def test_evaluation_wraps_around_a_small_val_split_with_a_warning(smoke_cache, m
 # profile and readiness
 
 def python_c(code, cache, **env):
+    """Runs python -c code in the repo; env values of None remove those variables."""
     full_env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_DATASET"}
     full_env.update(AUTORESEARCH_CACHE_DIR=str(cache), **env)
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in full_env.items() if v is not None})
 
 
 def test_check_ready_names_the_fix_until_data_is_prepared(smoke_cache, tmp_path):
@@ -511,3 +593,10 @@ def test_check_ready_names_the_fix_until_data_is_prepared(smoke_cache, tmp_path)
 def test_unknown_profile_is_refused_with_the_valid_ones(tmp_path):
     r = python_c("import prepare", tmp_path, AUTORESEARCH_PROFILE="gpu")
     assert r.returncode != 0 and "reference, cpu, smoke" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unset_profile_follows_the_hardware_and_says_so_once(tmp_path):
+    r = python_c("import prepare; print(prepare.PROFILE, prepare.MAX_SEQ_LEN)", tmp_path, AUTORESEARCH_PROFILE=None)
+    expected = "reference 2048" if torch.cuda.is_available() else "cpu 256"
+    assert r.returncode == 0 and r.stdout.split() == expected.split(), r.stderr
+    assert r.stderr.count("AUTORESEARCH_PROFILE is not set") == 1
