@@ -96,8 +96,9 @@ def now_iso():
 
 
 def one_line(text, limit=None):
-    """A results.tsv field: no tabs or newlines, ever."""
-    text = " ".join(str(text).split())
+    """A results.tsv field: no tabs or newlines, ever, and valid UTF-8 (an argument in another
+    encoding arrives as surrogates, which no file or terminal can take)."""
+    text = " ".join(str(text).encode(errors="surrogateescape").decode(errors="replace").split())
     return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -188,13 +189,13 @@ def tree_status():
     return tracked, untracked
 
 
-def changed_since(best):
-    """Tracked paths that differ from the best commit: uncommitted, or committed on top of it.
-    prepare.py is also hashed outright: the metric lives there."""
+def changed_since(commit):
+    """Tracked paths that differ from a commit: uncommitted, or committed on top of it. prepare.py
+    is also hashed outright: the metric lives there, and `git update-index --assume-unchanged`
+    would hide it from `git status`."""
     changed, _ = tree_status()
-    if head() != best:
-        changed |= set(git("diff", "--name-only", "-z", best, "HEAD").split("\0")) - {""}
-    if git("hash-object", "--", PREPARE, check=False) != git("rev-parse", f"{best}:{PREPARE}", check=False):
+    changed |= set(git("diff", "--name-only", "-z", commit, "HEAD").split("\0")) - {""}
+    if git("hash-object", "--", PREPARE, check=False) != git("rev-parse", f"{commit}:{PREPARE}", check=False):
         changed.add(PREPARE)
     return changed
 
@@ -209,6 +210,15 @@ def git_root():
 
 def current_branch():
     return git("symbolic-ref", "--short", "-q", "HEAD", check=False) or ""
+
+
+def tracked_outputs():
+    """results.tsv and logs/ change during every experiment: tracked, they would make every
+    experiment look like it changed them, and a reset would take results rows back."""
+    tracked = git("ls-files", "--", RESULTS, LOGS_DIR).splitlines()
+    return (f"{', '.join(tracked)} tracked by git, but agent_loop.py writes them during every experiment. "
+            f"Fix: `git rm -r -q --cached {' '.join(tracked)} && git commit -m 'untrack experiment outputs'`"
+            if tracked else None)
 
 
 def ensure_ignored(*patterns):
@@ -229,11 +239,13 @@ def ensure_ignored(*patterns):
 
 def read_results(path):
     """Header and rows of a results.tsv, ours or upstream's 5 columns. In ours, a last line
-    without a newline is a row cut by a crash mid-write and is ignored."""
+    without a newline is a row cut by a crash mid-write and is ignored. An empty file has no rows."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
         raise LoopError(f"{path} not found: start a run with `uv run agent_loop.py init --tag TAG`") from None
+    if not text.strip():
+        return COLUMNS, []
     lines = text.split("\n")
     last = lines.pop()
     if not lines:
@@ -306,6 +318,10 @@ class Loop:
     @property
     def branch(self):
         return BRANCH_PREFIX + self.tag
+
+    def ref(self, name):
+        """Where discarded, skipped or interrupted work stays reachable."""
+        return f"{REF_PREFIX}{self.tag}/{name}"
 
     @property
     def best(self):
@@ -426,22 +442,20 @@ def proc_start_time(pid):
     return None if fields[0] == "Z" else fields[19]
 
 
-def kill_group(proc):
-    """SIGTERM the whole group, KILL_GRACE_S to exit, then SIGKILL what is left (its children too)."""
+def kill_group(pgid, alive):
+    """SIGTERM the whole group, KILL_GRACE_S for its leader to exit, then SIGKILL what is left
+    (its children too). alive() tells whether the leader still runs."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(pgid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
-        proc.wait()
         return
+    deadline = time.monotonic() + KILL_GRACE_S
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
-        proc.wait(timeout=KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
 
 
 def run_group(cmd, stdout, stderr, env, timeout, stdin=subprocess.DEVNULL, shell=False, on_spawn=None):
@@ -458,7 +472,8 @@ def run_group(cmd, stdout, stderr, env, timeout, stdin=subprocess.DEVNULL, shell
     except subprocess.TimeoutExpired:
         rc = None
     finally:
-        kill_group(proc)
+        kill_group(proc.pid, lambda: proc.poll() is None)
+        proc.wait()
     return rc, time.monotonic() - start
 
 
@@ -468,14 +483,7 @@ def kill_leftover(state):
     pgid, started = state.get("pgid"), state.get("started")
     if not pgid or started is None or proc_start_time(pgid) != started:
         return
-    os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + KILL_GRACE_S
-    while proc_start_time(pgid) == started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    kill_group(pgid, lambda: proc_start_time(pgid) == started)
     print(f"killed the leftover process group {pgid} of the interrupted experiment", file=sys.stderr)
 
 
@@ -612,15 +620,18 @@ def save_and_reset(loop, name, message):
     """Commit whatever differs from the best commit (explicit paths), keep it reachable at
     refs/autoresearch/TAG/<name>, and move the branch back to best. The hard reset only runs on a
     clean tree, so it never throws anything away. Returns the ref, or None if nothing differed."""
+    branch = current_branch()
+    if branch and branch != loop.branch:  # detached is fine: the reset then moves no branch at all
+        raise LoopError(f"HEAD is on {branch}, not on {loop.branch}, and the loop only ever resets its own "
+                        f"branch: it stops here. Fix: `git checkout {loop.branch}` (commit or stash first), "
+                        f"then run again")
     best = loop.best_commit
-    dirty, _ = tree_status()
-    if git("hash-object", "--", PREPARE, check=False) != git("rev-parse", f"HEAD:{PREPARE}", check=False):
-        dirty.add(PREPARE)
+    dirty = changed_since("HEAD")
     if dirty:
         commit(sorted(dirty), message)
     if head() == best:
         return None
-    ref = f"{REF_PREFIX}{loop.tag}/{name}"
+    ref = loop.ref(name)
     git("update-ref", ref, head())
     git("reset", "-q", "--hard", best)
     return ref
@@ -629,15 +640,15 @@ def save_and_reset(loop, name, message):
 def spare_name(loop, kind, n):
     """kind/N.K with the first free K: several attempts without a row can share a number N."""
     k = 1
-    while git("rev-parse", "-q", "--verify", f"{REF_PREFIX}{loop.tag}/{kind}/{n}.{k}", check=False) is not None:
+    while git("rev-parse", "-q", "--verify", loop.ref(f"{kind}/{n}.{k}"), check=False) is not None:
         k += 1
     return f"{kind}/{n}.{k}"
 
 
-def reconcile(loop, reason="interrupted: the loop was killed during training (kill -9, reboot)"):
+def reconcile(loop, reason="interrupted: the loop was killed during training (kill -9, reboot)", restart=True):
     """Finish what a killed or interrupted loop left behind: end its leftover child, give an
     interrupted training run its crash row, save unfinished work under refs/autoresearch/, move the
-    branch back to the best commit. Idempotent: runs at every start."""
+    branch back to the best commit. Idempotent: runs at every start (restart=True) and on Ctrl-C."""
     state = read_json(loop.dir / "running.json")
     loop.rows = tag_rows(loop.tag)
     if state is None:
@@ -652,12 +663,28 @@ def reconcile(loop, reason="interrupted: the loop was killed during training (ki
         row = interrupted_row(loop, state, reason)
         append_row(row)
         loop.rows.append(row)
+    if row and row["status"] == "keep":
+        clear_running(loop)
+        return
+    # After a restart, changes to other files may be the user's, made since the kill: never reset them.
+    others = sorted(changed_since("HEAD") - {TRAIN}) if restart else []
+    if others:
+        raise LoopError(f"experiment #{n} was interrupted, and finishing it resets {loop.branch} to the best "
+                        f"commit, but {', '.join(others)} have uncommitted changes that may be yours. Fix: commit "
+                        f"them elsewhere or `git stash`, or if the experiment wrote them, `git checkout -- "
+                        f"{' '.join(others)}`; then run the same command again")
     if row is None:  # stopped before training: the agent's partial edits are saved, not run
         ref = save_and_reset(loop, spare_name(loop, "interrupted", n), f"[interrupted before training] #{n}")
         if ref:
             say(loop, f"#{n} interrupted before training; its changes are saved at {ref}")
-    elif row["status"] != "keep":
-        save_and_reset(loop, f"discarded/{n}", f"[{row['status']}] #{n} {row['description']}")
+    else:
+        # train.py edited since its commit was made (e.g. by a coding agent after its `step` was killed)
+        # is the next proposal: it stays in the working tree, and a copy is saved with the experiment.
+        edited = TRAIN in tree_status()[0]
+        ref = save_and_reset(loop, f"discarded/{n}", f"[{row['status']}] #{n} {row['description']}")
+        if edited:
+            git("checkout", ref, "--", TRAIN)
+            say(loop, f"#{n} saved at {ref}; your uncommitted edit of {TRAIN} is kept in the working tree")
     clear_running(loop)
 
 
@@ -679,7 +706,7 @@ def check_position(loop, allow_ahead):
         return
     raise LoopError(f"{loop.branch} is at {here[:7]}, not at the best kept commit {best[:7]} "
                     f"(experiment #{loop.best['n']}). Fix: `git branch keep-{here[:7]} {here[:7]} && "
-                    f"git reset --hard {best[:7]}` (your commits stay on branch keep-{here[:7]})")
+                    f"git reset --keep {best[:7]}` (your commits stay on branch keep-{here[:7]})")
 
 
 def seen_hashes(rows):
@@ -699,18 +726,23 @@ def run_experiment(loop, description, started, strict, untracked_new=()):
     n, best = len(loop.rows), loop.best_commit
     changed = changed_since(best)
     others = sorted(changed - {TRAIN})
-    if others and strict:
-        raise LoopError(f"only {TRAIN} may change, but {', '.join(others)} changed too; nothing was run. Fix: set "
-                        f"them aside with `git stash push -- {' '.join(others)}` (or undo them with "
-                        f"`git checkout {best[:7]} -- {' '.join(others)}`), then step again")
+    why = [f"changed {', '.join(others)} (only {TRAIN} may change)"] * bool(others)
+    why += [f"deleted {TRAIN}"] * (not Path(TRAIN).exists())
+    if why and strict:
+        files = " ".join(others)
+        fixes = [f"`git reset --soft {best[:7]}` (undoes the commits, keeps the changes)"] * (head() != best)
+        fixes += [f"set them aside with `git stash push -- {files}` (or undo them with `git checkout {best[:7]} -- "
+                  f"{files}`)"] * bool(others)
+        fixes += [f"restore {TRAIN} with `git checkout {best[:7]} -- {TRAIN}`"] * (not Path(TRAIN).exists())
+        raise LoopError(f"{' and '.join(why)}; nothing was run. Fix: {', then '.join(fixes)}, then step again")
     note_extra = f"; agent created untracked files (left in place): {', '.join(sorted(untracked_new))}" \
         if untracked_new else ""
     if not changed:
         save_and_reset(loop, spare_name(loop, "skipped", n), f"[skipped: no change] {description}")
         return f"skip {TRAIN} is unchanged from the best commit: nothing to run"
     mark_running(loop, n=n, phase="commit", best=best)
-    if others:
-        return reject(loop, n, best, description, others, started, note_extra)
+    if why:
+        return reject(loop, n, best, description, " and ".join(why), started, note_extra)
     train_py = blob_hash(Path(TRAIN).read_bytes())
     twin = seen_hashes(loop.rows).get(train_py)
     if twin:
@@ -729,7 +761,8 @@ def run_experiment(loop, description, started, strict, untracked_new=()):
     status, val, note = decide(loop, runs)
     dirty = changed_since(sha)
     if dirty:  # train.py wrote to tracked files while it ran: its number cannot be trusted
-        status, val, note = "discard", 0.0, f"rejected: {TRAIN} changed {', '.join(sorted(dirty))} while running"
+        status, val, note = "discard", 0.0, (f"rejected: {TRAIN} changed {', '.join(sorted(dirty))} while running; "
+                                             f"saved at {loop.ref(f'discarded/{n}')}")
     got = runs[0].summary.get("profile")
     if got and got != loop.config["profile"]:
         status, val, note = "discard", 0.0, f"rejected: ran profile {got}, expected {loop.config['profile']}"
@@ -741,17 +774,16 @@ def run_experiment(loop, description, started, strict, untracked_new=()):
     return outcome_line(loop, status, val, log, reason, previous_best)
 
 
-def reject(loop, n, best, description, others, started, note_extra):
-    """The proposal changed files other than train.py: save all of it under a ref, restore them,
-    and record a row that says so (no training run)."""
-    dirty = changed_since(head())
+def reject(loop, n, best, description, why, started, note_extra):
+    """The proposal changed files other than train.py (or deleted it): save all of it under a ref,
+    restore them, and record a row that says so (no training run)."""
+    dirty = changed_since("HEAD")
     sha = commit(sorted(dirty), f"[rejected] {description}") if dirty else head()
     log = str(loop.dir / f"{n:03d}-{sha[:7]}.log")
     write_log_header(loop, log, n, sha, best, description)
-    ref = f"{REF_PREFIX}{loop.tag}/discarded/{n}"
-    note = (f"rejected: changed {', '.join(others)} (only {TRAIN} may change); saved at {ref}, restore a file "
-            f"with `git checkout {ref} -- FILE`{note_extra}")
-    train_py = blob_hash(Path(TRAIN).read_bytes())
+    ref = loop.ref(f"discarded/{n}")
+    note = f"rejected: {why}; saved at {ref}, restore a file with `git checkout {ref} -- FILE`{note_extra}"
+    train_py = blob_hash(Path(TRAIN).read_bytes()) if Path(TRAIN).exists() else ""
     row = experiment_row(loop, n, short(sha), "discard", description, [], 0.0, note, log, train_py)
     row["loop_s"] = f"{time.monotonic() - started:.2f}"
     finish(loop, row, log, started, 0.0)
@@ -984,17 +1016,19 @@ def summarize(rows):
     kept before each experiment."""
     base_i = next((i for i, r in enumerate(rows) if r["status"] == "keep"), 0)
     base = rows[base_i]
-    base_val = best_val = float(base["val_bpb"])
+    base_val = best_val = to_float(base["val_bpb"]) or 0.0
     best, history = base, []
     for i, r in enumerate(rows):
         val = to_float(r["val_bpb"]) or 0.0
         measured = val > 0 and r["status"] != "crash"
         entry = {"n": int(r["n"]) if r.get("n", "").isdigit() else i, "commit": r["commit"], "status": r["status"],
-                 "val_bpb": val, "delta": round(val - best_val, 6) if measured and i > base_i else None,
+                 "val_bpb": val, "delta": round(val - best_val, 6) if measured and i > base_i and best_val else None,
                  "description": r["description"], "note": r.get("note", "")}
         history.append(entry)
-        if i > base_i and r["status"] == "keep" and measured and val < best_val:
-            best, best_val = r, val
+        if i > base_i and r["status"] == "keep" and measured and (val < best_val or not best_val):
+            best, best_val, best_n = r, val, entry["n"]
+        elif i == base_i:
+            best_n = entry["n"]
     exps = history[base_i + 1:]
     count = {s: sum(e["status"] == s for e in exps) for s in ("keep", "discard", "crash")}
     runs = [float(v) for v in base.get("val_bpb_runs", "").split(",") if v]
@@ -1003,8 +1037,7 @@ def summarize(rows):
         "tag": base.get("tag"), "experiments": len(exps), "keeps": count["keep"], "discards": count["discard"],
         "crashes": count["crash"], "keep_rate": round(count["keep"] / len(exps), 4) if exps else None,
         "baseline": {"commit": base["commit"], "val_bpb": base_val, "runs": runs},
-        "best": {"n": next(e["n"] for e in history if e["commit"] == best["commit"] and e["status"] == "keep"),
-                 "commit": best["commit"], "val_bpb": best_val, "description": best["description"]},
+        "best": {"n": best_n, "commit": best["commit"], "val_bpb": best_val, "description": best["description"]},
         "improvement": round(base_val - best_val, 6),
         "improvement_percent": round(100 * (base_val - best_val) / base_val, 3) if base_val else None,
         "noise_sigma": round(statistics.stdev(runs), 6) if len(runs) > 1 else None,
@@ -1054,7 +1087,7 @@ def plot(s, path):
     measured = [(x, e) for x, e in zip(xs, hist) if e["val_bpb"] > 0 and e["status"] != "crash"]
     base, best = s["baseline"]["val_bpb"], s["best"]["val_bpb"]
     # the scale follows the bulk of the results; a diverged run must not squash the progress line
-    vals = sorted(e["val_bpb"] for _, e in measured)
+    vals = sorted(e["val_bpb"] for _, e in measured) or [base]
     top = max(vals[int(0.9 * (len(vals) - 1))], base)
     pad = 0.08 * max(top - best, 0.002)
     low, high = best - pad, top + pad
@@ -1107,10 +1140,11 @@ def open_loop(args):
         raise LoopError(f"not on an autoresearch branch (on {branch or 'a detached HEAD'}). "
                         f"Start one with `uv run agent_loop.py init --tag mytag`{hint}")
     tag = branch[len(BRANCH_PREFIX):]
+    if problem := tracked_outputs():
+        raise LoopError(f"{problem}, then start a new run from there with `init --tag {tag}b`")
     lock(Path(LOGS_DIR) / tag)
     config = load_config(tag)
-    loop = Loop(tag, config, [], getattr(args, "timeout", None) or default_timeout(config),
-                getattr(args, "min_delta", None), getattr(args, "confirm", False))
+    loop = Loop(tag, config, [], args.timeout or default_timeout(config), args.min_delta, args.confirm)
     reconcile(loop)
     if not loop.rows or loop.rows[0]["status"] != "keep":
         raise LoopError(f"{RESULTS} has no baseline for {tag}: run `uv run agent_loop.py init --tag {tag}` "
@@ -1122,7 +1156,7 @@ def stop_cleanly(loop):
     """Ctrl-C or SIGTERM: the child group is already dead; record, save, reset, say where we are."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    reconcile(loop, reason="interrupted: the loop was stopped (Ctrl-C or SIGTERM) during training")
+    reconcile(loop, reason="interrupted: the loop was stopped (Ctrl-C or SIGTERM) during training", restart=False)
     say(loop, f"stopped: {loop.branch} at the best commit {loop.best['commit']} (val_bpb {loop.best_val:.6f})")
     raise SystemExit(130)
 
@@ -1142,6 +1176,8 @@ def setup_problems(tag, resume):
     if dirty - {PREPARE}:
         problems.append(f"uncommitted changes to tracked files: {', '.join(sorted(dirty - {PREPARE}))}. The baseline "
                         f"must be a commit. Fix: `git commit -am 'my change'` or set them aside with `git stash`")
+    if problem := tracked_outputs():
+        problems.append(problem)
     branch = BRANCH_PREFIX + tag
     if git("rev-parse", "--verify", "-q", f"refs/heads/{branch}", check=False) is not None and not resume:
         problems.append(f"branch {branch} already exists. Fix: pick another tag (`init --tag {tag}b`), or continue "
@@ -1243,15 +1279,24 @@ def cmd_step(args):
     return 0
 
 
-def cmd_run(args):
-    loop = open_loop(args)
+def check_clean(loop):
+    """Before each experiment of `run`: on the branch, at the best commit, nothing uncommitted. So
+    whatever differs later was written by the proposer, and only that is ever saved and reset."""
+    if current_branch() != loop.branch:
+        raise LoopError(f"HEAD left {loop.branch} (now on {current_branch() or 'a detached HEAD'}); the loop stops "
+                        f"and touches nothing. Fix: `git checkout {loop.branch}`, then run again")
     check_position(loop, allow_ahead=False)
-    dirty, _ = tree_status()
+    dirty = changed_since("HEAD")
     if dirty:
         fix = (f"run that change first with `uv run agent_loop.py step -m \"...\"`, or set it aside with `git stash`"
                if dirty == {TRAIN} else "commit them elsewhere or set them aside with `git stash`")
         raise LoopError(f"uncommitted changes to {', '.join(sorted(dirty))}: nothing you wrote is ever thrown away, "
-                        f"so the loop does not start. Fix: {fix}")
+                        f"so the loop does not go on. Fix: {fix}, then run again")
+
+
+def cmd_run(args):
+    loop = open_loop(args)
+    check_clean(loop)
     t0, done, failures = time.monotonic(), 0, 0
     say(loop, f"run on {loop.branch}: agent {args.agent!r}, best val_bpb={loop.best_val:.6f} "
               f"({len(loop.rows) - 1} experiments so far), margin {loop.margin()[0]:.4f}, timeout {loop.timeout:.0f} s")
@@ -1260,6 +1305,7 @@ def cmd_run(args):
             if args.hours is not None and time.monotonic() - t0 >= args.hours * 3600:
                 say(loop, f"time limit of {args.hours} h reached")
                 break
+            check_clean(loop)
             n, done = len(loop.rows), done + 1
             if args.agent == "mutate":
                 started = time.monotonic()
@@ -1276,9 +1322,15 @@ def cmd_run(args):
                 description, error = call_agent(loop, args.agent, n, args.agent_timeout)
                 started = time.monotonic()
                 untracked_new = tree_status()[1] - before
+                if current_branch() != loop.branch:
+                    error = (f"the agent left {loop.branch} for {current_branch() or 'a detached HEAD'} "
+                             f"(commits it made there stay there)")
+                    git("checkout", "-q", "--detach")  # save its uncommitted edits without moving that branch
                 if error:
                     failures += 1
                     ref = save_and_reset(loop, spare_name(loop, "agent-failed", n), f"[agent failed] #{n}")
+                    if current_branch() != loop.branch:
+                        git("checkout", "-q", loop.branch)
                     clear_running(loop)
                     say(loop, f"#{n} skip {error}; log={loop.dir / f'{n:03d}-agent.err'}"
                               + (f"; its changes saved at {ref}" if ref else ""))

@@ -168,6 +168,15 @@ def test_init_resumes_after_a_crashed_baseline(repo, env):
     assert out.startswith("resuming branch autoresearch/t") and rows(repo)[0]["status"] == "keep"
 
 
+def test_init_refuses_a_results_tsv_tracked_by_git(repo, env):
+    (repo / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+    git(repo, env, "add", "-f", "results.tsv")
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    p = loop(repo, env, "init", "--tag", "t", check=False)
+    assert p.returncode == 1 and "results.tsv tracked by git" in p.stderr and "git rm -r -q --cached" in p.stderr
+    assert git(repo, env, "branch", "--show-current") == "main"
+
+
 def test_step_outside_an_autoresearch_branch_names_init(repo, env):
     p = loop(repo, env, "step", "-m", "x", check=False)
     assert p.returncode == 2 and "agent_loop.py init --tag" in p.stderr
@@ -329,11 +338,38 @@ def test_run_rejects_an_agent_that_edits_prepare_py(repo, env, tmp_path):
     assert "VAL_BPB = 1.0" in (repo / "train.py").read_text() and clean_tracked(repo, env)
 
 
+def test_agent_that_deletes_train_py_is_rejected_and_train_py_restored(repo, env):
+    initialised(repo, env)
+    out = loop(repo, env, "run", "--agent", "rm train.py; echo 'start from scratch'", "--max-experiments", "1").stdout
+    assert "#1 discard rejected: deleted train.py; saved at refs/autoresearch/t/discarded/1" in out
+    assert rows(repo)[1]["note"].startswith("rejected: deleted train.py")
+    assert "VAL_BPB = 1.0" in (repo / "train.py").read_text() and clean_tracked(repo, env)
+    (repo / "train.py").unlink()
+    p = loop(repo, env, "step", "-m", "gone", check=False)
+    assert p.returncode == 2 and "git checkout" in p.stderr and "-- train.py" in p.stderr
+    assert not (repo / "train.py").exists() and len(rows(repo)) == 2
+
+
+def test_agent_that_switches_branch_never_gets_that_branch_moved(repo, env):
+    initialised(repo, env)
+    main = git(repo, env, "rev-parse", "main")
+    agent = ("git checkout -q main && sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py && "
+             "git -c user.name=a -c user.email=a@a commit -qam 'on main' && echo '# more' >> train.py && echo moved")
+    out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
+    assert "#1 skip the agent left autoresearch/t for main" in out
+    assert git(repo, env, "branch", "--show-current") == "autoresearch/t" and clean_tracked(repo, env)
+    assert git(repo, env, "rev-parse", "main~1") == main           # its commit on main is left there
+    assert git(repo, env, "rev-parse", "HEAD") == main and len(rows(repo)) == 1
+    saved = git(repo, env, "show", "refs/autoresearch/t/agent-failed/1.1:train.py")
+    assert "VAL_BPB = 0.5" in saved and saved.endswith("# more")   # with its uncommitted edit
+
+
 def test_train_py_that_writes_prepare_py_while_running_is_rejected(repo, env):
     initialised(repo, env)
     set_train(repo, MODE="tamper", VAL_BPB=0.5)
     out = loop(repo, env, "step", "-m", "tamper at run time").stdout
-    assert out.startswith("discard rejected: train.py changed prepare.py while running")
+    assert out.startswith("discard rejected: train.py changed prepare.py while running; "
+                          "saved at refs/autoresearch/t/discarded/1")
     assert "tampered" not in (repo / "prepare.py").read_text() and clean_tracked(repo, env)
     assert "tampered" in git(repo, env, "show", "refs/autoresearch/t/discarded/1:prepare.py")
 
@@ -453,6 +489,66 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     assert not running.exists() and clean_tracked(repo, env)
 
 
+def kill_9_during_training(repo, env, *args):
+    """Start agent_loop with these arguments, kill -9 it while experiment #1's train.py runs."""
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), *args], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    running = repo / "logs" / "t" / "running.json"
+
+    def training():
+        state = json.loads(running.read_text()) if running.exists() else {}
+        return state.get("phase") == "train" and agent_loop.proc_start_time(state.get("pgid", 0)) is not None
+    assert wait_for(training, 60)
+    proc.kill()
+    proc.wait()
+    return json.loads(running.read_text())
+
+
+def test_resume_never_resets_files_edited_after_a_kill(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.9, SLEEP=60.0)
+    state = kill_9_during_training(repo, env, "step", "-m", "slow")
+    (repo / "README.md").write_text("notes written after the crash\n")
+    p = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0", check=False)
+    assert p.returncode == 2 and "README.md" in p.stderr and "git stash" in p.stderr
+    assert (repo / "README.md").read_text() == "notes written after the crash\n"
+    assert wait_for(lambda: pid_gone(state["pgid"]), 15)               # the orphan is stopped all the same
+    git(repo, env, "stash", "-q")
+    loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0")
+    git(repo, env, "stash", "pop", "-q")
+    assert (repo / "README.md").read_text() == "notes written after the crash\n"
+    assert [(r["n"], r["status"]) for r in rows(repo)] == [("0", "keep"), ("1", "crash")]
+    assert "VAL_BPB = 0.9" in git(repo, env, "show", "refs/autoresearch/t/discarded/1:train.py")
+
+
+def test_step_after_a_killed_step_runs_the_new_edit_of_train_py(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.95, SLEEP=60.0)
+    kill_9_during_training(repo, env, "step", "-m", "slow")
+    set_train(repo, VAL_BPB=0.9, SLEEP=0.0)                 # the coding agent moves on to its next idea
+    out = loop(repo, env, "step", "-m", "next idea").stdout
+    assert "your uncommitted edit of train.py is kept" in out and "keep val_bpb=0.900000" in out
+    assert [(r["n"], r["status"]) for r in rows(repo)] == [("0", "keep"), ("1", "crash"), ("2", "keep")]
+    assert "SLEEP = 60.0" in git(repo, env, "show", "refs/autoresearch/t/discarded/1~1:train.py")
+
+
+def test_ctrl_c_during_the_agent_saves_its_edit_and_stops_at_the_best(repo, env, tmp_path):
+    initialised(repo, env)
+    agent = tmp_path / "busy.sh"
+    agent.write_text(f"#!/bin/sh\necho '# half an idea' >> train.py\necho $$ > {tmp_path}/agent.pid\nsleep 300\n")
+    agent.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", str(agent)], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: (tmp_path / "agent.pid").exists())
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "#1 interrupted before training" in out and "stopped: autoresearch/t" in out
+    assert wait_for(lambda: pid_gone(int((tmp_path / "agent.pid").read_text())), 15)
+    assert "# half an idea" in git(repo, env, "show", "refs/autoresearch/t/interrupted/1.1:train.py")
+    assert "# half an idea" not in (repo / "train.py").read_text() and clean_tracked(repo, env)
+    assert len(rows(repo)) == 1
+
+
 def test_sigterm_stops_cleanly_at_the_best_commit(repo, env, tmp_path):
     initialised(repo, env)
     set_train(repo, MODE="hang")
@@ -514,6 +610,14 @@ def test_mutate_edits_the_active_profile_block_and_respects_batch_rules():
     assert again != first
 
 
+def test_a_non_utf8_description_is_stored_as_valid_utf8(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=1.02)
+    loop(repo, env, "step", "-m", "caf\udce9 latin-1")      # the byte 0xe9 on the command line
+    (repo / "results.tsv").read_bytes().decode("utf-8")
+    assert rows(repo)[1]["description"] == "caf\ufffd latin-1"
+
+
 def test_summary_block_parsing_takes_the_last_block():
     out = "step 1\r step 2\n---\nval_bpb: 9.0\n---\nval_bpb:          0.997900\npeak_vram_mb:     45060.2\nmfu_percent:      n/a\n"
     s = agent_loop.parse_summary(out)
@@ -536,6 +640,19 @@ def test_report_reads_an_upstream_five_column_results_tsv(tmp_path, env):
     assert "0.993200" in text and "improvement 0.004700 (0.47%)" in text and "double model width" in text
     up.write_text(UPSTREAM_TSV.rstrip("\n"))  # hand-written: no final newline
     assert json.loads(loop(tmp_path, env, "report", "--json", str(up)).stdout)["crashes"] == 1
+
+
+def test_report_on_an_empty_file_and_on_one_without_a_keep(tmp_path, env):
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    p = loop(tmp_path, env, "report", str(empty), check=False)
+    assert p.returncode == 2 and "has no rows yet" in p.stderr
+    crashed = tmp_path / "crashed.tsv"
+    crashed.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+                       "a1b2c3d\t0.000000\t0.0\tcrash\tbaseline OOM\n")
+    s = json.loads(loop(tmp_path, env, "report", "--json", str(crashed), "--plot", str(tmp_path / "p.png")).stdout)
+    assert s["best"]["commit"] == "a1b2c3d" and s["experiments"] == 0
+    assert (tmp_path / "p.png").exists()
 
 
 def test_report_plot_and_json_of_our_results(repo, env, tmp_path):
