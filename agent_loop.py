@@ -376,9 +376,8 @@ def lock(tag_dir):
 
 def pinned_config(prepare, tag, repeats):
     """What makes two experiments comparable, from prepare.py, recorded at init."""
-    return {"tag": tag, "profile": prepare.PROFILE, "dataset": getattr(prepare, "DATASET", None),
-            "cache_dir": str(getattr(prepare, "CACHE_DIR", "") or ""), "time_budget": prepare.TIME_BUDGET,
-            "max_seq_len": getattr(prepare, "MAX_SEQ_LEN", None),
+    return {"tag": tag, "profile": prepare.PROFILE, "dataset": prepare.DATASET, "cache_dir": str(prepare.CACHE_DIR),
+            "time_budget": prepare.TIME_BUDGET, "max_seq_len": prepare.MAX_SEQ_LEN,
             "base_seed": int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED)), "repeats": repeats,
             "created": now_iso()}
 
@@ -724,21 +723,27 @@ def run_experiment(loop, description, started, strict, untracked_new=()):
     Returns the one-line outcome. started = time.monotonic() when the loop took over."""
     description = one_line(description, DESCRIPTION_MAX) or "(no description)"
     n, best = len(loop.rows), loop.best_commit
+    if not strict and git("merge-base", "--is-ancestor", best, "HEAD", check=False) is None:
+        git("reset", "-q", "--soft", best)  # the agent rewrote history (amend, rebase): keep its files only
     changed = changed_since(best)
     others = sorted(changed - {TRAIN})
-    why = [f"changed {', '.join(others)} (only {TRAIN} may change)"] * bool(others)
-    why += [f"deleted {TRAIN}"] * (not Path(TRAIN).exists())
+    why, fixes = [], []
+    if others:
+        why.append(f"changed {', '.join(others)} (only {TRAIN} may change)")
+        fixes.append(f"set them aside with `git stash push -- {' '.join(others)}` (or undo them with "
+                     f"`git checkout {best[:7]} -- {' '.join(others)}`)")
+    if not Path(TRAIN).exists():
+        why.append(f"deleted {TRAIN}")
+        fixes.append(f"restore {TRAIN} with `git checkout {best[:7]} -- {TRAIN}`")
     if why and strict:
-        files = " ".join(others)
-        fixes = [f"`git reset --soft {best[:7]}` (undoes the commits, keeps the changes)"] * (head() != best)
-        fixes += [f"set them aside with `git stash push -- {files}` (or undo them with `git checkout {best[:7]} -- "
-                  f"{files}`)"] * bool(others)
-        fixes += [f"restore {TRAIN} with `git checkout {best[:7]} -- {TRAIN}`"] * (not Path(TRAIN).exists())
+        if head() != best:
+            fixes.insert(0, f"`git reset --soft {best[:7]}` (undoes the commits, keeps the changes)")
         raise LoopError(f"{' and '.join(why)}; nothing was run. Fix: {', then '.join(fixes)}, then step again")
     note_extra = f"; agent created untracked files (left in place): {', '.join(sorted(untracked_new))}" \
         if untracked_new else ""
     if not changed:
         save_and_reset(loop, spare_name(loop, "skipped", n), f"[skipped: no change] {description}")
+        clear_running(loop)
         return f"skip {TRAIN} is unchanged from the best commit: nothing to run"
     mark_running(loop, n=n, phase="commit", best=best)
     if why:
@@ -768,7 +773,6 @@ def run_experiment(loop, description, started, strict, untracked_new=()):
         status, val, note = "discard", 0.0, f"rejected: ran profile {got}, expected {loop.config['profile']}"
     previous_best = loop.best_val
     row = experiment_row(loop, n, short(sha), status, description, runs, val, note + note_extra, log, train_py)
-    row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
     finish(loop, row, log, started, train_wall)
     reason = note[len("crash: "):] if status == "crash" else note if note.startswith("rejected") else ""
     return outcome_line(loop, status, val, log, reason, previous_best)
@@ -785,7 +789,6 @@ def reject(loop, n, best, description, why, started, note_extra):
     note = f"rejected: {why}; saved at {ref}, restore a file with `git checkout {ref} -- FILE`{note_extra}"
     train_py = blob_hash(Path(TRAIN).read_bytes()) if Path(TRAIN).exists() else ""
     row = experiment_row(loop, n, short(sha), "discard", description, [], 0.0, note, log, train_py)
-    row["loop_s"] = f"{time.monotonic() - started:.2f}"
     finish(loop, row, log, started, 0.0)
     return outcome_line(loop, "discard", 0.0, log, note)
 
@@ -814,6 +817,7 @@ def experiment_row(loop, n, sha, status, description, runs, val, note, log, trai
 
 def finish(loop, row, log, started, train_wall):
     """Write the row, then keep (branch stays) or save under refs/ and reset; explain in the log."""
+    row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
     append_row(row)
     loop.rows.append(row)
     if row["status"] == "keep":
@@ -992,11 +996,9 @@ def call_agent(loop, cmd, n, timeout):
     out, err = loop.dir / f"{n:03d}-agent.log", loop.dir / f"{n:03d}-agent.err"
     env = dict(os.environ, AUTORESEARCH_PROMPT_FILE=str(prompt.resolve()), AUTORESEARCH_TAG=loop.tag,
                AUTORESEARCH_EXPERIMENT=str(n))
-    state = dict(n=n, phase="agent")
-    mark_running(loop, **state)
     with open(prompt) as stdin, open(out, "w") as stdout, open(err, "w") as stderr:
-        rc, _ = run_group(cmd, stdout, stderr, env, timeout, stdin=stdin, shell=True,
-                          on_spawn=lambda pid: mark_running(loop, **state, pgid=pid, started=proc_start_time(pid)))
+        rc, _ = run_group(cmd, stdout, stderr, env, timeout, stdin=stdin, shell=True, on_spawn=lambda pid: mark_running(
+            loop, n=n, phase="agent", pgid=pid, started=proc_start_time(pid)))
     lines = [line.strip() for line in out.read_text(errors="replace").splitlines() if line.strip()]
     description = lines[-1] if lines else ""
     if rc is None:
@@ -1307,12 +1309,14 @@ def cmd_run(args):
                 break
             check_clean(loop)
             n, done = len(loop.rows), done + 1
+            mark_running(loop, n=n, phase="propose")  # from here on, a stop saves what the proposer wrote
             if args.agent == "mutate":
                 started = time.monotonic()
                 rng = random.Random(f"{args.seed}/{loop.tag}/{n}")
                 proposal = propose_mutation(Path(TRAIN).read_text(), loop.config["profile"],
                                             loop.config.get("max_seq_len"), rng, seen_hashes(loop.rows))
                 if proposal is None:
+                    clear_running(loop)
                     say(loop, "mutate: no untried mutation left; stopping")
                     break
                 Path(TRAIN).write_text(proposal[0])

@@ -350,6 +350,17 @@ def test_agent_that_deletes_train_py_is_rejected_and_train_py_restored(repo, env
     assert not (repo / "train.py").exists() and len(rows(repo)) == 2
 
 
+def test_agent_that_amends_the_best_commit_keeps_the_history(repo, env):
+    initialised(repo, env)
+    baseline = git(repo, env, "rev-parse", "HEAD")
+    agent = ("sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py && "
+             "git -c user.name=a -c user.email=a@a commit -q --amend -am 'amended' && echo amend")
+    out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
+    assert "#1 keep val_bpb=0.900000" in out and clean_tracked(repo, env)
+    assert git(repo, env, "rev-parse", "HEAD~1") == baseline
+    assert git(repo, env, "log", "-1", "--format=%s") == "amend"
+
+
 def test_agent_that_switches_branch_never_gets_that_branch_moved(repo, env):
     initialised(repo, env)
     main = git(repo, env, "rev-parse", "main")
