@@ -136,8 +136,10 @@ def blob_hash(data):
 
 
 def git(*args, check=True):
-    """stdout of a git command (trailing newline removed); None on failure when check=False."""
-    p = subprocess.run(["git", *args], capture_output=True, text=True)
+    """stdout of a git command (trailing newline removed); None on failure when check=False. Bytes
+    that are not UTF-8 (a path, a diff of a train.py the agent wrote in latin-1) round-trip as
+    surrogates: paths still work as arguments, and files written from it use errors="replace"."""
+    p = subprocess.run(["git", *args], capture_output=True, text=True, errors="surrogateescape")
     if p.returncode:
         if check:
             raise LoopError(f"`git {' '.join(args)}` failed: {(p.stderr or p.stdout).strip()}")
@@ -239,7 +241,8 @@ def ensure_ignored(*patterns):
 
 def read_results(path):
     """Header and rows of a results.tsv, ours or upstream's 5 columns. In ours, a last line
-    without a newline is a row cut by a crash mid-write and is ignored. An empty file has no rows."""
+    without a newline and without all its columns is a row cut by a crash mid-write and is
+    ignored. An empty file has no rows."""
     try:
         text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
@@ -255,8 +258,8 @@ def read_results(path):
         raise LoopError(f"{path}: the header must start with the tab-separated columns "
                         f"{' '.join(COLUMNS[:5])}; got: {lines[0][:80]!r}")
     header = [h.strip() for h in header]
-    if last.strip() and "tag" not in header:
-        lines.append(last)  # written by hand: the final newline may be missing
+    if last.strip() and ("tag" not in header or len(last.split("\t")) >= len(header)):
+        lines.append(last)  # written or edited by hand: the final newline may be missing
     rows = [dict(zip(header, (f.strip() for f in line.split("\t")))) for line in lines[1:] if line.strip()]
     return header, rows
 
@@ -268,12 +271,17 @@ def tag_rows(tag):
     return [r for r in rows if r.get("tag") == tag]
 
 
-def drop_partial_tail(path):
-    """Cut a half-written last line (only a power cut mid-write can leave one) before appending."""
+def end_last_line(path):
+    """Before appending: a last line without its newline is a row edited by hand (all columns
+    there: it gets its newline) or one cut by a power loss mid-write (dropped, and printed)."""
     with open(path, "rb+") as f:
         data = f.read()
         cut = data.rfind(b"\n") + 1
-        if data and cut < len(data):
+        if cut == len(data):
+            return
+        if data[cut:].count(b"\t") >= len(COLUMNS) - 1:
+            f.write(b"\n")
+        else:
             f.truncate(cut)
             print(f"warning: dropped a partial last line of {path}: {data[cut:]!r}", file=sys.stderr)
 
@@ -281,7 +289,7 @@ def drop_partial_tail(path):
 def append_row(row):
     """One os.write of a whole line, then fsync: after any kill a row is fully there or absent."""
     line = "\t".join(one_line(row.get(c, "")) for c in COLUMNS) + "\n"
-    drop_partial_tail(RESULTS)
+    end_last_line(RESULTS)
     fd = os.open(RESULTS, os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, line.encode())
@@ -795,7 +803,7 @@ def reject(loop, n, best, description, why, started, note_extra):
 
 def write_log_header(loop, log, n, sha, best, description):
     diff = git("diff", best, sha, "--", TRAIN) if sha != best else ""
-    with open(log, "a") as f:
+    with open(log, "a", errors="replace") as f:
         f.write(f"experiment #{n} on {loop.branch}: {description}\n"
                 f"commit {sha}  parent best {best[:7]} (val_bpb {loop.best_val:.6f}, #{loop.best['n']})\n"
                 f"profile {loop.config['profile']}  python {sys.executable}  {now_iso()}\n"
@@ -992,7 +1000,7 @@ def build_prompt(loop, n):
 def call_agent(loop, cmd, n, timeout):
     """Run the agent command non-interactively. Returns (description, error or None)."""
     prompt = loop.dir / f"{n:03d}-prompt.md"
-    prompt.write_text(build_prompt(loop, n))
+    prompt.write_text(build_prompt(loop, n), errors="replace")
     out, err = loop.dir / f"{n:03d}-agent.log", loop.dir / f"{n:03d}-agent.err"
     env = dict(os.environ, AUTORESEARCH_PROMPT_FILE=str(prompt.resolve()), AUTORESEARCH_TAG=loop.tag,
                AUTORESEARCH_EXPERIMENT=str(n))

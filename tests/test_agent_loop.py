@@ -588,6 +588,15 @@ def test_a_partial_last_row_is_ignored_then_repaired(repo, env):
     assert [r["n"] for r in rows(repo)] == ["0", "1"]
 
 
+def test_a_complete_last_row_without_its_newline_is_kept(repo, env):
+    initialised(repo, env)
+    text = (repo / "results.tsv").read_text()
+    (repo / "results.tsv").write_text(text.rstrip("\n"))  # saved by an editor that drops the final newline
+    set_train(repo, VAL_BPB=1.02)
+    loop(repo, env, "step", "-m", "worse")
+    assert [r["n"] for r in rows(repo)] == ["0", "1"] and rows(repo)[0]["description"] == "baseline"
+
+
 # -----------------------------------------------------------------------------
 # mutate proposals (pure functions)
 
@@ -627,6 +636,14 @@ def test_a_non_utf8_description_is_stored_as_valid_utf8(repo, env):
     loop(repo, env, "step", "-m", "caf\udce9 latin-1")      # the byte 0xe9 on the command line
     (repo / "results.tsv").read_bytes().decode("utf-8")
     assert rows(repo)[1]["description"] == "caf\ufffd latin-1"
+
+
+def test_agent_that_writes_non_utf8_into_train_py_gets_a_crash_row(repo, env):
+    initialised(repo, env)
+    out = loop(repo, env, "run", "--agent", "printf '# caf\\351\\n' >> train.py; echo latin-1 comment",
+               "--max-experiments", "1").stdout
+    assert "#1 crash exit code 1: SyntaxError: Non-UTF-8 code" in out and "done: 1 experiments" in out
+    assert rows(repo)[1]["status"] == "crash" and clean_tracked(repo, env)
 
 
 def test_summary_block_parsing_takes_the_last_block():
