@@ -102,11 +102,11 @@ def one_line(text, limit=None):
     return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
-def write_atomic(path, text):
-    """Write via a temp file + rename: a kill leaves the old file or the new one, never half."""
+def write_atomic(path, data):
+    """Write bytes via a temp file + rename: a kill leaves the old file or the new one, never half."""
     tmp = Path(f"{path}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -402,7 +402,7 @@ def load_config(tag):
     config = read_json(Path(LOGS_DIR) / tag / "init.json")
     if config is None:  # logs/ was cleaned: rebuild it from prepare.py (slow once: imports torch)
         config = pinned_config(import_prepare(), tag, None)
-        write_atomic(Path(LOGS_DIR) / tag / "init.json", json.dumps(config, indent=1))
+        write_atomic(Path(LOGS_DIR) / tag / "init.json", json.dumps(config, indent=1).encode())
     for key, field in (("AUTORESEARCH_PROFILE", "profile"), ("AUTORESEARCH_DATASET", "dataset")):
         if os.environ.get(key) and config.get(field) and os.environ[key] != config[field]:
             raise LoopError(f"{key}={os.environ[key]}, but {BRANCH_PREFIX}{tag} was initialised with "
@@ -429,7 +429,7 @@ def default_timeout(config):
 
 def mark_running(loop, **state):
     """logs/TAG/running.json names the experiment in flight, so that a killed loop can be resumed."""
-    write_atomic(loop.dir / "running.json", json.dumps(state))
+    write_atomic(loop.dir / "running.json", json.dumps(state).encode())
 
 
 def clear_running(loop):
@@ -997,6 +997,12 @@ def build_prompt(loop, n):
             f"\n# Reminder\n{rules}\n")
 
 
+def nonblank_lines(f):
+    """Read back through the open file: an agent that cleans up (`git clean -fdx`) may have deleted it."""
+    f.seek(0)
+    return [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+
+
 def call_agent(loop, cmd, n, timeout):
     """Run the agent command non-interactively. Returns (description, error or None)."""
     prompt = loop.dir / f"{n:03d}-prompt.md"
@@ -1004,15 +1010,19 @@ def call_agent(loop, cmd, n, timeout):
     out, err = loop.dir / f"{n:03d}-agent.log", loop.dir / f"{n:03d}-agent.err"
     env = dict(os.environ, AUTORESEARCH_PROMPT_FILE=str(prompt.resolve()), AUTORESEARCH_TAG=loop.tag,
                AUTORESEARCH_EXPERIMENT=str(n))
-    with open(prompt) as stdin, open(out, "w") as stdout, open(err, "w") as stderr:
+    record = Path(RESULTS).read_bytes()
+    with open(prompt) as stdin, open(out, "w+b") as stdout, open(err, "w+b") as stderr:
         rc, _ = run_group(cmd, stdout, stderr, env, timeout, stdin=stdin, shell=True, on_spawn=lambda pid: mark_running(
             loop, n=n, phase="agent", pgid=pid, started=proc_start_time(pid)))
-    lines = [line.strip() for line in out.read_text(errors="replace").splitlines() if line.strip()]
+        lines, errs = nonblank_lines(stdout), nonblank_lines(stderr)
+    if not Path(RESULTS).exists() or Path(RESULTS).read_bytes() != record:  # the loop's record is not the agent's
+        loop.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(RESULTS, record)
+        say(loop, f"#{n} the agent changed or deleted {RESULTS}: restored")
     description = lines[-1] if lines else ""
     if rc is None:
         return description, f"agent timed out after {timeout:.0f} s (killed with its process group)"
     if rc != 0:
-        errs = [line.strip() for line in err.read_text(errors="replace").splitlines() if line.strip()]
         return description, f"agent exited with code {rc}: {(errs or lines or [''])[-1][:200]}"
     return description, None
 
@@ -1224,7 +1234,7 @@ def cmd_init(args):
     lock(tag_dir)
     prepare = import_prepare()
     config = pinned_config(prepare, tag, args.repeats)
-    write_atomic(tag_dir / "init.json", json.dumps(config, indent=1))
+    write_atomic(tag_dir / "init.json", json.dumps(config, indent=1).encode())
     ensure_results_header()
     loop = Loop(tag, config, [], args.timeout or default_timeout(config))
     print(f"{'resuming' if resume else 'created'} branch {branch} at {head()[:7]}; profile {config['profile']}, "

@@ -405,6 +405,16 @@ def test_agent_gets_the_prompt_on_stdin_and_in_a_file(repo, env, tmp_path):
     assert rows(repo)[1]["description"] == "lower VAL_BPB to 0.95"
 
 
+def test_agent_that_deletes_results_and_logs_gets_them_back(repo, env):
+    initialised(repo, env)
+    before = (repo / "results.tsv").read_text()
+    agent = "git clean -fdqx; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo 'clean up and lower'"
+    out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
+    assert "#1 the agent changed or deleted results.tsv: restored" in out and "#1 keep val_bpb=0.900000" in out
+    assert (repo / "results.tsv").read_text().startswith(before)
+    assert [(r["n"], r["description"]) for r in rows(repo)] == [("0", "baseline"), ("1", "clean up and lower")]
+
+
 def test_agent_that_changes_nothing_is_skipped_without_training(repo, env):
     initialised(repo, env)
     out = loop(repo, env, "run", "--agent", "echo 'I changed nothing'", "--max-experiments", "2").stdout
