@@ -1203,7 +1203,7 @@ def setup_problems(tag, resume):
         problems.append(f"branch {branch} already exists. Fix: pick another tag (`init --tag {tag}b`), or continue "
                         f"it: `git checkout {branch} && uv run agent_loop.py run --agent mutate`")
     if Path(RESULTS).exists() and Path(RESULTS).stat().st_size:
-        header = Path(RESULTS).read_text().split("\n", 1)[0].split("\t")
+        header = Path(RESULTS).read_text(errors="replace").split("\n", 1)[0].split("\t")
         if header != COLUMNS:
             problems.append(f"{RESULTS} exists in another format. Fix: `mv {RESULTS} results.old.tsv`")
         elif tag_rows(tag) and not resume:
@@ -1221,6 +1221,8 @@ def cmd_init(args):
     tag = args.tag or time.strftime("%b").lower() + str(int(time.strftime("%d")))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag):
         raise LoopError(f"bad tag {tag!r}: use letters, digits, '.', '_' or '-' (e.g. `--tag mar5`)")
+    if args.repeats < 1:
+        raise LoopError(f"--repeats {args.repeats}: the baseline needs at least one run (2 measure the noise)")
     branch = BRANCH_PREFIX + tag
     resume = current_branch() == branch and not any(r["status"] == "keep" for r in tag_rows(tag))
     problems = setup_problems(tag, resume)

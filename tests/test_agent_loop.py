@@ -150,6 +150,12 @@ def test_init_lists_every_failed_check_with_its_fix(repo, env):
     assert (repo / "README.md").read_text() == "my unsaved notes\n"
 
 
+def test_init_refuses_zero_baseline_runs(repo, env):
+    p = loop(repo, env, "init", "--tag", "t", "--repeats", "0", check=False)
+    assert p.returncode == 2 and "at least one run" in p.stderr
+    assert git(repo, env, "branch", "--show-current") == "main"
+
+
 def test_init_refuses_an_existing_branch(repo, env):
     git(repo, env, "branch", "autoresearch/t")
     p = loop(repo, env, "init", "--tag", "t", check=False)
@@ -702,6 +708,8 @@ def test_report_plot_and_json_of_our_results(repo, env, tmp_path):
     assert (s["experiments"], s["keeps"], s["crashes"], s["best"]["val_bpb"]) == (4, 2, 1, 0.98)
     assert [k["description"] for k in s["kept"]] == ["val 0.99 ok", "val 0.98 ok"]
     assert s["loop_overhead_s_mean"] is not None
+    p = loop(repo, env, "report", "--tag", "other", check=False)
+    assert p.returncode == 2 and "no rows for tag other" in p.stderr
     png = tmp_path / "progress.png"
     loop(repo, env, "report", "--plot", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
