@@ -41,9 +41,6 @@ REF_PREFIX = "refs/autoresearch/"           # discarded work stays reachable her
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstream's five, unchanged
            "tag", "n", "seeds", "val_bpb_runs", "training_seconds", "total_seconds", "mfu_percent",
            "num_steps", "profile", "train_py", "timestamp", "loop_s", "log", "note"]
-SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                "total_tokens_M", "num_steps", "num_params_M", "depth", "profile", "device", "attention",
-                "seed", "startup_seconds", "eval_seconds"]
 DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_SEED overrides at init
 DEFAULT_REPEATS = 2                          # baseline runs: 2 is the fewest that measure noise
 # Keep margin floor, relative to the baseline val_bpb: 0.1% (= 0.001 at the reference profile's ~1.0).
@@ -300,10 +297,7 @@ def append_row(row):
 
 def ensure_results_header():
     if not Path(RESULTS).exists() or Path(RESULTS).stat().st_size == 0:
-        fd = os.open(RESULTS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(fd, ("\t".join(COLUMNS) + "\n").encode())
-        os.fsync(fd)
-        os.close(fd)
+        write_atomic(RESULTS, ("\t".join(COLUMNS) + "\n").encode())
 
 
 # -----------------------------------------------------------------------------
@@ -1310,7 +1304,7 @@ def check_clean(loop):
     check_position(loop, allow_ahead=False)
     dirty = changed_since("HEAD")
     if dirty:
-        fix = (f"run that change first with `uv run agent_loop.py step -m \"...\"`, or set it aside with `git stash`"
+        fix = ("run that change first with `uv run agent_loop.py step -m \"...\"`, or set it aside with `git stash`"
                if dirty == {TRAIN} else "commit them elsewhere or set them aside with `git stash`")
         raise LoopError(f"uncommitted changes to {', '.join(sorted(dirty))}: nothing you wrote is ever thrown away, "
                         f"so the loop does not go on. Fix: {fix}, then run again")
