@@ -153,6 +153,21 @@ def test_loss_falls_on_a_repeating_sequence_with_muon_adamw():
     assert losses[-1] < 0.25 * losses[0], losses
 
 
+def test_hyperparameters_are_plain_literals_that_a_regex_can_edit():
+    # agent_loop's mutate proposer edits `NAME = value` lines: top level for the reference profile, indented
+    # inside the one `if PROFILE == "cpu": ... elif PROFILE == "smoke":` block for the small ones
+    source = (REPO / "train.py").read_text()
+    names = ["DEPTH", "ASPECT_RATIO", "HEAD_DIM", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE",
+             "EMBEDDING_LR", "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR", "WEIGHT_DECAY", "ADAM_BETAS",
+             "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"]
+    literal = r"(\d[\d.e*+-]*|\"[SL]+\"|\([\d., ]+\))"
+    for name in names:
+        assert len(re.findall(rf"^{name} = {literal}\s", source, flags=re.M)) == 1, name
+    assert source.count('if PROFILE == "cpu":') == 1 and source.count('elif PROFILE == "smoke":') == 1
+    block = source.split('if PROFILE == "cpu":')[1].split("\n\n")[0]
+    assert all(re.match(rf"    ([A-Z_0-9]+ = {literal}|#)", line) for line in block.splitlines()[1:] if line.strip() and not line.startswith("elif"))
+
+
 def test_schedules_follow_progress():
     assert train.get_lr_multiplier(0.0) == 1.0
     assert math.isclose(train.get_lr_multiplier(1.0), train.FINAL_LR_FRAC)
