@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import PROFILE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, check_ready
+from prepare import (PROFILE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, check_ready,
+                     default_device)  # CUDA > MPS > CPU, decided once, the same for the dataloader
 
 # ---------------------------------------------------------------------------
 # Model
@@ -409,14 +410,6 @@ PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.5), 
                     ("L40S", 362.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("RTX 5090", 209.5), ("MI300X", 1307.0)]
 
 
-def detect_device():
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def peak_flops(device):
     """Peak bf16 FLOP/s of the GPU present, or None when unknown (CPU, MPS, a GPU not in the table)."""
     if device.type != "cuda":
@@ -542,7 +535,7 @@ def main():
     seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
     torch.manual_seed(seed)
     torch.set_float32_matmul_precision("high")  # TF32 on CUDA
-    device = detect_device()
+    device = default_device()
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
