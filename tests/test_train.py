@@ -61,6 +61,30 @@ def test_forward_returns_logits_mean_loss_and_per_token_losses():
     assert abs(loss.item() - math.log(64)) < 0.1
 
 
+def test_chunked_loss_gives_the_same_loss_and_gradients_as_whole_logits():
+    model = tiny_model()
+    with torch.no_grad():  # a trained-looking lm_head, so that the softcap and the gradients are not trivial
+        model.lm_head.weight.normal_(0, 1.0)
+        for block in model.blocks:
+            block.attn.c_proj.weight.normal_(0, 0.05)
+    idx, targets = torch.randint(0, 64, (3, 32)), torch.randint(0, 64, (3, 32))
+    results = []
+    for chunk in (0, 20, 96):  # whole, uneven chunks (the last one shorter), one chunk
+        model.config.loss_chunk_tokens = chunk
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, targets)
+        (2.5 * loss).backward()  # an upstream factor (gradient accumulation) must pass through
+        per_token = model(idx, targets, reduction="none")
+        results.append((loss.detach(), per_token.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss0, per_token0, grads0) = results[0]
+    assert loss0 > 1.0
+    for loss, per_token, grads in results[1:]:
+        torch.testing.assert_close(loss, loss0)
+        torch.testing.assert_close(per_token, per_token0)
+        for g, g0 in zip(grads, grads0):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+
+
 def test_window_pattern_gives_short_windows_and_a_full_last_layer():
     model = tiny_model(seq_len=64, depth=5, pattern="SSL")
     assert model.windows == [8, 8, 64, 8, 64]  # S = context/8; the last layer is always full
