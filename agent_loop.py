@@ -1428,7 +1428,15 @@ def cmd_demo(args):
     t0 = time.monotonic()
     for i, (title, cmd) in enumerate(stages, start=2):
         print(f"\n==> [{i}/{total}] {title}", flush=True)
-        if subprocess.run(cmd, cwd=worktree, env=env).returncode:
+        stage = subprocess.Popen(cmd, cwd=worktree, env=env)
+        try:
+            code = stage.wait()
+        except (KeyboardInterrupt, Stop):
+            stage.send_signal(signal.SIGTERM)  # the stage stops cleanly and ends its own training run
+            stage.wait()
+            print(f"\ndemo stopped at stage {i}; the worktree is kept: {worktree}", file=sys.stderr)
+            return 130
+        if code:
             raise LoopError(f"demo stage {i} failed (see above); the worktree is kept for inspection: {worktree}")
     rel = worktree.relative_to(root)
     print(f"\ndemo done in {time.monotonic() - t0:.0f} s. plot: {worktree / 'progress.png'}\n"
@@ -1502,6 +1510,9 @@ def main(argv=None):
     except LoopError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Stop):  # commands with work to save catch this themselves; the rest just stop
+        print("\nstopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

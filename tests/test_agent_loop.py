@@ -593,6 +593,23 @@ def test_sigterm_stops_cleanly_at_the_best_commit(repo, env, tmp_path):
     assert "MODE = 'hang'" in git(repo, env, "show", "refs/autoresearch/t/discarded/1:train.py")
 
 
+def test_sigterm_during_the_demo_ends_its_training_run_without_a_traceback(repo, env, tmp_path):
+    set_train(repo, MODE="hang")
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a baseline that hangs")
+    (Path(env["AUTORESEARCH_CACHE_DIR"]) / "demo").mkdir()
+    (Path(env["AUTORESEARCH_CACHE_DIR"]) / "demo" / "ready").write_text("")
+    env = dict(env, STANDIN_CHILD_PID=str(tmp_path / "child.pid"))
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "demo"], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: (tmp_path / "child.pid").exists(), 60)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "demo stopped at stage 3; the worktree is kept" in err
+    assert "Traceback" not in out + err
+    assert wait_for(lambda: pid_gone(int((tmp_path / "child.pid").read_text())), 15)
+    assert git(repo, env, "branch", "--show-current") == "main" and clean_tracked(repo, env)
+
+
 def test_a_partial_last_row_is_ignored_then_repaired(repo, env):
     initialised(repo, env)
     with open(repo / "results.tsv", "a") as f:
