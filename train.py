@@ -228,14 +228,13 @@ class GPT(nn.Module):
         x = norm(x)
         if targets is None:
             return self.softcapped_logits(x)
-        chunk = self.config.loss_chunk_tokens
-        if not chunk:
-            return F.cross_entropy(self.softcapped_logits(x).flatten(0, 1), targets.flatten(), reduction=reduction)
         x, targets = x.flatten(0, 1), targets.flatten()
-        if reduction == "mean" and torch.is_grad_enabled():
+        chunk = self.config.loss_chunk_tokens or x.size(0)
+        if chunk < x.size(0) and reduction == "mean" and torch.is_grad_enabled():
             return ChunkedSoftcapCrossEntropy.apply(x, self.lm_head.weight, targets, self.config.softcap, chunk)
-        return torch.cat([F.cross_entropy(self.softcapped_logits(xc), yc, reduction="none")
-                          for xc, yc in zip(x.split(chunk), targets.split(chunk))])  # evaluation: chunked, no grads
+        losses = torch.cat([F.cross_entropy(self.softcapped_logits(xc), yc, reduction="none")
+                            for xc, yc in zip(x.split(chunk), targets.split(chunk))])
+        return losses.mean() if reduction == "mean" else losses
 
     def softcapped_logits(self, x):
         logits = self.lm_head(x).float()
@@ -259,8 +258,8 @@ class ChunkedSoftcapCrossEntropy(torch.autograd.Function):
             is_target = torch.arange(logits.size(1), device=x.device) == yc[:, None]
             # d loss / d logits = softmax - onehot; the softcap contributes tanh' = 1 - t^2
             grad = ((logits - lse[:, None]).exp() - is_target.float()) * (1 - t * t)
-            grad_x.append(grad.to(x.dtype) @ weight)
-            grad_weight = grad_weight + grad.t().to(x.dtype) @ xc
+            grad_x.append(grad @ weight)
+            grad_weight = grad_weight + grad.t() @ xc
         ctx.save_for_backward(torch.cat(grad_x), grad_weight)
         return torch.cat(losses).mean()
 

@@ -596,8 +596,9 @@ def test_sigterm_stops_cleanly_at_the_best_commit(repo, env, tmp_path):
 def test_sigterm_during_the_demo_ends_its_training_run_without_a_traceback(repo, env, tmp_path):
     set_train(repo, MODE="hang")
     git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a baseline that hangs")
-    (Path(env["AUTORESEARCH_CACHE_DIR"]) / "demo").mkdir()
-    (Path(env["AUTORESEARCH_CACHE_DIR"]) / "demo" / "ready").write_text("")
+    demo_cache = Path(env["AUTORESEARCH_CACHE_DIR"]) / "demo"
+    demo_cache.mkdir()
+    (demo_cache / "ready").write_text("")
     env = dict(env, STANDIN_CHILD_PID=str(tmp_path / "child.pid"))
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "demo"], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
