@@ -15,12 +15,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import contextlib
 import gc
 import math
-import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -28,6 +25,8 @@ import torch.nn.functional as F
 
 from prepare import (PROFILE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, check_ready,
                      default_device)  # CUDA > MPS > CPU, decided once, the same for the dataloader
+from autoresearch.fa3 import load_flash_attention_3
+from autoresearch.memory import GiB, device_memory_bytes, estimate_training_memory, flash_like_attention
 
 # ---------------------------------------------------------------------------
 # Model
@@ -41,29 +40,23 @@ class GPTConfig:
     n_embd: int
     head_dim: int
     window_pattern: str      # one letter per layer, repeated: S = short window, L = full context
-    attention: str = "sdpa"  # "fa3", "flex" or "sdpa", chosen once by choose_attention()
     rope_base: float = 200000.0
     short_window_divisor: int = 8
     softcap: float = 15.0
     loss_chunk_tokens: int = 0  # 0: the whole batch's logits at once; else see ChunkedSoftcapCrossEntropy
+    embedding_dtype: torch.dtype = torch.float32  # bf16 on CUDA: half the memory traffic of the lookups
 
     @property
     def n_head(self):
         return self.n_embd // self.head_dim
 
 
-flash_attn_3 = None  # the Flash Attention 3 module, when choose_attention() could load it
-flex_attention = create_block_mask = None  # set by use_flex_attention(), only when picked: a slow import
-
-
-def use_flex_attention():
-    global flex_attention, create_block_mask
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-
 def norm(x):
-    # RMS norm without learned gains: nothing to tune, nothing to decay
-    return F.rms_norm(x, (x.size(-1),))
+    # RMS norm without learned gains: nothing to tune, nothing to decay. In x's dtype: CUDA autocast (torch >= 2.12)
+    # would run it in float32, turning the residual stream and q, k float32 (which Flash Attention 3 refuses) and
+    # saving a float32 copy of every normed activation for backward (~20 GiB at the reference size)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.size(-1),))
 
 
 def has_value_embedding(layer_idx, n_layer):
@@ -81,6 +74,9 @@ def apply_rotary(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
+# Attention functions: attend(q, k, v, window) -> y, all [B, T, H, D], causal over the last `window` tokens
+# (self included). choose_attention() picks one per run; the model calls whichever it was given.
+
 
 def sliding_window_mask(seq_len, window, device):
     # True where query i may attend key j: causal and at most `window` tokens back, itself included
@@ -89,36 +85,54 @@ def sliding_window_mask(seq_len, window, device):
     return (distance >= 0) & (distance < window)
 
 
-def attention(q, k, v, window, backend, block_mask=None):
-    """Causal attention over the last `window` tokens (self included). q, k, v: [B, T, H, D]."""
+def sdpa_attention(q, k, v, window):
     T = q.size(1)
-    if backend == "fa3":
-        y = flash_attn_3.flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
-        return y[0] if isinstance(y, tuple) else y  # some builds also return the log-sum-exp
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if backend == "flex":
-        y = flex_attention(q, k, v, block_mask=block_mask)
-    elif window >= T:
+    if window >= T:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
+    else:  # a dense mask: fine at short contexts, where windows save little anyway
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(T, window, q.device))
     return y.transpose(1, 2)
 
 
+def flex_attention_for(windows, seq_len, device):
+    """Flex attention with one block mask per distinct window: blocks outside a window are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # slow import: only if used
+
+    def in_window(window):
+        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+    masks = {w: create_block_mask(in_window(w), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+             for w in set(windows)}
+
+    def flex(q, k, v, window):
+        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=masks[window])
+        return y.transpose(1, 2)
+    return flex
+
+
+def fa3_attention_for(fa3):
+    """Flash Attention 3 (Hopper): takes [B, T, H, D] bf16 as is; window_size counts keys before the query."""
+    def flash(q, k, v, window):
+        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
+        return y[0] if isinstance(y, tuple) else y  # some builds also return the log-sum-exp
+    return flash
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, attend):
         super().__init__()
         d, h = config.n_embd, config.n_head
-        self.n_head, self.head_dim, self.backend = h, config.head_dim, config.attention
+        self.n_head, self.head_dim, self.attend = h, config.head_dim, attend
         self.c_q = nn.Linear(d, d, bias=False)
         self.c_k = nn.Linear(d, d, bias=False)
         self.c_v = nn.Linear(d, d, bias=False)
         self.c_proj = nn.Linear(d, d, bias=False)
         # value embeddings enter V through a per-head gate computed from the first channels of the input
         self.ve_gate_channels = min(32, d)
-        self.ve_gate = nn.Linear(self.ve_gate_channels, h, bias=False) if has_value_embedding(layer_idx, config.n_layer) else None
+        self.ve_gate = (nn.Linear(self.ve_gate_channels, h, bias=False)
+                        if has_value_embedding(layer_idx, config.n_layer) else None)
 
-    def forward(self, x, ve, cos, sin, window, block_mask):
+    def forward(self, x, ve, cos, sin, window):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
@@ -127,7 +141,7 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # 1.0 at init (zero weights)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK norm keeps logits bounded
-        y = attention(q, k, v, window, self.backend, block_mask)
+        y = self.attend(q, k, v, window)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -138,38 +152,42 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2
+        h = F.relu(self.c_fc(x))
+        return self.c_proj(h * h)  # ReLU^2; not .square(): CUDA autocast runs pow in float32 (+22 GiB saved)
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, attend):
         super().__init__()
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn = CausalSelfAttention(config, layer_idx, attend)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window, block_mask):
-        x = x + self.attn(norm(x), ve, cos, sin, window, block_mask)
+    def forward(self, x, ve, cos, sin, window):
+        x = x + self.attn(norm(x), ve, cos, sin, window)
         return x + self.mlp(norm(x))
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    """attend: one of the attention functions above (choose_attention picks it), called by every layer."""
+
+    def __init__(self, config, attend=sdpa_attention):
         super().__init__()
         self.config = config
         self.windows = self.window_sizes(config)
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd, dtype=config.embedding_dtype)
+        self.blocks = nn.ModuleList([Block(config, i, attend) for i in range(config.n_layer)])
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(config.vocab_size, config.n_embd)
+            str(i): nn.Embedding(config.vocab_size, config.n_embd, dtype=config.embedding_dtype)
             for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
         })
         cos, sin = rotary_tables(config.sequence_len, config.head_dim, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.block_masks = {}  # flex attention only: one BlockMask per distinct window, see init_weights
+        # the training loss, chosen once: chunked where the whole batch's logits would not stay in cache
+        self.mean_loss = self.chunked_mean_loss if config.loss_chunk_tokens else self.whole_mean_loss
 
     @staticmethod
     def window_sizes(config):
@@ -180,7 +198,7 @@ class GPT(nn.Module):
         return windows
 
     @torch.no_grad()
-    def init_weights(self, init_scale=0.68, x0_init=0.05, embedding_dtype=torch.float32):
+    def init_weights(self, init_scale=0.68, x0_init=0.05):
         """Initialise in place, on the device the model is on."""
         s = init_scale * (3 / self.config.n_embd) ** 0.5  # uniform(-s, s) has std init_scale/sqrt(d)
         nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
@@ -196,15 +214,6 @@ class GPT(nn.Module):
             nn.init.uniform_(ve.weight, -s, s)
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(x0_init)
-        self.wte.to(embedding_dtype)
-        self.value_embeds.to(embedding_dtype)
-        if self.config.attention == "flex":
-            T = self.config.sequence_len
-            for window in set(self.windows):
-                def in_window(b, h, q_idx, kv_idx, window=window):
-                    return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-                self.block_masks[window] = create_block_mask(in_window, B=None, H=None, Q_LEN=T, KV_LEN=T,
-                                                             device=self.wte.weight.device)
 
     def matmul_params(self):
         # parameters that cost a multiply-add per token: everything but embedding lookups and scalars
@@ -212,29 +221,40 @@ class GPT(nn.Module):
                 if not name.startswith(("wte.", "value_embeds.")) and name not in ("resid_lambdas", "x0_lambdas")]
 
     def flops_per_token(self):
-        """Forward + backward FLOPs per token: 6 per matmul weight, plus attention over each layer's window."""
+        """Forward + backward FLOPs per token: 6 per matmul weight, plus attention over each layer's window.
+        Upstream's convention: every query is counted against its whole window (the full context in L layers),
+        where causal attention does about half of that in L layers and ~6% less in S layers (window T/8). For
+        the reference profile (SSSSL, context 2048) this overstates the FLOPs, and so MFU, by ~5%."""
         c = self.config
         attn = sum(12 * c.n_head * c.head_dim * min(w, c.sequence_len) for w in self.windows)
         return 6 * sum(p.numel() for p in self.matmul_params()) + attn
 
     def forward(self, idx, targets=None, reduction="mean"):
+        """Logits [B, T, vocab] without targets; else the mean loss, or per-token losses [B*T] (reduction none)."""
         T = idx.size(1)
         cos, sin = self.cos[:T].to(self.wte.weight.dtype), self.sin[:T].to(self.wte.weight.dtype)
         x = x0 = norm(self.wte(idx))
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i], self.block_masks.get(self.windows[i]))
+            x = block(x, ve, cos, sin, self.windows[i])
         x = norm(x)
         if targets is None:
             return self.softcapped_logits(x)
         x, targets = x.flatten(0, 1), targets.flatten()
+        return self.mean_loss(x, targets) if reduction == "mean" else self.token_losses(x, targets)
+
+    def token_losses(self, x, targets):
         chunk = self.config.loss_chunk_tokens or x.size(0)
-        if chunk < x.size(0) and reduction == "mean" and torch.is_grad_enabled():
-            return ChunkedSoftcapCrossEntropy.apply(x, self.lm_head.weight, targets, self.config.softcap, chunk)
-        losses = torch.cat([F.cross_entropy(self.softcapped_logits(xc), yc, reduction="none")
-                            for xc, yc in zip(x.split(chunk), targets.split(chunk))])
-        return losses.mean() if reduction == "mean" else losses
+        return torch.cat([F.cross_entropy(self.softcapped_logits(xc), yc, reduction="none")
+                          for xc, yc in zip(x.split(chunk), targets.split(chunk))])
+
+    def whole_mean_loss(self, x, targets):
+        return self.token_losses(x, targets).mean()
+
+    def chunked_mean_loss(self, x, targets):
+        return ChunkedSoftcapCrossEntropy.apply(x, self.lm_head.weight, targets, self.config.softcap,
+                                                self.config.loss_chunk_tokens)
 
     def softcapped_logits(self, x):
         logits = self.lm_head(x).float()
@@ -319,26 +339,28 @@ def muon_update(grads, params, momentum_buf, second_moment_buf, momentum_t, lr_t
 
 
 def adamw_update(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
-    p.mul_(1 - lr_t * wd_t)
+    # moments and arithmetic in float32, one rounding into p: in bf16 a decay of lr*wd ~ 1e-3 per step is below
+    # half an ulp (2**-9) and would never move a weight
+    grad = grad.float()
     exp_avg.lerp_(grad, 1 - beta1_t)
     exp_avg_sq.lerp_(grad.square(), 1 - beta2_t)
     denom = (exp_avg_sq / (1 - beta2_t ** step_t)).sqrt() + eps_t
-    p.add_(exp_avg / denom * (-lr_t / (1 - beta1_t ** step_t)))
+    p.copy_(p.float() * (1 - lr_t * wd_t) + exp_avg / denom * (-lr_t / (1 - beta1_t ** step_t)))
 
 
 class MuonAdamW:
     """Param groups have kind "muon" (a list of same-shape 2-D matrices, stepped as one stack) or "adamw".
-    A plain class rather than a torch.optim.Optimizer: nothing here needs its machinery, whose import costs seconds."""
+    A plain class rather than a torch.optim.Optimizer: nothing here needs its machinery, whose import costs seconds.
+    compiled: the updates become a few fused kernels (CUDA), their hyperparameters 0-D CPU tensors so that
+    changing them every step does not recompile. ortho_dtype: Polar Express's matmuls (bf16 crawls on most CPUs)."""
 
-    def __init__(self, param_groups, fused):
+    def __init__(self, param_groups, compiled, ortho_dtype):
         self.param_groups = param_groups
         self.state = {}  # per parameter (the first of each Muon stack): moment buffers and step counts
-        # On CUDA the update functions are compiled into a few fused kernels; hyperparameters are passed as
-        # 0-D CPU tensors so that changing them every step does not trigger a recompile.
-        compile_fn = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if fused else (lambda f: f)
+        compile_fn = (lambda f: torch.compile(f, dynamic=False, fullgraph=True)) if compiled else (lambda f: f)
         self._muon, self._adamw = compile_fn(muon_update), compile_fn(adamw_update)
-        self._ortho_dtype = torch.bfloat16 if fused else torch.float32  # bf16 matmuls crawl on most CPUs
-        scalar_device = "cpu" if fused else param_groups[0]["params"][0].device  # eager: keep them with the data
+        self._ortho_dtype = ortho_dtype
+        scalar_device = "cpu" if compiled else param_groups[0]["params"][0].device  # eager: keep them with the data
         self._t = {name: torch.tensor(0.0, device=scalar_device)
                    for name in ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
 
@@ -352,7 +374,8 @@ class MuonAdamW:
                 continue
             state = self.state.setdefault(p, {})
             if not state:
-                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                             exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
             state["step"] += 1
             s = self._scalar
             self._adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], s("step", state["step"]), s("lr", group["lr"]),
@@ -397,10 +420,12 @@ SOFTCAP = 15.0             # logits = SOFTCAP * tanh(logits / SOFTCAP)
 INIT_SCALE = 0.68          # block matrices ~ uniform(+-INIT_SCALE * sqrt(3 / d_model))
 X0_INIT = 0.05             # initial weight of the first-layer input mixed into every block's input
 LOSS_CHUNK_TOKENS = 0      # 0: logits for the whole batch at once; N: loss and its gradient N tokens at a time
+COMPILE = True             # torch.compile the model (and the optimizer on CUDA): a slower start, faster steps
 
 # Optimization
 TOTAL_BATCH_SIZE = 2**18   # tokens per optimizer step
-DEVICE_BATCH_SIZE = 128    # rows per forward/backward; gradient accumulation makes up the rest
+DEVICE_BATCH_SIZE = 64     # rows per forward/backward; gradient accumulation makes up the rest (128 would need
+                           # ~89 GiB by autoresearch/memory.py's count: 64 needs ~45 GiB of an 80 GB H100)
 EMBEDDING_LR = 0.9         # AdamW, token and value embeddings (scaled by 1/sqrt(d_model/768))
 UNEMBEDDING_LR = 0.005     # AdamW, lm_head (scaled by 1/sqrt(d_model/768))
 MATRIX_LR = 0.04           # Muon, block matrices
@@ -430,6 +455,7 @@ if PROFILE == "cpu":
     TOTAL_BATCH_SIZE = 2**12
     DEVICE_BATCH_SIZE = 16
     MUON_MOMENTUM_WARMUP_STEPS = 100
+    # compiling takes ~40 s on 2 cores (~10 s from inductor's on-disk cache) and makes steps 2.3x faster
 elif PROFILE == "smoke":
     # seconds-long sanity run: tiny model, tiny batch, many steps
     DEPTH = 2
@@ -440,12 +466,20 @@ elif PROFILE == "smoke":
     DEVICE_BATCH_SIZE = 16
     MUON_MOMENTUM_WARMUP_STEPS = 20
     WARMDOWN_RATIO = 0.5
+    COMPILE = False            # a compile costs more than a 15 s run could win back
 
 # ---------------------------------------------------------------------------
 # Setup helpers: device, attention kernel, peak FLOPs, model, optimizer
 # ---------------------------------------------------------------------------
 
 TIMED_FROM_STEP = 2  # steps 0-1 compile and warm up; the budget clock starts after them (reported as startup)
+
+
+def hyperparameters():
+    """The values in effect (after the profile's overrides): every upper-case scalar setting of this file."""
+    return {name: value for name, value in globals().items()
+            if name.isupper() and isinstance(value, (bool, int, float, str, tuple))
+            and name not in ("PROFILE", "MAX_SEQ_LEN", "TIME_BUDGET", "TIMED_FROM_STEP")}
 
 # Dense bf16 peak TFLOP/s, matched against torch.cuda.get_device_name(); first match wins
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.5), ("H200", 989.5), ("A100", 312.0),
@@ -460,59 +494,62 @@ def peak_flops(device):
     return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def hub_reachable(timeout=2.0):
-    """Can we open a connection to the Hugging Face Hub? Answers within `timeout` even when DNS hangs."""
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    reached = []
-    def probe():
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            reached.append(True)
-        except OSError:
-            pass
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(reached)
-
-
 def choose_attention(device, windows, seq_len):
-    """The one place that picks the attention kernel: "fa3", "flex" or "sdpa"."""
-    global flash_attn_3
-    if device.type != "cuda":
-        return "sdpa"  # with an explicit sliding-window mask where a layer's window is shorter than the context
-    if torch.cuda.get_device_capability() == (9, 0):  # Hopper: Flash Attention 3 from the kernels hub
-        if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
-            os.environ["HF_HUB_OFFLINE"] = "1"  # offline: use a cached kernel if there is one, never wait on the network
-        try:
-            from kernels import get_kernel
-            flash_attn_3 = get_kernel("kernels-community/flash-attn3", version=1)
-            return "fa3"
-        except Exception as e:
-            print(f"Flash Attention 3 unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); falling back")
-    if min(windows) == seq_len:
-        return "sdpa"  # plain causal everywhere: SDPA's flash kernel
-    use_flex_attention()  # skips the blocks outside a sliding window; SDPA would need a dense mask
-    return "flex"
+    """The one place that picks the attention kernel: ("fa3" | "flex" | "sdpa", its attend function)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability() == (9, 0):  # Hopper
+        fa3 = load_flash_attention_3()
+        if fa3 is not None:
+            return "fa3", fa3_attention_for(fa3)
+    if device.type != "cuda" or min(windows) == seq_len:
+        return "sdpa", sdpa_attention  # plain causal: SDPA's flash kernel; CPU/MPS: a dense window mask if needed
+    return "flex", flex_attention_for(windows, seq_len, device)
+
+
+def model_config(vocab_size, on_cuda):
+    d_model = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
+    return GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_embd=d_model,
+                     head_dim=HEAD_DIM, window_pattern=WINDOW_PATTERN, rope_base=ROPE_BASE, softcap=SOFTCAP,
+                     loss_chunk_tokens=LOSS_CHUNK_TOKENS,
+                     # bf16 embeddings halve their memory traffic on GPUs; CPUs without bf16 units crawl
+                     embedding_dtype=torch.bfloat16 if on_cuda else torch.float32)
 
 
 def build_model(vocab_size, device):
-    d_model = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
-    config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_embd=d_model,
-                       head_dim=HEAD_DIM, window_pattern=WINDOW_PATTERN, rope_base=ROPE_BASE, softcap=SOFTCAP,
-                       loss_chunk_tokens=LOSS_CHUNK_TOKENS)
-    config.attention = choose_attention(device, GPT.window_sizes(config), MAX_SEQ_LEN)
-    model = GPT(config).to(device)
-    # bf16 embeddings halve their memory traffic on GPUs; CPUs without bf16 units are much slower with them
-    model.init_weights(INIT_SCALE, X0_INIT, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return model
+    """(model with initialised weights on `device`, attention name)."""
+    config = model_config(vocab_size, device.type == "cuda")
+    attention, attend = choose_attention(device, GPT.window_sizes(config), MAX_SEQ_LEN)
+    with device:  # parameters are created where they live
+        model = GPT(config, attend)
+    model.init_weights(INIT_SCALE, X0_INIT)
+    return model, attention
 
 
-def make_optimizer(model, fused):
+def check_memory(config, device, autocast_dtype):
+    """Before compiling: will a training step fit in the device's memory? If not, exit naming a batch that fits."""
+    available = device_memory_bytes(device)
+    if not available:
+        return
+    def estimate(batch):  # counted on fake tensors: nothing is allocated
+        return estimate_training_memory(lambda: GPT(config, flash_like_attention), batch, MAX_SEQ_LEN,
+                                        config.vocab_size, device, autocast_dtype)
+    needed = estimate(DEVICE_BATCH_SIZE)
+    print(f"memory: a step needs ~{needed.describe()} of {available / GiB:.1f} GiB")
+    if needed.peak > 0.95 * available:
+        fits = next((b for b in (DEVICE_BATCH_SIZE >> i for i in range(1, 12)) if b >= 1 and
+                     DEVICE_BATCH_SIZE % b == 0 and estimate(b).peak <= 0.95 * available), None)
+        fix = (f"set DEVICE_BATCH_SIZE = {fits} (gradient accumulation keeps TOTAL_BATCH_SIZE)" if fits else
+               "make the model smaller (DEPTH, ASPECT_RATIO) or the context shorter")
+        sys.exit(f"FAIL: DEVICE_BATCH_SIZE = {DEVICE_BATCH_SIZE} needs ~{needed.peak / GiB:.1f} GiB but the "
+                 f"{device.type} has {available / GiB:.1f} GiB: {fix} in train.py")
+
+
+def make_optimizer(model, compiled, ortho_dtype):
     d_model = model.config.n_embd
     lr_scale = (d_model / 768) ** -0.5  # AdamW LRs were tuned at d_model 768
     matrices = [p for p in model.blocks.parameters()]
-    adamw = lambda params, lr, wd, betas=ADAM_BETAS: dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
+
+    def adamw(params, lr, wd, betas=ADAM_BETAS):
+        return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
     groups = [
         adamw([model.lm_head.weight], UNEMBEDDING_LR * lr_scale, LM_HEAD_WD),
         adamw([model.wte.weight], EMBEDDING_LR * lr_scale, EMBEDDING_WD),
@@ -525,7 +562,7 @@ def make_optimizer(model, fused):
                            momentum=MUON_MOMENTUM[0], beta2=0.95, weight_decay=WEIGHT_DECAY))
     for group in groups:
         group["initial_lr"] = group["lr"]
-    return MuonAdamW(groups, fused=fused)
+    return MuonAdamW(groups, compiled, ortho_dtype)
 
 
 def synchronize(device):
@@ -579,12 +616,13 @@ def main():
     torch.manual_seed(seed)
     torch.set_float32_matmul_precision("high")  # TF32 on CUDA
     device = default_device()
+    on_cuda = device.type == "cuda"  # the one device flag: bf16 autocast, bf16 embeddings, compiled optimizer
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
 
     tokenizer = Tokenizer.from_directory()
-    model = build_model(tokenizer.get_vocab_size(), device)
+    model, attention = build_model(tokenizer.get_vocab_size(), device)
     config = model.config
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token()
@@ -594,24 +632,25 @@ def main():
         sys.exit(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
                  f"({DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN}): edit the hyperparameters in train.py")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
-    optimizer = make_optimizer(model, fused=device.type == "cuda")
-    # A CPU compile takes ~40 s on 2 cores (~10 s when inductor's on-disk cache already holds this model) and
-    # pays back only over minutes: 2.3x faster steps for the cpu profile, a loss for the 15 s smoke run.
-    compiled = device.type == "cuda" or (device.type == "cpu" and TIME_BUDGET >= 120)
+    check_memory(config, device, torch.bfloat16 if on_cuda else None)
+    compiled = COMPILE and device.type != "mps"  # inductor's MPS backend is not ready for this model
+    optimizer = make_optimizer(model, compiled=compiled and on_cuda,
+                               ortho_dtype=torch.bfloat16 if on_cuda else torch.float32)
     train_model = torch.compile(model, dynamic=False) if compiled else model
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
     x, y, epoch = next(train_loader)
 
     print(f"profile {PROFILE} | device {device.type}"
-          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)")
-          + f" | attention {config.attention} | compiled {compiled} | seed {seed}")
+          + (f" ({torch.cuda.get_device_name()})" if on_cuda else f" ({torch.get_num_threads()} threads)")
+          + f" | attention {attention} | compiled {compiled} | seed {seed}")
+    print("hyperparameters: " + " ".join(f"{name}={value}" for name, value in hyperparameters().items()))
     print(f"model: depth {config.n_layer}, d_model {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
           f"windows {model.windows}, vocab {config.vocab_size}, {num_params / 1e6:.2f}M params, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token")
     print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} | "
           f"time budget {TIME_BUDGET}s (clock starts at step {TIMED_FROM_STEP})")
     if peak is None:
-        print("mfu: n/a (no peak FLOPs known for " + (torch.cuda.get_device_name() if device.type == "cuda" else device.type) + ")")
+        print(f"mfu: n/a (no peak FLOPs known for {torch.cuda.get_device_name() if on_cuda else device.type})")
 
     # -- training loop ------------------------------------------------------
     live = sys.stdout.isatty()  # \r-updated line on a terminal, a plain line every ~10% of the budget in logs
@@ -698,7 +737,7 @@ def main():
         "depth": DEPTH,
         "profile": PROFILE,
         "device": device.type,
-        "attention": config.attention,
+        "attention": attention,
         "seed": seed,
         "startup_seconds": f"{t_timed_start - t_start:.1f}",
         "eval_seconds": f"{t_end - t_eval:.1f}",

@@ -745,6 +745,7 @@ def test_end_to_end_mutate_run_with_the_real_train_py(tmp_path, env):
     r.mkdir()
     for f in ("prepare.py", "train.py", ".gitignore"):
         shutil.copy(REPO / f, r / f)
+    shutil.copytree(REPO / "autoresearch", r / "autoresearch", ignore=shutil.ignore_patterns("__pycache__"))
     git(r, env, "init", "-q", "-b", "main")
     git(r, env, "add", ".")
     git(r, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "real")

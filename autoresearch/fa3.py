@@ -1,0 +1,51 @@
+"""
+Flash Attention 3 from the Hugging Face kernels hub: the one place that decides whether it can be loaded.
+train.py calls load_flash_attention_3() once; None means "use another backend", with the reason printed.
+"""
+
+import os
+import threading
+
+import requests
+
+HUB_REPO = "kernels-community/flash-attn3"
+PROBE_TIMEOUT_S = 2.0
+
+
+def first_line(error):
+    """A one-line description of an exception, also when its message is empty."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:120]}" if lines else type(error).__name__
+
+
+def hub_reachable(timeout=PROBE_TIMEOUT_S):
+    """Does the hub (HF_ENDPOINT, any scheme and port) answer within `timeout`? Goes through the proxies that
+    requests honours (HTTPS_PROXY, NO_PROXY, ...): on proxy-only clusters a direct connection would fail.
+    Any HTTP answer counts; a thread bounds the wait, because a hanging DNS lookup ignores request timeouts."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    answered = []
+
+    def probe():
+        try:
+            requests.head(endpoint, timeout=timeout, allow_redirects=False)
+            answered.append(True)
+        except requests.RequestException:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def load_flash_attention_3():
+    """The FA3 module (its flash_attn_func), or None after printing why it is unavailable. Offline, only a kernel
+    already in the local cache is used: the run never waits on the network."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from kernels import get_kernel
+        return get_kernel(HUB_REPO, version=1)
+    except Exception as e:  # whatever the hub, the download or the build raises, training goes on without it
+        print(f"Flash Attention 3 unavailable ({first_line(e)}); falling back")
+        return None
