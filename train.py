@@ -10,7 +10,6 @@ Runs on CUDA (bf16 autocast, torch.compile, Flash Attention 3 when loadable), Ap
 
 import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on CUDA
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import contextlib
 import gc
@@ -25,8 +24,9 @@ import torch.nn.functional as F
 
 from prepare import (PROFILE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, check_ready,
                      default_device)  # CUDA > MPS > CPU, decided once, the same for the dataloader
-from autoresearch.fa3 import load_flash_attention_3
-from autoresearch.memory import GiB, device_memory_bytes, estimate_training_memory, flash_like_attention
+from autoresearch.attention import choose_attention, sdpa_attention  # FA3, flex or SDPA: decided once
+from autoresearch.device import device_memory_bytes, device_name, peak_flops, peak_memory_mb, synchronize
+from autoresearch.memory import GiB, estimate_training_memory, flash_like_attention, memory_problem
 
 # ---------------------------------------------------------------------------
 # Model
@@ -73,50 +73,6 @@ def rotary_tables(seq_len, head_dim, base):
 def apply_rotary(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-# Attention functions: attend(q, k, v, window) -> y, all [B, T, H, D], causal over the last `window` tokens
-# (self included). choose_attention() picks one per run; the model calls whichever it was given.
-
-
-def sliding_window_mask(seq_len, window, device):
-    # True where query i may attend key j: causal and at most `window` tokens back, itself included
-    i = torch.arange(seq_len, device=device)
-    distance = i[:, None] - i[None, :]
-    return (distance >= 0) & (distance < window)
-
-
-def sdpa_attention(q, k, v, window):
-    T = q.size(1)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if window >= T:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:  # a dense mask: fine at short contexts, where windows save little anyway
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(T, window, q.device))
-    return y.transpose(1, 2)
-
-
-def flex_attention_for(windows, seq_len, device):
-    """Flex attention with one block mask per distinct window: blocks outside a window are skipped."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # slow import: only if used
-
-    def in_window(window):
-        return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-    masks = {w: create_block_mask(in_window(w), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
-             for w in set(windows)}
-
-    def flex(q, k, v, window):
-        y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=masks[window])
-        return y.transpose(1, 2)
-    return flex
-
-
-def fa3_attention_for(fa3):
-    """Flash Attention 3 (Hopper): takes [B, T, H, D] bf16 as is; window_size counts keys before the query."""
-    def flash(q, k, v, window):
-        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
-        return y[0] if isinstance(y, tuple) else y  # some builds also return the log-sum-exp
-    return flash
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx, attend):
@@ -469,7 +425,7 @@ elif PROFILE == "smoke":
     COMPILE = False            # a compile costs more than a 15 s run could win back
 
 # ---------------------------------------------------------------------------
-# Setup helpers: device, attention kernel, peak FLOPs, model, optimizer
+# Setup: attention kernel, model, memory check, optimizer
 # ---------------------------------------------------------------------------
 
 TIMED_FROM_STEP = 2  # steps 0-1 compile and warm up; the budget clock starts after them (reported as startup)
@@ -480,30 +436,6 @@ def hyperparameters():
     return {name: value for name, value in globals().items()
             if name.isupper() and isinstance(value, (bool, int, float, str, tuple))
             and name not in ("PROFILE", "MAX_SEQ_LEN", "TIME_BUDGET", "TIMED_FROM_STEP")}
-
-# Dense bf16 peak TFLOP/s, matched against torch.cuda.get_device_name(); first match wins
-PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.5), ("H200", 989.5), ("A100", 312.0),
-                    ("L40S", 362.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("RTX 5090", 209.5), ("MI300X", 1307.0)]
-
-
-def peak_flops(device):
-    """Peak bf16 FLOP/s of the GPU present, or None when unknown (CPU, MPS, a GPU not in the table)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
-
-
-def choose_attention(device, windows, seq_len):
-    """The one place that picks the attention kernel: ("fa3" | "flex" | "sdpa", its attend function)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability() == (9, 0):  # Hopper
-        fa3 = load_flash_attention_3()
-        if fa3 is not None:
-            return "fa3", fa3_attention_for(fa3)
-    if device.type != "cuda" or min(windows) == seq_len:
-        return "sdpa", sdpa_attention  # plain causal: SDPA's flash kernel; CPU/MPS: a dense window mask if needed
-    return "flex", flex_attention_for(windows, seq_len, device)
-
 
 def model_config(vocab_size, on_cuda):
     d_model = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
@@ -525,22 +457,16 @@ def build_model(vocab_size, device):
 
 
 def check_memory(config, device, autocast_dtype):
-    """Before compiling: will a training step fit in the device's memory? If not, exit naming a batch that fits."""
+    """Before compiling: exit with the fix if a training step will not fit in the device's memory."""
     available = device_memory_bytes(device)
-    if not available:
-        return
     def estimate(batch):  # counted on fake tensors: nothing is allocated
         return estimate_training_memory(lambda: GPT(config, flash_like_attention), batch, MAX_SEQ_LEN,
                                         config.vocab_size, device, autocast_dtype)
-    needed = estimate(DEVICE_BATCH_SIZE)
-    print(f"memory: a step needs ~{needed.describe()} of {available / GiB:.1f} GiB")
-    if needed.peak > 0.95 * available:
-        fits = next((b for b in (DEVICE_BATCH_SIZE >> i for i in range(1, 12)) if b >= 1 and
-                     DEVICE_BATCH_SIZE % b == 0 and estimate(b).peak <= 0.95 * available), None)
-        fix = (f"set DEVICE_BATCH_SIZE = {fits} (gradient accumulation keeps TOTAL_BATCH_SIZE)" if fits else
-               "make the model smaller (DEPTH, ASPECT_RATIO) or the context shorter")
-        sys.exit(f"FAIL: DEVICE_BATCH_SIZE = {DEVICE_BATCH_SIZE} needs ~{needed.peak / GiB:.1f} GiB but the "
-                 f"{device.type} has {available / GiB:.1f} GiB: {fix} in train.py")
+    if available:
+        problem = memory_problem(estimate, DEVICE_BATCH_SIZE, available)
+        print(f"memory: a step needs ~{estimate(DEVICE_BATCH_SIZE).describe()} of {available / GiB:.1f} GiB")
+        if problem:
+            sys.exit(f"FAIL: {problem}")
 
 
 def make_optimizer(model, compiled, ortho_dtype):
@@ -564,22 +490,6 @@ def make_optimizer(model, compiled, ortho_dtype):
         group["initial_lr"] = group["lr"]
     return MuonAdamW(groups, compiled, ortho_dtype)
 
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
-    import resource  # Unix only
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak resident set: KiB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 # ---------------------------------------------------------------------------
 # Schedules, all driven by progress = training seconds / TIME_BUDGET (or by step for momentum)
@@ -640,9 +550,8 @@ def main():
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
     x, y, epoch = next(train_loader)
 
-    print(f"profile {PROFILE} | device {device.type}"
-          + (f" ({torch.cuda.get_device_name()})" if on_cuda else f" ({torch.get_num_threads()} threads)")
-          + f" | attention {attention} | compiled {compiled} | seed {seed}")
+    print(f"profile {PROFILE} | device {device.type} ({device_name(device)}) | attention {attention} | "
+          f"compiled {compiled} | seed {seed}")
     print("hyperparameters: " + " ".join(f"{name}={value}" for name, value in hyperparameters().items()))
     print(f"model: depth {config.n_layer}, d_model {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
           f"windows {model.windows}, vocab {config.vocab_size}, {num_params / 1e6:.2f}M params, "
@@ -650,7 +559,7 @@ def main():
     print(f"batch: {TOTAL_BATCH_SIZE} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} | "
           f"time budget {TIME_BUDGET}s (clock starts at step {TIMED_FROM_STEP})")
     if peak is None:
-        print(f"mfu: n/a (no peak FLOPs known for {torch.cuda.get_device_name() if on_cuda else device.type})")
+        print(f"mfu: n/a (no peak FLOPs known for {device_name(device)})")
 
     # -- training loop ------------------------------------------------------
     live = sys.stdout.isatty()  # \r-updated line on a terminal, a plain line every ~10% of the budget in logs
@@ -725,23 +634,12 @@ def main():
     timed_steps = step - TIMED_FROM_STEP
     mfu_percent = (f"{100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak:.2f}"
                    if peak else "n/a")
-    summary = {
-        "val_bpb": f"{val_bpb:.6f}",
-        "training_seconds": f"{training_time:.1f}",
-        "total_seconds": f"{t_end - t_start:.1f}",
-        "peak_vram_mb": f"{peak_memory_mb(device):.1f}",
-        "mfu_percent": mfu_percent,
-        "total_tokens_M": f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}",
-        "num_steps": step,
-        "num_params_M": f"{num_params / 1e6:.1f}",
-        "depth": DEPTH,
-        "profile": PROFILE,
-        "device": device.type,
-        "attention": attention,
-        "seed": seed,
-        "startup_seconds": f"{t_timed_start - t_start:.1f}",
-        "eval_seconds": f"{t_end - t_eval:.1f}",
-    }
+    summary = dict(
+        val_bpb=f"{val_bpb:.6f}", training_seconds=f"{training_time:.1f}", total_seconds=f"{t_end - t_start:.1f}",
+        peak_vram_mb=f"{peak_memory_mb(device):.1f}", mfu_percent=mfu_percent,
+        total_tokens_M=f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}", num_steps=step, num_params_M=f"{num_params / 1e6:.1f}",
+        depth=DEPTH, profile=PROFILE, device=device.type, attention=attention, seed=seed,
+        startup_seconds=f"{t_timed_start - t_start:.1f}", eval_seconds=f"{t_end - t_eval:.1f}")
     print("---")
     for key, value in summary.items():
         print(f"{key + ':':<18}{value}")

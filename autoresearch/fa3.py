@@ -41,6 +41,7 @@ def hub_reachable(timeout=PROBE_TIMEOUT_S):
 def load_flash_attention_3():
     """The FA3 module (its flash_attn_func), or None after printing why it is unavailable. Offline, only a kernel
     already in the local cache is used: the run never waits on the network."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # logs, not a terminal
     if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:

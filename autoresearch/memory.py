@@ -117,15 +117,17 @@ def estimate_training_memory(build_model, batch_size, seq_len, vocab_size, devic
                           saved=sum(by_dtype.values()), transient=2 * largest, saved_by_dtype=by_dtype)
 
 
-def device_memory_bytes(device):
-    """Memory the run may use on `device`: the GPU's total, or the machine's RAM for a CPU (None if unknown)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-        except (OSError, StopIteration):
-            return None
-    return None
+def memory_problem(estimate_for, device_batch_size, available, usable=0.95):
+    """None when estimate_for(device_batch_size) fits in `usable` of `available` bytes; else one line that says
+    what it needs and the largest power-of-two divisor of the batch that fits (gradient accumulation then keeps
+    the total batch), or that none does."""
+    limit = usable * available
+    needed = estimate_for(device_batch_size).peak
+    if needed <= limit:
+        return None
+    smaller = [device_batch_size >> i for i in range(1, device_batch_size.bit_length())]
+    fits = next((b for b in smaller if device_batch_size % b == 0 and estimate_for(b).peak <= limit), None)
+    fix = (f"set DEVICE_BATCH_SIZE = {fits} (gradient accumulation keeps TOTAL_BATCH_SIZE)" if fits else
+           "make the model smaller (DEPTH, ASPECT_RATIO)")
+    return (f"DEVICE_BATCH_SIZE = {device_batch_size} needs ~{needed / GiB:.1f} GiB but the device has "
+            f"{available / GiB:.1f} GiB: {fix} in train.py")

@@ -36,6 +36,7 @@ def import_train(profile):
 
 train = import_train("reference")  # the reference hyperparameters: nothing below overrides them
 
+from autoresearch import attention  # noqa: E402
 from autoresearch.memory import GiB, autocast_rules, estimate_training_memory, flash_like_attention  # noqa: E402
 
 VOCAB = 8192                 # the reference profile's vocabulary (prepare.py)
@@ -92,7 +93,7 @@ def batch(rows=B):
 def test_fake_cuda_flash_attention_3_receives_bf16_bthd_and_the_layer_windows(fake_cuda):
     windows = train.GPT.window_sizes(train.model_config(VOCAB, on_cuda=True))
     fa3 = FlashAttention3StandIn(windows)
-    model = fake_reference_model(train.fa3_attention_for(fa3))
+    model = fake_reference_model(attention.fa3_attention_for(fa3))
     x, y = batch()
     loss = model(x, y)
     assert fa3.calls == [torch.bfloat16] * train.DEPTH
@@ -103,8 +104,8 @@ def test_fake_cuda_flash_attention_3_receives_bf16_bthd_and_the_layer_windows(fa
 def test_fake_cuda_sdpa_and_flex_attention_receive_bf16(fake_cuda, backend):
     config = train.model_config(VOCAB, on_cuda=True)
     windows = train.GPT.window_sizes(config)
-    attend = (train.sdpa_attention if backend == "sdpa"
-              else train.flex_attention_for(windows, T, torch.device("cuda")))
+    attend = (attention.sdpa_attention if backend == "sdpa"
+              else attention.flex_attention_for(windows, T, torch.device("cuda")))
     seen = []
     model = fake_reference_model(recording(attend, seen))
     x, y = batch(rows=2)  # no flash kernel on fake tensors: SDPA's math path and eager flex build [T, T] scores

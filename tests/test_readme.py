@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def test_quick_start_has_a_main_job_and_a_test_command():
     commands = quick_start_commands()
     assert len(commands) == 2, commands
     assert "agent_loop.py demo" in commands[0]
-    assert commands[1] == "uv run pytest"
+    assert commands[1] == "python3 -m uv run pytest"  # uv found through the Python that pip installed it for
 
 
 def test_ci_runs_the_readme_test_command():
@@ -47,6 +48,9 @@ def test_ci_runs_the_readme_test_command():
 def test_quick_start_main_job_runs_offline_in_a_fresh_clone_and_shows_the_report(tmp_path):
     clone = fresh_clone(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "AUTORESEARCH_", "UV_PROJECT"))}
+    # a new user has no virtual environment active: python3 is the system's, not this repo's .venv
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
     # a new user's machine: no git identity configured, no Hugging Face access
     (tmp_path / "gitconfig").write_text("")
     env.update(AUTORESEARCH_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",

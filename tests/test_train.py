@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO))
 # prepare.py (imported by train.py) reads these at import time; the rest of the session keeps its environment
 with mock.patch.dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=tempfile.mkdtemp()):
     import train  # importing must not start a training run
+from autoresearch import attention  # noqa: E402
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "profile", "device", "attention", "seed", "startup_seconds",
@@ -103,7 +104,7 @@ def test_windowed_attention_equals_naive_masked_softmax(window):
 def test_flex_attention_model_matches_the_sdpa_model():
     # the CUDA path without Flash Attention 3 uses flex attention; its block masks must mean the same windows
     sdpa = tiny_model(seq_len=64, depth=3, pattern="SL")
-    flex = tiny_model(seq_len=64, depth=3, pattern="SL", attend=train.flex_attention_for(sdpa.windows, 64, "cpu"))
+    flex = tiny_model(seq_len=64, depth=3, pattern="SL", attend=attention.flex_attention_for(sdpa.windows, 64, "cpu"))
     for block in sdpa.blocks:  # zero-initialised projections would hide the attention output
         torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
     flex.load_state_dict(sdpa.state_dict())
@@ -192,20 +193,30 @@ def test_hyperparameters_are_plain_literals_that_a_regex_can_edit():
     assert all(re.match(rf"    ([A-Z_0-9]+ = {literal}|#)", line) for line in block.splitlines()[1:] if line.strip() and not line.startswith("elif"))
 
 
-def test_schedules_follow_progress():
-    assert train.get_lr_multiplier(0.0) == 1.0
-    assert math.isclose(train.get_lr_multiplier(1.0), train.FINAL_LR_FRAC)
-    assert train.get_weight_decay(1.0) == 0.0
-    assert train.get_muon_momentum(0) == train.MUON_MOMENTUM[0]
-    assert train.get_muon_momentum(10**6) == train.MUON_MOMENTUM[1]
+def test_schedules_follow_progress(monkeypatch):
+    monkeypatch.setattr(train, "WARMUP_RATIO", 0.1)
+    monkeypatch.setattr(train, "WARMDOWN_RATIO", 0.5)
+    monkeypatch.setattr(train, "FINAL_LR_FRAC", 0.1)
+    lr = train.get_lr_multiplier
+    assert lr(0.0) == 0.0 and math.isclose(lr(0.05), 0.5)            # linear warmup over the first 10%
+    assert lr(0.1) == lr(0.3) == lr(0.499) == 1.0                      # flat until the warmdown starts at 50%
+    assert math.isclose(lr(0.75), 0.55) and math.isclose(lr(1.0), 0.1)  # linear down to FINAL_LR_FRAC
+    grid = [lr(i / 100) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(grid, grid[1:]))
+    assert train.get_weight_decay(0.0) == train.WEIGHT_DECAY and train.get_weight_decay(1.0) == 0.0
+    assert math.isclose(train.get_weight_decay(0.25), 0.75 * train.WEIGHT_DECAY)
+    warm, (start, end) = train.MUON_MOMENTUM_WARMUP_STEPS, train.MUON_MOMENTUM
+    assert train.get_muon_momentum(0) == start and train.get_muon_momentum(10**6) == end
+    assert math.isclose(train.get_muon_momentum(warm // 2), start + (end - start) * (warm // 2) / warm)
 
 
 # ---------------------------------------------------------------------------
 # End to end: real prepare.py (synthetic data), real train.py, smoke profile
 # ---------------------------------------------------------------------------
 
-def run(args, cache, cwd=REPO, timeout=300):
-    env = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
+def run(args, cache, cwd=REPO, timeout=300, extra_env=None):
+    env = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1",
+               **(extra_env or {}))
     env.pop("AUTORESEARCH_DATASET", None)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -251,7 +262,17 @@ def test_smoke_run_prints_the_summary_block_in_order(smoke_run):
     assert summary["profile"] == "smoke" and summary["device"] == "cpu" and summary["attention"] == "sdpa"
     assert summary["mfu_percent"] == "n/a" and summary["seed"] == "42"
     assert int(summary["num_steps"]) > train.TIMED_FROM_STEP
-    assert float(summary["training_seconds"]) >= 15.0
+    assert_budget_kept_apart_from_startup_and_eval(summary, budget=15.0)
+
+
+def assert_budget_kept_apart_from_startup_and_eval(summary, budget):
+    training, total = float(summary["training_seconds"]), float(summary["total_seconds"])
+    startup, evaluation = float(summary["startup_seconds"]), float(summary["eval_seconds"])
+    assert budget <= training < budget + 5.0  # the loop stops at the first step past the budget
+    assert startup > 0 and evaluation > 0
+    # startup and eval are outside the budget, and together the three parts are the whole run (to rounding)
+    assert startup + training + evaluation <= total + 0.3
+    assert total - (startup + training + evaluation) < 3.0
 
 
 def test_smoke_run_beats_the_unigram_entropy(smoke_run, smoke_cache):
@@ -289,3 +310,28 @@ def test_adamw_weight_decay_reaches_bf16_embeddings():
     shrink_bf16 = final_norm(torch.bfloat16, 0.05) / final_norm(torch.bfloat16, 0.0)
     assert shrink_fp32 < 0.7
     assert abs(shrink_bf16 - shrink_fp32) < 0.05, (shrink_bf16, shrink_fp32)
+
+
+def test_seed_from_the_environment_changes_the_run_and_bench_train_reports_it(smoke_cache, smoke_run):
+    env_seed = dict(AUTORESEARCH_SEED="7")
+    result = run(["bench/bench_train.py", "--quiet"], smoke_cache, extra_env=env_seed)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "seed 7" in result.stdout and "training tokens/s:" in result.stdout, result.stdout
+    bench_bpb = float(re.search(r"val_bpb:\s+(\S+)", result.stdout)[1])
+    assert bench_bpb != float(parse_summary(smoke_run.stdout)["val_bpb"])  # seed 42 trained another model
+
+
+def test_compiled_run_keeps_the_compile_out_of_the_budget(smoke_cache, tmp_path):
+    # the cpu and reference profiles compile; this is their path at smoke size
+    source = (REPO / "train.py").read_text()
+    compiled, count = re.subn(r"^(\s+)COMPILE = False", r"\1COMPILE = True ", source, flags=re.M)
+    assert count == 1
+    (tmp_path / "train.py").write_text(compiled)
+    shutil.copy(REPO / "prepare.py", tmp_path / "prepare.py")
+    shutil.copytree(REPO / "autoresearch", tmp_path / "autoresearch")
+    result = run([str(tmp_path / "train.py")], smoke_cache, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "compiled True" in result.stdout
+    summary = parse_summary(result.stdout)
+    assert_budget_kept_apart_from_startup_and_eval(summary, budget=15.0)
+    assert float(summary["startup_seconds"]) > 2.0  # the compile happened, and the clock did not count it
