@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("AUTORESEARCH_PROFILE", "smoke")  # importing prepare reads it; tests pass directories explicitly
 import prepare  # noqa: E402
+from autoresearch import sources, synthetic  # noqa: E402
+from autoresearch.tokens import write_token_split  # noqa: E402
 
 HF_PREFIX = "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
 SYLLABLES = "ka lo mi ra to su ne pa di vo la be ri mo ta fi no se gu ha".split()
@@ -316,7 +318,7 @@ def test_single_txt_file_splits_paragraphs_and_keeps_the_last_tenth_for_validati
     train = shard_texts(tmp_path / "cache", "book", manifest["train"][0])
     val = shard_texts(tmp_path / "cache", "book", manifest["val"][0])
     assert len(val) == max(1, (len(train) + len(val)) // 10)
-    assert all(len(doc) <= prepare.TXT_DOC_CHARS for doc in train + val)
+    assert all(len(doc) <= sources.TXT_DOC_CHARS for doc in train + val)
     assert "\n\n".join(train + val) == "\n\n".join(paragraphs)  # nothing lost, order kept
     assert "last" in manifest["split"]
 
@@ -354,15 +356,15 @@ def test_source_and_dataset_together_are_refused(tmp_path):
 # synthetic corpus
 
 def test_synthetic_corpus_is_deterministic_with_a_separate_val_set(smoke_cache):
-    assert prepare.synthetic_documents("val") == prepare.synthetic_documents("val")
+    assert synthetic.synthetic_documents("val") == synthetic.synthetic_documents("val")
     train = shard_texts(smoke_cache, "synthetic", "shard_00000.parquet")
     val = shard_texts(smoke_cache, "synthetic", "shard_00001.parquet")
-    assert train == prepare.synthetic_documents("train")
+    assert train == synthetic.synthetic_documents("train")
     assert not set(train) & set(val)
 
 
 def test_synthetic_corpus_has_learnable_structure():
-    docs = prepare.synthetic_documents("val")
+    docs = synthetic.synthetic_documents("val")
     words = [w for doc in docs for w in re.findall(r"\w+|[^\w\s]", doc)]
     unigram = Counter(words)
     bigram = Counter(zip(words, words[1:]))
@@ -405,7 +407,7 @@ def test_tokenizer_round_trips_mixed_unicode_and_counts_bytes(smoke_cache):
 def write_split(directory, split, docs):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
-    return prepare.write_token_split(directory, split, [docs], np.uint16)
+    return write_token_split(directory, split, [docs], np.uint16)
 
 
 def numbered_documents(bos, n=120, seed=0):
