@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import requests
 
-from autoresearch.cachefiles import (Progress, load_manifest, parquet_problem, shard_name, shard_record,
-                                     write_json)
+from autoresearch.cachefiles import (Progress, load_manifest, parquet_problem, sha256_of, shard_name,
+                                     shard_record, write_json)
 
 HF_REPO = "karpathy/climbmix-400b-shuffle"
 CLIMBMIX_TRAIN_SHARDS = 6542  # shard_00000 .. shard_06541
@@ -114,6 +114,8 @@ def download_shard(index, folder, stop, progress_bytes, warn):
             raise TransientError(f"downloaded file is corrupt ({problem}); fetching it again")
         except TransientError as e:
             error = e
+            if attempt == DOWNLOAD_ATTEMPTS:  # no point waiting (or promising a retry) before giving up
+                break
             delay = BACKOFF_SECONDS * 2 ** (attempt - 1)
             warn(str(e), f"{shard_name(index)}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed ({e}); "
                          f"retrying in {delay:g}s")
@@ -137,12 +139,26 @@ def download_climbmix(folder, num_shards, workers):
     train = list(range(CLIMBMIX_TRAIN_SHARDS if num_shards == -1 else num_shards))
     wanted = train + [CLIMBMIX_VAL_SHARD]
     known = (load_manifest(folder) or {}).get("shards", {})
-    todo = []
+    # shards of their recorded size would be trusted as they are: their sha256 is checked first, as a
+    # same-size corruption (a bad disk, a file overwritten in place) passes both the size and the parquet checks
+    sized = {}
     for index in wanted:
         path = folder / shard_name(index)
         if path.exists() and known.get(path.name, {}).get("bytes") == path.stat().st_size:
-            continue
-        if path.exists():
+            sized[index] = path
+    if sized:
+        print(f"verifying the sha256 of the {len(sized)} shards already in {folder}", flush=True)
+    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL: the shards are hashed in parallel
+        hashes = dict(zip(sized, pool.map(sha256_of, sized.values())))
+    todo = []
+    for index in wanted:
+        path = folder / shard_name(index)
+        if index in hashes:
+            if hashes[index] == known[path.name]["sha256"]:
+                continue
+            print(f"{path.name} in the cache does not match its recorded sha256: fetching it again")
+            path.unlink()
+        elif path.exists():
             problem = parquet_problem(path)
             if problem is None:
                 continue
@@ -192,12 +208,14 @@ def download_climbmix(folder, num_shards, workers):
                     future.cancel()
                 raise
         report(final=True)
-    shards = {}
+    shards, fetched = {}, set(todo)
     for index in wanted:
         name = shard_name(index)
         old = known.get(name)
         path = folder / name
-        shards[name] = old if old and old["bytes"] == path.stat().st_size else shard_record(path)
+        # a shard fetched again is recorded afresh: the server's file may have changed since the last record
+        kept = old and index not in fetched and old["bytes"] == path.stat().st_size
+        shards[name] = old if kept else shard_record(path)
     manifest = {"dataset": "climbmix", "source": f"https://huggingface.co/datasets/{HF_REPO}",
                 "train": [shard_name(i) for i in train], "val": [shard_name(CLIMBMIX_VAL_SHARD)],
                 "split": f"pinned validation shard {shard_name(CLIMBMIX_VAL_SHARD)}", "shards": shards}

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("AUTORESEARCH_PROFILE", "smoke")  # importing prepare reads it; tests pass directories explicitly
 import prepare  # noqa: E402
-from autoresearch import sources, synthetic  # noqa: E402
+from autoresearch import download, sources, synthetic  # noqa: E402
 from autoresearch.tokens import write_token_split  # noqa: E402
 
 HF_PREFIX = "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
@@ -67,7 +68,9 @@ def sha256(data):
 class Hub(ThreadingHTTPServer):
     """A loopback Hugging Face: serves `files` under the HF URL layout, with scripted misbehaviour per file.
     script[name] is a list of actions for its next requests: an HTTP status, "truncate" (a valid response
-    holding half the file) or ("stall", n) (send n bytes, then hang until `release` is set)."""
+    holding half the file), ("stall", n) (send n bytes, then hang until `release` is set), ("drop", n) (send n
+    bytes, then close the connection) or "misrange" (answer any request with the whole file as a 206 whose
+    Content-Range says it starts at byte 0)."""
     daemon_threads = True
 
     def __init__(self, files):
@@ -103,18 +106,24 @@ class HubHandler(BaseHTTPRequestHandler):
                 return self.send_error(404)
             body = hub.files[name][:len(hub.files[name]) // 2] if action == "truncate" else hub.files[name]
             start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
-            if start >= len(body) > 0:
+            if action == "misrange":
+                start = 0
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes 0-{len(body) - 1}/{len(body)}")
+            elif start >= len(body) > 0:
                 return self.send_error(416)  # like Hugging Face's CDN: nothing left after those bytes
-            self.send_response(206 if start else 200)
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             self.send_header("Content-Length", str(len(body) - start))
             self.end_headers()
             if isinstance(action, tuple):
                 self.wfile.write(body[start:start + action[1]])
                 self.wfile.flush()
-                hub.release.wait(60)
-                self.close_connection = True
+                if action[0] == "stall":
+                    hub.release.wait(60)
+                self.close_connection = True  # the client sees the connection end short of Content-Length
                 return
             self.wfile.write(body[start:])
         finally:
@@ -175,6 +184,65 @@ def test_server_errors_are_retried_until_the_shard_arrives(hub, tmp_path):
     assert_shards_match(tmp_path, hub, ["shard_00001.parquet"])
 
 
+def test_too_many_requests_is_retried_like_a_server_error(hub, tmp_path):
+    hub.script["shard_00000.parquet"] = [429]
+    r = run_prepare("--num-shards", "1", cache=tmp_path, HF_ENDPOINT=hub.url)
+    assert r.returncode == 0, r.output
+    assert len(hub.requests_for("shard_00000.parquet")) == 2
+    assert "HTTP 429" in r.output
+    assert_shards_match(tmp_path, hub, ["shard_00000.parquet"])
+
+
+def test_failing_shard_is_given_up_after_the_attempts_saying_how_to_resume(hub, tmp_path, monkeypatch):
+    # in-process, to shorten the backoff: the full schedule would make this test wait for seconds
+    monkeypatch.setattr(download, "BACKOFF_SECONDS", 0.01)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    hub.script["shard_00000.parquet"] = [500] * 100  # always
+    with pytest.raises(SystemExit) as failure:
+        download.download_climbmix(climbmix_dir(tmp_path), 1, 2)
+    message = str(failure.value.code)  # what prepare prints as it exits with status 1
+    assert f"Could not download shard_00000.parquet from {hub.url}{HF_PREFIX}shard_00000.parquet" in message
+    assert f"after {download.DOWNLOAD_ATTEMPTS} attempts (last error: HTTP 500)" in message
+    assert message.endswith("Run the same command again to resume.")
+    assert len(hub.requests_for("shard_00000.parquet")) == download.DOWNLOAD_ATTEMPTS
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_access_denied_fails_at_once_asking_for_a_token(hub, tmp_path, status):
+    hub.script["shard_00000.parquet"] = [status]  # only the first answer: a retry would succeed
+    r = run_prepare("--num-shards", "1", cache=tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN="hf_expired")
+    assert r.returncode != 0
+    assert f"access denied (HTTP {status})" in r.output and "HF_TOKEN=hf_" in r.output
+    assert "Traceback" not in r.output
+    assert len(hub.requests_for("shard_00000.parquet")) == 1
+
+
+def test_connection_dropped_mid_shard_resumes_from_the_bytes_received_in_the_same_run(hub, tmp_path):
+    name = "shard_00000.parquet"
+    hub.files[name] = parquet_bytes(documents(100, 2500), compression="none")  # several read chunks long
+    hub.script[name] = [("drop", 300_000)]
+    r = run_prepare("--num-shards", "1", cache=tmp_path, HF_ENDPOINT=hub.url)
+    assert r.returncode == 0, r.output
+    first, second = hub.requests_for(name)
+    assert first["range"] is None
+    resumed_at = int(re.fullmatch(r"bytes=(\d+)-", second["range"]).group(1))
+    assert 0 < resumed_at <= 300_000
+    assert_shards_match(tmp_path, hub, [name])
+
+
+def test_resume_answered_at_another_offset_discards_the_partial_file_and_starts_over(hub, tmp_path):
+    name = "shard_00000.parquet"
+    folder = climbmix_dir(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / (name + ".tmp")).write_bytes(hub.files[name][:1000])  # left by an interrupted run
+    hub.script[name] = ["misrange"]  # the whole file, said to start at byte 0: appended, it would corrupt
+    r = run_prepare("--num-shards", "1", cache=tmp_path, HF_ENDPOINT=hub.url)
+    assert r.returncode == 0, r.output
+    assert [entry["range"] for entry in hub.requests_for(name)] == ["bytes=1000-", None]
+    assert "wrong offset" in r.output
+    assert_shards_match(tmp_path, hub, [name])
+
+
 def test_truncated_shard_is_deleted_and_fetched_again(hub, tmp_path):
     hub.script["shard_00000.parquet"] = ["truncate"]  # a complete response holding half a parquet file
     folder = climbmix_dir(tmp_path)
@@ -222,6 +290,22 @@ def test_complete_download_killed_before_its_rename_is_kept(hub, tmp_path):
     assert_shards_match(tmp_path, hub, [name])
 
 
+def test_shard_corrupted_in_place_is_fetched_again_on_the_next_run(hub, tmp_path):
+    r = run_prepare("--num-shards", "1", cache=tmp_path, HF_ENDPOINT=hub.url)
+    assert r.returncode == 0, r.output
+    name = "shard_00000.parquet"
+    path = climbmix_dir(tmp_path) / name
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])  # same size, footer intact
+    path.write_bytes(bytes(data))
+    again = run_prepare("--num-shards", "1", cache=tmp_path, HF_ENDPOINT=hub.url)
+    assert again.returncode == 0, again.output
+    assert f"{name} in the cache does not match its recorded sha256: fetching it again" in again.output
+    assert len(hub.requests_for(name)) == 2 and len(hub.log) == 3  # that shard fetched again, and only that
+    assert_shards_match(tmp_path, hub, [name, "shard_06542.parquet"])
+
+
 def test_missing_shard_fails_once_naming_the_shard_and_url(hub, tmp_path):
     del hub.files["shard_00002.parquet"]
     r = run_prepare("--num-shards", "3", cache=tmp_path, HF_ENDPOINT=hub.url)
@@ -245,7 +329,9 @@ def test_offline_download_fails_quickly_and_offers_source_synthetic_and_mirror(t
     with socket.socket() as s:  # a port with nothing listening: connection refused, like a machine offline
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    start = time.monotonic()
     r = run_prepare(cache=tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}", timeout=60)
+    assert time.monotonic() - start < 15, r.output  # seconds, not a retry schedule meant for a flaky server
     assert r.returncode != 0
     assert "--source" in r.output and "--dataset synthetic" in r.output and "HF_ENDPOINT" in r.output
     assert "Could not connect" in r.output and "Traceback" not in r.output
@@ -517,24 +603,66 @@ class UniformModel(nn.Module):
         return F.cross_entropy(logits.view(-1, self.vocab_size), y.reshape(-1), reduction=reduction)
 
 
-def test_uniform_model_scores_log2_vocab_times_tokens_per_byte_whatever_the_batch(smoke_cache, monkeypatch):
-    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", 64 * 40)
+def target_loss(y):
+    return 0.5 + (y % 17) / 8  # exact in float32, like position_loss: the sums compare tightly
+
+
+def position_loss(position):
+    return 1 + position / 64
+
+
+class TargetAndPositionLossModel(nn.Module):
+    """Per-token loss f(target) + g(position in the row): wrong targets, or losses paired with the wrong
+    positions or bytes, change the total. Returns [B*T] losses and counts the targets it is asked about."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(()))  # gives the model a device
+        self.targets_seen = 0
+
+    def forward(self, x, y, reduction="mean"):
+        self.targets_seen += y.numel()
+        return (target_loss(y) + position_loss(torch.arange(y.shape[1], device=y.device))).reshape(-1)
+
+
+def test_bpb_is_the_loss_of_val_targets_with_bytes_over_their_bytes_whatever_the_batch(smoke_cache, tmp_path,
+                                                                                         monkeypatch):
+    T, n_rows = 64, 40
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", T)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", T * n_rows)
     tok = prepare.Tokenizer.from_directory(smoke_dir(smoke_cache))
-    V = tok.get_vocab_size()
+    bos = tok.get_bos_token_id()
+    shutil.copy(tok.directory / "token_bytes.npy", tmp_path)
+    rng = np.random.default_rng(0)
+
+    def row_sized_documents():
+        # T+1 tokens each: every document fills one row, so the rows are the documents, whatever order the
+        # packer places them in. A zero-byte token (BOS) at another place in each gives every row its own mask.
+        docs = rng.integers(0, bos, (n_rows, T + 1))  # ordinary tokens, all with bytes
+        docs[:, 0] = bos
+        docs[np.arange(n_rows), 1 + 7 * np.arange(n_rows) % T] = bos
+        return docs.tolist()
+
+    write_split(tmp_path, "val", row_sized_documents())  # exactly the rows evaluation reads
+    write_split(tmp_path, "train", row_sized_documents())  # same shapes, other tokens: must not be read
+
+    # the expectation straight from the files on disk, with numpy
+    dtype = json.loads((tmp_path / "meta.json").read_text())["dtype"]
+    tokens = np.fromfile(tmp_path / "val.bin", dtype=dtype).astype(np.int64)
+    offsets = np.load(tmp_path / "val.offsets.npy")
+    token_bytes = np.load(tmp_path / "token_bytes.npy")
+    rows = np.stack([tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
+    targets = rows[:, 1:]
+    losses = np.where(token_bytes[targets] > 0, target_loss(targets) + position_loss(np.arange(T)), 0.0)
+    expected = losses.sum() / (math.log(2) * token_bytes[targets].sum())
+
     results = []
-    for batch_size in (8, 128):
-        model = UniformModel(V)
-        results.append(prepare.evaluate_bpb(model, tok, batch_size))
-        assert model.targets_seen == 64 * 40
-    rows = prepare.eval_rows(tok.directory, 64, 40, tok.get_bos_token_id())
-    targets = rows[:, 1:].astype(np.int64)
-    token_bytes = prepare.get_token_bytes("cpu", tok.directory).numpy()
-    counted = token_bytes[targets] > 0
-    expected = math.log2(V) * counted.sum() / token_bytes[targets].sum()
-    assert results[0] == results[1]
-    assert results[0] == pytest.approx(expected, rel=1e-6)
-    assert (rows[:, 0] == tok.get_bos_token_id()).all()
+    for batch_size in (3, 8, 128):  # 3 leaves a partial last batch; 128 takes every row at once
+        model = TargetAndPositionLossModel()
+        results.append(prepare.evaluate_bpb(model, prepare.Tokenizer(tok.enc, tmp_path), batch_size))
+        assert model.targets_seen == T * n_rows
+    assert results[0] == results[1] == results[2]
+    assert results[0] == pytest.approx(expected, rel=1e-9)
 
 
 class HalfPrecisionLossModel(UniformModel):
