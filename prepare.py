@@ -27,6 +27,7 @@ import numpy as np
 
 from autoresearch import download, sources, synthetic
 from autoresearch.cachefiles import load_manifest
+from autoresearch.metricdata import seal_metric_files
 from autoresearch.tokens import SPECIAL_TOKENS, build_tokenizer_and_tokens  # SPECIAL_TOKENS[0] is BOS
 # torch is imported inside the functions that need it: it takes seconds to import and the prepare CLI never does
 
@@ -382,6 +383,7 @@ Each run records the prepared dataset as the active one for the profile (AUTORES
     meta = build_tokenizer_and_tokens(name, manifest, dataset_dir(name), prepared_dir(name), profile=PROFILE,
                                       vocab_size=VOCAB_SIZE, max_chars=TOKENIZER_MAX_CHARS,
                                       max_tokens={"train": TRAIN_MAX_TOKENS, "val": 2 * EVAL_TOKENS})
+    seal_metric_files(prepared_dir(name))  # hashes and read-only copies: the evaluator restores damaged files
     active_file(PROFILE).parent.mkdir(parents=True, exist_ok=True)
     active_file(PROFILE).write_text(name + "\n")
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from prepare import (PROFILE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, check_ready,
                      default_device)  # CUDA > MPS > CPU, decided once, the same for the dataloader
 from autoresearch.attention import choose_attention, sdpa_attention  # FA3, flex or SDPA: decided once
+from autoresearch.handoff import hand_over  # under agent_loop.py, the harness evaluates the exported model
 from autoresearch.device import device_memory_bytes, device_name, peak_flops, peak_memory_mb, synchronize
 from autoresearch.memory import GiB, estimate_training_memory, flash_like_attention, memory_problem
 
@@ -469,6 +470,14 @@ def check_memory(config, device, autocast_dtype):
             sys.exit(f"FAIL: {problem}")
 
 
+def sdpa_twin(model):
+    """The same weights behind SDPA: a kernel outside PyTorch's own operators (FA3) cannot be handed over."""
+    with next(model.parameters()).device:
+        twin = GPT(model.config, sdpa_attention)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
 def make_optimizer(model, compiled, ortho_dtype):
     d_model = model.config.n_embd
     lr_scale = (d_model / 768) ** -0.5  # AdamW LRs were tuned at d_model 768
@@ -622,11 +631,13 @@ def main():
     gc.unfreeze()
     gc.enable()
 
-    # -- evaluation -----------------------------------------------------------
+    # -- evaluation: the harness's evaluator when it asked for the model (AUTORESEARCH_HANDOFF), else here ----
     t_eval = time.time()
     model.eval()
-    with torch.no_grad(), autocast:
-        val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)
+    val_bpb = None
+    if hand_over(model if attention == "sdpa" else sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device) is None:
+        with torch.no_grad(), autocast:
+            val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)
     synchronize(device)
     t_end = time.time()
 
@@ -635,7 +646,7 @@ def main():
     mfu_percent = (f"{100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak:.2f}"
                    if peak else "n/a")
     summary = dict(
-        val_bpb=f"{val_bpb:.6f}", training_seconds=f"{training_time:.1f}", total_seconds=f"{t_end - t_start:.1f}",
+        val_bpb=f"{val_bpb:.6f}" if val_bpb is not None else "harness", training_seconds=f"{training_time:.1f}", total_seconds=f"{t_end - t_start:.1f}",
         peak_vram_mb=f"{peak_memory_mb(device):.1f}", mfu_percent=mfu_percent,
         total_tokens_M=f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}", num_steps=step, num_params_M=f"{num_params / 1e6:.1f}",
         depth=DEPTH, profile=PROFILE, device=device.type, attention=attention, seed=seed,

@@ -1,0 +1,145 @@
+"""
+The harness's evaluator: val_bpb computed from the model train.py handed over (a torch.export program, see
+handoff.py), in a process of its own, so that none of the agent's Python runs while the metric is computed.
+
+    python -m autoresearch.evaluator MODEL.pt2 [--expect HASHES.json]     # from the repo root; one JSON line
+
+In order: the files the metric reads are checked against their hashes (and restored from the pristine copies
+made at prepare time when damaged), the graph may hold only standard (aten) operators, the model must be causal,
+then val_bpb on the pinned validation rows (prepare.evaluate_bpb, as train.py computes it) and on a held-out
+slice of the validation split that the dataloader never hands to training.
+"""
+
+import argparse
+import json
+import operator
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ALLOWED_HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}  # torch.export's own wrappers
+CAUSALITY_POSITIONS = (0.25, 0.5, 0.75)  # fractions of the context where the future is changed
+
+
+from autoresearch.metricdata import MetricDataError, verify_metric_files
+
+
+class EvaluationError(Exception):
+    """The model cannot be evaluated (or must not be): the message says why."""
+
+# ---------------------------------------------------------------------------
+# The model: standard operators only, causal
+
+
+def foreign_operators(graph_module):
+    """Operators in the graph (and its nested graphs) that are not aten's: a custom operator could run Python."""
+    found = set()
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+            continue
+        if target is operator.getitem:
+            continue
+        if isinstance(target, torch._ops.HigherOrderOperator) and target.name() in ALLOWED_HIGHER_ORDER:
+            continue
+        found.add(str(target))
+    for child in graph_module.children():
+        if isinstance(child, torch.fx.GraphModule):
+            found |= foreign_operators(child)
+    return found
+
+
+def load_model(path, device):
+    """The handed-over model as a module on `device`, after checking what its graph may do."""
+    try:
+        program = torch.export.load(path)
+    except FileNotFoundError:
+        raise EvaluationError(f"train.py handed over no model (no {path}): the run must end with "
+                              f"hand_over(...) from autoresearch.handoff, as the shipped train.py does") from None
+    except Exception as e:
+        raise EvaluationError(f"the handed-over model in {path} cannot be loaded: {type(e).__name__}: {e}") from e
+    foreign = foreign_operators(program.graph_module)
+    if foreign:
+        raise EvaluationError(f"the handed-over model uses operators the evaluator does not run: "
+                              f"{', '.join(sorted(foreign))} (only standard aten operators are allowed)")
+    return program.module().to(device)
+
+
+def check_causal(model, rows, vocab_size):
+    """Logits at position p must not change when tokens after p change. Raises EvaluationError if they do."""
+    x = rows[:2, :-1]
+    T = x.size(1)
+    with torch.no_grad():
+        base = model(x).float()
+        for fraction in CAUSALITY_POSITIONS:
+            p = int(fraction * T)
+            changed = x.clone()
+            changed[:, p + 1:] = (changed[:, p + 1:] + 1 + p) % vocab_size
+            later = model(changed).float()
+            drift = (later[:, :p + 1] - base[:, :p + 1]).abs().max().item()
+            if drift > 1e-3 * max(1.0, base.abs().max().item()):
+                raise EvaluationError(f"the model is not causal: its logits at positions up to {p} change by "
+                                      f"{drift:.3g} when only tokens after position {p} change")
+
+# ---------------------------------------------------------------------------
+# val_bpb
+
+
+class TokenLosses(nn.Module):
+    """The model(x, y, reduction="none") contract of prepare.evaluate_bpb, from a logits-only model."""
+
+    def __init__(self, logits_model):
+        super().__init__()
+        self.logits_model = logits_model
+
+    def forward(self, x, y, reduction="none"):
+        logits = self.logits_model(x).float()
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+
+
+def evaluate(model_path, expect=None, batch_size=16):
+    """{"val_bpb", "eval_seconds", "restored": [...]} for the handed-over model; EvaluationError if refused."""
+    import prepare  # the contract: rows, byte counts and the metric itself
+    start = time.time()
+    tokenizer = prepare.Tokenizer.from_directory()
+    try:
+        restored = verify_metric_files(tokenizer.directory, expect)
+    except MetricDataError as e:
+        raise EvaluationError(str(e)) from None
+    if restored:
+        tokenizer = prepare.Tokenizer.from_directory()
+    device = prepare.default_device()
+    model = load_model(model_path, device)
+    rows = prepare.eval_rows(tokenizer.directory, prepare.MAX_SEQ_LEN, 2, tokenizer.get_bos_token_id())
+    check_causal(model, torch.from_numpy(rows.astype("int64")).to(device), tokenizer.get_vocab_size())
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast(device.type, enabled=False))
+    with torch.no_grad(), autocast:
+        val_bpb = prepare.evaluate_bpb(TokenLosses(model), tokenizer, batch_size)
+    return {"val_bpb": val_bpb, "eval_seconds": round(time.time() - start, 2), "restored": restored}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="the file train.py handed over (torch.export program)")
+    parser.add_argument("--expect", help="JSON file of the metric files' sha256 recorded by the harness")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    expect = json.loads(Path(args.expect).read_text()) if args.expect else None
+    try:
+        result = evaluate(args.model, expect, args.batch_size)
+    except EvaluationError as e:
+        print(json.dumps({"error": str(e)}))
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""
+The files the metric reads (validation tokens, their document offsets, token byte counts, the tokenizer):
+hashed and copied read-only into .pristine/ beside them when they are prepared, checked before every
+evaluation, and restored from the copies when a run damaged them, so that one run cannot bend another's metric.
+"""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+METRIC_FILES = ("val.bin", "val.offsets.npy", "token_bytes.npy", "tokenizer.pkl", "meta.json")
+PRISTINE = ".pristine"
+
+
+class MetricDataError(Exception):
+    """A metric file is damaged and cannot be restored: the message names the fix."""
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal_metric_files(directory):
+    """Read-only copies of the metric's files and their hashes, in directory/.pristine (idempotent)."""
+    directory = Path(directory)
+    pristine = directory / PRISTINE
+    if (pristine / "hashes.json").exists():
+        return json.loads((pristine / "hashes.json").read_text())
+    pristine.mkdir(exist_ok=True)
+    hashes = {}
+    for name in METRIC_FILES:
+        (pristine / name).unlink(missing_ok=True)  # a copy left read-only by an interrupted seal
+        shutil.copyfile(directory / name, pristine / name)
+        (pristine / name).chmod(0o444)
+        hashes[name] = sha256_of(pristine / name)
+    (pristine / "hashes.json").write_text(json.dumps(hashes, indent=1))
+    (pristine / "hashes.json").chmod(0o444)
+    return hashes
+
+
+def verify_metric_files(directory, expected=None):
+    """Restore any metric file whose hash differs from `expected` (default: the pristine record) from its
+    pristine copy. Returns the lines that say what was restored; MetricDataError if no intact copy."""
+    directory = Path(directory)
+    recorded = seal_metric_files(directory)
+    expected = expected or recorded
+    restored = []
+    for name in METRIC_FILES:
+        path = directory / name
+        if path.exists() and sha256_of(path) == expected[name]:
+            continue
+        copy = directory / PRISTINE / name
+        if recorded.get(name) != expected[name] or sha256_of(copy) != expected[name]:
+            raise MetricDataError(f"{path} does not match the hash recorded at prepare time, and no intact copy "
+                                  f"is left: prepare the dataset again (uv run prepare.py ...)")
+        path.unlink(missing_ok=True)
+        shutil.copyfile(copy, path)
+        path.chmod(0o644)
+        restored.append(f"restored {path} from its pristine copy (it did not match the hash recorded at "
+                        f"prepare time)")
+    return restored
