@@ -26,8 +26,8 @@ from prepare import (PROFILE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataload
                      default_device)  # CUDA > MPS > CPU, decided once, the same for the dataloader
 from autoresearch.attention import choose_attention, sdpa_attention  # FA3, flex or SDPA: decided once
 from autoresearch.handoff import hand_over  # under agent_loop.py, the harness evaluates the exported model
-from autoresearch.device import device_memory_bytes, device_name, peak_flops, peak_memory_mb, synchronize
-from autoresearch.memory import GiB, estimate_training_memory, flash_like_attention, memory_problem
+from autoresearch.device import device_name, peak_flops, peak_memory_mb, synchronize
+from autoresearch.memory import check_memory, flash_like_attention  # peak memory counted on fake tensors
 
 # ---------------------------------------------------------------------------
 # Model
@@ -426,7 +426,7 @@ elif PROFILE == "smoke":
     COMPILE = False            # a compile costs more than a 15 s run could win back
 
 # ---------------------------------------------------------------------------
-# Setup: attention kernel, model, memory check, optimizer
+# Setup: model, optimizer
 # ---------------------------------------------------------------------------
 
 TIMED_FROM_STEP = 2  # steps 0-1 compile and warm up; the budget clock starts after them (reported as startup)
@@ -455,19 +455,6 @@ def build_model(vocab_size, device):
         model = GPT(config, attend)
     model.init_weights(INIT_SCALE, X0_INIT)
     return model, attention
-
-
-def check_memory(config, device, autocast_dtype):
-    """Before compiling: exit with the fix if a training step will not fit in the device's memory."""
-    available = device_memory_bytes(device)
-    def estimate(batch):  # counted on fake tensors: nothing is allocated
-        return estimate_training_memory(lambda: GPT(config, flash_like_attention), batch, MAX_SEQ_LEN,
-                                        config.vocab_size, device, autocast_dtype)
-    if available:
-        problem = memory_problem(estimate, DEVICE_BATCH_SIZE, available)
-        print(f"memory: a step needs ~{estimate(DEVICE_BATCH_SIZE).describe()} of {available / GiB:.1f} GiB")
-        if problem:
-            sys.exit(f"FAIL: {problem}")
 
 
 def sdpa_twin(model):
@@ -551,7 +538,10 @@ def main():
         sys.exit(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
                  f"({DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN}): edit the hyperparameters in train.py")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
-    check_memory(config, device, torch.bfloat16 if on_cuda else None)
+    problem = check_memory(lambda: GPT(config, flash_like_attention), DEVICE_BATCH_SIZE, MAX_SEQ_LEN,
+                           config.vocab_size, device, torch.bfloat16 if on_cuda else None)
+    if problem:  # before compiling: a step that cannot fit would die in the middle of the compile
+        sys.exit(f"FAIL: {problem}")
     compiled = COMPILE and device.type != "mps"  # inductor's MPS backend is not ready for this model
     optimizer = make_optimizer(model, compiled=compiled and on_cuda,
                                ortho_dtype=torch.bfloat16 if on_cuda else torch.float32)

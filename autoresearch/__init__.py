@@ -1,6 +1,33 @@
 """
 The harness behind agent_loop.py and prepare.py: fixed code that no agent edits.
 
-    fa3.py       loading Flash Attention 3 from the kernels hub (CUDA, Hopper), with a network probe
-    memory.py    peak memory of a training step, counted on fake tensors before anything is allocated
+The experiment loop (agent_loop.py is its command line):
+    layout.py      where the loop keeps things (files, branches, refs), LoopError, small shared helpers
+    gitrepo.py     git through its command line: commits of named paths, what changed, blob ids, ignores
+    ledger.py      results.tsv: columns, reading, crash-safe appends, the best row, unmeasured rows
+    process.py     children in their own process group: timeouts, kills, leftovers; SIGTERM as a stop
+    runner.py      one train.py run: environment, time limit, log, summary block, crash verdict
+    decide.py      the keep rule: noise margin, keep/discard/crash with its reason, the outcome line
+    state.py       one tag's state: Loop, lock, config pinned at init, running.json (InFlight), loop.log
+    preflight.py   checks before init and before each experiment, each with the command that fixes it
+    resume.py      saving work under refs/autoresearch/, resetting to the best, resuming after a kill
+    experiment.py  one experiment from proposed change to results row, and the baseline (#0)
+    mutate.py      the offline proposer's seeded edit of one hyperparameter line of train.py
+    proposers.py   mutate and an external agent command behind one interface: propose(loop, n, flight)
+    report.py      summary numbers, text report and progress plot of a results.tsv
+    demo.py        the offline end-to-end demo in a disposable worktree
+
+Data, training and evaluation:
+    attention.py   causal attention kernels behind one call, and the choice among them for a run
+    cachefiles.py  the files prepare.py writes in its cache: shards, manifests, atomic writes, progress
+    device.py      what differs between CUDA, MPS and CPU when measuring a run: FLOP/s, sync, memory
+    download.py    the default climbmix dataset: parallel, resumable, verified shard download
+    evaluator.py   val_bpb of the model train.py handed over, computed in a process of its own
+    fa3.py         loading Flash Attention 3 from the kernels hub (CUDA, Hopper), with a network probe
+    handoff.py     the hand-over of a trained model (torch.export) from train.py to the evaluator
+    memory.py      peak memory of a training step, counted on fake tensors before anything is allocated
+    metricdata.py  the metric's files: hashed, kept read-only in .pristine/, checked and restored
+    sources.py     --source: your own text files as a dataset, converted into parquet shards
+    synthetic.py   a corpus generated offline in seconds, for machines without internet and for tests
+    tokens.py      tokenizer training and pre-tokenizing into <split>.bin + offsets
 """

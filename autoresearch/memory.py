@@ -131,3 +131,17 @@ def memory_problem(estimate_for, device_batch_size, available, usable=0.95):
            "make the model smaller (DEPTH, ASPECT_RATIO)")
     return (f"DEVICE_BATCH_SIZE = {device_batch_size} needs ~{needed / GiB:.1f} GiB but the device has "
             f"{available / GiB:.1f} GiB: {fix} in train.py")
+
+
+def check_memory(build_model, device_batch_size, seq_len, vocab_size, device, autocast_dtype):
+    """Print what a training step needs on `device` (counted on fake tensors: nothing is allocated) and return
+    memory_problem's line when it will not fit, else None. Devices whose memory is unknown (MPS) pass."""
+    from autoresearch.device import device_memory_bytes
+    available = device_memory_bytes(device)
+    if not available:
+        return None
+    def estimate(batch):
+        return estimate_training_memory(build_model, batch, seq_len, vocab_size, device, autocast_dtype)
+    print(f"memory: a step needs ~{estimate(device_batch_size).describe()} of {available / GiB:.1f} GiB")
+    return memory_problem(estimate, device_batch_size, available)
+

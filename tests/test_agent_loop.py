@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 AGENT_LOOP = REPO / "agent_loop.py"
 STAND_IN = Path(__file__).resolve().parent / "stand_in"
 sys.path.insert(0, str(REPO))
-import agent_loop  # noqa: E402  (for the pure functions: mutate, summary parsing)
+from autoresearch import gitrepo, mutate, process, runner  # noqa: E402  (the pure functions)
 
 UPSTREAM_TSV = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
                 "baseline\t0.997900\t44.0\tkeep\tbaseline\n"
@@ -495,14 +495,14 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     def training_second_experiment():  # experiment #2's train.py is running, its row not yet written
         state = json.loads(running.read_text()) if running.exists() else {}
         return (state.get("n") == 2 == len(rows(repo)) and state.get("phase") == "train" and "pgid" in state
-                and agent_loop.proc_start_time(state["pgid"]) is not None)
+                and process.proc_start_time(state["pgid"]) is not None)
     assert wait_for(training_second_experiment, 60)
     proc.kill()
     proc.wait()
     state = json.loads(running.read_text())
     finished = rows(repo)
     assert state["n"] == 2 == len(finished)
-    assert agent_loop.proc_start_time(state["pgid"]) is not None  # the orphan train.py still runs
+    assert process.proc_start_time(state["pgid"]) is not None  # the orphan train.py still runs
     out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "1").stdout
     assert wait_for(lambda: pid_gone(state["pgid"]), 15), "the orphaned train.py was not stopped"
     after = rows(repo)
@@ -524,7 +524,7 @@ def kill_9_during_training(repo, env, *args):
 
     def training():
         state = json.loads(running.read_text()) if running.exists() else {}
-        return state.get("phase") == "train" and agent_loop.proc_start_time(state.get("pgid", 0)) is not None
+        return state.get("phase") == "train" and process.proc_start_time(state.get("pgid", 0)) is not None
     assert wait_for(training, 60)
     proc.kill()
     proc.wait()
@@ -637,15 +637,15 @@ def test_a_complete_last_row_without_its_newline_is_kept(repo, env):
 
 def test_mutate_edits_the_active_profile_block_and_respects_batch_rules():
     source = (STAND_IN / "train.py").read_text()
-    params = agent_loop.active_hyperparameters(source, "smoke")
+    params = mutate.active_hyperparameters(source, "smoke")
     assert params["DEPTH"][2] == 2 and params["TOTAL_BATCH_SIZE"][2] == 2**13 and params["MATRIX_LR"][2] == 0.04
-    assert agent_loop.active_hyperparameters(source, "reference")["DEPTH"][2] == 8
-    assert agent_loop.active_hyperparameters(source, "cpu")["DEPTH"][2] == 4
+    assert mutate.active_hyperparameters(source, "reference")["DEPTH"][2] == 8
+    assert mutate.active_hyperparameters(source, "cpu")["DEPTH"][2] == 4
     import random
     seen, descriptions = set(), set()
     for i in range(60):
-        new, desc = agent_loop.propose_mutation(source, "smoke", 128, random.Random(i), seen)
-        after = agent_loop.active_hyperparameters(new, "smoke")
+        new, desc = mutate.propose_mutation(source, "smoke", 128, random.Random(i), seen)
+        after = mutate.active_hyperparameters(new, "smoke")
         changed = [k for k in params if params[k][2] != after[k][2]]
         assert len(changed) == 1 and desc.startswith(changed[0] + " ")
         p = {k: v[2] for k, v in after.items()}
@@ -659,8 +659,8 @@ def test_mutate_edits_the_active_profile_block_and_respects_batch_rules():
         compile(new, "train.py", "exec")
     assert len(descriptions) > 10
     # never a train.py that was seen before
-    first, _ = agent_loop.propose_mutation(source, "smoke", 128, random.Random(0), seen)
-    again, _ = agent_loop.propose_mutation(source, "smoke", 128, random.Random(0), {agent_loop.blob_hash(first.encode())})
+    first, _ = mutate.propose_mutation(source, "smoke", 128, random.Random(0), seen)
+    again, _ = mutate.propose_mutation(source, "smoke", 128, random.Random(0), {gitrepo.blob_hash(first.encode())})
     assert again != first
 
 
@@ -682,7 +682,7 @@ def test_agent_that_writes_non_utf8_into_train_py_gets_a_crash_row(repo, env):
 
 def test_summary_block_parsing_takes_the_last_block():
     out = "step 1\r step 2\n---\nval_bpb: 9.0\n---\nval_bpb:          0.997900\npeak_vram_mb:     45060.2\nmfu_percent:      n/a\n"
-    s = agent_loop.parse_summary(out)
+    s = runner.parse_summary(out)
     assert s == {"val_bpb": "0.997900", "peak_vram_mb": "45060.2", "mfu_percent": "n/a"}
 
 

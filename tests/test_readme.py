@@ -73,10 +73,10 @@ def test_results_example_has_the_columns_agent_loop_writes_and_reports(tmp_path)
     import json
     import sys
     sys.path.insert(0, str(REPO))
-    import agent_loop
+    from autoresearch import ledger
     lines = (REPO / "results.tsv.example").read_text().splitlines()
-    assert lines[0].split("\t") == agent_loop.COLUMNS
-    assert all(len(line.split("\t")) == len(agent_loop.COLUMNS) for line in lines[1:])
+    assert lines[0].split("\t") == ledger.COLUMNS
+    assert all(len(line.split("\t")) == len(ledger.COLUMNS) for line in lines[1:])
     out = subprocess.run([sys.executable, "agent_loop.py", "report", "--json", "results.tsv.example"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert "0.965800" in json.dumps(json.loads(out))  # the best kept row

@@ -1,0 +1,207 @@
+"""
+One experiment, from a change proposed in the working tree to a row in results.tsv: check what changed,
+commit it, train (again with the next seed under --confirm), decide, log, and keep the commit or save it
+under refs/autoresearch/TAG/ and move the branch back. Shared by `step` and `run`. Also the baseline,
+experiment #0 of a tag, which measures the noise that the keep margin is based on.
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from autoresearch.decide import beats, decide, outcome_line
+from autoresearch.gitrepo import blob_hash, changed_since, commit, git, head, short, tree_status
+from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, to_float
+from autoresearch.ledger import DESCRIPTION_MAX, REJECTED, append_row, measured_versions, one_line
+from autoresearch.resume import save_and_reset, spare_name
+from autoresearch.runner import train_once
+from autoresearch.state import InFlight, say
+
+
+# -----------------------------------------------------------------------------
+# One experiment
+
+
+def run_experiment(loop, flight, description, started, strict, untracked_new=()):
+    """The tree holds a proposed change (from the agent, mutate, or a coding agent calling `step`).
+    Returns the one-line outcome. flight records the phases in running.json; strict (`step`) refuses
+    a change to another file instead of recording it. started = time.monotonic() when the loop took over."""
+    description = one_line(description, DESCRIPTION_MAX) or "(no description)"
+    n, best = len(loop.rows), loop.best_commit
+    if not strict and git("merge-base", "--is-ancestor", best, "HEAD", check=False) is None:
+        git("reset", "-q", "--soft", best)  # the agent rewrote history (amend, rebase): keep its files only
+    changed = changed_since(best)
+    why, fixes = broken_rules(changed, best)
+    if why and strict:
+        if head() != best:
+            fixes.insert(0, f"`git reset --soft {best[:7]}` (undoes the commits, keeps the changes)")
+        raise LoopError(f"{' and '.join(why)}; nothing was run. Fix: {', then '.join(fixes)}, then step again")
+    note_extra = f"; agent created untracked files (left in place): {', '.join(sorted(untracked_new))}" \
+        if untracked_new else ""
+    if not changed:
+        save_and_reset(loop, spare_name(loop, "skipped", n), f"[skipped: no change] {description}")
+        return f"skip {TRAIN} is unchanged from the best commit: nothing to run"
+    flight.mark(n=n, phase="commit", best=best)
+    if why:
+        return reject(loop, n, best, description, " and ".join(why), started, note_extra)
+    train_py = blob_hash(Path(TRAIN).read_bytes())
+    twin = measured_versions(loop.rows).get(train_py)
+    if twin:
+        save_and_reset(loop, spare_name(loop, "skipped", n),
+                       f"[skipped: identical to #{twin['n']}] {description}")
+        return (f"skip identical to #{twin['n']} ({twin['commit']}, {twin['status']} val_bpb={twin['val_bpb']}): "
+                f"not run again; {TRAIN} reset to the best")
+    sha = commit([TRAIN], description) if TRAIN in tree_status()[0] else head()
+    log = str(loop.dir / f"{n:03d}-{sha[:7]}.log")
+    write_log_header(loop, log, n, sha, best, description)
+    flight.mark(n=n, phase="train", commit=sha, log=log, best=best)
+    train_start = time.monotonic()
+    runs = measure(loop, log, flight)
+    train_wall = time.monotonic() - train_start
+    status, val, note = decide(runs, loop.best_val, *loop.margin())
+    distrust = untrusted(loop, n, sha, runs)
+    if distrust:
+        status, val, note = "discard", 0.0, distrust
+    previous_best = loop.best_val
+    row = experiment_row(loop, n, short(sha), status, description, runs, val, note + note_extra, log, train_py)
+    finish(loop, row, log, started, train_wall)
+    return outcome_line(status, val, note, log, previous_best, loop.margin()[0], loop.best_val)
+
+
+def broken_rules(changed, best):
+    """(what the proposal did that only train.py may do, how to undo each): other files changed,
+    train.py deleted."""
+    why, fixes = [], []
+    others = sorted(changed - {TRAIN})
+    if others:
+        why.append(f"changed {', '.join(others)} (only {TRAIN} may change)")
+        fixes.append(f"set them aside with `git stash push -- {' '.join(others)}` (or undo them with "
+                     f"`git checkout {best[:7]} -- {' '.join(others)}`)")
+    if not Path(TRAIN).exists():
+        why.append(f"deleted {TRAIN}")
+        fixes.append(f"restore {TRAIN} with `git checkout {best[:7]} -- {TRAIN}`")
+    return why, fixes
+
+
+def measure(loop, log, flight):
+    """Train once; with --confirm, train a candidate keep again with the next seed."""
+    seed = loop.config["base_seed"]
+    runs = [train_once(loop.config, loop.timeout, seed, log, flight.spawned)]
+    margin, _ = loop.margin()
+    if loop.confirm and not runs[0].error and beats(runs[0].val, loop.best_val, margin):
+        runs.append(train_once(loop.config, loop.timeout, seed + 1, log, flight.spawned))
+    return runs
+
+
+def untrusted(loop, n, sha, runs):
+    """The note that rejects a finished run whose number cannot be trusted, else None."""
+    got = runs[0].summary.get("profile")
+    if got and got != loop.config["profile"]:
+        return f"{REJECTED}: ran profile {got}, expected {loop.config['profile']}"
+    dirty = changed_since(sha)
+    if dirty:  # train.py wrote to tracked files while it ran: its number cannot be trusted
+        return (f"{REJECTED}: {TRAIN} changed {', '.join(sorted(dirty))} while running; "
+                f"saved at {loop.ref(f'discarded/{n}')}")
+    return None
+
+
+def reject(loop, n, best, description, why, started, note_extra):
+    """The proposal changed files other than train.py (or deleted it): save all of it under a ref,
+    restore them, and record a row that says so (no training run)."""
+    dirty = changed_since("HEAD")
+    sha = commit(sorted(dirty), f"[rejected] {description}") if dirty else head()
+    log = str(loop.dir / f"{n:03d}-{sha[:7]}.log")
+    write_log_header(loop, log, n, sha, best, description)
+    ref = loop.ref(f"discarded/{n}")
+    note = f"{REJECTED}: {why}; saved at {ref}, restore a file with `git checkout {ref} -- FILE`{note_extra}"
+    train_py = blob_hash(Path(TRAIN).read_bytes()) if Path(TRAIN).exists() else ""
+    row = experiment_row(loop, n, short(sha), "discard", description, [], 0.0, note, log, train_py)
+    finish(loop, row, log, started, 0.0)
+    return outcome_line("discard", 0.0, note, log, None, None, None)
+
+
+# -----------------------------------------------------------------------------
+# Recording: the log, the row, keep or reset
+
+
+def write_log_header(loop, log, n, sha, best, description):
+    diff = git("diff", best, sha, "--", TRAIN) if sha != best else ""
+    with open(log, "a", errors="replace") as f:
+        f.write(f"experiment #{n} on {loop.branch}: {description}\n"
+                f"commit {sha}  parent best {best[:7]} (val_bpb {loop.best_val:.6f}, #{loop.best['n']})\n"
+                f"profile {loop.config['profile']}  python {sys.executable}  {now_iso()}\n"
+                f"\n{diff or '(no diff to train.py)'}\n")
+
+
+def experiment_row(loop, n, sha, status, description, runs, val, note, log, train_py):
+    ok = [r for r in runs if not r.error]
+    first = ok[0].summary if ok else {}
+    memory = max((to_float(r.summary.get("peak_vram_mb")) or 0.0 for r in ok), default=0.0) / 1024
+    return {"commit": sha, "val_bpb": f"{val:.6f}", "memory_gb": f"{memory if status != 'crash' else 0:.1f}",
+            "status": status, "description": description, "tag": loop.tag, "n": str(n),
+            "seeds": ",".join(str(r.seed) for r in runs), "val_bpb_runs": ",".join(f"{r.val:.6f}" for r in ok),
+            "training_seconds": first.get("training_seconds", ""),
+            "total_seconds": first.get("total_seconds", ""),
+            "mfu_percent": first.get("mfu_percent", ""), "num_steps": first.get("num_steps", ""),
+            "profile": first.get("profile", loop.config["profile"]), "train_py": train_py,
+            "timestamp": now_iso(), "log": log, "note": note}
+
+
+def finish(loop, row, log, started, train_wall):
+    """Write the row, then keep (branch stays) or save under refs/ and reset; explain in the log."""
+    row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
+    append_row(row)
+    loop.rows.append(row)
+    if row["status"] == "keep":
+        after = f"branch {loop.branch} now at {row['commit']} (new best)"
+    else:
+        ref = save_and_reset(loop, f"discarded/{row['n']}", f"[{row['status']} #{row['n']}] {row['description']}")
+        after = f"saved at {ref}; branch reset to the best {loop.best['commit']}"
+    overhead = time.monotonic() - started - train_wall
+    with open(log, "a") as f:
+        f.write(f"\n===== decision =====\n{row['note']}\n{after}\n"
+                f"loop overhead {overhead:.2f} s (git, parsing, logging; excludes training and the agent)\n")
+
+
+# -----------------------------------------------------------------------------
+# The baseline: experiment #0
+
+
+def run_baseline(loop, repeats):
+    """The unchanged train.py, `repeats` times with seeds base, base+1, ...: the baseline and the
+    run-to-run noise that the keep margin is based on. An interrupted baseline is not resumed but
+    run again by init, so its running.json goes on a stop too."""
+    started, sha = time.monotonic(), head()
+    log = str(loop.dir / f"000-{sha[:7]}.log")
+    with open(log, "a") as f:
+        f.write(f"baseline of {loop.branch}: {repeats} run(s) of commit {sha}\n")
+    with InFlight(loop, resumable=False) as flight:
+        flight.mark(n=0, phase="train", commit=sha, log=log, baseline=True)
+        runs = []
+        for i in range(repeats):
+            run = train_once(loop.config, loop.timeout, loop.config["base_seed"] + i, log, flight.spawned)
+            print(f"baseline run {i + 1}/{repeats} seed {run.seed}: "
+                  + (f"val_bpb={run.val:.6f}" if not run.error else f"crash {run.error}"), flush=True)
+            if run.error:
+                print(f"the baseline crashed: {run.error}\n" + "\n".join(run.tail) + f"\nlog: {log}\n"
+                      f"Fix the cause, then run `uv run agent_loop.py init --tag {loop.tag}` again (it resumes).",
+                      file=sys.stderr)
+                return 1
+            runs.append(run)
+        train_wall = sum(r.wall for r in runs)
+        loop.rows = [experiment_row(loop, 0, short(sha), "keep", "baseline", runs,
+                                    statistics.fmean(r.val for r in runs), "", log,
+                                    blob_hash(Path(TRAIN).read_bytes()))]
+        margin, why = loop.margin()
+        sigma = f"sigma {statistics.stdev(r.val for r in runs):.6f}" if repeats > 1 else "sigma unknown (1 run)"
+        row = loop.rows[0]
+        row["note"] = f"baseline: {repeats} run(s), {sigma}; keep margin {margin:.4f} ({why})"
+        row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
+        append_row(row)
+    with open(log, "a") as f:
+        f.write(f"\n===== baseline =====\n{row['note']}\n")
+    say(loop, f"baseline val_bpb={float(row['val_bpb']):.6f} runs={row['val_bpb_runs']} {sigma} "
+              f"margin={margin:.4f} log={log}")
+    print(f"next: `uv run agent_loop.py run --agent mutate` (or an LLM agent: run --help), or point a coding "
+          f"agent at {PROGRAM}")
+    return 0

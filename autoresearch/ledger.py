@@ -1,0 +1,135 @@
+"""
+results.tsv, the record of every experiment: its columns (upstream's five first), reading it back (ours or
+upstream's), appending a row so that a kill never leaves half of one, and the two judgements that every
+reader of it shares: which row is the best, and which rows hold no trustworthy measurement.
+"""
+import os
+import sys
+from pathlib import Path
+
+from autoresearch.layout import RESULTS, LoopError
+
+COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstream's five, unchanged
+           "tag", "n", "seeds", "val_bpb_runs", "training_seconds", "total_seconds", "mfu_percent",
+           "num_steps", "profile", "train_py", "timestamp", "loop_s", "log", "note"]
+DESCRIPTION_MAX = 120
+
+# Rows whose train.py has no trustworthy measurement. The status column keeps upstream's values
+# (keep/discard/crash), so the kind is the first word of the note: see unmeasured().
+REJECTED = "rejected"        # broke the rules (another file changed, train.py deleted...): a discard
+INTERRUPTED = "interrupted"  # the loop was stopped or killed while train.py ran: a crash
+
+
+# -----------------------------------------------------------------------------
+# Fields and whole-file writes
+
+
+def one_line(text, limit=None):
+    """A results.tsv field: no tabs or newlines, ever, and valid UTF-8 (an argument in another
+    encoding arrives as surrogates, which no file or terminal can take)."""
+    text = " ".join(str(text).encode(errors="surrogateescape").decode(errors="replace").split())
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+def write_atomic(path, data):
+    """Write bytes via a temp file + rename: a kill leaves the old file or the new one, never half."""
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Reading
+
+
+def read_results(path):
+    """Header and rows of a results.tsv, ours or upstream's 5 columns. In ours, a last line
+    without a newline and without all its columns is a row cut by a crash mid-write and is
+    ignored. An empty file has no rows."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        raise LoopError(f"{path} not found: start a run with `uv run agent_loop.py init --tag TAG`") from None
+    if not text.strip():
+        return COLUMNS, []
+    lines = text.split("\n")
+    last = lines.pop()
+    if not lines:
+        lines, last = [last], ""
+    header = lines[0].split("\t")
+    if [h.strip() for h in header[:5]] != COLUMNS[:5]:
+        raise LoopError(f"{path}: the header must start with the tab-separated columns "
+                        f"{' '.join(COLUMNS[:5])}; got: {lines[0][:80]!r}")
+    header = [h.strip() for h in header]
+    if last.strip() and ("tag" not in header or len(last.split("\t")) >= len(header)):
+        lines.append(last)  # written or edited by hand: the final newline may be missing
+    rows = [dict(zip(header, (f.strip() for f in line.split("\t")))) for line in lines[1:] if line.strip()]
+    return header, rows
+
+
+def tag_rows(tag):
+    if not Path(RESULTS).exists():
+        return []
+    _, rows = read_results(RESULTS)
+    return [r for r in rows if r.get("tag") == tag]
+
+
+# -----------------------------------------------------------------------------
+# Appending: one whole line per write
+
+
+def end_last_line(path):
+    """Before appending: a last line without its newline is a row edited by hand (all columns
+    there: it gets its newline) or one cut by a power loss mid-write (dropped, and printed)."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        cut = data.rfind(b"\n") + 1
+        if cut == len(data):
+            return
+        if data[cut:].count(b"\t") >= len(COLUMNS) - 1:
+            f.write(b"\n")
+        else:
+            f.truncate(cut)
+            print(f"warning: dropped a partial last line of {path}: {data[cut:]!r}", file=sys.stderr)
+
+
+def append_row(row):
+    """One os.write of a whole line, then fsync: after any kill a row is fully there or absent."""
+    line = "\t".join(one_line(row.get(c, "")) for c in COLUMNS) + "\n"
+    end_last_line(RESULTS)
+    fd = os.open(RESULTS, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_results_header():
+    if not Path(RESULTS).exists() or Path(RESULTS).stat().st_size == 0:
+        write_atomic(RESULTS, ("\t".join(COLUMNS) + "\n").encode())
+
+
+# -----------------------------------------------------------------------------
+# What the rows mean (the loop, the report and the plot all ask here)
+
+
+def best_row(rows):
+    """The best result: the last kept row, since each keep beat the best before it by more than the
+    noise margin. None when nothing is kept. Works on results rows and on the report's history
+    entries alike (both have a status)."""
+    return next((r for r in reversed(rows) if r["status"] == "keep"), None)
+
+
+def unmeasured(note):
+    """REJECTED or INTERRUPTED when a row's note says its train.py has no trustworthy measurement
+    (it never ran, did not run to the end, or broke the rules while running), else None."""
+    return next((kind for kind in (REJECTED, INTERRUPTED) if note.startswith(kind)), None)
+
+
+def measured_versions(rows):
+    """train.py versions already measured, by blob hash: the loop never runs one of them again."""
+    return {r["train_py"]: r for r in rows if r.get("train_py") and not unmeasured(r.get("note", ""))}

@@ -1,0 +1,157 @@
+"""
+Reporting a results.tsv (ours, or upstream's five columns): which rows make up a run, the numbers of the
+run (baseline, best, improvement, keep rate, noise, each experiment's delta against the best before it),
+the text report, and the progress plot. The best is ledger.best_row's, as everywhere else.
+"""
+import statistics
+from pathlib import Path
+
+from autoresearch.gitrepo import current_branch, git
+from autoresearch.layout import BRANCH_PREFIX, RESULTS, LoopError, to_float
+from autoresearch.ledger import best_row, one_line, read_results
+
+
+# -----------------------------------------------------------------------------
+# Which rows
+
+
+def default_results_path():
+    """The repo's results.tsv (this directory's when not in a git repository)."""
+    root = git("rev-parse", "--show-toplevel", check=False)
+    return str(Path(root or ".") / RESULTS)
+
+
+def rows_of_run(path, tag=None):
+    """The rows of one run: those of `tag`, else of the current branch's run, else of the latest one.
+    An upstream file has no tag column: all its rows."""
+    header, rows = read_results(path)
+    if "tag" in header:
+        chosen = tag
+        if chosen is None:  # the current branch's run, else the latest one
+            here = current_branch().removeprefix(BRANCH_PREFIX)
+            chosen = here if here in {r.get("tag") for r in rows} else (rows[-1]["tag"] if rows else None)
+        rows = [r for r in rows if r.get("tag") == chosen]
+    if not rows:
+        raise LoopError(f"{path} has no rows{' for tag ' + tag if tag else ''} yet")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The numbers
+
+
+def summarize(rows):
+    """Numbers of a results.tsv: the baseline is the first kept row; deltas are against the best
+    kept before each experiment."""
+    base_i = next((i for i, r in enumerate(rows) if r["status"] == "keep"), 0)
+    base = rows[base_i]
+    base_val = to_float(base["val_bpb"]) or 0.0
+    history = []
+    for i, r in enumerate(rows):
+        val = to_float(r["val_bpb"]) or 0.0
+        measured = val > 0 and r["status"] != "crash"
+        best_before = to_float((best_row(rows[:i]) or base)["val_bpb"]) or 0.0
+        delta = round(val - best_before, 6) if measured and i > base_i and best_before else None
+        history.append({
+            "n": int(r["n"]) if r.get("n", "").isdigit() else i, "commit": r["commit"], "status": r["status"],
+            "val_bpb": val, "delta": delta, "description": r["description"], "note": r.get("note", "")})
+    best = best_row(rows) or base  # a file without a keep: its first row stands in
+    best_val = to_float(best["val_bpb"]) or 0.0
+    best_n = next(e["n"] for r, e in zip(rows, history) if r is best)
+    exps = history[base_i + 1:]
+    count = {s: sum(e["status"] == s for e in exps) for s in ("keep", "discard", "crash")}
+    runs = [float(v) for v in base.get("val_bpb_runs", "").split(",") if v]
+    overhead = [to_float(r.get("loop_s")) for r in rows[base_i + 1:] if to_float(r.get("loop_s")) is not None]
+    return {
+        "tag": base.get("tag"), "experiments": len(exps), "keeps": count["keep"], "discards": count["discard"],
+        "crashes": count["crash"], "keep_rate": round(count["keep"] / len(exps), 4) if exps else None,
+        "baseline": {"commit": base["commit"], "val_bpb": base_val, "runs": runs},
+        "best": {"n": best_n, "commit": best["commit"], "val_bpb": best_val, "description": best["description"]},
+        "improvement": round(base_val - best_val, 6),
+        "improvement_percent": round(100 * (base_val - best_val) / base_val, 3) if base_val else None,
+        "noise_sigma": round(statistics.stdev(runs), 6) if len(runs) > 1 else None,
+        "kept": [e for e in exps if e["status"] == "keep"],
+        "crashed": [e for e in exps if e["status"] == "crash"],
+        "loop_overhead_s_mean": round(statistics.fmean(overhead), 3) if overhead else None,
+        "history": history,
+    }
+
+
+# -----------------------------------------------------------------------------
+# Text and plot
+
+
+def format_report(s, path, recent=0):
+    pct = f" ({s['improvement_percent']:.2f}%)" if s["improvement_percent"] is not None else ""
+    rate = f" ({100 * s['keep_rate']:.0f}%)" if s["keep_rate"] is not None else ""
+    lines = [f"{path}{' (tag ' + s['tag'] + ')' if s['tag'] else ''}: baseline + {s['experiments']} experiments",
+             f"baseline val_bpb {s['baseline']['val_bpb']:.6f}  {s['baseline']['commit']}",
+             f"best val_bpb     {s['best']['val_bpb']:.6f}  {s['best']['commit']}  "
+             f"improvement {s['improvement']:.6f}{pct}"
+             f"  ({s['best']['description']})",
+             f"keeps {s['keeps']}{rate}, discards {s['discards']}, crashes {s['crashes']}"]
+    if s["noise_sigma"] is not None:
+        lines.append(f"noise sigma       {s['noise_sigma']:.6f}  from {len(s['baseline']['runs'])} baseline runs")
+    if s["loop_overhead_s_mean"] is not None:
+        lines.append(f"loop overhead {s['loop_overhead_s_mean']:.2f} s per experiment (mean; excludes training)")
+    def entry(e):
+        val = f"{e['val_bpb']:.6f}" if e["val_bpb"] else "   -    "
+        delta = f"{e['delta']:+.6f}" if e["delta"] is not None else "         "
+        return f"  #{e['n']:<4} {e['commit']:<8} {e['status']:<7} {val}  {delta}  {e['description']}"
+    if s["kept"]:
+        lines += ["kept changes (delta vs the best before each):"] + [entry(e) for e in s["kept"]]
+    if s["crashed"]:
+        lines += ["crashes:"] + [entry(e) + (f"  [{e['note']}]" if e["note"] else "") for e in s["crashed"]]
+    if recent:
+        lines += [f"last {min(recent, len(s['history']))} experiments:"] + [
+            entry(e) + (f"  [{one_line(e['note'], 160)}]" if e["note"] and e["status"] != "keep" else "")
+            for e in s["history"][-recent:]]
+    return "\n".join(lines)
+
+
+def plot(s, path):
+    """Every experiment: discards faint, keeps highlighted and labelled, best-so-far as a step line,
+    crashes and rejections as marks at the bottom."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    hist = s["history"]
+    xs = list(range(len(hist)))
+    measured = [(x, e) for x, e in zip(xs, hist) if e["val_bpb"] > 0 and e["status"] != "crash"]
+    base, best = s["baseline"]["val_bpb"], s["best"]["val_bpb"]
+    # the scale follows the bulk of the results; a diverged run must not squash the progress line
+    vals = sorted(e["val_bpb"] for _, e in measured) or [base]
+    top = max(vals[int(0.9 * (len(vals) - 1))], base)
+    pad = 0.08 * max(top - best, 0.002)
+    low, high = best - pad, top + pad
+    fig, ax = plt.subplots(figsize=(12, 6))
+    disc = [(x, e["val_bpb"]) for x, e in measured if e["status"] != "keep" and e["val_bpb"] <= high]
+    if disc:
+        ax.scatter(*zip(*disc), s=16, color="0.55", alpha=0.35, label="discard", zorder=2)
+    off = [x for x, e in measured if e["status"] != "keep" and e["val_bpb"] > high]
+    if off:
+        ax.scatter(off, [high - 0.3 * pad] * len(off), marker="^", s=22, color="0.55", alpha=0.5,
+                   label="discard (off scale)", zorder=2)
+    keeps = [(x, e) for x, e in measured if e["status"] == "keep"]
+    ax.scatter([x for x, _ in keeps], [e["val_bpb"] for _, e in keeps], s=50, color="#1a9850",
+               edgecolor="black", linewidth=0.5, label="keep", zorder=4)
+    for x, e in keeps:
+        ax.annotate(one_line(e["description"], 40), (x, e["val_bpb"]), xytext=(4, 6), textcoords="offset points",
+                    fontsize=7, rotation=20, color="#1a6630")
+    bests = [best_row(hist[:i + 1]) for i in range(len(hist))]  # the best after each experiment
+    running = [b["val_bpb"] if b else base for b in bests]
+    ax.step(xs, running, where="post", color="#1a9850", linewidth=1.5, label="best so far", zorder=3)
+    failed = [x for x, e in zip(xs, hist) if e["status"] == "crash" or e["val_bpb"] <= 0]
+    if failed:
+        ax.scatter(failed, [low + 0.3 * pad] * len(failed), marker="x", color="#d73027",
+                   label="crash / rejected", zorder=4)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("experiment")
+    ax.set_ylabel("val_bpb (lower is better)")
+    ax.set_title(f"{s['experiments']} experiments, {s['keeps']} kept: val_bpb {base:.4f} -> {best:.4f}")
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="best", fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+

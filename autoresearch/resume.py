@@ -1,0 +1,152 @@
+"""
+Never losing anything, and going on where a stopped or killed loop left off: saving whatever differs from
+the best commit under refs/autoresearch/TAG/ and moving the branch back (after every discard, skip or
+failed proposal too), finishing an interrupted experiment on Ctrl-C or at the next start, and opening a
+tag's loop, which always begins with that.
+"""
+import os
+import signal
+from pathlib import Path
+
+from autoresearch.gitrepo import changed_since, commit, current_branch, git, git_root, head, short, tree_status
+from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, LoopError, now_iso
+from autoresearch.ledger import INTERRUPTED, append_row, tag_rows
+from autoresearch.preflight import tracked_outputs
+from autoresearch.process import kill_leftover
+from autoresearch.runner import default_timeout
+from autoresearch.state import InFlight, Loop, load_config, lock, say
+
+KILLED = f"{INTERRUPTED}: the loop was killed during training (kill -9, reboot)"
+STOPPED = f"{INTERRUPTED}: the loop was stopped (Ctrl-C or SIGTERM) during training"
+
+
+# -----------------------------------------------------------------------------
+# Saving work and moving the branch back
+
+
+def save_and_reset(loop, name, message):
+    """Commit whatever differs from the best commit (explicit paths), keep it reachable at
+    refs/autoresearch/TAG/<name>, and move the branch back to best. The hard reset only runs on a
+    clean tree, so it never throws anything away. Returns the ref, or None if nothing differed."""
+    branch = current_branch()
+    if branch and branch != loop.branch:  # detached is fine: the reset then moves no branch at all
+        raise LoopError(f"HEAD is on {branch}, not on {loop.branch}, and the loop only ever resets its own "
+                        f"branch: it stops here. Fix: `git checkout {loop.branch}` (commit or stash first), "
+                        f"then run again")
+    best = loop.best_commit
+    dirty = changed_since("HEAD")
+    if dirty:
+        commit(sorted(dirty), message)
+    if head() == best:
+        return None
+    ref = loop.ref(name)
+    git("update-ref", ref, head())
+    git("reset", "-q", "--hard", best)
+    return ref
+
+
+def spare_name(loop, kind, n):
+    """kind/N.K with the first free K: several attempts without a row can share a number N."""
+    k = 1
+    while git("rev-parse", "-q", "--verify", loop.ref(f"{kind}/{n}.{k}"), check=False) is not None:
+        k += 1
+    return f"{kind}/{n}.{k}"
+
+
+def save_failed_proposal(loop, n):
+    """A proposer failed (or left the branch): save what it wrote, back on the loop's branch at best."""
+    ref = save_and_reset(loop, spare_name(loop, "agent-failed", n), f"[agent failed] #{n}")
+    if current_branch() != loop.branch:
+        git("checkout", "-q", loop.branch)
+    return ref
+
+
+# -----------------------------------------------------------------------------
+# Finishing an interrupted experiment
+
+
+def reconcile(loop, reason=KILLED, restart=True):
+    """Finish what a killed or interrupted loop left behind: end its leftover child, give an
+    interrupted training run its crash row, save unfinished work under refs/autoresearch/, move the
+    branch back to the best commit. Idempotent: runs at every start (restart=True) and on Ctrl-C."""
+    with InFlight(loop) as flight:
+        state = flight.read()
+        loop.rows = tag_rows(loop.tag)
+        if state is None:
+            return
+        kill_leftover(state)
+        if state.get("baseline"):  # init runs the baseline again
+            return
+        n = state["n"]
+        row = next((r for r in loop.rows if r.get("n") == str(n)), None)
+        if row is None and state["phase"] == "train":
+            row = interrupted_row(loop, state, reason)
+            append_row(row)
+            loop.rows.append(row)
+        if row and row["status"] == "keep":
+            return
+        # After a restart, changes to other files may be the user's, made since the kill: never reset them.
+        others = sorted(changed_since("HEAD") - {TRAIN}) if restart else []
+        if others:
+            raise LoopError(f"experiment #{n} was interrupted, and finishing it resets {loop.branch} to the "
+                            f"best commit, but {', '.join(others)} have uncommitted changes that may be yours. "
+                            f"Fix: commit them elsewhere or `git stash`, or if the experiment wrote them, "
+                            f"`git checkout -- {' '.join(others)}`; then run the same command again")
+        if row is None:  # stopped before training: the agent's partial edits are saved, not run
+            ref = save_and_reset(loop, spare_name(loop, "interrupted", n), f"[interrupted before training] #{n}")
+            if ref:
+                say(loop, f"#{n} interrupted before training; its changes are saved at {ref}")
+        else:
+            # train.py edited since its commit was made (e.g. by a coding agent after its `step` was killed)
+            # is the next proposal: it stays in the working tree, and a copy is saved with the experiment.
+            edited = TRAIN in tree_status()[0]
+            ref = save_and_reset(loop, f"discarded/{n}", f"[{row['status']}] #{n} {row['description']}")
+            if edited:
+                git("checkout", ref, "--", TRAIN)
+                say(loop, f"#{n} saved at {ref}; your uncommitted edit of {TRAIN} is kept in the working tree")
+
+
+def interrupted_row(loop, state, reason):
+    commit_sha = state["commit"]
+    with open(state["log"], "a") as log:
+        log.write(f"\n===== decision =====\ncrash: {reason}\n")
+    say(loop, f"#{state['n']} crash {reason} log={state['log']}")
+    return {"commit": short(commit_sha), "val_bpb": "0.000000", "memory_gb": "0.0", "status": "crash",
+            "description": git("log", "-1", "--format=%s", commit_sha), "tag": loop.tag, "n": str(state["n"]),
+            "profile": loop.config["profile"], "train_py": git("rev-parse", f"{commit_sha}:{TRAIN}")[:12],
+            "timestamp": now_iso(), "log": state["log"], "note": reason}
+
+
+# -----------------------------------------------------------------------------
+# Opening and stopping a tag's loop
+
+
+def open_loop(timeout=None, min_delta=None, confirm=False):
+    """cd to the repo root, find the tag from the branch, lock it, load its state, and resume."""
+    os.chdir(git_root())
+    branch = current_branch()
+    if not branch.startswith(BRANCH_PREFIX):
+        tags = git("for-each-ref", "--format=%(refname:short)", f"refs/heads/{BRANCH_PREFIX}").split()
+        hint = f" or switch to one: `git checkout {tags[-1]}`" if tags else ""
+        raise LoopError(f"not on an autoresearch branch (on {branch or 'a detached HEAD'}). "
+                        f"Start one with `uv run agent_loop.py init --tag mytag`{hint}")
+    tag = branch[len(BRANCH_PREFIX):]
+    if problem := tracked_outputs():
+        raise LoopError(f"{problem}, then start a new run from there with `init --tag {tag}b`")
+    lock(Path(LOGS_DIR) / tag)
+    config = load_config(tag)
+    loop = Loop(tag, config, [], timeout or default_timeout(config), min_delta, confirm)
+    reconcile(loop)
+    if not loop.rows or loop.rows[0]["status"] != "keep":
+        raise LoopError(f"{RESULTS} has no baseline for {tag}: run `uv run agent_loop.py init --tag {tag}` "
+                        f"(on this branch it resumes the baseline)")
+    return loop
+
+
+def stop_cleanly(loop):
+    """Ctrl-C or SIGTERM: the child group is already dead; record, save, reset, say where we are."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    reconcile(loop, reason=STOPPED, restart=False)
+    say(loop, f"stopped: {loop.branch} at the best commit {loop.best['commit']} (val_bpb {loop.best_val:.6f})")
+    raise SystemExit(130)

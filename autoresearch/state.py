@@ -1,0 +1,170 @@
+"""
+The loop's state for one tag: the Loop (this tag's rows of results.tsv, the config pinned at init in
+logs/TAG/init.json, the limits and keep rule of this invocation), the lock that allows one agent_loop per
+tag, the experiment in flight (logs/TAG/running.json) and the loop's own record (logs/TAG/loop.log).
+"""
+import fcntl
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoresearch.decide import keep_margin
+from autoresearch.gitrepo import git
+from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, now_iso, read_json
+from autoresearch.ledger import best_row, write_atomic
+from autoresearch.process import Stop, proc_start_time
+
+DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_SEED overrides at init
+
+
+# -----------------------------------------------------------------------------
+# The Loop
+
+
+@dataclass
+class Loop:
+    tag: str
+    config: dict          # logs/TAG/init.json: profile, dataset, budget... pinned at init
+    rows: list            # this tag's rows of results.tsv
+    timeout: float        # hard limit for one train.py run
+    min_delta: float = None
+    confirm: bool = False
+
+    @property
+    def dir(self):
+        return Path(LOGS_DIR) / self.tag
+
+    @property
+    def branch(self):
+        return BRANCH_PREFIX + self.tag
+
+    def ref(self, name):
+        """Where discarded, skipped or interrupted work stays reachable."""
+        return f"{REF_PREFIX}{self.tag}/{name}"
+
+    @property
+    def best(self):
+        return best_row(self.rows)
+
+    @property
+    def best_val(self):
+        return float(self.best["val_bpb"])
+
+    @property
+    def best_commit(self):
+        return git("rev-parse", f"{self.best['commit']}^{{commit}}")
+
+    def margin(self):
+        """(margin, why) of the keep rule: --min-delta, else from the baseline runs (row 0)."""
+        return keep_margin(self.rows[0], self.min_delta)
+
+
+def say(loop, text):
+    """Print one line and keep it in logs/TAG/loop.log (the overnight record of the loop itself)."""
+    print(text, flush=True)
+    with open(loop.dir / "loop.log", "a") as f:
+        f.write(f"{now_iso()} {text}\n")
+
+
+def lock(tag_dir):
+    """One agent_loop per tag at a time (an agent calling `step` inside `run` is refused).
+    flock is released by the kernel even after kill -9."""
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tag_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode().strip()
+        raise LoopError(f"another agent_loop.py (pid {pid}) is working on {tag_dir.name}: wait for it, "
+                        f"or stop it with `kill {pid}` (it stops cleanly at the best commit)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+# -----------------------------------------------------------------------------
+# The config pinned at init
+
+
+def import_prepare():
+    """prepare.py, imported lazily (it imports torch) from the repo root; it reads
+    AUTORESEARCH_PROFILE and AUTORESEARCH_CACHE_DIR."""
+    sys.path.insert(0, os.getcwd())
+    import prepare
+    return prepare
+
+
+def pinned_config(prepare, tag, repeats):
+    """What makes two experiments comparable, from prepare.py, recorded at init."""
+    return {"tag": tag, "profile": prepare.PROFILE, "dataset": prepare.DATASET,
+            "cache_dir": str(prepare.CACHE_DIR), "time_budget": prepare.TIME_BUDGET, "max_seq_len": prepare.MAX_SEQ_LEN,
+            "base_seed": int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED)), "repeats": repeats,
+            "created": now_iso()}
+
+
+def pin_config(tag, repeats):
+    """Record the pinned config in logs/TAG/init.json (the directory exists: lock() made it)."""
+    config = pinned_config(import_prepare(), tag, repeats)
+    write_atomic(Path(LOGS_DIR) / tag / "init.json", json.dumps(config, indent=1).encode())
+    return config
+
+
+def load_config(tag):
+    config = read_json(Path(LOGS_DIR) / tag / "init.json")
+    if config is None:  # logs/ was cleaned: rebuild it from prepare.py (slow once: imports torch)
+        config = pin_config(tag, None)
+    for key, field in (("AUTORESEARCH_PROFILE", "profile"), ("AUTORESEARCH_DATASET", "dataset")):
+        if os.environ.get(key) and config.get(field) and os.environ[key] != config[field]:
+            raise LoopError(f"{key}={os.environ[key]}, but {BRANCH_PREFIX}{tag} was initialised with "
+                            f"{config[field]}: results would not be comparable. Fix: `export {key}="
+                            f"{config[field]}` (or `unset {key}`), or start a new tag with `init`")
+    return config
+
+
+# -----------------------------------------------------------------------------
+# The experiment in flight
+
+
+class InFlight:
+    """logs/TAG/running.json names the experiment in flight, so that a killed loop can be resumed.
+    This is the one place that writes and removes it:
+
+        with InFlight(loop) as flight:
+            flight.mark(n=n, phase="train", ...)   # at each phase; flight.spawned(pid) adds the child
+
+    A block that ends normally removes the file. An exception (Ctrl-C, SIGTERM, an error) or a kill
+    leaves it behind, for reconcile() to finish the experiment on the stop or at the next start.
+    resumable=False (the baseline, which init simply runs again) removes it on Ctrl-C and SIGTERM too."""
+
+    def __init__(self, loop, resumable=True):
+        self.path, self.resumable, self.state = loop.dir / "running.json", resumable, {}
+
+    def read(self):
+        """What an earlier loop left in flight, or None."""
+        return read_json(self.path)
+
+    def mark(self, **state):
+        self.state = state
+        for attempt in range(3):  # the agent, running meanwhile, may delete logs/ (`git clean -fdx`)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                write_atomic(self.path, json.dumps(state).encode())
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+
+    def spawned(self, pid):
+        """A child started (train.py or the agent): its process group and start time let a resumed
+        loop end it, and only it."""
+        self.mark(**dict(self.state, pgid=pid, started=proc_start_time(pid)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None or (not self.resumable and issubclass(kind, (KeyboardInterrupt, Stop))):
+            self.path.unlink(missing_ok=True)
+        return False
