@@ -4,10 +4,11 @@ hashed and copied read-only into .pristine/ beside them when they are prepared, 
 evaluation, and restored from the copies when a run damaged them, so that one run cannot bend another's metric.
 """
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
+
+from autoresearch.cachefiles import sha256_of
 
 METRIC_FILES = ("val.bin", "val.offsets.npy", "token_bytes.npy", "tokenizer.pkl", "meta.json")
 PRISTINE = ".pristine"
@@ -15,14 +16,6 @@ PRISTINE = ".pristine"
 
 class MetricDataError(Exception):
     """A metric file is damaged and cannot be restored: the message names the fix."""
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def seal_metric_files(directory):
