@@ -144,7 +144,7 @@ def experiment_row(loop, n, sha, status, description, runs, val, note, log, trai
             "total_seconds": first.get("total_seconds", ""),
             "mfu_percent": first.get("mfu_percent", ""), "num_steps": first.get("num_steps", ""),
             "profile": first.get("profile", loop.config["profile"]), "train_py": train_py,
-            "timestamp": now_iso(), "log": log, "note": note}
+            "timestamp": now_iso(), "log": log, "note": "; ".join([note] + [x for r in runs for x in r.notes])}
 
 
 def finish(loop, row, log, started, train_wall):
@@ -195,7 +195,8 @@ def run_baseline(loop, repeats):
         margin, why = loop.margin()
         sigma = f"sigma {statistics.stdev(r.val for r in runs):.6f}" if repeats > 1 else "sigma unknown (1 run)"
         row = loop.rows[0]
-        row["note"] = f"baseline: {repeats} run(s), {sigma}; keep margin {margin:.4f} ({why})"
+        row["note"] = "; ".join([f"baseline: {repeats} run(s), {sigma}; keep margin {margin:.4f} ({why})"]
+                                + [x for r in runs for x in r.notes])
         row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
         append_row(row)
     with open(log, "a") as f:

@@ -1,9 +1,11 @@
 """
 Child processes (train.py, an agent command) in their own process group, so that a timeout, Ctrl-C or the
 end of a run kills them and everything they started, and never anything else; ending a child that outlived
-a killed loop; and SIGTERM, which the loop handles like Ctrl-C.
+a killed loop; processes that left the group (setsid, a double fork) found by a token in their environment;
+and SIGTERM, which the loop handles like Ctrl-C.
 """
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -52,11 +54,12 @@ def kill_group(pgid, alive):
 
 def run_group(cmd, stdout, stderr, env, timeout, stdin=subprocess.DEVNULL, shell=False, on_spawn=None):
     """Run cmd in a new session (its own process group): a timeout, Ctrl-C or the end of the run
-    kills it and everything it started, and never anything else. Returns (exit code or None on
-    timeout, seconds)."""
+    kills it and everything it started, also what left the group, and never anything else. Returns
+    (exit code or None on timeout, seconds)."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, shell=shell, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
-                            start_new_session=True)
+    token = new_run_token()
+    proc = subprocess.Popen(cmd, shell=shell, stdin=stdin, stdout=stdout, stderr=stderr,
+                            env={**env, RUN_TOKEN_ENV: token}, start_new_session=True)
     try:
         if on_spawn:
             on_spawn(proc.pid)
@@ -66,7 +69,59 @@ def run_group(cmd, stdout, stderr, env, timeout, stdin=subprocess.DEVNULL, shell
     finally:
         kill_group(proc.pid, lambda: proc.poll() is None)
         proc.wait()
+        escaped = kill_token_holders(token)
+        if escaped:
+            log_note(stdout if stderr == subprocess.STDOUT else stderr,
+                     f"[agent_loop] killed {escaped} process(es) of this run that outlived it (setsid, daemon)")
     return rc, time.monotonic() - start
+
+
+def log_note(f, text):
+    """A line of the loop's own in a child's open log (text or binary), if it is a file."""
+    if hasattr(f, "write"):
+        f.write(f"\n{text}\n".encode() if "b" in getattr(f, "mode", "") else f"\n{text}\n")
+        f.flush()
+
+
+RUN_TOKEN_ENV = "AUTORESEARCH_RUN_TOKEN"
+
+
+def new_run_token():
+    """A value for RUN_TOKEN_ENV: every process a run starts inherits it, whatever session it moves to."""
+    return secrets.token_hex(12)
+
+
+def processes_with_token(token):
+    """Pids of this user's live processes whose environment holds RUN_TOKEN_ENV=token (Linux /proc)."""
+    needle = f"{RUN_TOKEN_ENV}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and proc_start_time(entry.name):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+def kill_token_holders(token):
+    """SIGKILL every process that still carries the run's token (a daemon that escaped its process group);
+    returns how many there were. Repeated until none is left: a dying parent may fork once more."""
+    killed = set()
+    for _ in range(20):
+        pids = [pid for pid in processes_with_token(token) if pid not in killed or proc_start_time(pid)]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
+    return len(killed)
 
 
 def kill_leftover(state):

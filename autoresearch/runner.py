@@ -1,17 +1,26 @@
 """
 One run of train.py: its environment (the seed, and the profile pinned at init), its time limit, its output
 appended to the experiment's log, and the verdict read from that output: the summary block after the last
-`---` line, or why the run counts as a crash.
+`---` line, or why the run counts as a crash. With the real prepare.py (config["harness_eval"]), train.py
+hands its model over and val_bpb is the harness's evaluator's (autoresearch/evaluator.py), not train.py's.
 """
+import json
 import math
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, now_iso, to_float
 from autoresearch.process import run_group
+
+BUDGET_TOLERANCE = 0.02     # training may overrun the budget by 2% (or by its last step, if longer)
+PRINTED_TOLERANCE = 1e-4    # relative: train.py's own val_bpb against the evaluator's
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # where `autoresearch` is importable from
 
 
 @dataclass
@@ -21,6 +30,7 @@ class Run:
     error: str            # None when the run produced a finite val_bpb
     tail: list            # last lines of the traceback (or output), for crashes
     wall: float
+    notes: list = field(default_factory=list)  # what the row's note must say about this run
 
     @property
     def val(self):
@@ -48,19 +58,65 @@ def default_timeout(config):
 
 
 def train_once(config, timeout, seed, log_path, on_spawn=None):
-    """One `python train.py` with this seed, output appended to the experiment's log. on_spawn(pid)
-    is called with the child's pid as soon as it runs (to record it for a resumed loop)."""
+    """One `python train.py` with this seed, output appended to the experiment's log, then (with the real
+    prepare.py) the evaluator on the model it handed over. on_spawn(pid) is called with each child's pid as
+    soon as it runs (to record it for a resumed loop)."""
+    env = child_env(config, seed)
+    handoff = None
+    if config.get("harness_eval"):
+        handoff = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.pt2")
+        handoff.unlink(missing_ok=True)
+        env[HANDOFF_ENV] = str(handoff)
     with open(log_path, "a") as log:
         log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
         log.flush()
         offset = log.tell()
-        rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, child_env(config, seed),
-                             timeout, on_spawn=on_spawn)
+        rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
     with open(log_path, "rb") as f:
         f.seek(offset)
         output = f.read().decode(errors="replace")
-    error, summary, tail = judge_run(output, rc, timeout)
-    return Run(seed, summary, error, tail, wall)
+    error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff))
+    run = Run(seed, summary, error, tail, wall)
+    if handoff:
+        if not error:
+            evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn)
+        handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
+    return run
+
+
+def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn):
+    """val_bpb of the handed-over model by the evaluator, in its own process; sets run.error when it refuses
+    the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(config.get("metric_hashes") or {}, f)
+    env = dict(child_env(config, run.seed), PYTHONPATH=os.pathsep.join(
+        p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "autoresearch.evaluator", str(handoff)] + (
+        ["--expect", f.name] if config.get("metric_hashes") else [])
+    with open(log_path, "a") as log:
+        log.write(f"\n===== evaluator  {now_iso()} =====\n")
+        log.flush()
+        offset = log.tell()
+        rc, wall = run_group(cmd, log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
+    os.unlink(f.name)
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        result = {"error": f"the evaluator ended without a result (exit {rc}): {(lines or [''])[-1][:200]}"}
+    if "error" in result:
+        run.error = f"evaluator: {result['error']}"
+        return
+    printed = to_float(run.summary.get("val_bpb"))
+    run.summary.update(val_bpb=f"{result['val_bpb']:.6f}", eval_seconds=f"{result['eval_seconds']:.1f}")
+    run.notes += result.get("restored", [])
+    if printed is not None:
+        run.summary["printed_val_bpb"] = f"{printed:.6f}"
+        if abs(printed - result["val_bpb"]) > PRINTED_TOLERANCE * result["val_bpb"]:
+            run.notes.append(f"train.py printed val_bpb {printed:.6f}, the evaluator measured "
+                             f"{result['val_bpb']:.6f}: the evaluator's counts")
 
 
 # -----------------------------------------------------------------------------
@@ -85,13 +141,23 @@ def crash_tail(lines, n=3):
     return (lines[starts[-1] + 1:] if starts else lines)[-n:]
 
 
-def judge_run(output, rc, timeout):
-    """(error or None, summary, tail). A missing block, FAIL, a non-zero exit or a non-finite
-    val_bpb is a crash."""
+def summary_blocks(output):
+    """Every summary block in the output (a run may print only one)."""
+    parts = re.split(r"^---[ \t]*$", output, flags=re.M)[1:]
+    return [block for block in (parse_summary("---\n" + part) for part in parts) if block]
+
+
+def judge_run(output, rc, timeout, budget=None, handed_over=False):
+    """(error or None, summary, tail). A missing block, FAIL, a non-zero exit, a val_bpb that is not finite
+    and positive, two different summary blocks, or training past the budget is a crash. handed_over: the
+    evaluator will measure val_bpb, so train.py need not print it."""
     summary = parse_summary(output)
     lines = [line.rstrip() for line in output.splitlines() if line.strip()]
     fail = next((line for line in reversed(lines) if line.startswith("FAIL")), None)
     val = to_float(summary.get("val_bpb"))
+    blocks = summary_blocks(output)
+    trained, steps = to_float(summary.get("training_seconds")), to_float(summary.get("num_steps"))
+    overrun = budget and trained and trained > budget + max(BUDGET_TOLERANCE * budget, trained / max(steps or 1, 1))
     if rc is None:
         error = f"timeout: killed with its whole process group after {timeout:.0f} s"
     elif fail:
@@ -100,13 +166,19 @@ def judge_run(output, rc, timeout):
         error = f"exit code {rc}"
     elif rc < 0:
         error = f"killed by signal {-rc}" + (" (out of memory?)" if rc == -9 else "")
-    elif val is None:
+    elif not summary or (val is None and not handed_over):
         error = "no summary block (val_bpb missing)"
-    elif not math.isfinite(val):
-        error = f"val_bpb is {summary['val_bpb']}"
     else:
         error = None
     tail = crash_tail(lines) if error else []
     if error and tail and rc is not None and not fail:
         error = f"{error}: {tail[-1].strip()}"
+    if error is None:  # a block that reads as a result but cannot be one
+        if val is not None and not (math.isfinite(val) and val > 0):
+            error = f"val_bpb is {summary['val_bpb']}: not a finite positive number"
+        elif len({tuple(sorted(b.items())) for b in blocks}) > 1:
+            error = f"{len(blocks)} different summary blocks: a run prints one"
+        elif overrun:
+            error = (f"trained {trained:.1f} s, past the {budget:g} s budget by more than "
+                     f"{100 * BUDGET_TOLERANCE:g}%")
     return error, summary, tail

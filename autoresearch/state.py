@@ -13,6 +13,7 @@ from pathlib import Path
 from autoresearch.decide import keep_margin
 from autoresearch.gitrepo import git
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, now_iso, read_json
+from autoresearch.metricdata import seal_metric_files
 from autoresearch.ledger import best_row, write_atomic
 from autoresearch.process import Stop, proc_start_time
 
@@ -97,11 +98,14 @@ def import_prepare():
 
 
 def pinned_config(prepare, tag, repeats):
-    """What makes two experiments comparable, from prepare.py, recorded at init."""
+    """What makes two experiments comparable, from prepare.py, recorded at init. With the real prepare.py
+    (it defines the metric), the harness evaluates every run itself, against the metric files' hashes."""
+    harness_eval = hasattr(prepare, "evaluate_bpb") and prepare.DATASET is not None
+    hashes = seal_metric_files(prepare.prepared_dir(prepare.DATASET)) if harness_eval else None
     return {"tag": tag, "profile": prepare.PROFILE, "dataset": prepare.DATASET,
             "cache_dir": str(prepare.CACHE_DIR), "time_budget": prepare.TIME_BUDGET, "max_seq_len": prepare.MAX_SEQ_LEN,
             "base_seed": int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED)), "repeats": repeats,
-            "created": now_iso()}
+            "harness_eval": harness_eval, "metric_hashes": hashes, "created": now_iso()}
 
 
 def pin_config(tag, repeats):
