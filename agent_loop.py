@@ -13,6 +13,7 @@ experiment is a row in results.tsv and a log in logs/TAG/; the loop resumes afte
 # The command line only: what each command does lives in the modules of autoresearch/ (listed in
 # autoresearch/__init__.py). Python puts this file's directory on sys.path, so they import from any cwd.
 import argparse
+import math
 import json
 import os
 import re
@@ -172,6 +173,28 @@ def cmd_demo(args):
 # Command line
 
 
+def positive(kind, unit):
+    """An argparse type: a finite number of `kind` above 0 (argparse names the flag in its error)."""
+    return bounded(kind, unit, lambda x: x > 0, "greater than 0")
+
+
+def non_negative(kind, unit):
+    return bounded(kind, unit, lambda x: x >= 0, "0 or more")
+
+
+def bounded(kind, unit, allowed, words):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+        if not math.isfinite(value) or not allowed(value):
+            raise argparse.ArgumentTypeError(f"{text} {unit}: must be a finite number {words}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's own messages say "invalid int value"
+    return parse
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="agent_loop.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,7 +204,7 @@ def build_parser():
     init.add_argument("--tag", help="run name; branch autoresearch/TAG (default: today, e.g. mar5)")
     init.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                       help=f"baseline runs with seeds 42, 43, ... to measure noise (default {DEFAULT_REPEATS})")
-    init.add_argument("--timeout", type=float,
+    init.add_argument("--timeout", type=positive(float, "seconds"),
                       help="hard limit per train.py run, s (default max(2*budget, budget+120))")
     init.set_defaults(func=cmd_init)
 
@@ -189,10 +212,10 @@ def build_parser():
     decide_flags.add_argument("--confirm", action="store_true",
                               help="re-run a candidate keep with the next seed; keep only if the mean "
                                    "still clears the margin")
-    decide_flags.add_argument("--min-delta", type=float,
+    decide_flags.add_argument("--min-delta", type=non_negative(float, "val_bpb"),
                               help="keep margin in val_bpb (default: 2 sigma of the baseline runs, at "
                                    "least 0.1%% of the baseline)")
-    decide_flags.add_argument("--timeout", type=float,
+    decide_flags.add_argument("--timeout", type=positive(float, "seconds"),
                               help="hard limit per train.py run, s (default max(2*budget, budget+120): "
                                    "600 s at the reference budget)")
 
@@ -204,9 +227,10 @@ def build_parser():
     run = sub.add_parser("run", parents=[decide_flags], help="the autonomous loop", epilog=AGENT_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--agent", required=True, help="'mutate' or a shell command (see below)")
-    run.add_argument("--max-experiments", type=int, help="stop after N iterations (default: until Ctrl-C)")
-    run.add_argument("--hours", type=float, help="start no new experiment after H hours")
-    run.add_argument("--agent-timeout", type=float, default=AGENT_TIMEOUT_S,
+    run.add_argument("--max-experiments", type=non_negative(int, "experiments"),
+                     help="stop after N iterations (default: until Ctrl-C)")
+    run.add_argument("--hours", type=positive(float, "hours"), help="start no new experiment after H hours")
+    run.add_argument("--agent-timeout", type=positive(float, "seconds"), default=AGENT_TIMEOUT_S,
                      help=f"s (default {AGENT_TIMEOUT_S})")
     run.add_argument("--seed", type=int, default=0, help="mutate's random seed (default 0)")
     run.set_defaults(func=cmd_run)
@@ -220,7 +244,7 @@ def build_parser():
     report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="offline end-to-end demo (smoke profile) in a disposable worktree")
-    demo.add_argument("--experiments", type=int, default=3, help="mutate experiments (default 3)")
+    demo.add_argument("--experiments", type=positive(int, "experiments"), default=3, help="mutate experiments (default 3)")
     demo.set_defaults(func=cmd_demo)
     return p
 

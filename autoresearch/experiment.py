@@ -15,6 +15,7 @@ from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, to_float
 from autoresearch.ledger import DESCRIPTION_MAX, REJECTED, append_row, measured_versions, one_line
 from autoresearch.resume import save_and_reset, spare_name
 from autoresearch.runner import train_once
+from autoresearch.seal import changed_modules, set_aside, symlinked_train, untracked_modules, written_since, write_times
 from autoresearch.state import InFlight, say
 
 
@@ -31,18 +32,22 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=())
     if not strict and git("merge-base", "--is-ancestor", best, "HEAD", check=False) is None:
         git("reset", "-q", "--soft", best)  # the agent rewrote history (amend, rebase): keep its files only
     changed = changed_since(best)
-    why, fixes = broken_rules(changed, best)
+    modules = changed_modules(loop.known_modules(), untracked_modules())
+    why, fixes = broken_rules(changed, best, modules)
     if why and strict:
         if head() != best:
             fixes.insert(0, f"`git reset --soft {best[:7]}` (undoes the commits, keeps the changes)")
         raise LoopError(f"{' and '.join(why)}; nothing was run. Fix: {', then '.join(fixes)}, then step again")
     note_extra = f"; agent created untracked files (left in place): {', '.join(sorted(untracked_new))}" \
         if untracked_new else ""
-    if not changed:
+    if not changed and not why:
         save_and_reset(loop, spare_name(loop, "skipped", n), f"[skipped: no change] {description}")
         return f"skip {TRAIN} is unchanged from the best commit: nothing to run"
     flight.mark(n=n, phase="commit", best=best)
     if why:
+        moved = set_aside(modules, loop.dir / f"{n:03d}-set-aside")
+        if moved:
+            note_extra += f"; untracked modules moved to {loop.dir / f'{n:03d}-set-aside'}: {', '.join(moved)}"
         return reject(loop, n, best, description, " and ".join(why), started, note_extra)
     train_py = blob_hash(Path(TRAIN).read_bytes())
     twin = measured_versions(loop.rows).get(train_py)
@@ -68,10 +73,16 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=())
     return outcome_line(status, val, note, log, previous_best, loop.margin()[0], loop.best_val)
 
 
-def broken_rules(changed, best):
-    """(what the proposal did that only train.py may do, how to undo each): other files changed,
-    train.py deleted."""
+def broken_rules(changed, best, modules=()):
+    """(what the proposal did that only train.py may do, how to undo each): other files changed, untracked
+    modules (that train.py could import) changed, train.py deleted or made a symlink."""
     why, fixes = [], []
+    if modules:
+        why.append(f"changed untracked modules {', '.join(modules)} (only {TRAIN} may change)")
+        fixes.append(f"move them out of the repository (or commit them on a branch of your own)")
+    if symlinked_train():
+        why.append(f"made {TRAIN} a symlink")
+        fixes.append(f"replace it with a regular file: `git checkout {best[:7]} -- {TRAIN}`")
     others = sorted(changed - {TRAIN})
     if others:
         why.append(f"changed {', '.join(others)} (only {TRAIN} may change)")
@@ -86,11 +97,21 @@ def broken_rules(changed, best):
 def measure(loop, log, flight):
     """Train once; with --confirm, train a candidate keep again with the next seed."""
     seed = loop.config["base_seed"]
-    runs = [train_once(loop.config, loop.timeout, seed, log, flight.spawned)]
+    runs = [sealed_run(loop, seed, log, flight)]
     margin, _ = loop.margin()
     if loop.confirm and not runs[0].error and beats(runs[0].val, loop.best_val, margin):
-        runs.append(train_once(loop.config, loop.timeout, seed + 1, log, flight.spawned))
+        runs.append(sealed_run(loop, seed + 1, log, flight))
     return runs
+
+
+def sealed_run(loop, seed, log, flight):
+    """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back)
+    and which untracked modules it created or changed."""
+    modules = untracked_modules()
+    times = write_times(modules)
+    run = train_once(loop.config, loop.timeout, seed, log, flight.spawned)
+    run.tampered = sorted(set(written_since(times)) | set(changed_modules(modules, untracked_modules())))
+    return run
 
 
 def untrusted(loop, n, sha, runs):
@@ -102,6 +123,9 @@ def untrusted(loop, n, sha, runs):
     if dirty:  # train.py wrote to tracked files while it ran: its number cannot be trusted
         return (f"{REJECTED}: {TRAIN} changed {', '.join(sorted(dirty))} while running; "
                 f"saved at {loop.ref(f'discarded/{n}')}")
+    written = sorted({p for r in runs for p in r.tampered})
+    if written:
+        return f"{REJECTED}: {TRAIN} wrote {', '.join(written)} while running (even if it changed them back)"
     return None
 
 
@@ -152,6 +176,7 @@ def finish(loop, row, log, started, train_wall):
     row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
     append_row(row)
     loop.rows.append(row)
+    loop.remember_modules()
     if row["status"] == "keep":
         after = f"branch {loop.branch} now at {row['commit']} (new best)"
     else:
@@ -199,6 +224,7 @@ def run_baseline(loop, repeats):
                                 + [x for r in runs for x in r.notes])
         row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
         append_row(row)
+    loop.remember_modules()
     with open(log, "a") as f:
         f.write(f"\n===== baseline =====\n{row['note']}\n")
     say(loop, f"baseline val_bpb={float(row['val_bpb']):.6f} runs={row['val_bpb_runs']} {sigma} "

@@ -8,7 +8,7 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-from autoresearch.layout import PREPARE, LoopError
+from autoresearch.layout import LoopError
 
 GIT_FALLBACK_IDENTITY = (("user.name", "autoresearch"), ("user.email", "autoresearch@localhost"))
 
@@ -21,7 +21,9 @@ def git(*args, check=True):
     """stdout of a git command (trailing newline removed); None on failure when check=False. Bytes
     that are not UTF-8 (a path, a diff of a train.py the agent wrote in latin-1) round-trip as
     surrogates: paths still work as arguments, and files written from it use errors="replace"."""
-    p = subprocess.run(["git", *args], capture_output=True, text=True, errors="surrogateescape")
+    # hooks never run: a hook is code the agent could have written, and overnight nothing may prompt
+    p = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], capture_output=True, text=True,
+                       errors="surrogateescape")
     if p.returncode:
         if check:
             raise LoopError(f"`git {' '.join(args)}` failed: {(p.stderr or p.stdout).strip()}")
@@ -94,19 +96,51 @@ def tree_status():
 
 
 def changed_since(rev):
-    """Tracked paths that differ from a commit: uncommitted, or committed on top of it. prepare.py
-    is also hashed outright: the metric lives there, and `git update-index --assume-unchanged`
-    would hide it from `git status`."""
+    """Tracked paths that differ from a commit: uncommitted, committed on top of it, or hidden from
+    `git status`: every file of the commit's tree is also hashed outright (`git update-index
+    --assume-unchanged` or `--skip-worktree` would hide an edit), and those index flags are cleared."""
     changed, _ = tree_status()
     changed |= set(git("diff", "--name-only", "-z", rev, "HEAD").split("\0")) - {""}
-    if git("hash-object", "--", PREPARE, check=False) != git("rev-parse", f"{rev}:{PREPARE}", check=False):
-        changed.add(PREPARE)
+    flagged = hidden_by_index_flags()
+    if flagged:
+        git("update-index", "--no-assume-unchanged", "--no-skip-worktree", "--", *flagged)
+    return changed | set(flagged) | differs_from_tree(rev)
+
+
+def hidden_by_index_flags():
+    """Tracked paths marked assume-unchanged (lower-case tag) or skip-worktree (S) in the index."""
+    entries = git("ls-files", "-v", "-z").split("\0")
+    return sorted(e[2:] for e in entries if e and (e[0].islower() or e[0] == "S"))
+
+
+def differs_from_tree(rev):
+    """Paths of rev's tree whose file in the working tree has other content, another kind (a symlink where a
+    file was) or is missing, computed from the bytes on disk, whatever the index says."""
+    changed = set()
+    for entry in git("ls-tree", "-r", "-z", rev).split("\0"):
+        if not entry:
+            continue
+        meta, path = entry.split("\t", 1)
+        mode, _, blob = meta.split()
+        file = Path(path)
+        if mode == "160000":  # a submodule: its own repository
+            continue
+        if mode == "120000":
+            same = file.is_symlink() and git_blob_id(str(file.readlink()).encode()) == blob
+        else:
+            same = file.is_file() and not file.is_symlink() and git_blob_id(file.read_bytes()) == blob
+        if not same:
+            changed.add(path)
     return changed
 
 
+def git_blob_id(data):
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def blob_hash(data):
-    """git's blob id of the content: the identity of a train.py, computed without a subprocess."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()[:12]
+    """git's blob id of the content, shortened: the identity of a train.py, computed without a subprocess."""
+    return git_blob_id(data)[:12]
 
 
 # -----------------------------------------------------------------------------

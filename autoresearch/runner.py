@@ -31,6 +31,7 @@ class Run:
     tail: list            # last lines of the traceback (or output), for crashes
     wall: float
     notes: list = field(default_factory=list)  # what the row's note must say about this run
+    tampered: list = field(default_factory=list)  # files outside train.py the run wrote (seal.py)
 
     @property
     def val(self):
@@ -89,10 +90,13 @@ def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn):
     the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config.get("metric_hashes") or {}, f)
-    env = dict(child_env(config, run.seed), PYTHONPATH=os.pathsep.join(
-        p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p))
-    cmd = [sys.executable, "-m", "autoresearch.evaluator", str(handoff)] + (
+    # -I: no PYTHON* variables, and neither the current folder nor a script's is put first on sys.path, so a
+    # module the run left in the repository (torch.py, numpy.py) cannot stand in for the real one
+    bootstrap = (f"import sys; sys.path += [{os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
+                 f"from autoresearch.evaluator import main; sys.exit(main())")
+    cmd = [sys.executable, "-I", "-c", bootstrap, str(handoff)] + (
         ["--expect", f.name] if config.get("metric_hashes") else [])
+    env = child_env(config, run.seed)
     with open(log_path, "a") as log:
         log.write(f"\n===== evaluator  {now_iso()} =====\n")
         log.flush()

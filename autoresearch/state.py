@@ -16,6 +16,7 @@ from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, 
 from autoresearch.metricdata import seal_metric_files
 from autoresearch.ledger import best_row, write_atomic
 from autoresearch.process import Stop, proc_start_time
+from autoresearch.seal import untracked_modules
 
 DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_SEED overrides at init
 
@@ -44,6 +45,21 @@ class Loop:
     def ref(self, name):
         """Where discarded, skipped or interrupted work stays reachable."""
         return f"{REF_PREFIX}{self.tag}/{name}"
+
+    @property
+    def private_dir(self):
+        """The loop's own records, under .git: out of reach of the agent's edits and of `git clean`."""
+        folder = Path(git("rev-parse", "--git-dir")).resolve() / "autoresearch" / self.tag
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def known_modules(self):
+        """The untracked modules as the last experiment left them (first use: as they are now)."""
+        known = read_json(self.private_dir / "modules.json")
+        return known if known is not None else untracked_modules()
+
+    def remember_modules(self):
+        write_atomic(self.private_dir / "modules.json", json.dumps(untracked_modules()).encode())
 
     @property
     def best(self):

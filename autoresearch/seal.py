@@ -1,0 +1,69 @@
+"""
+The sealed repository, beyond the tracked files (gitrepo.changed_since hashes those, also when index flags hide
+an edit). Between the start and the end of an experiment:
+- train.py stays a regular file: a symlink could point at anything outside the repository;
+- the .py files git does not track (untracked or ignored, outside SKIP_DIRS), which train.py could import,
+  stay as they were: a changed one is moved aside (nothing is lost) and the experiment is rejected;
+- nothing but train.py is written while train.py runs, even when it is changed back before the run ends: every
+  write moves a file's ctime, and no process can set it back.
+"""
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from autoresearch.gitrepo import git
+from autoresearch.layout import TRAIN
+
+SKIP_DIRS = {".git", ".venv", "venv", "logs", "worktrees", "__pycache__", ".pytest_cache", "node_modules"}
+
+
+def untracked_modules():
+    """{path: sha256} of the .py files under the repository root that git does not track."""
+    tracked = set(git("ls-files", "-z").split("\0"))
+    found = {}
+    for folder, dirs, files in os.walk("."):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        for name in files:
+            path = os.path.normpath(os.path.join(folder, name))
+            if name.endswith(".py") and path not in tracked:
+                found[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else ""
+    return found
+
+
+def changed_modules(before, after):
+    """Untracked modules added, changed or removed between two untracked_modules() snapshots."""
+    return sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+
+
+def set_aside(paths, folder):
+    """Move these untracked files (those still there) into folder, keeping their relative paths."""
+    moved = []
+    for path in paths:
+        if Path(path).exists():
+            target = Path(folder) / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, target)
+            moved.append(path)
+    return moved
+
+
+def write_times(modules):
+    """{path: ctime_ns} of every tracked file but train.py, and of the untracked modules given."""
+    times = {}
+    for path in [p for p in git("ls-files", "-z").split("\0") if p and p != TRAIN] + list(modules):
+        try:
+            times[path] = os.lstat(path).st_ctime_ns
+        except FileNotFoundError:
+            times[path] = None
+    return times
+
+
+def written_since(times):
+    """Paths whose ctime moved (or that appeared or vanished) since write_times()."""
+    now = write_times([p for p in times if p not in set(git("ls-files", "-z").split("\0"))])
+    return sorted(p for p in set(times) | set(now) if times.get(p) != now.get(p))
+
+
+def symlinked_train():
+    return Path(TRAIN).is_symlink()

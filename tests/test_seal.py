@@ -1,0 +1,58 @@
+"""The sealed repository: an experiment may change train.py and nothing else, whatever it tries. Hostile stand-in
+agents and train.py runs in real git repositories; each case is not kept, loses nothing, and says what was caught."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_agent_loop import env, git, initialised, loop, repo, rows, set_train  # noqa: E402,F401  (fixtures)
+
+
+def run_agent(repo, env, agent):
+    return loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
+
+
+def test_a_change_to_an_untracked_module_that_train_py_imports_is_rejected_and_set_aside(repo, env):
+    initialised(repo, env)
+    agent = ("echo 'VAL = 0.5' > helper.py; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py; "
+             "echo 'import helper' >> train.py; echo 'helper trick'")
+    out = run_agent(repo, env, agent)
+    row = rows(repo)[-1]
+    assert row["status"] == "discard" and "untracked modules helper.py" in row["note"], out
+    assert not (repo / "helper.py").exists()  # set aside, not deleted:
+    assert list((repo / "logs" / "t").glob("*-set-aside/helper.py"))
+    assert "import helper" not in (repo / "train.py").read_text()
+
+
+def test_a_train_py_that_is_a_symlink_is_rejected_and_replaced_by_the_best(repo, env, tmp_path):
+    initialised(repo, env)
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text((repo / "train.py").read_text().replace("VAL_BPB = 1.0", "VAL_BPB = 0.5"))
+    out = run_agent(repo, env, f"rm train.py; ln -s {outside} train.py; echo symlink")
+    row = rows(repo)[-1]
+    assert row["status"] == "discard" and "symlink" in row["note"], out
+    assert not (repo / "train.py").is_symlink() and "VAL_BPB = 1.0" in (repo / "train.py").read_text()
+
+
+def test_an_edit_hidden_with_assume_unchanged_is_found_and_undone(repo, env):
+    initialised(repo, env)
+    # any tracked file (here README.md; in the real repo e.g. agent_loop.py): git status no longer shows it
+    agent = ("echo 'bent' >> README.md; git update-index --assume-unchanged README.md; "
+             "sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py; echo hidden")
+    out = run_agent(repo, env, agent)
+    row = rows(repo)[-1]
+    assert row["status"] == "discard" and "README.md" in row["note"], out
+    assert "bent" not in (repo / "README.md").read_text()
+    assert "h README.md" not in git(repo, env, "ls-files", "-v")  # the flag is gone too
+
+
+def test_git_hooks_never_run(repo, env, tmp_path):
+    initialised(repo, env)
+    hook = repo / ".git" / "hooks" / "post-commit"
+    hook.write_text(f"#!/bin/sh\ntouch {tmp_path / 'hook-ran'}\n")
+    hook.chmod(0o755)
+    run_agent(repo, env, "sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.99/' train.py; echo change")
+    assert rows(repo)[-1]["status"] == "keep"
+    assert not (tmp_path / "hook-ran").exists()
