@@ -12,7 +12,8 @@ from pathlib import Path
 from autoresearch.decide import beats, decide, outcome_line
 from autoresearch.gitrepo import blob_hash, changed_since, commit, git, head, short, tree_status
 from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, to_float
-from autoresearch.ledger import DESCRIPTION_MAX, REJECTED, append_row, measured_versions, one_line
+from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_copies, measured_versions, one_line,
+                                 render_results, restore_logs)
 from autoresearch.resume import save_and_reset, spare_name
 from autoresearch.runner import train_once
 from autoresearch.seal import changed_modules, set_aside, symlinked_train, untracked_modules, written_since, write_times
@@ -177,15 +178,21 @@ def finish(loop, row, log, started, train_wall):
     append_row(row)
     loop.rows.append(row)
     loop.remember_modules()
+    sha = git("rev-parse", "HEAD")
     if row["status"] == "keep":
         after = f"branch {loop.branch} now at {row['commit']} (new best)"
     else:
         ref = save_and_reset(loop, f"discarded/{row['n']}", f"[{row['status']} #{row['n']}] {row['description']}")
         after = f"saved at {ref}; branch reset to the best {loop.best['commit']}"
+        sha = git("rev-parse", ref) if ref else sha
+        render_results()  # the reset deletes results.tsv and logs/ if the proposal had added them to git
+        restore_logs(loop.rows[:-1])
     overhead = time.monotonic() - started - train_wall
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"\n===== decision =====\n{row['note']}\n{after}\n"
                 f"loop overhead {overhead:.2f} s (git, parsing, logging; excludes training and the agent)\n")
+    keep_copies(loop.tag, row["n"], log, sha)
 
 
 # -----------------------------------------------------------------------------
@@ -227,6 +234,7 @@ def run_baseline(loop, repeats):
     loop.remember_modules()
     with open(log, "a") as f:
         f.write(f"\n===== baseline =====\n{row['note']}\n")
+    keep_copies(loop.tag, 0, log, sha)
     say(loop, f"baseline val_bpb={float(row['val_bpb']):.6f} runs={row['val_bpb_runs']} {sigma} "
               f"margin={margin:.4f} log={log}")
     print(f"next: `uv run agent_loop.py run --agent mutate` (or an LLM agent: run --help), or point a coding "

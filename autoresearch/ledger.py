@@ -2,11 +2,19 @@
 results.tsv, the record of every experiment: its columns (upstream's five first), reading it back (ours or
 upstream's), appending a row so that a kill never leaves half of one, and the two judgements that every
 reader of it shares: which row is the best, and which rows hold no trustworthy measurement.
+
+The authoritative copy (the ledger) lives under the git directory, .git/autoresearch/results.tsv, where
+neither an agent's edits, `git add -f` + reset, nor `git clean` reach; results.tsv in the checkout is a
+rendering of it, rewritten whenever it differs. Each experiment's log and commit (as a patch) are kept beside
+it, so a deleted log comes back and a discarded experiment survives the deletion of its ref and `git gc`.
 """
+import functools
 import os
+import shutil
 import sys
 from pathlib import Path
 
+from autoresearch.gitrepo import git
 from autoresearch.layout import RESULTS, LoopError
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstream's five, unchanged
@@ -71,10 +79,59 @@ def read_results(path):
 
 
 def tag_rows(tag):
-    if not Path(RESULTS).exists():
+    path = ledger_path() if ledger_path().exists() else Path(RESULTS)
+    if not path.exists():
         return []
-    _, rows = read_results(RESULTS)
+    _, rows = read_results(path)
     return [r for r in rows if r.get("tag") == tag]
+
+
+@functools.lru_cache(maxsize=None)
+def ledger_dir():
+    """.git/autoresearch (per worktree: a demo's worktree has its own)."""
+    folder = Path(git("rev-parse", "--git-dir")).resolve() / "autoresearch"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def ledger_path():
+    return ledger_dir() / "results.tsv"
+
+
+def render_results():
+    """Make results.tsv a copy of the ledger again. Returns True when it had to be rewritten (an agent or a
+    run deleted or edited it)."""
+    ledger = ledger_path().read_bytes() if ledger_path().exists() else None
+    if ledger is None or (Path(RESULTS).exists() and Path(RESULTS).read_bytes() == ledger):
+        return False
+    write_atomic(RESULTS, ledger)
+    return True
+
+
+def keep_copies(tag, n, log, commit):
+    """The experiment's log and its commit as a patch, beside the ledger: what `rm -rf logs` or deleted refs
+    and `git gc` would otherwise take away for good."""
+    folder = ledger_dir() / tag
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    if log and Path(log).exists():
+        shutil.copyfile(log, folder / "logs" / Path(log).name)
+    if commit:
+        patch = git("format-patch", "-1", "--stdout", commit, check=False)
+        if patch is not None:
+            (folder / f"{int(n):03d}-{commit[:7]}.patch").write_text(patch + "\n", errors="replace")
+
+
+def restore_logs(rows):
+    """Put back the logs of these rows that were deleted from logs/ (from keep_copies). Returns their paths."""
+    restored = []
+    for row in rows:
+        log = row.get("log")
+        copy = ledger_dir() / row.get("tag", "") / "logs" / Path(log or "-").name
+        if log and not Path(log).exists() and copy.exists():
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(copy, log)
+            restored.append(log)
+    return restored
 
 
 # -----------------------------------------------------------------------------
@@ -97,20 +154,30 @@ def end_last_line(path):
 
 
 def append_row(row):
-    """One os.write of a whole line, then fsync: after any kill a row is fully there or absent."""
+    """One os.write of a whole line to the ledger, then fsync: after any kill a row is fully there or
+    absent. Then results.tsv is rendered from the ledger."""
+    ensure_results_header()
     line = "\t".join(one_line(row.get(c, "")) for c in COLUMNS) + "\n"
-    end_last_line(RESULTS)
-    fd = os.open(RESULTS, os.O_WRONLY | os.O_APPEND)
+    end_last_line(ledger_path())
+    fd = os.open(ledger_path(), os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, line.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
+    render_results()
 
 
 def ensure_results_header():
-    if not Path(RESULTS).exists() or Path(RESULTS).stat().st_size == 0:
-        write_atomic(RESULTS, ("\t".join(COLUMNS) + "\n").encode())
+    """A ledger with the header; one made before the ledger existed starts from the old results.tsv."""
+    if ledger_path().exists() and ledger_path().stat().st_size:
+        return
+    if Path(RESULTS).exists() and Path(RESULTS).stat().st_size:
+        end_last_line(RESULTS)
+        shutil.copyfile(RESULTS, ledger_path())
+    else:
+        write_atomic(ledger_path(), ("\t".join(COLUMNS) + "\n").encode())
+    render_results()
 
 
 # -----------------------------------------------------------------------------

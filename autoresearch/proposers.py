@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from autoresearch.gitrepo import current_branch, git, tree_status
 from autoresearch.layout import PROGRAM, RESULTS, TRAIN
-from autoresearch.ledger import measured_versions, write_atomic
+from autoresearch.ledger import measured_versions, render_results
 from autoresearch.mutate import propose_mutation
 from autoresearch.process import run_group
 from autoresearch.report import format_report, summarize
@@ -131,9 +131,8 @@ def call_agent(loop, cmd, n, timeout, on_spawn=None):
     with open(prompt) as stdin, open(out, "w+b") as stdout, open(err, "w+b") as stderr:
         rc, _ = run_group(cmd, stdout, stderr, env, timeout, stdin=stdin, shell=True, on_spawn=on_spawn)
         lines, errs = nonblank_lines(stdout), nonblank_lines(stderr)
-    if not Path(RESULTS).exists() or Path(RESULTS).read_bytes() != record:  # the loop's record is not the agent's
-        loop.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(RESULTS, record)
+    loop.dir.mkdir(parents=True, exist_ok=True)
+    if render_results() or Path(RESULTS).read_bytes() != record:  # the loop's record is not the agent's
         say(loop, f"#{n} the agent changed or deleted {RESULTS}: restored")
     description = lines[-1] if lines else ""
     if rc is None:

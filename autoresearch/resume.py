@@ -10,7 +10,8 @@ from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, commit, current_branch, git, git_root, head, short, tree_status
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, LoopError, now_iso
-from autoresearch.ledger import INTERRUPTED, append_row, tag_rows
+from autoresearch.ledger import (INTERRUPTED, append_row, keep_copies, ledger_path, render_results, restore_logs,
+                                 tag_rows)
 from autoresearch.preflight import tracked_outputs
 from autoresearch.process import kill_leftover
 from autoresearch.runner import default_timeout
@@ -136,11 +137,20 @@ def open_loop(timeout=None, min_delta=None, confirm=False):
     lock(Path(LOGS_DIR) / tag)
     config = load_config(tag)
     loop = Loop(tag, config, [], timeout or default_timeout(config), min_delta, confirm)
+    repair_records(loop)
     reconcile(loop)
     if not loop.rows or loop.rows[0]["status"] != "keep":
         raise LoopError(f"{RESULTS} has no baseline for {tag}: run `uv run agent_loop.py init --tag {tag}` "
                         f"(on this branch it resumes the baseline)")
     return loop
+
+
+def repair_records(loop):
+    """results.tsv and the logs as the ledger has them: whatever deleted or edited them since."""
+    if render_results():
+        say(loop, f"{RESULTS} differed from the ledger ({ledger_path()}): rendered again")
+    for log in restore_logs(tag_rows(loop.tag)):
+        say(loop, f"restored {log} from the ledger's copy")
 
 
 def stop_cleanly(loop):

@@ -1,6 +1,6 @@
 """Tests of agent_loop.py: real git repos in temp dirs, real subprocesses, a stand-in train.py
-(tests/stand_in/) that prints the summary its constants ask for, and one end-to-end run of the
-real train.py on the smoke profile."""
+(tests/stand_in/) that prints the summary its constants ask for. The end-to-end run of the real
+train.py is the README's demo (tests/test_readme.py)."""
 import json
 import os
 import re
@@ -244,6 +244,21 @@ def test_crash_records_zero_values_and_the_traceback(repo, env):
     assert (exp["val_bpb"], exp["memory_gb"], exp["status"]) == ("0.000000", "0.0", "crash")
     assert "RuntimeError: CUDA out of memory" in exp["note"] and 'File "' in exp["note"]
     assert git(repo, env, "show", "refs/autoresearch/t/discarded/1:train.py").count("MODE = 'crash'") == 1
+    # the crash is undone: HEAD and train.py are the best commit's again, the crashed commit stays reachable
+    best = git(repo, env, "rev-parse", rows(repo)[0]["commit"])
+    assert git(repo, env, "rev-parse", "HEAD") == best
+    assert git(repo, env, "hash-object", "train.py") == git(repo, env, "rev-parse", f"{best}:train.py")
+    assert git(repo, env, "rev-parse", "--short=7", "refs/autoresearch/t/discarded/1") == exp["commit"]
+    assert clean_tracked(repo, env)
+
+
+def test_a_run_killed_by_sigkill_is_a_crash_that_suggests_out_of_memory(repo, env):
+    initialised(repo, env)
+    set_train(repo, MODE="oom")  # kills itself with SIGKILL, as the Linux OOM killer would
+    out = loop(repo, env, "step", "-m", "too big").stdout
+    assert out.startswith("crash killed by signal 9 (out of memory?)"), out
+    exp = rows(repo)[1]
+    assert exp["status"] == "crash" and "killed by signal 9 (out of memory?)" in exp["note"]
 
 
 @pytest.mark.parametrize("mode, reason", [("fail", "FAIL: loss is nan at step 3"), ("nan", "val_bpb is nan"),
@@ -265,6 +280,23 @@ def test_timeout_kills_train_and_its_children(repo, env, tmp_path):
     child = int((tmp_path / "child.pid").read_text())
     assert wait_for(lambda: pid_gone(child), 15), "train.py's child survived the timeout"
     assert rows(repo)[1]["status"] == "crash"
+    assert clean_tracked(repo, env)
+
+
+def test_timeout_kills_a_train_py_that_ignores_sigterm(repo, env, tmp_path):
+    initialised(repo, env)
+    set_train(repo, MODE="stubborn")           # it and its child ignore SIGTERM
+    env = dict(env, STANDIN_CHILD_PID=str(tmp_path / "child.pid"))
+    t0 = time.monotonic()
+    # without the SIGKILL step the step would never end: the call's own timeout bounds the test
+    out = loop(repo, env, "step", "-m", "stubborn", "--timeout", "1", timeout=60).stdout
+    # SIGTERM at the timeout, SIGKILL to the whole group KILL_GRACE_S later; slack for startup and git
+    assert time.monotonic() - t0 < 1 + process.KILL_GRACE_S + 15
+    assert out.startswith("crash timeout: killed with its whole process group after 1 s"), out
+    exp = rows(repo)[1]
+    assert exp["status"] == "crash" and "timeout" in exp["note"]
+    child = int((tmp_path / "child.pid").read_text())
+    assert wait_for(lambda: pid_gone(child), 5), "train.py's child survived SIGKILL"
     assert clean_tracked(repo, env)
 
 
@@ -468,8 +500,23 @@ def test_kill_9_during_the_agent_saves_its_partial_edit_on_resume(repo, env, tmp
 
 def test_hours_limit_stops_before_starting_an_experiment(repo, env):
     initialised(repo, env)
-    out = loop(repo, env, "run", "--agent", "mutate", "--hours", "0").stdout
-    assert "time limit of 0.0 h reached" in out and len(rows(repo)) == 1
+    out = loop(repo, env, "run", "--agent", "mutate", "--hours", "1e-9").stdout  # 3.6 microseconds: already past
+    assert "time limit of 1e-09 h reached" in out and len(rows(repo)) == 1
+
+
+def test_hours_limit_lets_the_running_experiment_finish_and_starts_no_other(repo, env):
+    initialised(repo, env, SLEEP=1.5)          # every run takes 1.5 s: longer than the limit
+    # 0.0003 h = 1.08 s: the first experiment starts at once and is still training when the limit passes;
+    # --max-experiments 3 only bounds the test if the limit were ignored
+    out = loop(repo, env, "run", "--agent", "mutate", "--hours", "0.0003", "--max-experiments", "3").stdout
+    lines = out.split("\n")
+    started = [i for i, line in enumerate(lines) if re.match(r"#\d+ ", line)]
+    limit = [i for i, line in enumerate(lines) if "time limit of 0.0003 h reached" in line]
+    assert [lines[i].split()[0] for i in started] == ["#1"] and len(limit) == 1, out
+    assert started[0] < limit[0], out                   # said when it stopped, after the one experiment
+    assert [r["n"] for r in rows(repo)] == ["0", "1"]
+    assert sorted(p.name[:3] for p in (repo / "logs" / "t").glob("0*.log")) == ["000", "001"]
+    assert not (repo / "logs" / "t" / "running.json").exists() and clean_tracked(repo, env)
 
 
 def test_mutate_loop_runs_distinct_experiments_and_leaves_the_best(repo, env):
@@ -514,6 +561,25 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     assert [r["n"] for r in after] == [str(i) for i in range(len(after))]  # no duplicate, no gap
     git(repo, env, "rev-parse", f"refs/autoresearch/k/discarded/{state['n']}")
     assert not running.exists() and clean_tracked(repo, env)
+
+
+def test_a_stale_running_json_never_kills_a_process_that_is_not_ours(repo, env, tmp_path):
+    initialised(repo, env)
+    # someone else's process (a group leader, as a shell job is) now holds the pid that running.json names:
+    # the killed loop's child is long gone and the pid was reused, so the start time differs
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        started = int(process.proc_start_time(other.pid))
+        (repo / "logs" / "t" / "running.json").write_text(json.dumps(
+            {"n": 1, "phase": "propose", "pgid": other.pid, "started": str(started - 1)}))
+        p = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0")
+        time.sleep(0.5)                                  # a SIGTERM sent would have ended sleep by now
+        assert other.poll() is None and process.proc_start_time(other.pid) == str(started)
+        assert "killed the leftover" not in p.stderr and len(rows(repo)) == 1
+        assert not (repo / "logs" / "t" / "running.json").exists()   # reconciled all the same
+    finally:
+        other.kill()
+        other.wait()
 
 
 def kill_9_during_training(repo, env, *args):
@@ -731,33 +797,3 @@ def test_report_plot_and_json_of_our_results(repo, env, tmp_path):
     png = tmp_path / "progress.png"
     loop(repo, env, "report", "--plot", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# -----------------------------------------------------------------------------
-# End to end with the real prepare.py and train.py (smoke profile, synthetic data)
-
-REAL = all((REPO / f).exists() for f in ("prepare.py", "train.py"))
-
-
-@pytest.mark.skipif(not REAL, reason="prepare.py and train.py are not in the repository yet")
-def test_end_to_end_mutate_run_with_the_real_train_py(tmp_path, env):
-    r = tmp_path / "real"
-    r.mkdir()
-    for f in ("prepare.py", "train.py", ".gitignore"):
-        shutil.copy(REPO / f, r / f)
-    shutil.copytree(REPO / "autoresearch", r / "autoresearch", ignore=shutil.ignore_patterns("__pycache__"))
-    git(r, env, "init", "-q", "-b", "main")
-    git(r, env, "add", ".")
-    git(r, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "real")
-    env = dict(env, AUTORESEARCH_CACHE_DIR=str(tmp_path / "real-cache"))
-    subprocess.run([sys.executable, "prepare.py", "--dataset", "synthetic"], cwd=r, env=env, check=True,
-                   capture_output=True, timeout=600)
-    loop(r, env, "init", "--tag", "e2e", "--repeats", "1", timeout=600)
-    out = loop(r, env, "run", "--agent", "mutate", "--max-experiments", "3", timeout=1200).stdout
-    assert len([line for line in out.split("\n") if line.startswith("#")]) == 3, out
-    all_rows = rows(r)
-    assert len(all_rows) == 4 and all_rows[0]["profile"] == "smoke" and float(all_rows[0]["val_bpb"]) > 0
-    assert all(row["status"] in ("keep", "discard", "crash") for row in all_rows)
-    assert clean_tracked(r, env)
-    s = json.loads(loop(r, env, "report", "--json").stdout)
-    assert s["experiments"] == 3

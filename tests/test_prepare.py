@@ -720,6 +720,34 @@ def test_check_ready_names_the_fix_until_data_is_prepared(smoke_cache, tmp_path)
     assert missing and missing[0].endswith("AUTORESEARCH_PROFILE=smoke uv run prepare.py")
 
 
+def test_autoresearch_dataset_picks_a_prepared_dataset_else_the_last_prepared_one(smoke_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(smoke_cache, cache)     # synthetic for smoke; a copy, so the shared cache stays as it is
+    paragraphs = [" ".join(documents(i, 1)) for i in range(200)]
+    (tmp_path / "book.txt").write_text("\n\n".join(paragraphs) + "\n")
+    r = run_prepare("--source", str(tmp_path / "book.txt"), cache=cache)
+    assert r.returncode == 0, r.output
+    code = ("import json, prepare; print(json.dumps([prepare.DATASET, "
+            "str(prepare.Tokenizer.from_directory().directory), prepare.check_ready()]))")
+
+    def active(**env):
+        p = python_c(code, cache, AUTORESEARCH_PROFILE="smoke", **env)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+    for name in ("synthetic", "book"):
+        assert active(AUTORESEARCH_DATASET=name) == [name, str(cache / "prepared" / name / "smoke"), []]
+    # without it, the dataset prepared last: book, then synthetic once that is prepared again
+    assert active() == ["book", str(cache / "prepared" / "book" / "smoke"), []]
+    assert run_prepare("--dataset", "synthetic", cache=cache).returncode == 0
+    assert active() == ["synthetic", str(cache / "prepared" / "synthetic" / "smoke"), []]
+    # a name that was never prepared: check_ready says so and names the command that prepares it
+    never = python_c("import json, prepare; print(json.dumps(prepare.check_ready()))", cache,
+                     AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_DATASET="novels")
+    (problem,) = json.loads(never.stdout)
+    assert "'novels' is not prepared" in problem and problem.endswith(
+        "run: AUTORESEARCH_PROFILE=smoke uv run prepare.py --source PATH")
+
+
 def test_unknown_profile_is_refused_with_the_valid_ones(tmp_path):
     r = python_c("import prepare", tmp_path, AUTORESEARCH_PROFILE="gpu")
     assert r.returncode != 0 and "reference, cpu, smoke" in r.stderr and "Traceback" not in r.stderr

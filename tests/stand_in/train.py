@@ -1,6 +1,7 @@
 """Stand-in train.py for the agent_loop tests: prints the summary block (or the failure) that the
 constants below ask for, like the real one, in well under a second."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +11,8 @@ from prepare import PROFILE
 VAL_BPB = 1.0             # the result to report
 NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
-MODE = "ok"               # ok | crash | fail | nan | hang | tamper | nosummary
+MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
+                          # nosummary | twice
 SLEEP = 0.0               # seconds of "training"
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
 EMBEDDING_LR = 0.9
@@ -34,7 +36,11 @@ if MODE == "crash":
 if MODE == "fail":
     print("FAIL: loss is nan at step 3", flush=True)
     sys.exit(1)
-if MODE == "hang":
+if MODE == "oom":  # what the Linux OOM killer does to a process
+    os.kill(os.getpid(), signal.SIGKILL)
+if MODE == "stubborn":  # ignores SIGTERM, and so does its child (SIG_IGN survives exec): only SIGKILL works
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if MODE in ("hang", "stubborn"):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     with open(os.environ["STANDIN_CHILD_PID"], "w") as f:
         f.write(str(child.pid))
@@ -42,6 +48,17 @@ if MODE == "hang":
 if MODE == "tamper":
     with open("prepare.py", "a") as f:
         f.write("# tampered by train.py\n")
+if MODE == "restore":  # bends prepare.py for a moment and puts it back before the run ends
+    original = open("prepare.py").read()
+    with open("prepare.py", "a") as f:
+        f.write("# bent while train.py ran\n")
+    time.sleep(0.05)
+    with open("prepare.py", "w") as f:
+        f.write(original)
+if MODE == "daemon":  # leaves its process group and writes a keep row after the run has ended
+    forged = "forged\\t0.100000\\t0.0\\tkeep\\tforged by a daemon\\n"
+    subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(2); open('results.tsv', 'a').write('{forged}')"],
+                     start_new_session=True)
 if MODE == "nosummary":
     sys.exit(0)
 val = VAL_BPB + NOISE * (seed - 42)
@@ -65,3 +82,6 @@ print("attention:        sdpa")
 print(f"seed:             {seed}")
 print("startup_seconds:  0.1")
 print("eval_seconds:     0.1")
+if MODE == "twice":  # a second block that tells another story
+    print("---")
+    print(f"val_bpb:          {val / 2:.6f}")

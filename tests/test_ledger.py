@@ -1,0 +1,81 @@
+"""The record of the night survives what an agent or a run does to the checkout: results.tsv is rendered from a
+ledger under .git, logs and the commits of discarded experiments are kept beside it, and nothing a finished run
+left running can write a row. Hostile stand-ins in real git repositories."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_agent_loop import env, git, initialised, loop, repo, rows, set_train  # noqa: E402,F401  (fixtures)
+
+
+def commit_train(repo, env, message, **consts):
+    set_train(repo, **consts)
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", message)
+
+
+def test_results_and_logs_added_to_git_by_the_agent_come_back_after_the_reset(repo, env):
+    initialised(repo, env)
+    agent = "git add -f results.tsv logs; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py; echo sneaky"
+    loop(repo, env, "run", "--agent", agent, "--max-experiments", "1")
+    assert [r["status"] for r in rows(repo)] == ["keep", "discard"] and "results.tsv" in rows(repo)[1]["note"]
+    assert list((repo / "logs" / "t").glob("000-*.log")) and list((repo / "logs" / "t").glob("001-*.log"))
+    assert git(repo, env, "ls-files", "results.tsv", "logs") == ""
+    # and the loop goes on from there
+    loop(repo, env, "run", "--agent", "sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo next",
+         "--max-experiments", "1")
+    assert [r["status"] for r in rows(repo)] == ["keep", "discard", "keep"]
+
+
+def test_deleted_logs_are_restored_and_an_edited_results_tsv_is_rendered_again(repo, env):
+    initialised(repo, env)
+    before = (repo / "results.tsv").read_text()
+    subprocess.run(["rm", "-rf", str(repo / "logs" / "t")], check=True)
+    with open(repo / "results.tsv", "a") as f:  # a forged keep, between two `step` calls
+        f.write("f0f0f0f\t0.100000\t0.0\tkeep\tforged\tt\t1\n")
+    commit_train(repo, env, "lower", VAL_BPB=0.99)
+    out = loop(repo, env, "step", "-m", "lower").stdout
+    assert "rendered again" in out and "restored" in out
+    assert "forged" not in (repo / "results.tsv").read_text()
+    assert (repo / "results.tsv").read_text().startswith(before)
+    assert list((repo / "logs" / "t").glob("000-*.log"))
+
+
+def test_a_discarded_experiment_survives_deleted_refs_and_gc(repo, env):
+    initialised(repo, env)
+    commit_train(repo, env, "worse", VAL_BPB=1.5)
+    loop(repo, env, "step", "-m", "worse")
+    assert rows(repo)[-1]["status"] == "discard"
+    refs = git(repo, env, "for-each-ref", "--format=delete %(refname)", "refs/autoresearch/")
+    subprocess.run(["git", "update-ref", "--stdin"], cwd=repo, env=env, input=refs + "\n", text=True, check=True)
+    git(repo, env, "reflog", "expire", "--expire=now", "--all")
+    git(repo, env, "gc", "-q", "--prune=now")
+    patches = list((repo / ".git" / "autoresearch" / "t").glob("001-*.patch"))
+    assert len(patches) == 1 and "VAL_BPB = 1.5" in patches[0].read_text()
+    git(repo, env, "apply", "--check", str(patches[0]))  # still applies on the best commit
+
+
+def test_a_run_that_edits_prepare_py_and_changes_it_back_is_rejected(repo, env):
+    initialised(repo, env)
+    commit_train(repo, env, "bend and restore", MODE="restore", VAL_BPB=0.5)
+    loop(repo, env, "step", "-m", "bend and restore")
+    row = rows(repo)[-1]
+    assert row["status"] == "discard" and "wrote prepare.py while running" in row["note"], row
+
+
+def test_two_different_summary_blocks_are_not_kept(repo, env):
+    initialised(repo, env)
+    commit_train(repo, env, "two stories", MODE="twice", VAL_BPB=0.9)
+    loop(repo, env, "step", "-m", "two stories")
+    assert rows(repo)[-1]["status"] == "crash" and "summary blocks" in rows(repo)[-1]["note"]
+
+
+def test_a_daemon_started_by_train_py_cannot_write_a_row_after_the_run(repo, env):
+    initialised(repo, env)
+    commit_train(repo, env, "daemon", MODE="daemon", VAL_BPB=1.5)
+    loop(repo, env, "step", "-m", "daemon")
+    time.sleep(3)  # the daemon would have written by now
+    assert "forged" not in (repo / "results.tsv").read_text()
+    assert [r["status"] for r in rows(repo)] == ["keep", "discard"]
