@@ -1,6 +1,6 @@
 """
 The loop's state for one tag: the Loop (this tag's rows of results.tsv, the config pinned at init in
-logs/TAG/init.json, the limits and keep rule of this invocation), the lock that allows one agent_loop per
+.git/autoresearch/TAG/init.json, the limits and keep rule of this invocation), the lock that allows one agent_loop per
 tag, the experiment in flight (logs/TAG/running.json) and the loop's own record (logs/TAG/loop.log).
 """
 import fcntl
@@ -14,7 +14,7 @@ from autoresearch.decide import keep_margin
 from autoresearch.gitrepo import git
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, now_iso, read_json
 from autoresearch.metricdata import seal_metric_files
-from autoresearch.ledger import best_row, write_atomic
+from autoresearch.ledger import best_row, ledger_dir, write_atomic
 from autoresearch.process import Stop, proc_start_time
 from autoresearch.seal import untracked_modules
 
@@ -28,7 +28,7 @@ DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_
 @dataclass
 class Loop:
     tag: str
-    config: dict          # logs/TAG/init.json: profile, dataset, budget... pinned at init
+    config: dict          # .git/autoresearch/TAG/init.json: profile, dataset, budget... pinned at init
     rows: list            # this tag's rows of results.tsv
     timeout: float        # hard limit for one train.py run
     min_delta: float = None
@@ -49,7 +49,7 @@ class Loop:
     @property
     def private_dir(self):
         """The loop's own records, under .git: out of reach of the agent's edits and of `git clean`."""
-        folder = Path(git("rev-parse", "--git-dir")).resolve() / "autoresearch" / self.tag
+        folder = ledger_dir() / self.tag
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -124,17 +124,27 @@ def pinned_config(prepare, tag, repeats):
             "harness_eval": harness_eval, "metric_hashes": hashes, "created": now_iso()}
 
 
+def config_path(tag):
+    """init.json beside the ledger, under .git: what decides how runs are judged stays out of the agent's reach."""
+    folder = ledger_dir() / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "init.json"
+
+
 def pin_config(tag, repeats):
-    """Record the pinned config in logs/TAG/init.json (the directory exists: lock() made it)."""
+    """Record the pinned config in init.json, with a readable copy in logs/TAG/ (the directory exists: lock()
+    made it); only the one under .git is ever read."""
     config = pinned_config(import_prepare(), tag, repeats)
-    write_atomic(Path(LOGS_DIR) / tag / "init.json", json.dumps(config, indent=1).encode())
+    for path in (config_path(tag), Path(LOGS_DIR) / tag / "init.json"):
+        write_atomic(path, json.dumps(config, indent=1).encode())
     return config
 
 
 def load_config(tag):
-    config = read_json(Path(LOGS_DIR) / tag / "init.json")
-    if config is None:  # logs/ was cleaned: rebuild it from prepare.py (slow once: imports torch)
-        config = pin_config(tag, None)
+    config = read_json(config_path(tag))
+    if config is None:  # a tag from before the ledger: take its copy once, else rebuild it from prepare.py
+        config = read_json(Path(LOGS_DIR) / tag / "init.json") or pin_config(tag, None)
+        write_atomic(config_path(tag), json.dumps(config, indent=1).encode())
     for key, field in (("AUTORESEARCH_PROFILE", "profile"), ("AUTORESEARCH_DATASET", "dataset")):
         if os.environ.get(key) and config.get(field) and os.environ[key] != config[field]:
             raise LoopError(f"{key}={os.environ[key]}, but {BRANCH_PREFIX}{tag} was initialised with "
