@@ -8,10 +8,7 @@ that file in a separate process. Standalone (`uv run train.py`), nothing is hand
 import os
 import time
 
-import torch
-import torch.nn as nn
-
-HANDOFF_ENV = "AUTORESEARCH_HANDOFF"
+HANDOFF_ENV = "AUTORESEARCH_HANDOFF"  # read by the loop too, which must not pay for importing torch
 
 
 def handoff_path():
@@ -19,19 +16,18 @@ def handoff_path():
     return os.environ.get(HANDOFF_ENV) or None
 
 
-class Logits(nn.Module):
-    """The one signature the evaluator calls: tokens -> logits."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, idx):
-        return self.model(idx)
-
-
 def export_logits(model, seq_len, vocab_size, device):
     """torch.export program of model(idx) -> logits, for any batch size at this sequence length."""
+    import torch
+
+    class Logits(torch.nn.Module):  # the one signature the evaluator calls: tokens -> logits
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, idx):
+            return self.model(idx)
+
     example = torch.randint(0, vocab_size, (2, seq_len), device=device)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with torch.no_grad():
@@ -43,6 +39,7 @@ def hand_over(model, seq_len, vocab_size, device):
     path = handoff_path()
     if path is None:
         return None
+    import torch
     start = time.time()
     torch.export.save(export_logits(model, seq_len, vocab_size, device), path)
     return time.time() - start
