@@ -5,7 +5,10 @@ run's autocast records every tensor autograd saves for backward, and the rest is
 
     peak = weights + gradients + optimizer state + saved activations + the largest transient of backward
 
-train.py checks it before compiling; the fake-CUDA tests check the reference defaults with it on a CPU.
+train.py checks it before compiling; the fake-CUDA tests check the reference defaults with it on a CPU. Measured
+against the peak RSS of real CPU steps (tests/test_memory.py) it comes within 8-14% below; it counts eager
+execution (a compiled step saves less) and misses the temporaries of the chunked loss (cpu profile: 0.26 GiB
+counted, 0.66 GiB measured), which only matter where memory is plentiful.
 """
 
 import contextlib
