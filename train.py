@@ -538,11 +538,11 @@ def main():
         sys.exit(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
                  f"({DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN}): edit the hyperparameters in train.py")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
+    compiled = COMPILE and device.type != "mps"  # inductor's MPS backend is not ready for this model
     problem = check_memory(lambda: GPT(config, flash_like_attention), DEVICE_BATCH_SIZE, MAX_SEQ_LEN,
-                           config.vocab_size, device, torch.bfloat16 if on_cuda else None)
+                           config.vocab_size, device, torch.bfloat16 if on_cuda else None, compiled)
     if problem:  # before compiling: a step that cannot fit would die in the middle of the compile
         sys.exit(f"FAIL: {problem}")
-    compiled = COMPILE and device.type != "mps"  # inductor's MPS backend is not ready for this model
     optimizer = make_optimizer(model, compiled=compiled and on_cuda,
                                ortho_dtype=torch.bfloat16 if on_cuda else torch.float32)
     train_model = torch.compile(model, dynamic=False) if compiled else model

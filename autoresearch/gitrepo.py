@@ -108,9 +108,11 @@ def changed_since(rev):
 
 
 def hidden_by_index_flags():
-    """Tracked paths marked assume-unchanged (lower-case tag) or skip-worktree (S) in the index."""
+    """Tracked paths marked assume-unchanged (lower-case tag) or skip-worktree (S) in the index; in a sparse
+    checkout skip-worktree is how git leaves files out, and is not counted."""
+    sparse = git("config", "--bool", "core.sparseCheckout", check=False) == "true"
     entries = git("ls-files", "-v", "-z").split("\0")
-    return sorted(e[2:] for e in entries if e and (e[0].islower() or e[0] == "S"))
+    return sorted(e[2:] for e in entries if e and (e[0].islower() or (e[0] == "S" and not sparse)))
 
 
 def differs_from_tree(rev):
@@ -129,9 +131,20 @@ def differs_from_tree(rev):
             same = file.is_symlink() and git_blob_id(str(file.readlink()).encode()) == blob
         else:
             same = file.is_file() and not file.is_symlink() and git_blob_id(file.read_bytes()) == blob
+        if not same and file.is_file() and not file.is_symlink():  # clean filters (LFS, eol) change the bytes
+            same = git("hash-object", f"--path={path}", "--", path, check=False) == blob
+        if not same and not (file.exists() or file.is_symlink()) and path in sparse_outside():
+            same = True
         if not same:
             changed.add(path)
     return changed
+
+
+def sparse_outside():
+    """Paths a sparse checkout leaves out of the working tree (skip-worktree), else none."""
+    if git("config", "--bool", "core.sparseCheckout", check=False) != "true":
+        return set()
+    return {e[2:] for e in git("ls-files", "-v", "-z").split("\0") if e.startswith("S ")}
 
 
 def git_blob_id(data):

@@ -102,8 +102,11 @@ def render_results():
     """Make results.tsv a copy of the ledger again. Returns True when it had to be rewritten (an agent or a
     run deleted or edited it)."""
     ledger = ledger_path().read_bytes() if ledger_path().exists() else None
-    if ledger is None or (Path(RESULTS).exists() and Path(RESULTS).read_bytes() == ledger):
+    current = Path(RESULTS).read_bytes() if Path(RESULTS).exists() else None
+    if ledger is None or current == ledger:
         return False
+    if current and not ledger.startswith(current):  # not just behind the ledger: someone's edits, kept aside
+        write_atomic(f"{RESULTS}.bak", current)
     write_atomic(RESULTS, ledger)
     return True
 

@@ -18,12 +18,20 @@ from autoresearch.layout import TRAIN
 SKIP_DIRS = {".git", ".venv", "venv", "logs", "worktrees", "__pycache__", ".pytest_cache", "node_modules"}
 
 
+def outside_the_seal(folder, name):
+    """Folders whose .py files are not the experiment's: virtual environments, installed packages, caches."""
+    path = Path(folder) / name
+    caches = {Path(os.environ[k]).resolve() for k in ("AUTORESEARCH_CACHE_DIR", "HF_HOME") if os.environ.get(k)}
+    return (name in SKIP_DIRS or name == "site-packages" or (path / "pyvenv.cfg").exists()
+            or path.resolve() in caches)
+
+
 def untracked_modules():
     """{path: sha256} of the .py files under the repository root that git does not track."""
     tracked = set(git("ls-files", "-z").split("\0"))
     found = {}
     for folder, dirs, files in os.walk("."):
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        dirs[:] = [d for d in dirs if not outside_the_seal(folder, d)]
         for name in files:
             path = os.path.normpath(os.path.join(folder, name))
             if name.endswith(".py") and path not in tracked:
@@ -61,7 +69,8 @@ def write_times(modules):
 
 def written_since(times):
     """Paths whose ctime moved (or that appeared or vanished) since write_times()."""
-    now = write_times([p for p in times if p not in set(git("ls-files", "-z").split("\0"))])
+    tracked = set(git("ls-files", "-z").split("\0"))
+    now = write_times([p for p in times if p not in tracked])
     return sorted(p for p in set(times) | set(now) if times.get(p) != now.get(p))
 
 
