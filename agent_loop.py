@@ -244,7 +244,8 @@ def build_parser():
     report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="offline end-to-end demo (smoke profile) in a disposable worktree")
-    demo.add_argument("--experiments", type=positive(int, "experiments"), default=3, help="mutate experiments (default 3)")
+    demo.add_argument("--experiments", type=positive(int, "experiments"), default=3,
+                      help="mutate experiments (default 3)")
     demo.set_defaults(func=cmd_demo)
     return p
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from prepare import (PROFILE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, check_ready,
                      default_device)  # CUDA > MPS > CPU, decided once, the same for the dataloader
 from autoresearch.attention import choose_attention, sdpa_attention  # FA3, flex or SDPA: decided once
-from autoresearch.handoff import hand_over  # under agent_loop.py, the harness evaluates the exported model
+from autoresearch.handoff import hand_over, handoff_path  # under agent_loop.py the harness evaluates the model
 from autoresearch.device import device_name, peak_flops, peak_memory_mb, synchronize
 from autoresearch.memory import check_memory, flash_like_attention  # peak memory counted on fake tensors
 
@@ -178,10 +178,9 @@ class GPT(nn.Module):
                 if not name.startswith(("wte.", "value_embeds.")) and name not in ("resid_lambdas", "x0_lambdas")]
 
     def flops_per_token(self):
-        """Forward + backward FLOPs per token: 6 per matmul weight, plus attention over each layer's window.
-        Upstream's convention: every query is counted against its whole window (the full context in L layers),
-        where causal attention does about half of that in L layers and ~6% less in S layers (window T/8). For
-        the reference profile (SSSSL, context 2048) this overstates the FLOPs, and so MFU, by ~5%."""
+        """Forward + backward FLOPs per token: 6 per matmul weight, plus attention over each layer's window, each
+        query counted against the whole window (upstream's convention; causal attention does about half of that in
+        L layers, ~6% less in S layers of window T/8): for SSSSL at context 2048 it overstates MFU by ~5%."""
         c = self.config
         attn = sum(12 * c.n_head * c.head_dim * min(w, c.sequence_len) for w in self.windows)
         return 6 * sum(p.numel() for p in self.matmul_params()) + attn
@@ -625,7 +624,9 @@ def main():
     t_eval = time.time()
     model.eval()
     val_bpb = None
-    if hand_over(model if attention == "sdpa" else sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device) is None:
+    if handoff_path():
+        hand_over(model if attention == "sdpa" else sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device)
+    else:
         with torch.no_grad(), autocast:
             val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)
     synchronize(device)
@@ -636,8 +637,8 @@ def main():
     mfu_percent = (f"{100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_time / peak:.2f}"
                    if peak else "n/a")
     summary = dict(
-        val_bpb=f"{val_bpb:.6f}" if val_bpb is not None else "harness", training_seconds=f"{training_time:.1f}", total_seconds=f"{t_end - t_start:.1f}",
-        peak_vram_mb=f"{peak_memory_mb(device):.1f}", mfu_percent=mfu_percent,
+        val_bpb=f"{val_bpb:.6f}" if val_bpb is not None else "harness", training_seconds=f"{training_time:.1f}",
+        total_seconds=f"{t_end - t_start:.1f}", peak_vram_mb=f"{peak_memory_mb(device):.1f}", mfu_percent=mfu_percent,
         total_tokens_M=f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}", num_steps=step, num_params_M=f"{num_params / 1e6:.1f}",
         depth=DEPTH, profile=PROFILE, device=device.type, attention=attention, seed=seed,
         startup_seconds=f"{t_timed_start - t_start:.1f}", eval_seconds=f"{t_end - t_eval:.1f}")

@@ -22,7 +22,9 @@ def peak_flops(device):
 
 
 def device_name(device):
-    return torch.cuda.get_device_name() if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{device.type}, {torch.get_num_threads()} threads"
 
 
 def synchronize(device):

@@ -16,7 +16,8 @@ from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_cop
                                  render_results, restore_logs)
 from autoresearch.resume import save_and_reset, spare_name
 from autoresearch.runner import train_once
-from autoresearch.seal import changed_modules, set_aside, symlinked_train, untracked_modules, written_since, write_times
+from autoresearch.seal import (changed_modules, set_aside, symlinked_train, untracked_modules, write_times,
+                               written_since)
 from autoresearch.state import InFlight, say
 
 

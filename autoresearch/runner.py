@@ -161,7 +161,8 @@ def judge_run(output, rc, timeout, budget=None, handed_over=False):
     val = to_float(summary.get("val_bpb"))
     blocks = summary_blocks(output)
     trained, steps = to_float(summary.get("training_seconds")), to_float(summary.get("num_steps"))
-    overrun = budget and trained and trained > budget + max(BUDGET_TOLERANCE * budget, trained / max(steps or 1, 1))
+    last_step = trained / max(steps or 1, 1) if trained else 0
+    overrun = budget and trained and trained > budget + max(BUDGET_TOLERANCE * budget, last_step)
     if rc is None:
         error = f"timeout: killed with its whole process group after {timeout:.0f} s"
     elif fail:

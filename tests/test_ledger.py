@@ -79,3 +79,19 @@ def test_a_daemon_started_by_train_py_cannot_write_a_row_after_the_run(repo, env
     time.sleep(3)  # the daemon would have written by now
     assert "forged" not in (repo / "results.tsv").read_text()
     assert [r["status"] for r in rows(repo)] == ["keep", "discard"]
+
+
+def test_a_val_bpb_that_is_not_positive_is_a_crash_not_a_keep(repo, env):
+    initialised(repo, env)
+    commit_train(repo, env, "negative", VAL_BPB=-1.0)
+    loop(repo, env, "step", "-m", "negative")
+    row = rows(repo)[-1]
+    assert row["status"] == "crash" and "not a finite positive number" in row["note"], row
+
+
+def test_training_past_the_budget_is_a_crash_not_a_keep(repo, env):
+    initialised(repo, env)
+    commit_train(repo, env, "three budgets", TRAINED=3.0, VAL_BPB=0.5)  # budget 1 s, 10 steps
+    loop(repo, env, "step", "-m", "three budgets")
+    row = rows(repo)[-1]
+    assert row["status"] == "crash" and "past the 1 s budget" in row["note"], row
