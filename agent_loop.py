@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from autoresearch.demo import run_demo
-from autoresearch.experiment import run_baseline, run_experiment
+from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_baseline, run_experiment
 from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
 from autoresearch.ledger import best_row, ensure_results_header, tag_rows
@@ -35,7 +35,7 @@ from autoresearch.resume import open_loop, save_failed_proposal, stop_cleanly
 from autoresearch.runner import default_timeout
 from autoresearch.state import InFlight, Loop, lock, pin_config, say
 
-DEFAULT_REPEATS = 2                          # baseline runs: 2 is the fewest that measure noise
+DEFAULT_REPEATS = 3                          # baseline runs: a first estimate of the noise
 AGENT_TIMEOUT_S = 1800
 MAX_AGENT_FAILURES = 3                       # consecutive: a broken agent command must not spin all night
 
@@ -66,7 +66,8 @@ def cmd_init(args):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag):
         raise LoopError(f"bad tag {tag!r}: use letters, digits, '.', '_' or '-' (e.g. `--tag mar5`)")
     if args.repeats < 1:
-        raise LoopError(f"--repeats {args.repeats}: the baseline needs at least one run (2 measure the noise)")
+        raise LoopError(f"--repeats {args.repeats}: the baseline needs at least one run (2 or more measure "
+                        f"the noise)")
     branch = BRANCH_PREFIX + tag
     resume = current_branch() == branch and best_row(tag_rows(tag)) is None
     problems = setup_problems(tag, resume)
@@ -91,11 +92,18 @@ def cmd_init(args):
 
 def cmd_step(args):
     started = time.monotonic()
-    loop = open_loop(args.timeout, args.min_delta, args.confirm)
+    loop = open_loop(args.timeout, args.min_delta)
     try:
+        pending = read_pending(loop)
+        if pending is None and not args.message:
+            raise LoopError('step needs -m "what you changed" (one line)')
         check_position(loop, allow_ahead=True)
         with InFlight(loop) as flight:
-            line = run_experiment(loop, flight, args.message, started, strict=True)
+            deadline = started + STEP_LIMIT_S
+            if pending:
+                line = confirm(loop, flight, pending, started, deadline)
+            else:
+                line = run_experiment(loop, flight, args.message, started, strict=True, deadline=deadline)
         say(loop, line)
     except (KeyboardInterrupt, Stop):
         stop_cleanly(loop)
@@ -103,12 +111,16 @@ def cmd_step(args):
 
 
 def cmd_run(args):
-    loop = open_loop(args.timeout, args.min_delta, args.confirm)
+    loop = open_loop(args.timeout, args.min_delta)
+    pending = read_pending(loop)
+    if pending:  # left by a `step` that stopped at its time limit: decided first
+        with InFlight(loop) as flight:
+            say(loop, f"#{pending['n']} {confirm(loop, flight, pending, time.monotonic())}")
     check_clean(loop)
     proposer = make_proposer(args.agent, args.seed, args.agent_timeout)
     t0, done, failures = time.monotonic(), 0, 0
     say(loop, f"run on {loop.branch}: agent {args.agent!r}, best val_bpb={loop.best_val:.6f} "
-              f"({len(loop.rows) - 1} experiments so far), margin {loop.margin()[0]:.4f}, "
+              f"({len(loop.rows) - 1} experiments so far), noise sigma {loop.noise().sigma:.4f}, "
               f"timeout {loop.timeout:.0f} s")
     try:
         while args.max_experiments is None or done < args.max_experiments:
@@ -209,19 +221,17 @@ def build_parser():
     init.set_defaults(func=cmd_init)
 
     decide_flags = argparse.ArgumentParser(add_help=False)
-    decide_flags.add_argument("--confirm", action="store_true",
-                              help="re-run a candidate keep with the next seed; keep only if the mean "
-                                   "still clears the margin")
-    decide_flags.add_argument("--min-delta", type=non_negative(float, "val_bpb"),
-                              help="keep margin in val_bpb (default: 2 sigma of the baseline runs, at "
-                                   "least 0.1%% of the baseline)")
+    decide_flags.add_argument("--min-delta", type=non_negative(float, "val_bpb"), default=0.0,
+                              help="keep only an improvement shown to be larger than this, in val_bpb "
+                                   "(default 0: any improvement the runs show beyond the noise)")
     decide_flags.add_argument("--timeout", type=positive(float, "seconds"),
                               help="hard limit per train.py run, s (default max(2*budget, budget+120): "
                                    "600 s at the reference budget)")
 
     step = sub.add_parser("step", parents=[decide_flags],
                           help="commit the change to train.py, run it, keep or reset; print one line")
-    step.add_argument("-m", "--message", required=True, help="one-line description of the change")
+    step.add_argument("-m", "--message", help="one-line description of the change (not needed to go on "
+                                               "confirming an experiment)")
     step.set_defaults(func=cmd_step)
 
     run = sub.add_parser("run", parents=[decide_flags], help="the autonomous loop", epilog=AGENT_HELP,

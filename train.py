@@ -639,7 +639,7 @@ def main():
     summary = dict(
         val_bpb=f"{val_bpb:.6f}" if val_bpb is not None else "harness", training_seconds=f"{training_time:.1f}",
         total_seconds=f"{t_end - t_start:.1f}", peak_vram_mb=f"{peak_memory_mb(device):.1f}", mfu_percent=mfu_percent,
-        total_tokens_M=f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}", num_steps=step, num_params_M=f"{num_params / 1e6:.1f}",
+        total_tokens_M=f"{step * TOTAL_BATCH_SIZE / 1e6:.3f}", num_steps=step, num_params_M=f"{num_params / 1e6:.1f}",
         depth=DEPTH, profile=PROFILE, device=device.type, attention=attention, seed=seed,
         startup_seconds=f"{t_timed_start - t_start:.1f}", eval_seconds=f"{t_end - t_eval:.1f}")
     print("---")

@@ -7,7 +7,7 @@ The experiment loop (agent_loop.py is its command line):
     ledger.py      results.tsv: columns, reading, crash-safe appends, the best row, unmeasured rows
     process.py     children in their own process group: timeouts, kills, leftovers; SIGTERM as a stop
     runner.py      one train.py run: environment, time limit, log, summary block, crash verdict
-    decide.py      the keep rule: noise margin, keep/discard/crash with its reason, the outcome line
+    decide.py      the keep rule: first run, then pairs with the best, a sequential test; speed, noise
     state.py       one tag's state: Loop, lock, config pinned at init, running.json (InFlight), loop.log
     preflight.py   checks before init and before each experiment, each with the command that fixes it
     resume.py      saving work under refs/autoresearch/, resetting to the best, resuming after a kill

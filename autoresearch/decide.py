@@ -1,65 +1,315 @@
 """
-The keep rule: a change is kept only if its val_bpb beats the best kept result by more than the measured
-noise. This module computes the margin (from the baseline runs, or --min-delta), the decision with a note
-that explains it in numbers, and the one-line outcome an agent acts on. Pure functions of numbers and runs.
+The keep rule, as pure functions of runs. One run is not evidence: a change is screened on its first run
+(not better than the best's mean: discarded at once), then confirmed by pairs of runs, the best and the
+candidate alternating (B C, C B, B C) so that a slow stretch of the machine hits both, and kept only when a
+one-sided test on all of its evidence says p < KEEP_P. Speed is part of every run: a run whose throughput is
+off from its code's usual speed was taken on a different machine and is never compared with runs that were
+not. The noise (sigma) is pooled over every version's repeated runs, so it keeps improving all night.
+
+The constants were set with bench/bench_decide.py (identical code under switching load is kept < 5% of the
+time, a 2-sigma improvement >= 80%, ~1.3-1.6 runs per experiment); rerun it after changing them.
 """
+import math
 import statistics
+from dataclasses import dataclass, field
 
 from autoresearch.ledger import REJECTED, unmeasured
 
-# Keep margin floor, relative to the baseline val_bpb: 0.1% (= 0.001 at the reference profile's ~1.0).
-# Relative because the smoke/cpu profiles and other datasets sit at other bpb scales, and because a
-# sigma from 2 runs can come out near 0 by chance.
-MARGIN_FLOOR = 0.001
+SIGMA_FLOOR = 0.0005       # relative to the best's val_bpb: a sigma from few runs can come out near 0
+SPEED_TOL = 0.10           # runs within 10% of their code's usual tokens/s ran on the same machine
+SCREEN_Z = 0.7             # the first run must be this many standard errors better than the best's mean
+KEEP_P = 0.025             # one-sided p of the whole evidence (the screen's selection included in the rate)
+GIVE_UP_Z = -1.0          # after a pair, an estimate this weak (in standard errors) stops the confirmation
+MAX_PAIRS = 3
+MAX_SPEED_RETRIES = 2      # pairs thrown away because the machine changed speed between their two runs
 
 
-def keep_margin(baseline, min_delta=None):
-    """(margin, why): --min-delta, else 2 sigma of the baseline row's runs, with a floor."""
-    if min_delta is not None:
-        return min_delta, f"--min-delta {min_delta}"
-    floor = MARGIN_FLOOR * float(baseline["val_bpb"])
-    runs = [float(v) for v in baseline.get("val_bpb_runs", "").split(",") if v]
-    if len(runs) < 2:
-        return floor, f"floor {floor:.4f} = 0.1% of the baseline; 1 baseline run, noise unknown"
-    sigma = statistics.stdev(runs)
-    if 2 * sigma >= floor:
-        return 2 * sigma, f"2 sigma of {len(runs)} baseline runs"
-    return floor, f"floor {floor:.4f} = 0.1% of the baseline; 2 sigma = {2 * sigma:.4f}"
+@dataclass(frozen=True)
+class Obs:
+    """One finished run, as the rule sees it."""
+    val: float
+    speed: float = None    # training tokens per second (None: not reported)
+    seed: int = None
 
 
-def beats(val, best, margin):
-    """The keep rule itself (also what makes a run a candidate for --confirm)."""
-    return val < best - margin
+@dataclass(frozen=True)
+class Noise:
+    sigma: float
+    df: int                # degrees of freedom of the estimate: 0 = unknown, the floor stands in
 
 
-def decide(runs, best, margin, why):
-    """(status, val_bpb, note) of an experiment's runs (a second one under --confirm). The note
-    explains the decision in numbers."""
-    first = runs[0]
-    if first.error:
-        return "crash", 0.0, f"crash: {first.error}" + "".join(f" | {t.strip()}" for t in first.tail[:-1])
-    threshold = best - margin
-    if len(runs) > 1 and runs[1].error:
-        return "discard", first.val, (f"discard: seed {first.seed} gave {first.val:.6f}, but the confirm run "
-                                      f"(seed {runs[1].seed}) crashed: {runs[1].error}")
-    mean = statistics.fmean(r.val for r in runs)
-    what = f"mean {mean:.6f} of seeds {','.join(str(r.seed) for r in runs)}" if len(runs) > 1 else f"{mean:.6f}"
-    if beats(mean, best, margin):
-        return "keep", mean, f"keep: {what} < best {best:.6f} - margin {margin:.4f} = {threshold:.6f} ({why})"
-    if len(runs) > 1:
-        return "discard", mean, (f"discard: not confirmed: seed {first.seed} gave {first.val:.6f}, but the "
-                                 f"{what} is not below {threshold:.6f} "
-                                 f"(best {best:.6f} - margin {margin:.4f}; {why})")
-    return "discard", mean, (f"discard: {what} is not below best {best:.6f} - margin {margin:.4f} = "
-                             f"{threshold:.6f} ({why})")
+@dataclass
+class Step:
+    """What to do next: run "candidate" or "best" once more, or decide "keep" / "discard"."""
+    action: str
+    note: str
+    evidence: dict = field(default_factory=dict)
 
 
-def outcome_line(status, val, note, log, previous_best, margin, best):
+# -----------------------------------------------------------------------------
+# Noise and speed
+
+
+def pooled_noise(groups, floor):
+    """Run-to-run sigma pooled over groups of runs of identical code (runs off their group's usual speed
+    left out), never below floor."""
+    ss, df = 0.0, 0
+    for runs in groups:
+        vals = [r.val for r in runs if not speed_off(r.speed, speed_band(runs))]
+        if len(vals) > 1:
+            mean = statistics.fmean(vals)
+            ss += sum((v - mean) ** 2 for v in vals)
+            df += len(vals) - 1
+    sigma = math.sqrt(ss / df) if df else 0.0
+    return Noise(max(sigma, floor), df)
+
+
+def speed_band(runs):
+    """(usual tokens/s, tolerance as a fraction) of these runs of one code. Usual is the mean of the largest
+    cluster of speeds within SPEED_TOL of each other: a loaded stretch, whether it hit a few of the runs or
+    most of them, moves neither the usual speed nor the tolerance."""
+    speeds = sorted(r.speed for r in runs if r.speed)
+    if not speeds:
+        return None, SPEED_TOL
+    clusters = [[t for t in speeds if s <= t <= s * (1 + SPEED_TOL)] for s in speeds]
+    biggest = max(clusters, key=lambda c: (len(c), c[0]))
+    return statistics.fmean(biggest), SPEED_TOL
+
+
+def speed_off(speed, band):
+    usual, tol = band
+    return bool(speed and usual) and abs(speed / usual - 1) > tol
+
+
+def speed_ratio(speed, band):
+    return speed / band[0] if speed and band[0] else 1.0
+
+
+# -----------------------------------------------------------------------------
+# The sequential rule
+
+
+def next_step(best_runs, cand, fresh, noise, min_delta=0.0):
+    """best_runs: the best's runs before this experiment; cand: the candidate's runs so far; fresh: the best's
+    runs made during this experiment (all without crashes). Returns the next Step."""
+    if not cand:
+        return Step("candidate", "first run")
+    band = speed_band(best_runs)
+    probed = speed_off(cand[0].speed, band)
+    if probed and not fresh:
+        pct = 100 * (speed_ratio(cand[0].speed, band) - 1)
+        return Step("best", f"run 1 trained at {pct:+.0f}% of the best's tokens/s: the best runs once now, "
+                            f"to tell a changed machine from a change in the code's speed")
+    probe, paired = (fresh[0], fresh[1:]) if probed else (None, fresh)
+    est, var, basis, mismatched = estimate(best_runs, cand, probe, paired, band, noise.sigma)
+    if mismatched > MAX_SPEED_RETRIES:
+        return Step("discard", f"the machine changed speed within {mismatched} pairs: not judged "
+                               f"(submit it again when the machine is steady)")
+    ev = evidence(len(cand), len(best_runs) + len(fresh), est, var, noise, len(cand) - 1)
+    z = (est + min_delta) / math.sqrt(var)
+    what = (f"mean difference {est:+.6f} (95% interval {ev['lo']:+.6f} to {ev['hi']:+.6f}), p={ev['p']:.4f}, "
+            f"from {basis}")
+    if len(cand) == 1 and not paired:
+        if z > -SCREEN_Z:
+            return Step("discard", f"not better on its first run: {what} (z {z:+.2f}, needs < {-SCREEN_Z})", ev)
+        return Step(pair_order(0)[0], f"looked better on its first run ({what}): confirming with pairs", ev)
+    pending = pair_in_progress(cand, paired)
+    if pending:
+        return Step(pending, f"confirming: pair {len(paired)} half done", ev)
+    if ev["p"] < KEEP_P and noise.df >= 1:
+        return Step("keep", f"{what} < {KEEP_P}", ev)
+    if z > GIVE_UP_Z or len(cand) - 1 - mismatched >= MAX_PAIRS:
+        return Step("discard", f"not confirmed: {what} (keep needs p < {KEEP_P})", ev)
+    return Step(pair_order(len(cand) - 1)[0], f"confirming: {what}", ev)
+
+
+def estimate(best_runs, cand, probe, paired, band, sigma):
+    """(candidate - best, its variance, what it rests on, pairs thrown away), from runs taken at the same
+    machine speed. rho, the candidate code's speed over the best's, comes from the adjacent pairs (else run 1
+    and the probe, or the best's usual speed). When the code kept the best's speed, every candidate run at the
+    usual speed is compared with every such run of the best (the efficient case on a steady machine), and runs
+    off it only within their pair; when the code's own speed changed, run 1 against the best at the same
+    machine speed, and the pairs whose speed ratio is the usual one."""
+    pairs = list(zip(paired, cand[1:]))
+    ratios = [c.speed / b.speed for b, c in pairs if c.speed and b.speed]
+    if ratios:
+        rho = statistics.median(ratios)
+    elif probe is not None and probe.speed and cand[0].speed:
+        rho = cand[0].speed / probe.speed
+    else:
+        rho = speed_ratio(cand[0].speed, band)
+    tol = band[1]
+    matched = [(b, c) for b, c in pairs if not (c.speed and b.speed) or abs(c.speed / b.speed / rho - 1) <= tol]
+    probe_off = probe is not None and speed_off(probe.speed, band)
+    parts, basis = [], []
+    if abs(rho - 1) <= tol:
+        same = [r for r in cand if not speed_off(r.speed, band)]
+        ref = [r for r in best_runs + ([probe] if probe else []) + list(paired) if not speed_off(r.speed, band)]
+        if same and ref:
+            parts.append((statistics.fmean(r.val for r in same) - statistics.fmean(r.val for r in ref),
+                          sigma ** 2 * (1 / len(same) + 1 / len(ref))))
+            basis.append(f"{len(same)} run(s) against {len(ref)} of the best at the usual speed")
+        off = ([(probe, cand[0])] if probe_off else []) + [(b, c) for b, c in matched if speed_off(b.speed, band)]
+        if off:
+            basis.append(f"{len(off)} pair(s) at another machine speed")
+    else:
+        basis.append(f"code at {100 * (rho - 1):+.0f}% of the best's speed")
+        if probe_off:
+            parts.append((cand[0].val - probe.val, 2 * sigma ** 2))
+            basis.append("run 1 against the best run just now")
+        else:
+            ref = [r for r in best_runs + ([probe] if probe else []) if not speed_off(r.speed, band)] or best_runs
+            parts.append((cand[0].val - statistics.fmean(r.val for r in ref), sigma ** 2 * (1 + 1 / len(ref))))
+            basis.append(f"run 1 against the best's mean of {len(ref)} run(s)")
+        off = matched
+        if off:
+            basis.append(f"{len(off)} pair(s)")
+    parts += [(c.val - b.val, 2 * sigma ** 2) for b, c in off]
+    if not parts:  # run 1 off the usual speed, and the best's probe at the usual one: nothing to compare
+        return 0.0, 2 * sigma ** 2, "nothing at a comparable speed", len(pairs) - len(matched)
+    weight = sum(1 / v for _, v in parts)
+    return sum(d / v for d, v in parts) / weight, 1 / weight, ", ".join(basis), len(pairs) - len(matched)
+
+
+def pair_order(k):
+    """Pair k runs best then candidate when k is even, else candidate then best (ABBA cancels a trend)."""
+    return ("best", "candidate") if k % 2 == 0 else ("candidate", "best")
+
+
+def pair_in_progress(cand, fresh):
+    """The run that completes the pair under way, if one is half done."""
+    if len(fresh) > len(cand) - 1:
+        return "candidate"
+    if len(fresh) < len(cand) - 1:
+        return "best"
+    return None
+
+
+def run_until_decided(best_runs, others, run, floor, min_delta=0.0, cand=(), fresh=(), more=lambda: True):
+    """Drive next_step: run(kind) trains "candidate" or "best" once and returns its Obs, or None for a crash.
+    others: the runs of every other version, grouped (for the noise). Goes on from cand and fresh (runs made
+    earlier); stops undecided, the next run's Step in hand, once more() says no. Returns (Step, cand, fresh);
+    a crash is Step("crash") on the first run and a discard after it (the loop adds the crash's reason)."""
+    cand, fresh = list(cand), list(fresh)
+    while True:
+        noise = pooled_noise(list(others) + [list(best_runs) + fresh, cand], floor)
+        step = next_step(list(best_runs), cand, fresh, noise, min_delta)
+        if step.action in ("keep", "discard") or (cand and not more()):
+            return step, cand, fresh
+        obs = run(step.action)
+        if obs is None:
+            first = step.action == "candidate" and not cand
+            return Step("crash" if first else "discard", f"the {step.action}'s run crashed"), cand, fresh
+        (cand if step.action == "candidate" else fresh).append(obs)
+
+
+# -----------------------------------------------------------------------------
+# Runs in the ledger
+
+
+def row_runs(row, prefix=""):
+    """The Obs of a row's candidate runs (prefix "best_": of the best's re-runs it made)."""
+    def column(name, kind):
+        return [kind(v) for v in (row.get(prefix + name) or "").split(",") if v]
+    vals, speeds, seeds = column("val_bpb_runs", float), column("tokens_per_s", float), column("seeds", int)
+    if len(seeds) > len(vals):  # a crashed run has a seed but no value: which seeds go with the values
+        seeds = seeds[:len(vals)]
+    return [Obs(v, speeds[i] if i < len(speeds) else None, seeds[i] if i < len(seeds) else None)
+            for i, v in enumerate(vals)]
+
+
+def version_runs(rows):
+    """{train.py blob hash: [Obs]}: every trusted run of each version, its re-runs as the best included."""
+    runs = {}
+    for row in rows:
+        if unmeasured(row.get("note", "")):
+            continue
+        if row.get("train_py"):
+            runs.setdefault(row["train_py"], []).extend(row_runs(row))
+        if row.get("best_train_py"):
+            runs.setdefault(row["best_train_py"], []).extend(row_runs(row, "best_"))
+    return runs
+
+
+# -----------------------------------------------------------------------------
+# Numbers for the ledger and the report
+
+
+def evidence(n_cand, n_best, est, var, noise, pairs):
+    """The numbers behind a decision: runs of each, mean difference (candidate - best; negative is better),
+    its 95% interval, the one-sided p that the candidate is not better, the noise it was judged with, and
+    how many speed-matched pairs (0: the first run alone)."""
+    se = math.sqrt(var)
+    df = max(noise.df, 1)
+    half = t_quantile(0.975, df) * se
+    return {"cand_runs": n_cand, "best_runs": n_best, "diff": round(est, 6), "lo": round(est - half, 6),
+            "hi": round(est + half, 6), "p": round(t_cdf(est / se, df), 5), "sigma": round(noise.sigma, 6),
+            "df": noise.df, "pairs": pairs}
+
+
+def format_evidence(ev):
+    return " ".join(f"{k}={v}" for k, v in ev.items())
+
+
+def parse_evidence(text):
+    out = {}
+    for part in (text or "").split():
+        key, _, value = part.partition("=")
+        try:
+            out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def t_cdf(t, df):
+    """Student's t distribution function, via the regularized incomplete beta function."""
+    x = df / (df + t * t)
+    tail = 0.5 * incomplete_beta(df / 2, 0.5, x)
+    return tail if t < 0 else 1 - tail
+
+
+def t_quantile(q, df):
+    lo, hi = -1e3, 1e3
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def incomplete_beta(a, b, x):
+    """I_x(a, b) by its continued fraction (modified Lentz), on the side where it converges fast."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1 - incomplete_beta(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -((a + m) * (a + b + m) * x) / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + num * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1 - c * d) < 1e-12:
+            break
+    return front * (f - 1)
+
+
+def outcome_line(status, val, note, log, previous_best, evidence, best):
     """The one line an agent (or a human watching `run`) acts on: a crash or a rejection says why,
-    anything else how val_bpb compares with the best before and after."""
+    anything else how val_bpb compares with the best before and after, on how many runs, with what p."""
     if status == "crash":
         return f"{status} {note.removeprefix('crash: ')} log={log}"
-    if unmeasured(note) == REJECTED:
+    if unmeasured(note) == REJECTED or not evidence:
         return f"{status} {note} log={log}"
-    return (f"{status} val_bpb={val:.6f} delta={val - previous_best:+.4f} (margin {margin:.4f}) "
-            f"best={best:.6f} log={log}")
+    return (f"{status} val_bpb={val:.6f} delta={val - previous_best:+.4f} ({evidence['cand_runs']} run(s) vs "
+            f"{evidence['best_runs']} of the best, p={evidence['p']:.4f}) best={best:.6f} log={log}")

@@ -1,34 +1,43 @@
 """
 One experiment, from a change proposed in the working tree to a row in results.tsv: check what changed,
-commit it, train (again with the next seed under --confirm), decide, log, and keep the commit or save it
-under refs/autoresearch/TAG/ and move the branch back. Shared by `step` and `run`. Also the baseline,
-experiment #0 of a tag, which measures the noise that the keep margin is based on.
+commit it, train it and re-run the best as the keep rule asks (decide.py: a first run, then pairs), decide,
+log, and keep the commit or save it under refs/autoresearch/TAG/ and move the branch back. Shared by `step`
+(which may stop between runs and go on at its next call: pending.json) and `run`. Also the baseline,
+experiment #0 of a tag, whose repeated runs give the first estimate of the noise.
 """
+import dataclasses
+import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from autoresearch.decide import beats, decide, outcome_line
+from autoresearch.decide import Obs, format_evidence, outcome_line, run_until_decided
 from autoresearch.gitrepo import blob_hash, changed_since, commit, git, head, short, tree_status
-from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, to_float
+from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, read_json, to_float
 from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_copies, measured_versions, one_line,
-                                 render_results, restore_logs)
+                                 render_results, restore_logs, write_atomic)
 from autoresearch.resume import save_and_reset, spare_name
-from autoresearch.runner import train_once
+from autoresearch.runner import Run, train_once
 from autoresearch.seal import (changed_modules, set_aside, symlinked_train, untracked_modules, write_times,
                                written_since)
 from autoresearch.state import InFlight, say
+
+# program.md gives `step` a shell timeout of 15 minutes: a step starts no run that would end after this
+# (AUTORESEARCH_STEP_LIMIT_S overrides, for a shorter shell timeout)
+STEP_LIMIT_S = float(os.environ.get("AUTORESEARCH_STEP_LIMIT_S", 840))
 
 
 # -----------------------------------------------------------------------------
 # One experiment
 
 
-def run_experiment(loop, flight, description, started, strict, untracked_new=()):
+def run_experiment(loop, flight, description, started, strict, untracked_new=(), deadline=None):
     """The tree holds a proposed change (from the agent, mutate, or a coding agent calling `step`).
     Returns the one-line outcome. flight records the phases in running.json; strict (`step`) refuses
-    a change to another file instead of recording it. started = time.monotonic() when the loop took over."""
+    a change to another file instead of recording it. started = time.monotonic() when the loop took over;
+    deadline (time.monotonic() seconds, `step`): start no run that would end after it."""
     description = one_line(description, DESCRIPTION_MAX) or "(no description)"
     n, best = len(loop.rows), loop.best_commit
     if not strict and git("merge-base", "--is-ancestor", best, "HEAD", check=False) is None:
@@ -61,18 +70,98 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=())
     sha = commit([TRAIN], description) if TRAIN in tree_status()[0] else head()
     log = str(loop.dir / f"{n:03d}-{sha[:7]}.log")
     write_log_header(loop, log, n, sha, best, description)
-    flight.mark(n=n, phase="train", commit=sha, log=log, best=best)
-    train_start = time.monotonic()
-    runs = measure(loop, log, flight)
-    train_wall = time.monotonic() - train_start
-    status, val, note = decide(runs, loop.best_val, *loop.margin())
-    distrust = untrusted(loop, n, sha, runs)
+    pending = {"n": n, "commit": sha, "log": log, "description": description, "note_extra": note_extra,
+               "train_py": train_py, "best": best, "runs": [], "train_wall": 0.0}
+    return confirm(loop, flight, pending, started, deadline)
+
+
+def confirm(loop, flight, pending, started, deadline=None):
+    """Run the candidate and the best as the keep rule asks (decide.run_until_decided) until it decides, then
+    record the row. With a deadline (`step`), stop before a run that would end past it: the experiment stays
+    in pending.json, the branch on the candidate, and the next `step` goes on from there."""
+    n, sha, log = pending["n"], pending["commit"], pending["log"]
+    done = [(kind, Run(**fields)) for kind, fields in pending["runs"]]
+    made_here = []
+
+    def run(kind):
+        seed = loop.next_seed(len(done))
+        flight.mark(n=n, phase="train", commit=sha, log=log, best=pending["best"], running_best=kind == "best")
+        t0 = time.monotonic()
+        r = best_run(loop, sha, seed, log, flight) if kind == "best" else sealed_run(loop, seed, log, flight)
+        pending["train_wall"] += time.monotonic() - t0
+        done.append((kind, r))
+        made_here.append(r)
+        print(f"#{n} {kind} run seed {seed}: " + (f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}")
+              + (f" ({r.speed:,.0f} tokens/s)" if not r.error and r.speed else ""), file=sys.stderr, flush=True)
+        if r.error or r.tampered:
+            return None
+        return Obs(r.val, r.speed, r.seed)
+
+    def more():
+        if deadline is None or not made_here:
+            return True
+        longest = max(r.wall for _, r in done)
+        return time.monotonic() + 1.25 * longest + 30 < deadline
+
+    ok = [(kind, Obs(r.val, r.speed, r.seed)) for kind, r in done if not r.error]
+    step, cand, fresh = run_until_decided(loop.best_runs, loop.other_runs, run, loop.sigma_floor, loop.min_delta,
+                                          [o for k, o in ok if k == "candidate"],
+                                          [o for k, o in ok if k == "best"], more)
+    if step.action in ("candidate", "best"):
+        pending["runs"] = [(kind, dataclasses.asdict(r)) for kind, r in done]
+        write_atomic(loop.pending_path, json.dumps(pending).encode())
+        return (f"confirming #{n}: {step.note}; so far {len(cand)} run(s) of it, {len(fresh)} of the best. "
+                f"Run `uv run agent_loop.py step` again to go on (leave {TRAIN} as it is until then)")
+    loop.pending_path.unlink(missing_ok=True)
+    status, val, note = verdict(step, done, loop)
+    distrust = untrusted(loop, n, sha, [r for _, r in done])
     if distrust:
         status, val, note = "discard", 0.0, distrust
     previous_best = loop.best_val
-    row = experiment_row(loop, n, short(sha), status, description, runs, val, note + note_extra, log, train_py)
-    finish(loop, row, log, started, train_wall)
-    return outcome_line(status, val, note, log, previous_best, loop.margin()[0], loop.best_val)
+    runs = [r for kind, r in done if kind == "candidate"]
+    best_runs = [r for kind, r in done if kind == "best"]
+    row = experiment_row(loop, n, short(sha), status, pending["description"], runs, val,
+                         note + pending["note_extra"], log, pending["train_py"])
+    best_ok = [r for r in best_runs if not r.error]
+    row.update(best_seeds=",".join(str(r.seed) for r in best_runs),
+               best_val_bpb_runs=",".join(f"{r.val:.6f}" for r in best_ok),
+               best_tokens_per_s=",".join(f"{r.speed or 0:.0f}" for r in best_ok),
+               best_train_py=loop.best.get("train_py", "") if best_runs else "",
+               evidence=format_evidence(step.evidence) if not distrust else "")
+    finish(loop, row, log, started, pending["train_wall"])
+    return outcome_line(status, val, note, log, previous_best, step.evidence, loop.best_val)
+
+
+def read_pending(loop):
+    """The experiment a `step` left undecided at its time limit, or None. The tree must still hold it."""
+    pending = read_json(loop.pending_path)
+    if pending is None:
+        return None
+    if head() != pending["commit"] or changed_since(pending["commit"]):
+        raise LoopError(f"experiment #{pending['n']} ({pending['commit'][:7]}) is still being confirmed, but "
+                        f"{'HEAD moved' if head() != pending['commit'] else f'{TRAIN} was edited'} since. Fix: "
+                        f"save your edit (`cp {TRAIN} /tmp/next_train.py`), `git reset -q --hard "
+                        f"{pending['commit'][:7]}`, run `uv run agent_loop.py step` until #{pending['n']} is "
+                        f"decided, then bring your edit back")
+    return pending
+
+
+def verdict(step, done, loop):
+    """(status, val_bpb, note) of a decided experiment: the rule's decision, or the crash that ended it."""
+    cand = [r for kind, r in done if kind == "candidate" and not r.error]
+    val = statistics.fmean(r.val for r in cand) if cand else 0.0
+    crashed = next(((kind, r) for kind, r in done if r.error), None)
+    if any(r.tampered for _, r in done):
+        return "discard", val, "discard: a run wrote outside train.py"  # untrusted() says which files
+    if step.action == "crash":
+        first = crashed[1]
+        return "crash", 0.0, f"crash: {first.error}" + "".join(f" | {t.strip()}" for t in first.tail[:-1])
+    if crashed and step.action == "discard" and "crashed" in step.note:
+        kind, r = crashed
+        who = "the best's re-run" if kind == "best" else "a confirmation run"
+        return "discard", val, f"discard: {who} (seed {r.seed}) crashed: {r.error}"
+    seeds = ",".join(str(r.seed) for kind, r in done)
+    return step.action, val, f"{step.action}: {step.note} (seeds {seeds})"
 
 
 def broken_rules(changed, best, modules=()):
@@ -96,14 +185,16 @@ def broken_rules(changed, best, modules=()):
     return why, fixes
 
 
-def measure(loop, log, flight):
-    """Train once; with --confirm, train a candidate keep again with the next seed."""
-    seed = loop.config["base_seed"]
-    runs = [sealed_run(loop, seed, log, flight)]
-    margin, _ = loop.margin()
-    if loop.confirm and not runs[0].error and beats(runs[0].val, loop.best_val, margin):
-        runs.append(sealed_run(loop, seed + 1, log, flight))
-    return runs
+def best_run(loop, sha, seed, log, flight):
+    """One run of the best's train.py, checked out in place of the candidate's for the run and put back
+    after (reconcile puts it back too, if the loop is killed meanwhile)."""
+    with open(log, "a") as f:
+        f.write(f"\n===== the best, #{loop.best['n']} ({loop.best['commit']}), runs again for a pair =====\n")
+    git("checkout", loop.best_commit, "--", TRAIN)
+    try:
+        return sealed_run(loop, seed, log, flight)
+    finally:
+        git("checkout", sha, "--", TRAIN)
 
 
 def sealed_run(loop, seed, log, flight):
@@ -170,6 +261,7 @@ def experiment_row(loop, n, sha, status, description, runs, val, note, log, trai
             "total_seconds": first.get("total_seconds", ""),
             "mfu_percent": first.get("mfu_percent", ""), "num_steps": first.get("num_steps", ""),
             "profile": first.get("profile", loop.config["profile"]), "train_py": train_py,
+            "tokens_per_s": ",".join(f"{r.speed or 0:.0f}" for r in ok),
             "timestamp": now_iso(), "log": log, "note": "; ".join([note] + [x for r in runs for x in r.notes])}
 
 
@@ -201,9 +293,9 @@ def finish(loop, row, log, started, train_wall):
 
 
 def run_baseline(loop, repeats):
-    """The unchanged train.py, `repeats` times with seeds base, base+1, ...: the baseline and the
-    run-to-run noise that the keep margin is based on. An interrupted baseline is not resumed but
-    run again by init, so its running.json goes on a stop too."""
+    """The unchanged train.py, `repeats` times with seeds base, base+1, ...: the baseline and the first
+    estimate of the run-to-run noise (the best's re-runs improve it all night). An interrupted baseline is not
+    resumed but run again by init, so its running.json goes on a stop too."""
     started, sha = time.monotonic(), head()
     log = str(loop.dir / f"000-{sha[:7]}.log")
     with open(log, "a") as f:
@@ -225,19 +317,20 @@ def run_baseline(loop, repeats):
         loop.rows = [experiment_row(loop, 0, short(sha), "keep", "baseline", runs,
                                     statistics.fmean(r.val for r in runs), "", log,
                                     blob_hash(Path(TRAIN).read_bytes()))]
-        margin, why = loop.margin()
-        sigma = f"sigma {statistics.stdev(r.val for r in runs):.6f}" if repeats > 1 else "sigma unknown (1 run)"
+        sigma = statistics.stdev(r.val for r in runs) if repeats > 1 else None
+        noise = (f"sigma {sigma:.6f} from {repeats} runs" if sigma is not None else
+                 "1 run: the noise is unknown, so nothing can be judged on one run yet; the first experiment "
+                 "that looks better is confirmed by pairs, which measure it")
         row = loop.rows[0]
-        row["note"] = "; ".join([f"baseline: {repeats} run(s), {sigma}; keep margin {margin:.4f} ({why})"]
-                                + [x for r in runs for x in r.notes])
+        row["note"] = "; ".join([f"baseline: {noise}; took {train_wall:.0f} s"] + [x for r in runs for x in r.notes])
         row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
         append_row(row)
     loop.remember_modules()
     with open(log, "a") as f:
         f.write(f"\n===== baseline =====\n{row['note']}\n")
     keep_copies(loop.tag, 0, log, sha)
-    say(loop, f"baseline val_bpb={float(row['val_bpb']):.6f} runs={row['val_bpb_runs']} {sigma} "
-              f"margin={margin:.4f} log={log}")
+    say(loop, f"baseline val_bpb={float(row['val_bpb']):.6f} runs={row['val_bpb_runs']} {noise} "
+              f"({train_wall:.0f} s) log={log}")
     print(f"next: `uv run agent_loop.py run --agent mutate` (or an LLM agent: run --help), or point a coding "
           f"agent at {PROGRAM}")
     return 0

@@ -19,7 +19,10 @@ from autoresearch.layout import RESULTS, LoopError
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstream's five, unchanged
            "tag", "n", "seeds", "val_bpb_runs", "training_seconds", "total_seconds", "mfu_percent",
-           "num_steps", "profile", "train_py", "timestamp", "loop_s", "log", "note"]
+           "num_steps", "profile", "train_py", "timestamp", "loop_s", "log", "note",
+           # the evidence of the keep rule (decide.py): each run's speed, the best's re-runs made during the
+           # experiment (paired with the candidate's), and the numbers of the decision
+           "tokens_per_s", "best_seeds", "best_val_bpb_runs", "best_tokens_per_s", "best_train_py", "evidence"]
 DESCRIPTION_MAX = 120
 
 # Rows whose train.py has no trustworthy measurement. The status column keeps upstream's values
@@ -172,8 +175,14 @@ def append_row(row):
 
 
 def ensure_results_header():
-    """A ledger with the header; one made before the ledger existed starts from the old results.tsv."""
+    """A ledger with the header; one made before the ledger existed starts from the old results.tsv, and one
+    with an older header gets today's columns (its rows keep their values)."""
     if ledger_path().exists() and ledger_path().stat().st_size:
+        header, rows = read_results(ledger_path())
+        if header != COLUMNS and set(header) <= set(COLUMNS):
+            lines = ["\t".join(COLUMNS)] + ["\t".join(one_line(r.get(c, "")) for c in COLUMNS) for r in rows]
+            write_atomic(ledger_path(), ("\n".join(lines) + "\n").encode())
+            render_results()
         return
     if Path(RESULTS).exists() and Path(RESULTS).stat().st_size:
         end_last_line(RESULTS)
@@ -188,8 +197,8 @@ def ensure_results_header():
 
 
 def best_row(rows):
-    """The best result: the last kept row, since each keep beat the best before it by more than the
-    noise margin. None when nothing is kept. Works on results rows and on the report's history
+    """The best result: the last kept row, since each keep was shown better than the best before it
+    (decide.py). None when nothing is kept. Works on results rows and on the report's history
     entries alike (both have a status)."""
     return next((r for r in reversed(rows) if r["status"] == "keep"), None)
 

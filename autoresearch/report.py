@@ -1,11 +1,15 @@
 """
 Reporting a results.tsv (ours, or upstream's five columns): which rows make up a run, the numbers of the
 run (baseline, best, improvement, keep rate, noise, each experiment's delta against the best before it),
-the text report, and the progress plot. The best is ledger.best_row's, as everywhere else.
+the text report, and the progress plot. The best is ledger.best_row's, as everywhere else. A row may carry
+the evidence of its decision (decide.parse_evidence) and the runs behind it, the candidate's and the best's
+re-runs; older files lack those columns, and an absent or empty one reads as no runs, no evidence.
 """
+import math
 import statistics
 from pathlib import Path
 
+from autoresearch.decide import parse_evidence
 from autoresearch.gitrepo import current_branch, git
 from autoresearch.layout import BRANCH_PREFIX, RESULTS, LoopError, to_float
 from autoresearch.ledger import best_row, one_line, read_results
@@ -39,6 +43,35 @@ def rows_of_run(path, tag=None):
 # -----------------------------------------------------------------------------
 # The numbers
 
+POOLED = "pooled over repeated runs"  # noise["from"] of an estimate taken from a decision's evidence
+
+def floats(text):
+    """A comma-separated column (val_bpb_runs, best_val_bpb_runs) as floats; a missing column or a value that
+    is no finite number is no run, so that a hand-edited file still reports and the JSON stays valid."""
+    vals = (to_float(v) for v in (text or "").split(","))
+    return [v for v in vals if v is not None and math.isfinite(v)]
+
+
+def evidence_of(row):
+    """The row's evidence column as a dict ({} when absent); a nan/inf becomes None, which JSON can hold."""
+    ev = parse_evidence(row.get("evidence", ""))
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in ev.items()}
+
+
+def noise_of(rows, base_runs):
+    """The run-to-run noise the decisions used: the last row's pooled estimate (it improves all night),
+    else the baseline runs' stdev, else None."""
+    for r in reversed(rows):
+        ev = evidence_of(r)
+        if isinstance(ev.get("sigma"), (int, float)):
+            df = ev.get("df")
+            return {"sigma": float(ev["sigma"]), "df": df if isinstance(df, int) else 0,
+                    "from": POOLED}
+    if len(base_runs) > 1:
+        return {"sigma": round(statistics.stdev(base_runs), 6), "df": len(base_runs) - 1,
+                "from": f"{len(base_runs)} baseline runs"}
+    return None
+
 
 def summarize(rows):
     """Numbers of a results.tsv: the baseline is the first kept row; deltas are against the best
@@ -54,13 +87,15 @@ def summarize(rows):
         delta = round(val - best_before, 6) if measured and i > base_i and best_before else None
         history.append({
             "n": int(r["n"]) if r.get("n", "").isdigit() else i, "commit": r["commit"], "status": r["status"],
-            "val_bpb": val, "delta": delta, "description": r["description"], "note": r.get("note", "")})
+            "val_bpb": val, "delta": delta, "description": r["description"], "note": r.get("note", ""),
+            "runs": floats(r.get("val_bpb_runs")), "best_runs": floats(r.get("best_val_bpb_runs")),
+            "evidence": evidence_of(r)})
     best = best_row(rows) or base  # a file without a keep: its first row stands in
     best_val = to_float(best["val_bpb"]) or 0.0
     best_n = next(e["n"] for r, e in zip(rows, history) if r is best)
     exps = history[base_i + 1:]
     count = {s: sum(e["status"] == s for e in exps) for s in ("keep", "discard", "crash")}
-    runs = [float(v) for v in base.get("val_bpb_runs", "").split(",") if v]
+    runs = floats(base.get("val_bpb_runs"))
     overhead = [to_float(r.get("loop_s")) for r in rows[base_i + 1:] if to_float(r.get("loop_s")) is not None]
     return {
         "tag": base.get("tag"), "experiments": len(exps), "keeps": count["keep"], "discards": count["discard"],
@@ -69,7 +104,8 @@ def summarize(rows):
         "best": {"n": best_n, "commit": best["commit"], "val_bpb": best_val, "description": best["description"]},
         "improvement": round(base_val - best_val, 6),
         "improvement_percent": round(100 * (base_val - best_val) / base_val, 3) if base_val else None,
-        "noise_sigma": round(statistics.stdev(runs), 6) if len(runs) > 1 else None,
+        "noise_sigma": round(statistics.stdev(runs), 6) if len(runs) > 1 else None,  # baseline runs alone
+        "noise": noise_of(rows, runs),
         "kept": [e for e in exps if e["status"] == "keep"],
         "crashed": [e for e in exps if e["status"] == "crash"],
         "loop_overhead_s_mean": round(statistics.fmean(overhead), 3) if overhead else None,
@@ -79,6 +115,20 @@ def summarize(rows):
 
 # -----------------------------------------------------------------------------
 # Text and plot
+
+
+def evidence_words(ev):
+    """A decision's evidence in words; None when it has no test result (an older row, or decided on speed)."""
+    if not isinstance(ev.get("p"), (int, float)):
+        return None
+    num = lambda k: isinstance(ev.get(k), (int, float))  # noqa: E731
+    words = []
+    if num("cand_runs") and num("best_runs"):
+        words.append(f"{ev['cand_runs']} runs vs {ev['best_runs']} of the best")
+    if num("diff"):
+        interval = f" (95% {ev['lo']:.6f} to {ev['hi']:.6f})" if num("lo") and num("hi") else ""
+        words.append(f"mean difference {ev['diff']:.6f}{interval}")
+    return ", ".join(words + [f"p={ev['p']:.2g}"])
 
 
 def format_report(s, path, recent=0):
@@ -92,14 +142,21 @@ def format_report(s, path, recent=0):
              f"keeps {s['keeps']}{rate}, discards {s['discards']}, crashes {s['crashes']}"]
     if s["noise_sigma"] is not None:
         lines.append(f"noise sigma       {s['noise_sigma']:.6f}  from {len(s['baseline']['runs'])} baseline runs")
+    noise = s.get("noise")
+    if noise and noise["from"] == POOLED:  # one from the baseline runs alone is the line above
+        lines.append(f"noise sigma       {noise['sigma']:.6f}  (df {noise['df']}, {noise['from']})")
     if s["loop_overhead_s_mean"] is not None:
         lines.append(f"loop overhead {s['loop_overhead_s_mean']:.2f} s per experiment (mean; excludes training)")
     def entry(e):
         val = f"{e['val_bpb']:.6f}" if e["val_bpb"] else "   -    "
         delta = f"{e['delta']:+.6f}" if e["delta"] is not None else "         "
         return f"  #{e['n']:<4} {e['commit']:<8} {e['status']:<7} {val}  {delta}  {e['description']}"
+    def with_evidence(e):
+        words = evidence_words(e.get("evidence") or {})
+        return [entry(e)] + ([f"      evidence: {words}"] if words else [])
     if s["kept"]:
-        lines += ["kept changes (delta vs the best before each):"] + [entry(e) for e in s["kept"]]
+        lines.append("kept changes (delta vs the best before each):")
+        lines += [line for e in s["kept"] for line in with_evidence(e)]
     if s["crashed"]:
         lines += ["crashes:"] + [entry(e) + (f"  [{e['note']}]" if e["note"] else "") for e in s["crashed"]]
     if recent:
@@ -109,9 +166,29 @@ def format_report(s, path, recent=0):
     return "\n".join(lines)
 
 
+def spread_segments(history):
+    """(x, lowest, highest) of each experiment with repeated runs of its own: one run hides how far
+    the same code's val_bpb moves, so the plot shows the range the decision saw."""
+    return [(x, min(e["runs"]), max(e["runs"])) for x, e in enumerate(history) if len(e.get("runs", [])) > 1]
+
+
+def plot_runs(ax, hist):
+    """Each repeated run as a small mark on its experiment's min-max line, and the best's re-runs made
+    during that experiment as hollow marks just left of it (paired with the candidate's)."""
+    for x, lo, hi in spread_segments(hist):
+        ax.vlines(x, lo, hi, color="0.35", linewidth=0.8, zorder=1)
+    many = [(x, v) for x, e in enumerate(hist) if len(e.get("runs", [])) > 1 for v in e["runs"]]
+    if many:
+        ax.scatter(*zip(*many), s=8, color="0.35", label="each run", zorder=2)
+    best = [(x - 0.2, v) for x, e in enumerate(hist) for v in e.get("best_runs", [])]
+    if best:
+        ax.scatter(*zip(*best), s=14, facecolors="none", edgecolors="#4575b4", linewidth=0.8,
+                   label="best's re-runs", zorder=2)
+
+
 def plot(s, path):
     """Every experiment: discards faint, keeps highlighted and labelled, best-so-far as a step line,
-    crashes and rejections as marks at the bottom."""
+    crashes and rejections as marks at the bottom, the spread of repeated runs and the best's re-runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,12 +196,16 @@ def plot(s, path):
     xs = list(range(len(hist)))
     measured = [(x, e) for x, e in zip(xs, hist) if e["val_bpb"] > 0 and e["status"] != "crash"]
     base, best = s["baseline"]["val_bpb"], s["best"]["val_bpb"]
-    # the scale follows the bulk of the results; a diverged run must not squash the progress line
-    vals = sorted(e["val_bpb"] for _, e in measured) or [base]
+    # the scale follows the bulk of the results; a diverged run must not squash the progress line. The
+    # repeated runs count too: a spread cut off by the axis would hide the noise the decisions weighed
+    runs = [v for _, e in measured for v in e.get("runs", []) + e.get("best_runs", []) if v > 0]
+    vals = sorted([e["val_bpb"] for _, e in measured] + runs) or [base]
     top = max(vals[int(0.9 * (len(vals) - 1))], base)
-    pad = 0.08 * max(top - best, 0.002)
-    low, high = best - pad, top + pad
+    bottom = min([best] + runs)
+    pad = 0.08 * max(top - bottom, 0.002)
+    low, high = bottom - pad, top + pad
     fig, ax = plt.subplots(figsize=(12, 6))
+    plot_runs(ax, hist)
     disc = [(x, e["val_bpb"]) for x, e in measured if e["status"] != "keep" and e["val_bpb"] <= high]
     if disc:
         ax.scatter(*zip(*disc), s=16, color="0.55", alpha=0.35, label="discard", zorder=2)

@@ -78,12 +78,15 @@ def reconcile(loop, reason=KILLED, restart=True):
         kill_leftover(state)
         if state.get("baseline"):  # init runs the baseline again
             return
+        if state.get("running_best"):  # the best's train.py stood in for the candidate's during a pair
+            git("checkout", state["commit"], "--", TRAIN)
         n = state["n"]
         row = next((r for r in loop.rows if r.get("n") == str(n)), None)
         if row is None and state["phase"] == "train":
             row = interrupted_row(loop, state, reason)
             append_row(row)
             loop.rows.append(row)
+            loop.pending_path.unlink(missing_ok=True)  # the runs a `step` made before are in its log
         if row and row["status"] == "keep":
             return
         # After a restart, changes to other files may be the user's, made since the kill: never reset them.
@@ -122,7 +125,7 @@ def interrupted_row(loop, state, reason):
 # Opening and stopping a tag's loop
 
 
-def open_loop(timeout=None, min_delta=None, confirm=False):
+def open_loop(timeout=None, min_delta=0.0):
     """cd to the repo root, find the tag from the branch, lock it, load its state, and resume."""
     os.chdir(git_root())
     branch = current_branch()
@@ -136,7 +139,7 @@ def open_loop(timeout=None, min_delta=None, confirm=False):
         raise LoopError(f"{problem}, then start a new run from there with `init --tag {tag}b`")
     lock(Path(LOGS_DIR) / tag)
     config = load_config(tag)
-    loop = Loop(tag, config, [], timeout or default_timeout(config), min_delta, confirm)
+    loop = Loop(tag, config, [], timeout or default_timeout(config), min_delta)
     repair_records(loop)
     reconcile(loop)
     if not loop.rows or loop.rows[0]["status"] != "keep":

@@ -37,6 +37,12 @@ class Run:
     def val(self):
         return float(self.summary["val_bpb"])
 
+    @property
+    def speed(self):
+        """Training tokens per second, from the summary (None when it lacks the numbers)."""
+        tokens, seconds = to_float(self.summary.get("total_tokens_M")), to_float(self.summary.get("training_seconds"))
+        return tokens * 1e6 / seconds if tokens and seconds else None
+
 
 # -----------------------------------------------------------------------------
 # Launching

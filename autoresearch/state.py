@@ -6,11 +6,12 @@ tag, the experiment in flight (logs/TAG/running.json) and the loop's own record 
 import fcntl
 import json
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch.decide import keep_margin
+from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
 from autoresearch.gitrepo import git
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, now_iso, read_json
 from autoresearch.metricdata import seal_metric_files
@@ -31,8 +32,7 @@ class Loop:
     config: dict          # .git/autoresearch/TAG/init.json: profile, dataset, budget... pinned at init
     rows: list            # this tag's rows of results.tsv
     timeout: float        # hard limit for one train.py run
-    min_delta: float = None
-    confirm: bool = False
+    min_delta: float = 0.0
 
     @property
     def dir(self):
@@ -66,16 +66,45 @@ class Loop:
         return best_row(self.rows)
 
     @property
+    def best_runs(self):
+        """Every run of the best's train.py: its own, and its re-runs while later experiments were judged."""
+        return version_runs(self.rows).get(self.best.get("train_py")) or row_runs(self.best)
+
+    @property
+    def other_runs(self):
+        """The runs of every other version, grouped by version (for the pooled noise)."""
+        best = self.best.get("train_py")
+        return [runs for version, runs in version_runs(self.rows).items() if version != best]
+
+    @property
     def best_val(self):
-        return float(self.best["val_bpb"])
+        """The mean of the best's runs, never one lucky run."""
+        runs = self.best_runs
+        return statistics.fmean(r.val for r in runs) if runs else float(self.best["val_bpb"])
 
     @property
     def best_commit(self):
         return git("rev-parse", f"{self.best['commit']}^{{commit}}")
 
-    def margin(self):
-        """(margin, why) of the keep rule: --min-delta, else from the baseline runs (row 0)."""
-        return keep_margin(self.rows[0], self.min_delta)
+    def noise(self, extra=()):
+        """The pooled run-to-run noise, from every version's repeated runs (and extra groups of runs)."""
+        return pooled_noise(self.other_runs + [self.best_runs] + list(extra), self.sigma_floor)
+
+    @property
+    def sigma_floor(self):
+        return SIGMA_FLOOR * self.best_val
+
+    def next_seed(self, made=0):
+        """A fresh seed for every run of the tag: the base seed plus the runs recorded so far (and the `made`
+        ones of the experiment under way)."""
+        used = sum(len([s for s in (r.get(c) or "").split(",") if s]) for r in self.rows
+                   for c in ("seeds", "best_seeds"))
+        return self.config["base_seed"] + used + made
+
+    @property
+    def pending_path(self):
+        """The experiment still being confirmed when `step` had to stop for its time limit."""
+        return self.private_dir / "pending.json"
 
 
 def say(loop, text):

@@ -4,7 +4,10 @@ Training speed of train.py for the active profile: one real run (the full time b
 
     uv run bench/bench_train.py                                   # active profile, active dataset
     AUTORESEARCH_PROFILE=cpu uv run bench/bench_train.py --source ../shared/data/gutenberg-children
-    AUTORESEARCH_PROFILE=smoke uv run bench/bench_train.py --dataset synthetic
+    AUTORESEARCH_PROFILE=smoke uv run bench/bench_train.py --dataset synthetic --repeats 6 --quiet
+
+--repeats N runs it N times with seeds 42, 43, ... and prints the run-to-run spread (the noise that the keep
+rule works against, as bench/bench_decide.py takes it).
 
 --source/--dataset prepare that data first (into --cache, default a temporary folder) and train on it.
 """
@@ -12,6 +15,7 @@ Training speed of train.py for the active profile: one real run (the full time b
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +48,7 @@ def main():
     parser.add_argument("--dataset", help="prepare this named dataset first (prepare.py --dataset)")
     parser.add_argument("--cache", help="AUTORESEARCH_CACHE_DIR for --source/--dataset (default: a temporary folder)")
     parser.add_argument("--quiet", action="store_true", help="do not echo train.py's output")
+    parser.add_argument("--repeats", type=int, default=1, help="runs with seeds 42, 43, ... (default 1)")
     args = parser.parse_args()
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -56,9 +61,20 @@ def main():
             sys.exit(f"prepare.py {' '.join(prepare_args)} failed:\n{out[-3000:]}")
         print(f"prepared {' '.join(prepare_args)} in {time.time() - t0:.0f}s (cache {env['AUTORESEARCH_CACHE_DIR']})")
 
+    seed = int(env.get("AUTORESEARCH_SEED", 42))
+    results = [one_run(dict(env, AUTORESEARCH_SEED=str(seed + i)), args.quiet) for i in range(args.repeats)]
+    if len(results) > 1:
+        vals, speeds = [r[0] for r in results], [r[1] for r in results]
+        print(f"\n{len(results)} runs: val_bpb mean {statistics.fmean(vals):.6f} sigma {statistics.stdev(vals):.6f} "
+              f"(min {min(vals):.6f}, max {max(vals):.6f}); tokens/s mean {statistics.fmean(speeds):,.0f} "
+              f"spread {100 * statistics.stdev(speeds) / statistics.fmean(speeds):.1f}%")
+
+
+def one_run(env, quiet):
+    """One train.py run with its numbers printed; returns (val_bpb, training tokens/s)."""
     load_before = os.getloadavg()
     t0 = time.time()
-    code, out = run(["train.py"], env, stream=not args.quiet)
+    code, out = run(["train.py"], env, stream=not quiet)
     wall = time.time() - t0
     load_after = os.getloadavg()
     if code:
@@ -78,6 +94,7 @@ def main():
     print(f"peak memory:       {s['peak_vram_mb']} MB")
     print(f"machine:           {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after (1-minute)")
+    return float(s["val_bpb"]), tokens_per_s
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Stand-in train.py for the agent_loop tests: prints the summary block (or the failure) that the
 constants below ask for, like the real one, in well under a second."""
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from prepare import PROFILE
 
 VAL_BPB = 1.0             # the result to report
 NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
+SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice
@@ -62,7 +64,16 @@ if MODE == "daemon":  # leaves its process group and writes a keep row after the
                      start_new_session=True)
 if MODE == "nosummary":
     sys.exit(0)
-val = VAL_BPB + NOISE * (seed - 42)
+val = VAL_BPB + NOISE * (seed - 42) + random.Random(seed).gauss(0, SIGMA)
+tokens_m = 0.1
+if os.environ.get("STANDIN_LOAD"):  # one load level per run, first line first: the machine slows down
+    with open(os.environ["STANDIN_LOAD"]) as f:
+        levels = f.read().split()
+    load = float(levels[0]) if levels else 0.0
+    with open(os.environ["STANDIN_LOAD"], "w") as f:
+        f.write("\n".join(levels[1:]))
+    val += 0.3 * load                     # fewer steps in the same time: a worse val_bpb
+    tokens_m *= 1 - 0.67 * load
 if SHAPED:
     val += abs(MATRIX_LR - 0.03) + 0.01 * abs(DEPTH - 3) + 0.02 * abs(WARMDOWN_RATIO - 0.6)
 if MODE == "nan":
@@ -73,7 +84,7 @@ print(f"training_seconds: {TRAINED}")
 print("total_seconds:    1.2")
 print("peak_vram_mb:     2048.0")
 print("mfu_percent:      n/a")
-print("total_tokens_M:   0.1")
+print(f"total_tokens_M:   {tokens_m:.4f}")
 print("num_steps:        10")
 print("num_params_M:     0.5")
 print(f"depth:            {DEPTH}")

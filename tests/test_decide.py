@@ -1,0 +1,157 @@
+"""The keep rule (autoresearch/decide.py) as pure functions, on synthetic runs with fixed random seeds:
+how often identical code is kept, that a real gain is, what speed drift does, and the numbers it reports.
+The end-to-end path (the loop running the best and the candidate) is in test_agent_loop.py."""
+import random
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from autoresearch.decide import (Noise, Obs, next_step, parse_evidence, format_evidence, pooled_noise,  # noqa: E402
+                                 run_until_decided, speed_band, t_cdf, t_quantile, version_runs)
+
+SIGMA = 0.01
+FLOOR = 0.0005
+
+
+def runs_of(rng, mean, speed=1e5, n=1):
+    return [Obs(mean + rng.gauss(0, SIGMA), speed * (1 + rng.gauss(0, 0.01))) for _ in range(n)]
+
+
+def keep_rate(effect, experiments, seed):
+    """Experiments of a candidate `effect` sigmas from the best, each against a best with 3 runs; returns
+    (fraction kept, mean runs per experiment)."""
+    rng = random.Random(seed)
+    kept, cost = 0, []
+    for _ in range(experiments):
+        best_runs = runs_of(rng, 1.0, n=3)
+        step, cand, fresh = run_until_decided(
+            best_runs, [], lambda kind: runs_of(rng, 1.0 + effect * SIGMA if kind == "candidate" else 1.0)[0], FLOOR)
+        kept += step.action == "keep"
+        cost.append(len(cand) + len(fresh))
+    return kept / experiments, statistics.fmean(cost)
+
+
+# -----------------------------------------------------------------------------
+# Rates
+
+
+def test_identical_code_is_kept_less_than_5_percent_of_the_time():
+    rate, cost = keep_rate(0.0, 400, seed=1)
+    assert rate < 0.05, rate
+    assert cost < 2.5, cost
+
+
+def test_a_real_improvement_of_3_sigma_is_kept():
+    rate, _ = keep_rate(-3.0, 200, seed=2)
+    assert rate >= 0.8, rate
+
+
+def test_a_change_for_the_worse_costs_one_run_and_is_never_kept():
+    rate, cost = keep_rate(3.0, 200, seed=3)
+    assert rate == 0 and cost < 1.1, (rate, cost)
+
+
+# -----------------------------------------------------------------------------
+# The steps
+
+
+def test_one_run_is_never_a_keep_however_good():
+    best = [Obs(1.0, 1e5), Obs(1.01, 1e5), Obs(0.99, 1e5)]
+    step = next_step(best, [Obs(0.5, 1e5)], [], Noise(SIGMA, 2))
+    assert step.action == "best" and "confirming with pairs" in step.note
+
+
+def test_a_first_run_that_is_not_better_is_discarded_at_once():
+    best = [Obs(1.0, 1e5), Obs(1.01, 1e5), Obs(0.99, 1e5)]
+    step = next_step(best, [Obs(1.0, 1e5)], [], Noise(SIGMA, 2))
+    assert step.action == "discard" and step.note.startswith("not better on its first run")
+    assert step.evidence["cand_runs"] == 1 and step.evidence["pairs"] == 0
+
+
+def test_pairs_alternate_best_first_then_candidate_first():
+    best = [Obs(1.0, 1e5)] * 3
+    cand, fresh, order = [Obs(0.7, 1e5)], [], []
+    noise = Noise(0.2, 5)  # too noisy to decide early: every pair is run
+    for _ in range(6):
+        step = next_step(best, cand, fresh, noise)
+        if step.action not in ("best", "candidate"):
+            break
+        order.append(step.action[0])
+        (cand if step.action == "candidate" else fresh).append(Obs(0.9 if step.action == "candidate" else 1.0, 1e5))
+    assert "".join(order).startswith("bccbbc"), order
+
+
+def test_a_first_run_at_another_speed_runs_the_best_once_before_it_is_judged():
+    best = [Obs(1.3, 5e4)] * 3                      # the best was measured on a loaded machine
+    first = Obs(1.0, 1e5)                            # the load has gone: fast, and a much lower val_bpb
+    step = next_step(best, [first], [], Noise(SIGMA, 2))
+    assert step.action == "best" and "+100% of the best's tokens/s" in step.note
+    # the best, run now, is just as fast and as good: the first run is judged against it, not the old mean
+    step = next_step(best, [first], [Obs(1.0, 1e5)], Noise(SIGMA, 2))
+    assert step.action == "discard" and "1 pair(s) at another machine speed" in step.note
+    assert step.evidence["diff"] == 0.0
+
+
+def test_a_pair_split_by_a_change_of_machine_speed_is_not_counted():
+    best = [Obs(1.0, 1e5)] * 3
+    noise = Noise(SIGMA, 4)
+    # code 20% slower than the best; the second pair's best run was slowed by a load that came and went
+    cand = [Obs(0.98, 8e4), Obs(0.98, 8e4), Obs(0.98, 8e4)]
+    steady = next_step(best, cand, [Obs(1.0, 1e5), Obs(1.0, 1e5), Obs(1.0, 1e5)], noise)
+    split = next_step(best, cand, [Obs(1.0, 1e5), Obs(1.0, 1e5), Obs(1.2, 5e4)], noise)
+    assert steady.evidence["diff"] == -0.02
+    assert split.evidence["diff"] == -0.02          # counted, the split pair would say -0.22 (load, not code)
+    assert split.evidence["p"] > steady.evidence["p"]  # and the evidence is one pair short
+
+
+def test_a_machine_that_keeps_changing_speed_judges_nothing():
+    best = [Obs(1.0, 1e5)] * 3
+    # each pair's two runs at a different machine speed: nothing in them can be compared
+    cand = [Obs(0.9, 1e5), Obs(0.9, 5e4), Obs(0.9, 1e5), Obs(0.9, 4e4), Obs(0.9, 1e5)]
+    fresh = [Obs(1.0, 1e5), Obs(1.0, 5e4), Obs(1.0, 1e5), Obs(1.0, 1e5)]
+    step = next_step(best, cand, fresh, Noise(SIGMA, 4))
+    assert step.action == "discard" and "the machine changed speed" in step.note
+
+
+# -----------------------------------------------------------------------------
+# Noise, speed and the numbers in the ledger
+
+
+def test_noise_is_pooled_over_versions_and_leaves_out_runs_at_another_speed():
+    a = [Obs(1.0, 1e5), Obs(1.02, 1e5), Obs(1.5, 4e4)]   # the third ran under load
+    b = [Obs(0.9, 1e5), Obs(0.92, 1e5)]
+    noise = pooled_noise([a, b], floor=1e-6)
+    assert noise.df == 2 and abs(noise.sigma - statistics.stdev([1.0, 1.02])) < 1e-9
+    assert pooled_noise([[Obs(1.0)]], floor=0.0005) == Noise(0.0005, 0)  # one run: the floor, and df 0
+
+
+def test_the_usual_speed_is_the_largest_cluster_even_when_load_hit_most_runs():
+    usual, tol = speed_band([Obs(1, s) for s in (5e4, 5.1e4, 4.9e4, 1e5, 1.01e5)])
+    assert 4.8e4 < usual < 5.2e4 and tol == 0.10
+    usual, _ = speed_band([Obs(1, s) for s in (5e4, 1e5, 1.01e5)])
+    assert 9.9e4 < usual < 1.02e5
+
+
+def test_the_best_runs_include_its_reruns_during_later_experiments():
+    rows = [{"train_py": "aaa", "val_bpb_runs": "1.0,1.02", "tokens_per_s": "100,100", "seeds": "42,43",
+             "note": "baseline"},
+            {"train_py": "bbb", "val_bpb_runs": "1.1", "tokens_per_s": "100", "seeds": "44", "note": "discard",
+             "best_train_py": "aaa", "best_val_bpb_runs": "0.98", "best_tokens_per_s": "100", "best_seeds": "45"},
+            {"train_py": "ccc", "val_bpb_runs": "0.5", "seeds": "46", "note": "rejected: wrote prepare.py"}]
+    runs = version_runs(rows)
+    assert [r.val for r in runs["aaa"]] == [1.0, 1.02, 0.98] and [r.seed for r in runs["aaa"]] == [42, 43, 45]
+    assert "ccc" not in runs
+
+
+def test_evidence_round_trips_through_its_ledger_text():
+    ev = {"cand_runs": 3, "best_runs": 6, "diff": -0.0123, "lo": -0.02, "hi": -0.0046, "p": 0.0031,
+          "sigma": 0.004, "df": 9, "pairs": 2}
+    assert parse_evidence(format_evidence(ev)) == ev
+
+
+def test_student_t_matches_tables():
+    assert abs(t_cdf(2.0, 10) - 0.96331) < 1e-4
+    assert abs(t_quantile(0.975, 2) - 4.3027) < 1e-3
+    assert abs(t_quantile(0.975, 1000) - 1.9623) < 1e-3
+    assert t_cdf(0.0, 5) == 0.5
