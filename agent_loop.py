@@ -112,10 +112,13 @@ def cmd_step(args):
 
 def cmd_run(args):
     loop = open_loop(args.timeout, args.min_delta)
-    pending = read_pending(loop)
-    if pending:  # left by a `step` that stopped at its time limit: decided first
-        with InFlight(loop) as flight:
-            say(loop, f"#{pending['n']} {confirm(loop, flight, pending, time.monotonic())}")
+    try:
+        pending = read_pending(loop)
+        if pending:  # left by a `step` that stopped at its time limit: decided first
+            with InFlight(loop) as flight:
+                say(loop, f"#{pending['n']} {confirm(loop, flight, pending, time.monotonic())}")
+    except (KeyboardInterrupt, Stop):
+        stop_cleanly(loop)
     check_clean(loop)
     proposer = make_proposer(args.agent, args.seed, args.agent_timeout)
     t0, done, failures = time.monotonic(), 0, 0

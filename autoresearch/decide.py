@@ -50,12 +50,14 @@ class Step:
 # Noise and speed
 
 
-def pooled_noise(groups, floor):
-    """Run-to-run sigma pooled over groups of runs of identical code (runs off their group's usual speed
-    left out), never below floor."""
+def pooled_noise(groups, floor, as_is=()):
+    """Run-to-run sigma pooled over groups of runs of identical code, never below floor; runs off their
+    group's usual speed are left out (a loaded stretch is not noise of the code), except in the as_is groups:
+    the candidate's speed is its own train.py's word, and must not take its bad runs out of the noise."""
+    steady = [[r for r in runs if not speed_off(r.speed, speed_band(runs))] for runs in groups]
     ss, df = 0.0, 0
-    for runs in groups:
-        vals = [r.val for r in runs if not speed_off(r.speed, speed_band(runs))]
+    for runs in steady + list(as_is):
+        vals = [r.val for r in runs]
         if len(vals) > 1:
             mean = statistics.fmean(vals)
             ss += sum((v - mean) ** 2 for v in vals)
@@ -79,6 +81,11 @@ def speed_band(runs):
 def speed_off(speed, band):
     usual, tol = band
     return bool(speed and usual) and abs(speed / usual - 1) > tol
+
+
+def copies(runs):
+    """True when two runs gave exactly the same val_bpb: with different seeds, the seed was not used."""
+    return len({r.val for r in runs}) < len(runs)
 
 
 def speed_ratio(speed, band):
@@ -105,8 +112,11 @@ def next_step(best_runs, cand, fresh, noise, min_delta=0.0):
     if mismatched > MAX_SPEED_RETRIES:
         return Step("discard", f"the machine changed speed within {mismatched} pairs: not judged "
                                f"(submit it again when the machine is steady)")
-    ev = evidence(len(cand), len(best_runs) + len(fresh), est, var, noise, len(cand) - 1)
+    ev = evidence(len(cand), len(best_runs) + len(fresh), est, var, noise, len(cand) - 1, min_delta)
     z = (est + min_delta) / math.sqrt(var)
+    if len(cand) > 1 and copies(cand) and not copies(best_runs + fresh):
+        return Step("discard", f"{REJECTED}: its runs gave the same val_bpb under different seeds: train.py "
+                               f"ignores AUTORESEARCH_SEED, and one run repeated is not evidence", ev)
     what = (f"mean difference {est:+.6f} (95% interval {ev['lo']:+.6f} to {ev['hi']:+.6f}), p={ev['p']:.4f}, "
             f"from {basis}")
     if len(cand) == 1 and not paired:
@@ -139,17 +149,21 @@ def estimate(best_runs, cand, probe, paired, band, sigma):
     else:
         rho = speed_ratio(cand[0].speed, band)
     tol = band[1]
-    matched = [(b, c) for b, c in pairs if not (c.speed and b.speed) or abs(c.speed / b.speed / rho - 1) <= tol]
+    # The candidate's speed is its own train.py's word: a pair it could push off the usual ratio (to drop a
+    # bad run) is left out only when it favours the candidate. Doubt counts against the change.
+    matched = [(b, c) for b, c in pairs if not (c.speed and b.speed) or c.val >= b.val
+               or abs(c.speed / b.speed / rho - 1) <= tol]
     probe_off = probe is not None and speed_off(probe.speed, band)
     parts, basis = [], []
     if abs(rho - 1) <= tol:
         same = [r for r in cand if not speed_off(r.speed, band)]
-        ref = [r for r in best_runs + ([probe] if probe else []) + list(paired) if not speed_off(r.speed, band)]
+        ref = [r for r in best_runs + list(paired) if not speed_off(r.speed, band)]
         if same and ref:
             parts.append((statistics.fmean(r.val for r in same) - statistics.fmean(r.val for r in ref),
                           sigma ** 2 * (1 / len(same) + 1 / len(ref))))
             basis.append(f"{len(same)} run(s) against {len(ref)} of the best at the usual speed")
-        off = ([(probe, cand[0])] if probe_off else []) + [(b, c) for b, c in matched if speed_off(b.speed, band)]
+        # a candidate run off the usual speed counts only against its own pair's best run
+        off = ([(probe, cand[0])] if probe else []) + [(b, c) for b, c in matched if speed_off(c.speed, band)]
         if off:
             basis.append(f"{len(off)} pair(s) at another machine speed")
     else:
@@ -192,7 +206,7 @@ def run_until_decided(best_runs, others, run, floor, min_delta=0.0, cand=(), fre
     a crash is Step("crash") on the first run and a discard after it (the loop adds the crash's reason)."""
     cand, fresh = list(cand), list(fresh)
     while True:
-        noise = pooled_noise(list(others) + [list(best_runs) + fresh, cand], floor)
+        noise = pooled_noise(list(others) + [list(best_runs) + fresh], floor, as_is=[cand])
         step = next_step(list(best_runs), cand, fresh, noise, min_delta)
         if step.action in ("keep", "discard") or (cand and not more()):
             return step, cand, fresh
@@ -235,15 +249,16 @@ def version_runs(rows):
 # Numbers for the ledger and the report
 
 
-def evidence(n_cand, n_best, est, var, noise, pairs):
+def evidence(n_cand, n_best, est, var, noise, pairs, min_delta=0.0):
     """The numbers behind a decision: runs of each, mean difference (candidate - best; negative is better),
     its 95% interval, the one-sided p that the candidate is not better, the noise it was judged with, and
-    how many speed-matched pairs (0: the first run alone)."""
+    how many speed-matched pairs (0: the first run alone). With min_delta, p is that of "not better by
+    more than min_delta"."""
     se = math.sqrt(var)
     df = max(noise.df, 1)
     half = t_quantile(0.975, df) * se
     return {"cand_runs": n_cand, "best_runs": n_best, "diff": round(est, 6), "lo": round(est - half, 6),
-            "hi": round(est + half, 6), "p": round(t_cdf(est / se, df), 5), "sigma": round(noise.sigma, 6),
+            "hi": round(est + half, 6), "p": round(t_cdf((est + min_delta) / se, df), 5), "sigma": round(noise.sigma, 6),
             "df": noise.df, "pairs": pairs}
 
 

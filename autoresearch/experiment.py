@@ -85,10 +85,14 @@ def confirm(loop, flight, pending, started, deadline=None):
 
     def run(kind):
         seed = loop.next_seed(len(done))
-        flight.mark(n=n, phase="train", commit=sha, log=log, best=pending["best"], running_best=kind == "best")
+        seeds = [r.seed for _, r in done] + [seed]  # an interrupted row records them: no seed is used twice
+        flight.mark(n=n, phase="train", commit=sha, log=log, best=pending["best"], running_best=kind == "best",
+                    seeds=seeds)
         t0 = time.monotonic()
         r = best_run(loop, sha, seed, log, flight) if kind == "best" else sealed_run(loop, seed, log, flight)
-        pending["train_wall"] += time.monotonic() - t0
+        flight.mark(n=n, phase="train", commit=sha, log=log, best=pending["best"], seeds=seeds)
+        r.wall = time.monotonic() - t0  # train.py and the evaluator: what the next run will take
+        pending["train_wall"] += r.wall
         done.append((kind, r))
         made_here.append(r)
         print(f"#{n} {kind} run seed {seed}: " + (f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}")
@@ -128,7 +132,7 @@ def confirm(loop, flight, pending, started, deadline=None):
                best_tokens_per_s=",".join(f"{r.speed or 0:.0f}" for r in best_ok),
                best_train_py=loop.best.get("train_py", "") if best_runs else "",
                evidence=format_evidence(step.evidence) if not distrust else "")
-    finish(loop, row, log, started, pending["train_wall"])
+    finish(loop, row, log, started, sum(r.wall for r in made_here))
     return outcome_line(status, val, note, log, previous_best, step.evidence, loop.best_val)
 
 
@@ -161,6 +165,8 @@ def verdict(step, done, loop):
         who = "the best's re-run" if kind == "best" else "a confirmation run"
         return "discard", val, f"discard: {who} (seed {r.seed}) crashed: {r.error}"
     seeds = ",".join(str(r.seed) for kind, r in done)
+    if step.note.startswith(REJECTED):  # its runs are no measurement: the note's first word says so
+        return "discard", val, f"{step.note} (seeds {seeds})"
     return step.action, val, f"{step.action}: {step.note} (seeds {seeds})"
 
 
@@ -198,12 +204,15 @@ def best_run(loop, sha, seed, log, flight):
 
 
 def sealed_run(loop, seed, log, flight):
-    """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back)
-    and which untracked modules it created or changed."""
+    """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back),
+    which untracked modules it created or changed, and train.py itself if the run rewrote it (the next run
+    would be other code under the same commit)."""
     modules = untracked_modules()
     times = write_times(modules)
+    code = Path(TRAIN).read_bytes()
     run = train_once(loop.config, loop.timeout, seed, log, flight.spawned)
-    run.tampered = sorted(set(written_since(times)) | set(changed_modules(modules, untracked_modules())))
+    run.tampered = sorted(set(written_since(times)) | set(changed_modules(modules, untracked_modules()))
+                          | ({TRAIN} if not Path(TRAIN).is_file() or Path(TRAIN).read_bytes() != code else set()))
     return run
 
 

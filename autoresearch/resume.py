@@ -118,6 +118,7 @@ def interrupted_row(loop, state, reason):
     return {"commit": short(commit_sha), "val_bpb": "0.000000", "memory_gb": "0.0", "status": "crash",
             "description": git("log", "-1", "--format=%s", commit_sha), "tag": loop.tag, "n": str(state["n"]),
             "profile": loop.config["profile"], "train_py": git("rev-parse", f"{commit_sha}:{TRAIN}")[:12],
+            "seeds": ",".join(str(s) for s in state.get("seeds", [])),
             "timestamp": now_iso(), "log": state["log"], "note": reason}
 
 

@@ -41,7 +41,8 @@ class Run:
     def speed(self):
         """Training tokens per second, from the summary (None when it lacks the numbers)."""
         tokens, seconds = to_float(self.summary.get("total_tokens_M")), to_float(self.summary.get("training_seconds"))
-        return tokens * 1e6 / seconds if tokens and seconds else None
+        speed = tokens * 1e6 / seconds if tokens and seconds else None
+        return speed if speed and math.isfinite(speed) and speed > 0 else None
 
 
 # -----------------------------------------------------------------------------

@@ -364,7 +364,7 @@ def test_min_delta_asks_for_an_improvement_larger_than_it(repo, env):
     initialised(repo, env, repeats=2, NOISE=0.001)
     set_train(repo, VAL_BPB=0.99, NOISE=0.0)
     assert loop(repo, env, "step", "-m", "-0.01", "--min-delta", "0.02").stdout.startswith("discard")
-    set_train(repo, VAL_BPB=0.991, NOISE=0.0)
+    set_train(repo, VAL_BPB=0.991, NOISE=0.0001)       # the seed must move val_bpb (else: rejected)
     assert loop(repo, env, "step", "-m", "-0.009").stdout.startswith("keep")
 
 
@@ -457,6 +457,16 @@ def test_train_py_that_writes_prepare_py_while_running_is_rejected(repo, env):
                           "saved at refs/autoresearch/t/discarded/1")
     assert "tampered" not in (repo / "prepare.py").read_text() and clean_tracked(repo, env)
     assert "tampered" in git(repo, env, "show", "refs/autoresearch/t/discarded/1:prepare.py")
+
+
+def test_train_py_that_rewrites_itself_while_running_is_rejected_before_another_run(repo, env):
+    initialised(repo, env)
+    set_train(repo, MODE="selfedit", VAL_BPB=0.5)
+    out = loop(repo, env, "step", "-m", "rewrites itself").stdout
+    assert out.startswith("discard rejected: train.py changed train.py while running"), out
+    exp = rows(repo)[1]
+    assert exp["seeds"] == "43" and not exp["best_seeds"]       # no run of anything after the rewrite
+    assert not (repo / "train.py").read_text().endswith("# rewritten while running\n") and clean_tracked(repo, env)
 
 
 # -----------------------------------------------------------------------------

@@ -118,11 +118,13 @@ def test_a_machine_that_keeps_changing_speed_judges_nothing():
 # Noise, speed and the numbers in the ledger
 
 
-def test_noise_is_pooled_over_versions_and_leaves_out_runs_at_another_speed():
+def test_noise_leaves_out_runs_at_another_speed_but_not_the_candidates_own():
     a = [Obs(1.0, 1e5), Obs(1.02, 1e5), Obs(1.5, 4e4)]   # the third ran under load
     b = [Obs(0.9, 1e5), Obs(0.92, 1e5)]
     noise = pooled_noise([a, b], floor=1e-6)
     assert noise.df == 2 and abs(noise.sigma - statistics.stdev([1.0, 1.02])) < 1e-9
+    # the candidate prints its own speed: a bad run it calls slow stays in the noise
+    assert pooled_noise([b], floor=1e-6, as_is=[a]).df == 3
     assert pooled_noise([[Obs(1.0)]], floor=0.0005) == Noise(0.0005, 0)  # one run: the floor, and df 0
 
 
@@ -155,3 +157,27 @@ def test_student_t_matches_tables():
     assert abs(t_quantile(0.975, 2) - 4.3027) < 1e-3
     assert abs(t_quantile(0.975, 1000) - 1.9623) < 1e-3
     assert t_cdf(0.0, 5) == 0.5
+
+
+def test_a_candidate_cannot_drop_a_bad_run_by_printing_a_false_speed():
+    best = [Obs(1.0, 1e5)] * 3
+    noise = Noise(SIGMA, 6)
+    honest = [Obs(0.97, 1e5)] * 3
+    fresh = [Obs(1.0, 1e5)] * 3
+    # its fourth run went badly, and its train.py claims it ran at half speed, so that the pair looks split
+    claimed = next_step(best, honest + [Obs(1.06, 5e4)], fresh, noise)
+    without = next_step(best, honest, fresh[:2], noise)
+    assert claimed.evidence["diff"] > without.evidence["diff"] + 0.005, (claimed.evidence, without.evidence)
+
+
+def test_a_train_py_that_ignores_the_seed_is_rejected_not_counted_twice():
+    best = [Obs(1.0, 1e5), Obs(1.01, 1e5), Obs(0.99, 1e5)]      # the best's runs differ: it uses the seed
+    step = next_step(best, [Obs(0.97, 1e5), Obs(0.97, 1e5)], [Obs(1.005, 1e5)], Noise(SIGMA, 2))
+    assert step.action == "discard" and step.note.startswith("rejected") and "AUTORESEARCH_SEED" in step.note
+
+
+def test_min_delta_is_part_of_the_test_not_only_of_the_screen():
+    best = [Obs(1.0, 1e5), Obs(1.01, 1e5), Obs(0.99, 1e5)]
+    cand, fresh = [Obs(0.985, 1e5), Obs(0.986, 1e5)], [Obs(1.0, 1e5)]
+    assert next_step(best, cand, fresh, Noise(0.002, 20)).action == "keep"
+    assert next_step(best, cand, fresh, Noise(0.002, 20), min_delta=0.02).action != "keep"

@@ -14,7 +14,7 @@ NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
 SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
-                          # nosummary | twice
+                          # nosummary | twice | selfedit
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -58,6 +58,9 @@ if MODE == "restore":  # bends prepare.py for a moment and puts it back before t
     time.sleep(0.05)
     with open("prepare.py", "w") as f:
         f.write(original)
+if MODE == "selfedit":  # rewrites itself: the runs after this one would be other code under the same commit
+    with open(__file__, "a") as f:
+        f.write("VAL_BPB = 2.0  # rewritten while running\n")
 if MODE == "daemon":  # leaves its process group and writes a keep row after the run has ended
     forged = "forged\\t0.100000\\t0.0\\tkeep\\tforged by a daemon\\n"
     subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(2); open('results.tsv', 'a').write('{forged}')"],
