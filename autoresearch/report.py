@@ -143,7 +143,10 @@ def format_report(s, path, recent=0):
     if s["noise_sigma"] is not None:
         lines.append(f"noise sigma       {s['noise_sigma']:.6f}  from {len(s['baseline']['runs'])} baseline runs")
     noise = s.get("noise")
-    if noise and noise["from"] == POOLED:  # one from the baseline runs alone is the line above
+    if noise and noise["from"] == POOLED and noise["df"] == 0:  # no version has run twice yet
+        lines.append(f"noise sigma       unknown: no version has run twice yet (decisions used the floor "
+                     f"{noise['sigma']:.6f})")
+    elif noise and noise["from"] == POOLED:  # one from the baseline runs alone is the line above
         lines.append(f"noise sigma       {noise['sigma']:.6f}  (df {noise['df']}, {noise['from']})")
     if s["loop_overhead_s_mean"] is not None:
         lines.append(f"loop overhead {s['loop_overhead_s_mean']:.2f} s per experiment (mean; excludes training)")

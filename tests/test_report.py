@@ -120,3 +120,9 @@ def test_report_reads_upstreams_five_columns(tmp_path):
     assert "evidence:" not in report.format_report(s, str(path))
     report.plot(s, tmp_path / "upstream.png")
     assert (tmp_path / "upstream.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_noise_with_no_repeated_run_yet_is_reported_as_unknown(tmp_path):
+    rows = [dict(r, evidence=r.get("evidence", "").replace("df=9", "df=0").replace("df=1", "df=0")) for r in ROWS]
+    text = report.format_report(summary(tmp_path, rows), "results.tsv")
+    assert "noise sigma       unknown: no version has run twice yet" in text and "(df 0" not in text
