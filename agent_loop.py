@@ -30,7 +30,7 @@ from autoresearch.ledger import best_row, ensure_results_header, tag_rows
 from autoresearch.preflight import check_clean, check_position, setup_problems
 from autoresearch.process import Stop, raise_stop
 from autoresearch.proposers import make_proposer
-from autoresearch.report import default_results_path, format_report, plot, rows_of_run, summarize
+from autoresearch.report import default_results_path, format_report, pending_of, plot, rows_of_run, summarize
 from autoresearch.resume import open_loop, save_failed_proposal, stop_cleanly
 from autoresearch.runner import default_timeout
 from autoresearch.state import InFlight, Loop, lock, pin_config, say
@@ -165,9 +165,10 @@ def cmd_run(args):
 
 def cmd_report(args):
     path = args.results or args.path
-    if path is None:
-        path = default_results_path()
+    own = path is None or Path(path).resolve() == Path(default_results_path()).resolve()
+    path = path or default_results_path()
     s = summarize(rows_of_run(path, args.tag))
+    s["pending"] = pending_of(s["tag"]) if own else None
     if args.json:
         print(json.dumps({"results": path, **s}, indent=1))
     else:

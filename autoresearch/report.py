@@ -11,8 +11,8 @@ from pathlib import Path
 
 from autoresearch.decide import parse_evidence
 from autoresearch.gitrepo import current_branch, git
-from autoresearch.layout import BRANCH_PREFIX, RESULTS, LoopError, to_float
-from autoresearch.ledger import best_row, one_line, read_results
+from autoresearch.layout import BRANCH_PREFIX, RESULTS, LoopError, read_json, to_float
+from autoresearch.ledger import best_row, ledger_dir, one_line, read_results
 
 
 # -----------------------------------------------------------------------------
@@ -38,6 +38,20 @@ def rows_of_run(path, tag=None):
     if not rows:
         raise LoopError(f"{path} has no rows{' for tag ' + tag if tag else ''} yet")
     return rows
+
+
+def pending_of(tag):
+    """The experiment a `step` left being confirmed (no row yet): its number, description and runs so far,
+    or None. Only the repository's own run has one."""
+    if not tag or git("rev-parse", "--git-dir", check=False) is None:
+        return None
+    pending = read_json(ledger_dir() / tag / "pending.json")
+    if pending is None:
+        return None
+    runs = {kind: [f["summary"]["val_bpb"] for k, f in pending["runs"] if k == kind and not f.get("error")]
+            for kind in ("candidate", "best")}
+    return {"n": pending["n"], "description": pending["description"], "commit": pending["commit"][:7],
+            "runs": [float(v) for v in runs["candidate"]], "best_runs": [float(v) for v in runs["best"]]}
 
 
 # -----------------------------------------------------------------------------
@@ -162,6 +176,12 @@ def format_report(s, path, recent=0):
         lines += [line for e in s["kept"] for line in with_evidence(e)]
     if s["crashed"]:
         lines += ["crashes:"] + [entry(e) + (f"  [{e['note']}]" if e["note"] else "") for e in s["crashed"]]
+    if s.get("pending"):
+        p = s["pending"]
+        lines.append(f"confirming #{p['n']} {p['commit']} ({p['description']}): runs so far "
+                     f"{', '.join(f'{v:.6f}' for v in p['runs']) or '-'}; the best's "
+                     f"{', '.join(f'{v:.6f}' for v in p['best_runs']) or '-'}. "
+                     f"`uv run agent_loop.py step` goes on with it")
     if recent:
         lines += [f"last {min(recent, len(s['history']))} experiments:"] + [
             entry(e) + (f"  [{one_line(e['note'], 160)}]" if e["note"] and e["status"] != "keep" else "")

@@ -341,12 +341,15 @@ def test_step_stops_at_its_time_limit_and_the_next_step_goes_on_confirming(repo,
     out = loop(repo, env, "step", "-m", "lower the loss").stdout
     assert out.startswith("confirming #1:") and "`uv run agent_loop.py step` again" in out, out
     assert len(rows(repo)) == 1 and "VAL_BPB = 0.99" in (repo / "train.py").read_text()
+    assert "confirming #1" in loop(repo, env, "report").stdout        # the report shows what is under way
+    assert json.loads(loop(repo, env, "report", "--json").stdout)["pending"]["runs"] == [0.99]
     p = loop(repo, env, "step", "-m", "something else")          # -m is ignored: #1 is decided first
     outs = [p.stdout]
     while outs[-1].startswith("confirming"):
         outs.append(loop(repo, env, "step").stdout)
     assert outs[-1].startswith("keep val_bpb=0.990000"), outs
     assert len(rows(repo)) == 2 and rows(repo)[1]["best_seeds"]
+    assert json.loads(loop(repo, env, "report", "--json").stdout)["pending"] is None
 
 
 def test_editing_train_py_while_a_step_is_confirming_is_refused_with_the_fix(repo, env):
