@@ -164,9 +164,9 @@ def cmd_run(args):
 
 
 def cmd_report(args):
-    path = args.results or args.path
-    own = path is None or Path(path).resolve() == Path(default_results_path()).resolve()
-    path = path or default_results_path()
+    path, own_path = args.results or args.path, default_results_path()
+    own = path is None or Path(path).resolve() == Path(own_path).resolve()
+    path = path or own_path
     s = summarize(rows_of_run(path, args.tag))
     s["pending"] = pending_of(s["tag"]) if own else None
     if args.json:

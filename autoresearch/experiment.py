@@ -71,7 +71,7 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
     log = str(loop.dir / f"{n:03d}-{sha[:7]}.log")
     write_log_header(loop, log, n, sha, best, description)
     pending = {"n": n, "commit": sha, "log": log, "description": description, "note_extra": note_extra,
-               "train_py": train_py, "best": best, "runs": [], "train_wall": 0.0}
+               "train_py": train_py, "best": best, "runs": []}
     return confirm(loop, flight, pending, started, deadline)
 
 
@@ -85,14 +85,14 @@ def confirm(loop, flight, pending, started, deadline=None):
 
     def run(kind):
         seed = loop.next_seed(len(done))
-        seeds = [r.seed for _, r in done] + [seed]  # an interrupted row records them: no seed is used twice
-        flight.mark(n=n, phase="train", commit=sha, log=log, best=pending["best"], running_best=kind == "best",
-                    seeds=seeds)
+        # an interrupted row records the seeds: no seed is used twice
+        state = dict(n=n, phase="train", commit=sha, log=log, best=pending["best"],
+                     seeds=[r.seed for _, r in done] + [seed])
+        flight.mark(**state, running_best=kind == "best")
         t0 = time.monotonic()
         r = best_run(loop, sha, seed, log, flight) if kind == "best" else sealed_run(loop, seed, log, flight)
-        flight.mark(n=n, phase="train", commit=sha, log=log, best=pending["best"], seeds=seeds)
+        flight.mark(**state)
         r.wall = time.monotonic() - t0  # train.py and the evaluator: what the next run will take
-        pending["train_wall"] += r.wall
         done.append((kind, r))
         made_here.append(r)
         print(f"#{n} {kind} run seed {seed}: " + (f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}")
@@ -126,11 +126,7 @@ def confirm(loop, flight, pending, started, deadline=None):
     best_runs = [r for kind, r in done if kind == "best"]
     row = experiment_row(loop, n, short(sha), status, pending["description"], runs, val,
                          note + pending["note_extra"], log, pending["train_py"])
-    best_ok = [r for r in best_runs if not r.error]
-    row.update(best_seeds=",".join(str(r.seed) for r in best_runs),
-               best_val_bpb_runs=",".join(f"{r.val:.6f}" for r in best_ok),
-               best_tokens_per_s=",".join(f"{r.speed or 0:.0f}" for r in best_ok),
-               best_train_py=loop.best.get("train_py", "") if best_runs else "",
+    row.update(run_columns(best_runs, "best_"), best_train_py=loop.best.get("train_py", "") if best_runs else "",
                evidence=format_evidence(step.evidence) if not distrust else "")
     finish(loop, row, log, started, sum(r.wall for r in made_here))
     return outcome_line(status, val, note, log, previous_best, step.evidence, loop.best_val)
@@ -259,18 +255,25 @@ def write_log_header(loop, log, n, sha, best, description):
                 f"\n{diff or '(no diff to train.py)'}\n")
 
 
+def run_columns(runs, prefix=""):
+    """The ledger's columns of a list of runs: every seed, and the values and speeds of those that finished
+    (decide.row_runs reads them back)."""
+    ok = [r for r in runs if not r.error]
+    return {prefix + "seeds": ",".join(str(r.seed) for r in runs),
+            prefix + "val_bpb_runs": ",".join(f"{r.val:.6f}" for r in ok),
+            prefix + "tokens_per_s": ",".join(f"{r.speed or 0:.0f}" for r in ok)}
+
+
 def experiment_row(loop, n, sha, status, description, runs, val, note, log, train_py):
     ok = [r for r in runs if not r.error]
     first = ok[0].summary if ok else {}
     memory = max((to_float(r.summary.get("peak_vram_mb")) or 0.0 for r in ok), default=0.0) / 1024
     return {"commit": sha, "val_bpb": f"{val:.6f}", "memory_gb": f"{memory if status != 'crash' else 0:.1f}",
-            "status": status, "description": description, "tag": loop.tag, "n": str(n),
-            "seeds": ",".join(str(r.seed) for r in runs), "val_bpb_runs": ",".join(f"{r.val:.6f}" for r in ok),
+            "status": status, "description": description, "tag": loop.tag, "n": str(n), **run_columns(runs),
             "training_seconds": first.get("training_seconds", ""),
             "total_seconds": first.get("total_seconds", ""),
             "mfu_percent": first.get("mfu_percent", ""), "num_steps": first.get("num_steps", ""),
             "profile": first.get("profile", loop.config["profile"]), "train_py": train_py,
-            "tokens_per_s": ",".join(f"{r.speed or 0:.0f}" for r in ok),
             "timestamp": now_iso(), "log": log, "note": "; ".join([note] + [x for r in runs for x in r.notes])}
 
 

@@ -86,9 +86,9 @@ class Loop:
     def best_commit(self):
         return git("rev-parse", f"{self.best['commit']}^{{commit}}")
 
-    def noise(self, extra=()):
-        """The pooled run-to-run noise, from every version's repeated runs (and extra groups of runs)."""
-        return pooled_noise(self.other_runs + [self.best_runs] + list(extra), self.sigma_floor)
+    def noise(self):
+        """The pooled run-to-run noise, from every version's repeated runs."""
+        return pooled_noise(self.other_runs + [self.best_runs], self.sigma_floor)
 
     @property
     def sigma_floor(self):
