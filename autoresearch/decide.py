@@ -258,7 +258,8 @@ def evidence(n_cand, n_best, est, var, noise, pairs, min_delta=0.0):
     df = max(noise.df, 1)
     half = t_quantile(0.975, df) * se
     return {"cand_runs": n_cand, "best_runs": n_best, "diff": round(est, 6), "lo": round(est - half, 6),
-            "hi": round(est + half, 6), "p": round(t_cdf((est + min_delta) / se, df), 5), "sigma": round(noise.sigma, 6),
+            "hi": round(est + half, 6), "p": round(t_cdf((est + min_delta) / se, df), 5),
+            "sigma": round(noise.sigma, 6),
             "df": noise.df, "pairs": pairs}
 
 
