@@ -12,6 +12,7 @@ tokens.py (tokenizer training, token files) and cachefiles.py (what they share).
 """
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -62,6 +63,7 @@ def resolve_profile():
 
 PROFILE = resolve_profile()
 MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, VOCAB_SIZE, TOKENIZER_MAX_CHARS, TRAIN_MAX_TOKENS = PROFILES[PROFILE]
+HELDOUT_TOKENS = EVAL_TOKENS // 8  # the held-out slice of val (see heldout_documents): ~1/8 more evaluation
 
 # ---------------------------------------------------------------------------
 # Cache layout: raw shards per dataset, artifacts per dataset and profile, the active dataset per profile
@@ -180,11 +182,13 @@ def load_token_split(directory, split):
 # Dataloader: best-fit packing of pre-tokenized documents into rows that start with BOS, without padding or waste
 
 
-def document_stream(offsets, shuffle, seed, epochs=None):
-    """(start, end, epoch) of every document, epoch after epoch; train order reshuffled per epoch from the seed."""
-    n, epoch = len(offsets) - 1, 1
+def document_stream(offsets, shuffle, seed, epochs=None, documents=None):
+    """(start, end, epoch) of every document (or of those indexed by `documents`), epoch after epoch; train order
+    reshuffled per epoch from the seed."""
+    documents = np.arange(len(offsets) - 1) if documents is None else np.asarray(documents)
+    n, epoch = len(documents), 1
     while epochs is None or epoch <= epochs:
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        order = documents[np.random.default_rng([seed, epoch]).permutation(n)] if shuffle else documents
         yield from zip(offsets[order].tolist(), offsets[order + 1].tolist(), [epoch] * n)
         epoch += 1
 
@@ -246,12 +250,15 @@ def default_device():
 def make_dataloader(tokenizer, B, T, split, device=None, seed=0):
     """Infinite iterator of (inputs, targets, epoch): LongTensors [B, T] on `device`, targets = inputs shifted by
     one. Rows are best-fit packed documents (see best_fit_rows); train documents are shuffled per epoch from
-    `seed`, val documents come in file order. Deterministic for a given seed."""
+    `seed`, val documents come in file order, all but the held-out slice's. Deterministic for a given seed."""
     import torch
     tokens, offsets = load_token_split(tokenizer.directory, split)
     device = torch.device(device) if device is not None else default_device()
     bos = tokenizer.get_bos_token_id()
-    rows = best_fit_rows(document_stream(offsets, shuffle=split == "train", seed=seed), T + 1)
+    documents = None
+    if split == "val":
+        documents = np.setdiff1d(np.arange(len(offsets) - 1), heldout_documents(tokenizer.directory))
+    rows = best_fit_rows(document_stream(offsets, shuffle=split == "train", seed=seed, documents=documents), T + 1)
     batch = np.empty((B, T + 1), dtype=np.int64)
     if device.type == "cuda":
         # two pinned staging buffers, so that filling one never races the asynchronous copy from the other; each
@@ -298,10 +305,15 @@ def evaluate_bpb(model, tokenizer, batch_size):
     """Bits per byte: the summed cross-entropy (nats) of target tokens that have bytes, over ln 2 times their
     byte count, on EVAL_TOKENS // MAX_SEQ_LEN rows of MAX_SEQ_LEN targets. Uses the model's device.
     model(x, y, reduction='none') must return per-token losses in nats, [B*T] or [B, T]."""
+    rows = eval_rows(tokenizer.directory, MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN, tokenizer.get_bos_token_id())
+    return bits_per_byte(model, rows, tokenizer.directory, batch_size)
+
+
+def bits_per_byte(model, rows, directory, batch_size):
+    """evaluate_bpb's metric on the given rows (n x (T+1) tokens, as eval_rows returns them)."""
     import torch
     device = next(itertools.chain(model.parameters(), model.buffers())).device
-    rows = eval_rows(tokenizer.directory, MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN, tokenizer.get_bos_token_id())
-    token_bytes = get_token_bytes(device, tokenizer.directory)
+    token_bytes = get_token_bytes(device, directory)
     row_nats, total_bytes = [], torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
@@ -314,6 +326,44 @@ def evaluate_bpb(model, tokenizer, batch_size):
             total_bytes += nbytes.sum()
     # fsum over per-row sums: the total does not depend on how rows were grouped into batches
     return math.fsum(torch.cat(row_nats).tolist()) / (math.log(2) * total_bytes.item())
+
+# ---------------------------------------------------------------------------
+# The held-out slice: val documents that no pinned row reads and make_dataloader never hands out, which the
+# harness's evaluator also scores. A model that learned the pinned rows themselves (trained on val) does much
+# better on them than on these; one that learned the text does about as well on both.
+
+
+@functools.lru_cache(maxsize=8)
+def heldout_documents(directory):
+    """Indices of the held-out val documents, in file order: the last documents no pinned evaluation row
+    touches, up to HELDOUT_TOKENS tokens. Empty when the val split is too small to spare any."""
+    tokens, offsets = load_token_split(directory, "val")
+    n_rows, capacity = EVAL_TOKENS // MAX_SEQ_LEN, MAX_SEQ_LEN + 1
+    if n_rows * capacity >= len(tokens):  # evaluation reads the whole split (or wraps around it)
+        return np.zeros(0, dtype=np.int64)
+    touched = np.zeros(len(offsets) - 1, dtype=bool)
+    rows = best_fit_rows(document_stream(offsets, shuffle=False, seed=0, epochs=1), capacity)
+    for segments, _ in itertools.islice(rows, n_rows):  # the pinned rows, as eval_rows packs them
+        starts = [start for start, _, _ in segments]
+        touched[np.searchsorted(offsets, starts, side="right") - 1] = True
+    spare = np.flatnonzero(~touched)
+    sizes = offsets[spare + 1] - offsets[spare]
+    keep = np.cumsum(sizes[::-1]) <= HELDOUT_TOKENS
+    chosen = spare[::-1][keep][::-1]
+    return chosen if sizes[::-1][keep].sum() >= 2 * capacity else np.zeros(0, dtype=np.int64)
+
+
+def heldout_rows(directory, bos):
+    """The held-out slice packed into rows like eval_rows' (n x (MAX_SEQ_LEN+1) tokens; n may be 0)."""
+    tokens, offsets = load_token_split(directory, "val")
+    documents = heldout_documents(directory)
+    rows = best_fit_rows(document_stream(offsets, shuffle=False, seed=0, epochs=1, documents=documents),
+                         MAX_SEQ_LEN + 1)
+    packed = [segments for segments, _ in rows]  # the last, partial row is not yielded
+    out = np.empty((len(packed), MAX_SEQ_LEN + 1), dtype=tokens.dtype)
+    for r, segments in enumerate(packed):
+        fill_row(out[r], segments, tokens, bos)
+    return out
 
 # ---------------------------------------------------------------------------
 # Readiness: what stops a training run, each problem ending with the command that fixes it

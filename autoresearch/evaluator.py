@@ -105,7 +105,8 @@ class TokenLosses(nn.Module):
 
 
 def evaluate(model_path, expect=None, batch_size=None):
-    """{"val_bpb", "eval_seconds", "restored": [...]} for the handed-over model; EvaluationError if refused."""
+    """{"val_bpb", "heldout_bpb", "eval_seconds", "restored": [...]} for the handed-over model (heldout_bpb None
+    when the val split is too small for a held-out slice); EvaluationError if refused."""
     import prepare  # the contract: rows, byte counts and the metric itself
     start = time.time()
     tokenizer = prepare.Tokenizer.from_directory()
@@ -124,9 +125,16 @@ def evaluate(model_path, expect=None, batch_size=None):
     scorer = TokenLosses(model)
     if device.type == "cuda" or prepare.EVAL_TOKENS >= COMPILE_FROM_TOKENS:
         scorer = torch.compile(scorer, dynamic=False)  # cpu profile: 103 s eager, about half compiled
+    batch_size = batch_size or (64 if device.type == "cuda" else 16)
+    heldout = prepare.heldout_rows(tokenizer.directory, tokenizer.get_bos_token_id())
+    if len(heldout) >= batch_size:
+        heldout = heldout[:len(heldout) - len(heldout) % batch_size]  # whole batches: no recompile for the last
     with torch.no_grad(), autocast:
-        val_bpb = prepare.evaluate_bpb(scorer, tokenizer, batch_size or (64 if device.type == "cuda" else 16))
-    return {"val_bpb": val_bpb, "eval_seconds": round(time.time() - start, 2), "restored": restored}
+        val_bpb = prepare.evaluate_bpb(scorer, tokenizer, batch_size)
+        heldout_bpb = (prepare.bits_per_byte(scorer, heldout, tokenizer.directory, batch_size)
+                       if len(heldout) else None)
+    return {"val_bpb": val_bpb, "heldout_bpb": heldout_bpb, "eval_seconds": round(time.time() - start, 2),
+            "restored": restored}
 
 
 def main():

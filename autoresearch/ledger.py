@@ -22,7 +22,9 @@ COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstrea
            "num_steps", "profile", "train_py", "timestamp", "loop_s", "log", "note",
            # the evidence of the keep rule (decide.py): each run's speed, the best's re-runs made during the
            # experiment (paired with the candidate's), and the numbers of the decision
-           "tokens_per_s", "best_seeds", "best_val_bpb_runs", "best_tokens_per_s", "best_train_py", "evidence"]
+           "tokens_per_s", "best_seeds", "best_val_bpb_runs", "best_tokens_per_s", "best_train_py", "evidence",
+           # how much better the pinned val rows score than the held-out slice (experiment.leaked)
+           "heldout_gap"]
 DESCRIPTION_MAX = 120
 
 # Rows whose train.py has no trustworthy measurement. The status column keeps upstream's values

@@ -38,6 +38,12 @@ class Run:
         return float(self.summary["val_bpb"])
 
     @property
+    def heldout_gap(self):
+        """How much better the pinned val rows score than the held-out slice (val/heldout - 1), or None."""
+        heldout = to_float(self.summary.get("heldout_bpb"))
+        return self.val / heldout - 1 if heldout and not self.error else None
+
+    @property
     def speed(self):
         """Training tokens per second, from the summary (None when it lacks the numbers)."""
         tokens, seconds = to_float(self.summary.get("total_tokens_M")), to_float(self.summary.get("training_seconds"))
@@ -122,6 +128,8 @@ def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn):
         return
     printed = to_float(run.summary.get("val_bpb"))
     run.summary.update(val_bpb=f"{result['val_bpb']:.6f}", eval_seconds=f"{result['eval_seconds']:.1f}")
+    if result.get("heldout_bpb"):
+        run.summary["heldout_bpb"] = f"{result['heldout_bpb']:.6f}"
     run.notes += result.get("restored", [])
     if printed is not None:
         run.summary["printed_val_bpb"] = f"{printed:.6f}"
