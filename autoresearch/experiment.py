@@ -94,7 +94,8 @@ def confirm(loop, flight, pending, started, deadline=None):
                      seeds=[r.seed for _, r in done] + [seed])
         flight.mark(**state, running_best=kind == "best")
         t0 = time.monotonic()
-        r = best_run(loop, sha, seed, log, flight) if kind == "best" else sealed_run(loop, seed, log, flight)
+        r = (best_run(loop, sha, seed, log, flight) if kind == "best"
+             else sealed_run(loop, seed, log, flight, pending["train_py"]))
         flight.mark(**state)
         r.wall = time.monotonic() - t0  # train.py and the evaluator: what the next run will take
         done.append((kind, r))
@@ -132,6 +133,7 @@ def confirm(loop, flight, pending, started, deadline=None):
     row.update(run_columns(best_runs, "best_"), best_train_py=loop.best.get("train_py", "") if best_runs else "",
                evidence=format_evidence(step.evidence) if not distrust else "")
     finish(loop, row, log, started, sum(r.wall for r in made_here))
+    loop.prune_compile_caches()
     return outcome_line(status, val, note, log, previous_best, step.evidence, loop.best_val)
 
 
@@ -197,19 +199,19 @@ def best_run(loop, sha, seed, log, flight):
         f.write(f"\n===== the best, #{loop.best['n']} ({loop.best['commit']}), runs again for a pair =====\n")
     git("checkout", loop.best_commit, "--", TRAIN)
     try:
-        return sealed_run(loop, seed, log, flight)
+        return sealed_run(loop, seed, log, flight, blob_hash(Path(TRAIN).read_bytes()))
     finally:
         git("checkout", sha, "--", TRAIN)
 
 
-def sealed_run(loop, seed, log, flight):
+def sealed_run(loop, seed, log, flight, version):
     """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back),
     which untracked modules it created or changed, and train.py itself if the run rewrote it (the next run
     would be other code under the same commit)."""
     modules = untracked_modules()
     times = write_times(modules)
     code = Path(TRAIN).read_bytes()
-    run = train_once(loop.config, loop.timeout, seed, log, flight.spawned)
+    run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, loop.compile_cache(version))
     run.tampered = sorted(set(written_since(times)) | set(changed_modules(modules, untracked_modules()))
                           | ({TRAIN} if not Path(TRAIN).is_file() or Path(TRAIN).read_bytes() != code else set()))
     return run
@@ -330,6 +332,7 @@ def run_baseline(loop, repeats):
     estimate of the run-to-run noise (the best's re-runs improve it all night). An interrupted baseline is not
     resumed but run again by init, so its running.json goes on a stop too."""
     started, sha = time.monotonic(), head()
+    cache = loop.compile_cache(blob_hash(Path(TRAIN).read_bytes()))
     log = str(loop.dir / f"000-{sha[:7]}.log")
     with open(log, "a") as f:
         f.write(f"baseline of {loop.branch}: {repeats} run(s) of commit {sha}\n")
@@ -337,7 +340,8 @@ def run_baseline(loop, repeats):
         flight.mark(n=0, phase="train", commit=sha, log=log, baseline=True)
         runs = []
         for i in range(repeats):
-            run = train_once(loop.config, loop.timeout, loop.config["base_seed"] + i, log, flight.spawned)
+            seed = loop.config["base_seed"] + i
+            run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache)
             print(f"baseline run {i + 1}/{repeats} seed {run.seed}: "
                   + (f"val_bpb={run.val:.6f}" if not run.error else f"crash {run.error}"), flush=True)
             if run.error:

@@ -55,9 +55,13 @@ class Run:
 # Launching
 
 
-def child_env(config, seed):
-    """train.py's environment: the seed, and the profile/dataset/cache pinned at init unless set."""
+def child_env(config, seed, compile_cache=None):
+    """train.py's environment: the seed, the profile/dataset/cache pinned at init unless set, and the folder
+    torch.compile caches in (inductor's and triton's), when the loop gives one."""
     env = dict(os.environ, AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
+    if compile_cache:
+        env.update(TORCHINDUCTOR_CACHE_DIR=str(compile_cache),
+                   TRITON_CACHE_DIR=str(Path(compile_cache) / "triton"))
     for key, field in (("AUTORESEARCH_PROFILE", "profile"), ("AUTORESEARCH_DATASET", "dataset"),
                        ("AUTORESEARCH_CACHE_DIR", "cache_dir")):
         if not env.get(key) and config.get(field):
@@ -71,11 +75,11 @@ def default_timeout(config):
     return max(2 * budget, budget + 120)
 
 
-def train_once(config, timeout, seed, log_path, on_spawn=None):
+def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=None):
     """One `python train.py` with this seed, output appended to the experiment's log, then (with the real
     prepare.py) the evaluator on the model it handed over. on_spawn(pid) is called with each child's pid as
-    soon as it runs (to record it for a resumed loop)."""
-    env = child_env(config, seed)
+    soon as it runs (to record it for a resumed loop). compile_cache: the version's torch.compile cache."""
+    env = child_env(config, seed, compile_cache)
     handoff = None
     if config.get("harness_eval"):
         handoff = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.pt2")
@@ -93,12 +97,13 @@ def train_once(config, timeout, seed, log_path, on_spawn=None):
     run = Run(seed, summary, error, tail, wall)
     if handoff:
         if not error:
-            evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn)
+            evaluator_cache = Path(compile_cache).parent / "evaluator" if compile_cache else None
+            evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, evaluator_cache)
         handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
     return run
 
 
-def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn):
+def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, compile_cache=None):
     """val_bpb of the handed-over model by the evaluator, in its own process; sets run.error when it refuses
     the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -109,7 +114,7 @@ def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn):
                  f"from autoresearch.evaluator import main; sys.exit(main())")
     cmd = [sys.executable, "-I", "-c", bootstrap, str(handoff)] + (
         ["--expect", f.name] if config.get("metric_hashes") else [])
-    env = child_env(config, run.seed)
+    env = child_env(config, run.seed, compile_cache)
     with open(log_path, "a") as log:
         log.write(f"\n===== evaluator  {now_iso()} =====\n")
         log.flush()

@@ -5,6 +5,7 @@ tag, the experiment in flight (logs/TAG/running.json) and the loop's own record 
 """
 import fcntl
 import json
+import shutil
 import os
 import statistics
 import sys
@@ -100,6 +101,31 @@ class Loop:
         used = sum(len([s for s in (r.get(c) or "").split(",") if s]) for r in self.rows
                    for c in ("seeds", "best_seeds"))
         return self.config["base_seed"] + used + made
+
+    def compile_cache(self, version):
+        """torch.compile's cache folder (inductor's and triton's) for runs of the train.py whose blob hash is
+        `version`: a version of its own, so that no run can slow down or change another version's compiled
+        code, seeded from the best's so that a change that leaves the graphs alone compiles warm."""
+        root = self.private_dir / "compile-cache"
+        folder = root / version[:16]
+        best = root / ((self.best or {}).get("train_py") or "")[:16]
+        if not folder.exists():
+            root.mkdir(exist_ok=True)
+            staging = root / f".{version[:16]}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            if best != root and best.is_dir():
+                shutil.copytree(best, staging, symlinks=True)
+            staging.mkdir(exist_ok=True)
+            staging.rename(folder)
+        return folder
+
+    def prune_compile_caches(self, keep=()):
+        """Drop the compile caches of every version but the best's and `keep`'s (they run no more)."""
+        root = self.private_dir / "compile-cache"
+        wanted = {v[:16] for v in ((self.best or {}).get("train_py") or "", *keep) if v} | {"evaluator"}
+        for folder in root.iterdir() if root.is_dir() else ():
+            if folder.name not in wanted:
+                shutil.rmtree(folder, ignore_errors=True)
 
     @property
     def pending_path(self):

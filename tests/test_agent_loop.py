@@ -212,6 +212,21 @@ def test_step_keeps_a_real_improvement_after_a_confirming_pair_and_prints_one_li
     assert clean_tracked(repo, env)
 
 
+def test_each_version_compiles_in_a_cache_of_its_own_seeded_from_the_best(repo, env, tmp_path):
+    env = dict(env, STANDIN_CACHE_LOG=str(tmp_path / "cache.log"))
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.99)
+    loop(repo, env, "step", "-m", "lower the loss")
+    seen = [line.split(" ") for line in (tmp_path / "cache.log").read_text().splitlines()]
+    assert [(val, found) for val, _, found in seen] == [
+        ("1.0", ""),              # the baseline compiles cold
+        ("0.99", "by-1.0"),       # the candidate finds the best's kernels: a warm start
+        ("1.0", "by-1.0"),        # the best's re-run never finds what the candidate wrote
+        ("0.99", "by-0.99,by-1.0")]
+    assert seen[0][1] == seen[2][1] != seen[1][1] == seen[3][1]
+    assert Path(seen[3][1]).is_dir() and not Path(seen[0][1]).exists()  # the old best's cache is gone
+
+
 def test_step_discards_a_change_within_the_noise_and_keeps_it_reachable(repo, env):
     initialised(repo, env, repeats=3, SIGMA=0.003)
     set_train(repo, VAL_BPB=0.9995)

@@ -67,6 +67,11 @@ if MODE == "daemon":  # leaves its process group and writes a keep row after the
                      start_new_session=True)
 if MODE == "nosummary":
     sys.exit(0)
+if os.environ.get("STANDIN_CACHE_LOG"):  # what torch.compile would find in its cache, then a kernel of its own
+    cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    with open(os.environ["STANDIN_CACHE_LOG"], "a") as f:
+        f.write(f"{VAL_BPB} {cache} {','.join(sorted(os.listdir(cache)))}\n")
+    open(os.path.join(cache, f"by-{VAL_BPB}"), "w").close()
 val = VAL_BPB + NOISE * (seed - 42) + random.Random(seed).gauss(0, SIGMA)
 tokens_m = 0.1
 if os.environ.get("STANDIN_LOAD"):  # one load level per run, first line first: the machine slows down
