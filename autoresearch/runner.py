@@ -132,6 +132,7 @@ def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, compile_
         run.error = f"evaluator: {result['error']}"
         return
     printed = to_float(run.summary.get("val_bpb"))
+    run.summary.pop("heldout_bpb", None)  # the evaluator's, or none: never one train.py printed
     run.summary.update(val_bpb=f"{result['val_bpb']:.6f}", eval_seconds=f"{result['eval_seconds']:.1f}")
     if result.get("heldout_bpb"):
         run.summary["heldout_bpb"] = f"{result['heldout_bpb']:.6f}"

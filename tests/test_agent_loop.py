@@ -227,6 +227,18 @@ def test_each_version_compiles_in_a_cache_of_its_own_seeded_from_the_best(repo, 
     assert Path(seen[3][1]).is_dir() and not Path(seen[0][1]).exists()  # the old best's cache is gone
 
 
+def test_a_candidate_far_better_on_the_pinned_val_rows_than_on_the_heldout_slice_is_rejected_at_once(repo, env):
+    initialised(repo, env, HELDOUT_BPB=1.02)      # val/held-out 0.98: the baseline scores both alike
+    set_train(repo, VAL_BPB=0.6, HELDOUT_BPB=0.95)  # 0.63: it learned the pinned rows, not the text
+    out = loop(repo, env, "step", "-m", "train on val").stdout
+    exp = rows(repo)[1]
+    assert out.startswith("discard") and exp["note"].startswith("rejected:"), out
+    assert "0.632, the best's 0.980" in exp["note"] and "training on the validation rows" in exp["note"]
+    assert exp["seeds"] == "43" and exp["heldout_gap"] == "-0.3684"  # one run: no pairs spent on it
+    set_train(repo, VAL_BPB=0.6, HELDOUT_BPB=0.62)  # both slices better alike: a better model
+    assert loop(repo, env, "step", "-m", "a better model").stdout.startswith("keep")
+
+
 def test_step_discards_a_change_within_the_noise_and_keeps_it_reachable(repo, env):
     initialised(repo, env, repeats=3, SIGMA=0.003)
     set_train(repo, VAL_BPB=0.9995)
