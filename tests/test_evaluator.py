@@ -61,6 +61,12 @@ def cache(smoke_cache, tmp_path):
     return copy
 
 
+@pytest.fixture(scope="module")
+def plain(smoke_cache, tmp_path_factory):
+    """(model file, train.py's own val_bpb) of the plain model, exported once for the tests that only read it."""
+    return export(smoke_cache, tmp_path_factory.mktemp("plain"))
+
+
 def run(args, cache, **env):
     full = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache), **env)
     return subprocess.run([sys.executable, *args], cwd=REPO, env=full, capture_output=True, text=True, timeout=300)
@@ -78,8 +84,8 @@ def evaluate(cache, path):
     return result.returncode, json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_evaluator_gives_the_val_bpb_train_py_computes(cache, tmp_path):
-    path, own = export(cache, tmp_path)
+def test_evaluator_gives_the_val_bpb_train_py_computes(cache, plain):
+    path, own = plain
     code, result = evaluate(cache, path)
     assert code == 0, result
     assert result["val_bpb"] == pytest.approx(own, rel=1e-6) and result["restored"] == []
@@ -112,8 +118,8 @@ def test_a_run_that_hands_over_nothing_is_refused_with_the_reason(cache, tmp_pat
     assert code == 1 and "handed over no model" in result["error"], result
 
 
-def test_damaged_token_byte_counts_are_restored_before_the_metric_is_computed(cache, tmp_path):
-    path, own = export(cache, tmp_path)
+def test_damaged_token_byte_counts_are_restored_before_the_metric_is_computed(cache, plain):
+    path, own = plain
     token_bytes = cache / "prepared" / "synthetic" / "smoke" / "token_bytes.npy"
     np.save(token_bytes, np.load(token_bytes) * 2)  # what a run that wants half the val_bpb would write
     code, result = evaluate(cache, path)
