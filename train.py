@@ -16,7 +16,7 @@ import gc
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -457,9 +457,11 @@ def build_model(vocab_size, device):
 
 
 def sdpa_twin(model):
-    """The same weights behind SDPA: a kernel outside PyTorch's own operators (FA3) cannot be handed over."""
+    """The same weights behind SDPA, embeddings in float32: a kernel outside PyTorch's own operators (FA3)
+    cannot be handed over, and bf16 embeddings (CUDA) meet float32 matrices outside autocast, where the
+    evaluator runs its causality check."""
     with next(model.parameters()).device:
-        twin = GPT(model.config, sdpa_attention)
+        twin = GPT(replace(model.config, embedding_dtype=torch.float32), sdpa_attention)
     twin.load_state_dict(model.state_dict())
     return twin.eval()
 
@@ -625,7 +627,7 @@ def main():
     model.eval()
     val_bpb = None
     if handoff_path():
-        hand_over(model if attention == "sdpa" else sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device)
+        hand_over(sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device)
     else:
         with torch.no_grad(), autocast:
             val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)

@@ -69,7 +69,8 @@ def plan(env):
                                   *missing_modules()]))
     steps.append(("prepare", [sys.executable, "prepare.py", "--source", str(corpus or DATA / "<corpus>")]))
     steps.append(("tests", [sys.executable, "-m", "pytest", "-q", "-k", "cuda or reference_path",
-                            "tests/test_prepare.py", "tests/test_fake_cuda.py", "tests/test_train.py"]))
+                            "tests/test_prepare.py", "tests/test_fake_cuda.py", "tests/test_train.py",
+                            "tests/test_reference_path.py"]))
     steps.append(("eval-agreement", [sys.executable, "-c", EVAL_AGREEMENT]))
     steps.append(("reference-run", [sys.executable, "train.py"]))
     return steps, corpus
