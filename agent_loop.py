@@ -122,9 +122,10 @@ def cmd_run(args):
     check_clean(loop)
     proposer = make_proposer(args.agent, args.seed, args.agent_timeout)
     t0, done, failures = time.monotonic(), 0, 0
+    noise = loop.noise()
+    sigma = f"{noise.sigma:.4f} (df {noise.df})" if noise.df else "unknown (no version has run twice yet)"
     say(loop, f"run on {loop.branch}: agent {args.agent!r}, best val_bpb={loop.best_val:.6f} "
-              f"({len(loop.rows) - 1} experiments so far), noise sigma {loop.noise().sigma:.4f}, "
-              f"timeout {loop.timeout:.0f} s")
+              f"({len(loop.rows) - 1} experiments so far), noise sigma {sigma}, timeout {loop.timeout:.0f} s")
     try:
         while args.max_experiments is None or done < args.max_experiments:
             if args.hours is not None and time.monotonic() - t0 >= args.hours * 3600:
