@@ -102,7 +102,8 @@ def confirm(loop, flight, pending, started, deadline=None):
         made_here.append(r)
         print(f"#{n} {kind} run seed {seed}: " + (f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}")
               + (f" ({r.speed:,.0f} tokens/s)" if not r.error and r.speed else ""), file=sys.stderr, flush=True)
-        if r.error or r.tampered or (kind == "candidate" and leaked(loop, [r])):
+        rerun = [b for k, b in done if k == "best"]
+        if r.error or r.tampered or (kind == "candidate" and leaked(loop, [r], rerun)):
             return None  # no measurement: the rule stops at once, and the row says why
         return Obs(r.val, r.speed, r.seed)
 
@@ -122,12 +123,11 @@ def confirm(loop, flight, pending, started, deadline=None):
         return (f"confirming #{n}: {step.note}; so far {len(cand)} run(s) of it, {len(fresh)} of the best. "
                 f"Run `uv run agent_loop.py step` again to go on (leave {TRAIN} as it is until then)")
     loop.pending_path.unlink(missing_ok=True)
-    distrust = (untrusted(loop, n, sha, [r for _, r in done])
-                or leaked(loop, [r for kind, r in done if kind == "candidate"]))
-    status, val, note = ("discard", 0.0, distrust) if distrust else verdict(step, done, loop)
-    previous_best = loop.best_val
     runs = [r for kind, r in done if kind == "candidate"]
     best_runs = [r for kind, r in done if kind == "best"]
+    distrust = untrusted(loop, n, sha, [r for _, r in done]) or leaked(loop, runs, best_runs)
+    status, val, note = ("discard", 0.0, distrust) if distrust else verdict(step, done, loop)
+    previous_best = loop.best_val
     row = experiment_row(loop, n, short(sha), status, pending["description"], runs, val,
                          note + pending["note_extra"], log, pending["train_py"])
     row.update(run_columns(best_runs, "best_"), best_train_py=loop.best.get("train_py", "") if best_runs else "",
@@ -238,10 +238,12 @@ def heldout_gap(runs):
     return statistics.fmean(gaps) if gaps else None
 
 
-def leaked(loop, runs):
+def leaked(loop, runs, best_runs=()):
     """The note that rejects a candidate whose pinned val rows improved far more than the held-out slice of val
-    did, compared with the best: what training on the validation rows does, not a better model. Else None."""
+    did, compared with the best (its row's ratio; for a row from before the column, its re-runs made here):
+    what training on the validation rows does, not a better model. Else None."""
     gap, best_gap = heldout_gap(runs), to_float(loop.best.get("heldout_gap"))
+    best_gap = heldout_gap(best_runs) if best_gap is None else best_gap
     if gap is None or best_gap is None or gap >= best_gap - LEAK_TOLERANCE:
         return None
     return (f"{REJECTED}: its val_bpb on the pinned val rows over its val_bpb on the held-out slice of val is "

@@ -239,6 +239,19 @@ def test_a_candidate_far_better_on_the_pinned_val_rows_than_on_the_heldout_slice
     assert loop(repo, env, "step", "-m", "a better model").stdout.startswith("keep")
 
 
+def test_a_best_from_before_the_heldout_column_is_held_to_its_re_runs(repo, env):
+    initialised(repo, env, HELDOUT_BPB=1.02)
+    ledger = repo / ".git" / "autoresearch" / "results.tsv"
+    header, baseline = ledger.read_text().splitlines()
+    column = header.split("\t").index("heldout_gap")
+    cells = baseline.split("\t")
+    ledger.write_text("\n".join([header, "\t".join(cells[:column] + [""] + cells[column + 1:])]) + "\n")
+    set_train(repo, VAL_BPB=0.6, HELDOUT_BPB=0.95)
+    loop(repo, env, "step", "-m", "train on val")
+    exp = rows(repo)[1]
+    assert exp["note"].startswith("rejected:") and "the best's 0.980" in exp["note"], exp["note"]
+
+
 def test_step_discards_a_change_within_the_noise_and_keeps_it_reachable(repo, env):
     initialised(repo, env, repeats=3, SIGMA=0.003)
     set_train(repo, VAL_BPB=0.9995)
