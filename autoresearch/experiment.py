@@ -206,14 +206,18 @@ def best_run(loop, sha, seed, log, flight):
 
 def sealed_run(loop, seed, log, flight, version):
     """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back),
-    which untracked modules it created or changed, and train.py itself if the run rewrote it (the next run
-    would be other code under the same commit)."""
+    which untracked modules it created or changed, train.py itself if the run rewrote it (the next run
+    would be other code under the same commit), and files in another version's compile cache."""
     modules = untracked_modules()
     times = write_times(modules)
     code = Path(TRAIN).read_bytes()
-    run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, loop.compile_cache(version))
+    cache = loop.compile_cache(version)
+    caches = loop.other_compile_caches(version)
+    run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache)
+    after = loop.other_compile_caches(version)
     run.tampered = sorted(set(written_since(times)) | set(changed_modules(modules, untracked_modules()))
-                          | ({TRAIN} if not Path(TRAIN).is_file() or Path(TRAIN).read_bytes() != code else set()))
+                          | ({TRAIN} if not Path(TRAIN).is_file() or Path(TRAIN).read_bytes() != code else set())
+                          | {p for p in set(caches) | set(after) if caches.get(p) != after.get(p)})
     return run
 
 
@@ -232,22 +236,27 @@ def untrusted(loop, n, sha, runs):
     return None
 
 
-def heldout_gap(runs):
-    """The mean of the runs' val_bpb / heldout_bpb - 1 (negative: the pinned rows score better), or None."""
+def heldout_gap(runs, worst=False):
+    """The mean (or the lowest) of the runs' val_bpb / heldout_bpb - 1 (negative: the pinned rows score
+    better), or None."""
     gaps = [r.heldout_gap for r in runs if r.heldout_gap is not None]
-    return statistics.fmean(gaps) if gaps else None
+    return (min(gaps) if worst else statistics.fmean(gaps)) if gaps else None
 
 
 def leaked(loop, runs, best_runs=()):
-    """The note that rejects a candidate whose pinned val rows improved far more than the held-out slice of val
-    did, compared with the best (its row's ratio; for a row from before the column, its re-runs made here):
+    """The note that rejects a candidate one of whose runs scores the pinned val rows far better than the
+    held-out slice of val, compared with the best and with the baseline (the higher of the two, so that small
+    steps cannot walk the bar down keep by keep; for a best from before the column, its re-runs made here):
     what training on the validation rows does, not a better model. Else None."""
-    gap, best_gap = heldout_gap(runs), to_float(loop.best.get("heldout_gap"))
+    gap, best_gap = heldout_gap(runs, worst=True), to_float(loop.best.get("heldout_gap"))
     best_gap = heldout_gap(best_runs) if best_gap is None else best_gap
+    best_gap = max([g for g in (best_gap, to_float(loop.rows[0].get("heldout_gap"))) if g is not None],
+                   default=None)
     if gap is None or best_gap is None or gap >= best_gap - LEAK_TOLERANCE:
         return None
     return (f"{REJECTED}: its val_bpb on the pinned val rows over its val_bpb on the held-out slice of val is "
-            f"{1 + gap:.3f}, the best's {1 + best_gap:.3f}: the pinned rows improved far more than val text no "
+            f"{1 + gap:.3f}, against {1 + best_gap:.3f} (the best's or the baseline's, the higher): the pinned rows "
+            f"improved far more than val text no "
             f"run may see, a sign of training on the validation rows (allowed drop {LEAK_TOLERANCE:g})")
 
 

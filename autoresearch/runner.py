@@ -97,7 +97,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     run = Run(seed, summary, error, tail, wall)
     if handoff:
         if not error:
-            evaluator_cache = Path(compile_cache).parent / "evaluator" if compile_cache else None
+            evaluator_cache = Path(compile_cache) / "evaluator" if compile_cache else None
             evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, evaluator_cache)
         handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
     return run

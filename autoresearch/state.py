@@ -119,10 +119,17 @@ class Loop:
             staging.rename(folder)
         return folder
 
+    def other_compile_caches(self, version):
+        """{path: ctime_ns} of every file in the compile caches of versions other than `version`: a run of one
+        version writes only in its own."""
+        root, own = self.private_dir / "compile-cache", version[:16]
+        return {str(path): path.lstat().st_ctime_ns for folder in (root.iterdir() if root.is_dir() else ())
+                if folder.name != own for path in folder.rglob("*")}
+
     def prune_compile_caches(self, keep=()):
         """Drop the compile caches of every version but the best's and `keep`'s (they run no more)."""
         root = self.private_dir / "compile-cache"
-        wanted = {v[:16] for v in ((self.best or {}).get("train_py") or "", *keep) if v} | {"evaluator"}
+        wanted = {v[:16] for v in ((self.best or {}).get("train_py") or "", *keep) if v}
         for folder in root.iterdir() if root.is_dir() else ():
             if folder.name not in wanted:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -233,10 +233,19 @@ def test_a_candidate_far_better_on_the_pinned_val_rows_than_on_the_heldout_slice
     out = loop(repo, env, "step", "-m", "train on val").stdout
     exp = rows(repo)[1]
     assert out.startswith("discard") and exp["note"].startswith("rejected:"), out
-    assert "0.632, the best's 0.980" in exp["note"] and "training on the validation rows" in exp["note"]
+    assert "0.632, against 0.980" in exp["note"] and "training on the validation rows" in exp["note"]
     assert exp["seeds"] == "43" and exp["heldout_gap"] == "-0.3684"  # one run: no pairs spent on it
     set_train(repo, VAL_BPB=0.6, HELDOUT_BPB=0.62)  # both slices better alike: a better model
     assert loop(repo, env, "step", "-m", "a better model").stdout.startswith("keep")
+
+
+def test_small_leaks_cannot_walk_the_heldout_bar_down_keep_by_keep(repo, env):
+    initialised(repo, env, HELDOUT_BPB=1.02)        # 0.980
+    set_train(repo, VAL_BPB=0.92, HELDOUT_BPB=1.02)  # 0.902: within 0.10 of the best, kept
+    assert loop(repo, env, "step", "-m", "a little val").stdout.startswith("keep")
+    set_train(repo, VAL_BPB=0.84, HELDOUT_BPB=1.02)  # 0.824: within 0.10 of the best, not of the baseline
+    loop(repo, env, "step", "-m", "a little more val")
+    assert rows(repo)[2]["note"].startswith("rejected:") and "against 0.980" in rows(repo)[2]["note"]
 
 
 def test_a_best_from_before_the_heldout_column_is_held_to_its_re_runs(repo, env):
@@ -249,7 +258,15 @@ def test_a_best_from_before_the_heldout_column_is_held_to_its_re_runs(repo, env)
     set_train(repo, VAL_BPB=0.6, HELDOUT_BPB=0.95)
     loop(repo, env, "step", "-m", "train on val")
     exp = rows(repo)[1]
-    assert exp["note"].startswith("rejected:") and "the best's 0.980" in exp["note"], exp["note"]
+    assert exp["note"].startswith("rejected:") and "against 0.980" in exp["note"], exp["note"]
+
+
+def test_a_run_that_writes_in_another_versions_compile_cache_is_rejected(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.9, MODE="cachepoison")
+    loop(repo, env, "step", "-m", "poison the best's kernels")
+    note = rows(repo)[1]["note"]
+    assert note.startswith("rejected:") and "compile-cache" in note and "poisoned.py" in note, note
 
 
 def test_step_discards_a_change_within_the_noise_and_keeps_it_reachable(repo, env):

@@ -15,7 +15,7 @@ NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
 SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
-                          # nosummary | twice | selfedit
+                          # nosummary | twice | selfedit | cachepoison
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -66,6 +66,11 @@ if MODE == "daemon":  # leaves its process group and writes a keep row after the
     forged = "forged\\t0.100000\\t0.0\\tkeep\\tforged by a daemon\\n"
     subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(2); open('results.tsv', 'a').write('{forged}')"],
                      start_new_session=True)
+if MODE == "cachepoison":  # leaves a "kernel" in every other version's compile cache
+    own = os.path.abspath(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    for other in os.listdir(os.path.dirname(own)):
+        if os.path.join(os.path.dirname(own), other) != own:
+            open(os.path.join(os.path.dirname(own), other, "poisoned.py"), "w").close()
 if MODE == "nosummary":
     sys.exit(0)
 if os.environ.get("STANDIN_CACHE_LOG"):  # what torch.compile would find in its cache, then a kernel of its own
