@@ -239,6 +239,14 @@ def test_a_candidate_far_better_on_the_pinned_val_rows_than_on_the_heldout_slice
     assert loop(repo, env, "step", "-m", "a better model").stdout.startswith("keep")
 
 
+def test_one_leaked_run_is_not_averaged_away_by_an_honest_one(repo, env):
+    initialised(repo, env, HELDOUT_BPB=1.02)                     # 0.980
+    set_train(repo, VAL_BPB=0.9, HELDOUT_BPB={43: 0.92, 45: 1.4})  # seed 43: 0.978; seed 45: 0.643
+    loop(repo, env, "step", "-m", "val rows now and then")
+    exp = rows(repo)[1]
+    assert exp["seeds"] == "43,45" and exp["note"].startswith("rejected:") and "0.643" in exp["note"], exp
+
+
 def test_small_leaks_cannot_walk_the_heldout_bar_down_keep_by_keep(repo, env):
     initialised(repo, env, HELDOUT_BPB=1.02)        # 0.980
     set_train(repo, VAL_BPB=0.92, HELDOUT_BPB=1.02)  # 0.902: within 0.10 of the best, kept

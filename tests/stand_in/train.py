@@ -10,7 +10,7 @@ import time
 from prepare import PROFILE
 
 VAL_BPB = 1.0             # the result to report
-HELDOUT_BPB = 0.0         # val_bpb on the held-out slice of val to report (0: none)
+HELDOUT_BPB = 0.0         # val_bpb on the held-out slice of val to report (0: none), or {seed: value}
 NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
 SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
@@ -94,8 +94,9 @@ if MODE == "nan":
     val = float("nan")
 print("---")
 print(f"val_bpb:          {val:.6f}")
-if HELDOUT_BPB:
-    print(f"heldout_bpb:      {HELDOUT_BPB:.6f}")
+heldout = HELDOUT_BPB.get(seed, 0.0) if isinstance(HELDOUT_BPB, dict) else HELDOUT_BPB
+if heldout:
+    print(f"heldout_bpb:      {heldout:.6f}")
 print(f"training_seconds: {TRAINED}")
 print("total_seconds:    1.2")
 print("peak_vram_mb:     2048.0")
