@@ -509,6 +509,18 @@ def get_muon_momentum(step):
 def get_weight_decay(progress):
     return WEIGHT_DECAY * (1.0 - progress)
 
+
+def apply_schedules(optimizer, progress, step):
+    """Sets every group's learning rate (and Muon's momentum and weight decay) for this step; returns the lr
+    multiplier."""
+    lr_mult = get_lr_multiplier(progress)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_mult
+        if group["kind"] == "muon":
+            group["momentum"] = get_muon_momentum(step)
+            group["weight_decay"] = get_weight_decay(progress)
+    return lr_mult
+
 # ---------------------------------------------------------------------------
 # Training run: setup, training loop, evaluation, summary
 # ---------------------------------------------------------------------------
@@ -577,12 +589,7 @@ def main():
             (loss / grad_accum_steps).backward()
             x, y, epoch = next(train_loader)
         progress = min(training_time / TIME_BUDGET, 1.0)
-        lr_mult = get_lr_multiplier(progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-            if group["kind"] == "muon":
-                group["momentum"] = get_muon_momentum(step)
-                group["weight_decay"] = get_weight_decay(progress)
+        lr_mult = apply_schedules(optimizer, progress, step)
         optimizer.step()
         model.zero_grad(set_to_none=True)
 

@@ -6,11 +6,8 @@ cannot run: the backward pass (autograd's stream bookkeeping needs a real CUDA c
 compiled kernels. What autograd saves for backward is recorded, which is what the backward pass costs in memory.
 """
 
-import os
 import sys
-import tempfile
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -20,19 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def import_train(profile):
-    """train.py (and the prepare.py it reads its profile from) as `profile` sets them, as modules of this file
-    only: other test files keep the ones they imported with their own profile."""
-    held = {name: sys.modules.pop(name) for name in ("train", "prepare") if name in sys.modules}
-    try:
-        with mock.patch.dict(os.environ, AUTORESEARCH_PROFILE=profile, AUTORESEARCH_CACHE_DIR=tempfile.mkdtemp()):
-            import train
-        return train
-    finally:
-        for name in ("train", "prepare"):
-            sys.modules.pop(name, None)
-        sys.modules.update(held)
-
+from conftest import import_train  # noqa: E402
 
 train = import_train("reference")  # the reference hyperparameters: nothing below overrides them
 

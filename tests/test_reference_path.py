@@ -11,7 +11,6 @@ import inspect
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -23,20 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def import_train(profile):
-    """train.py (and the prepare.py it reads its profile from) as `profile` sets them, as modules of this file
-    only: other test files keep the ones they imported with their own profile."""
-    held = {name: sys.modules.pop(name) for name in ("train", "prepare") if name in sys.modules}
-    try:
-        env = dict(AUTORESEARCH_PROFILE=profile, AUTORESEARCH_CACHE_DIR=tempfile.mkdtemp())
-        with mock.patch.dict(os.environ, env):
-            import train
-        return train
-    finally:
-        for name in ("train", "prepare"):
-            sys.modules.pop(name, None)
-        sys.modules.update(held)
-
+from conftest import import_train  # noqa: E402
 
 train = import_train("reference")  # its recipe (learning rates, betas, decay, schedules) stays as it is
 
@@ -88,13 +74,7 @@ def train_steps(train_model, model, optimizer, autocast, loader, device):
             train_loss = loss.detach()
             (loss / grad_accum_steps).backward()
             x, y, epoch = next(loader)
-        progress = step / STEPS
-        lr_mult = train.get_lr_multiplier(progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-            if group["kind"] == "muon":
-                group["momentum"] = train.get_muon_momentum(step)
-                group["weight_decay"] = train.get_weight_decay(progress)
+        train.apply_schedules(optimizer, step / STEPS, step)
         if step == 0:  # not in main(): what the first step computed, to compare runs from the same weights
             grads = float_copies((name, p.grad) for name, p in model.named_parameters())
             before = float_copies(model.named_parameters())
