@@ -4,6 +4,7 @@ end of a run kills them and everything they started, and never anything else; en
 a killed loop; processes that left the group (setsid, a double fork) found by a token in their environment;
 and SIGTERM, which the loop handles like Ctrl-C.
 """
+import math
 import os
 import secrets
 import signal
@@ -58,22 +59,41 @@ def run_group(cmd, stdout, stderr, env, timeout, stdin=subprocess.DEVNULL, shell
     (exit code or None on timeout, seconds)."""
     start = time.monotonic()
     token = new_run_token()
-    proc = subprocess.Popen(cmd, shell=shell, stdin=stdin, stdout=stdout, stderr=stderr,
-                            env={**env, RUN_TOKEN_ENV: token}, start_new_session=True)
+    try:
+        proc = subprocess.Popen(cmd, shell=shell, stdin=stdin, stdout=stdout, stderr=stderr,
+                                env={**env, RUN_TOKEN_ENV: token}, start_new_session=True)
+    except BaseException:  # Ctrl-C inside Popen, after the fork: the child runs, and only its token names it
+        kill_token_holders(token)
+        raise
+    rc = None
     try:
         if on_spawn:
             on_spawn(proc.pid)
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        rc = None
+        deadline = start + timeout if timeout is not None else math.inf
+        while (rc := exit_code(proc)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
-        kill_group(proc.pid, lambda: proc.poll() is None)
-        proc.wait()
+        kill_group(proc.pid, lambda: exit_code(proc) is None)
+        exit_code(proc, block=True)
         escaped = kill_token_holders(token)
         if escaped:
             log_note(stdout if stderr == subprocess.STDOUT else stderr,
                      f"[agent_loop] killed {escaped} process(es) of this run that outlived it (setsid, daemon)")
     return rc, time.monotonic() - start
+
+
+def exit_code(proc, block=False):
+    """The child's exit code, or None while it runs. Reaped here with os.waitpid, not Popen.wait/poll: a
+    Ctrl-C that lands between their lock's acquire and its try leaves the lock held, and the next
+    Popen.wait() then blocks for ever (seen: the loop hung on Ctrl-C during an agent call)."""
+    if proc.returncode is None:
+        try:
+            pid, status = os.waitpid(proc.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:  # reaped already
+            pid, status = proc.pid, 0
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode
 
 
 def log_note(f, text):

@@ -757,6 +757,38 @@ def test_ctrl_c_during_the_agent_saves_its_edit_and_stops_at_the_best(repo, env,
     assert len(rows(repo)) == 1
 
 
+CTRL_C_AT_LINE_N = """
+import os, subprocess, sys, time
+from autoresearch.process import run_group
+left = {}
+def tracer(frame, event, arg):  # a signal handler raises at whatever line runs: here, at the n-th one
+    if event == "line" and left.get("n"):
+        left["n"] -= 1
+        if left["n"] == 0:
+            raise KeyboardInterrupt
+    return tracer
+for n in range(1, 21):
+    child, start = {}, time.monotonic()
+    sys.settrace(tracer)
+    try:
+        run_group(["sleep", "30"], subprocess.DEVNULL, subprocess.DEVNULL, dict(os.environ), 60,
+                  on_spawn=lambda pid: (child.update(pid=pid), left.update(n=n)))
+    except KeyboardInterrupt:
+        pass
+    sys.settrace(None)
+    print(n, round(time.monotonic() - start, 1), os.path.exists(f"/proc/{child['pid']}"), flush=True)
+"""
+
+
+def test_ctrl_c_at_any_line_of_a_childs_wait_ends_the_child_and_returns(tmp_path):
+    # Popen.wait() left its lock held when Ctrl-C landed just after acquiring it, and the loop hung for ever
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_AT_LINE_N], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    trials = [line.split() for line in proc.stdout.splitlines()]
+    assert len(trials) == 20, proc.stdout + proc.stderr
+    assert all(float(seconds) < 5 and alive == "False" for _, seconds, alive in trials), proc.stdout
+
+
 def test_sigterm_stops_cleanly_at_the_best_commit(repo, env, tmp_path):
     initialised(repo, env)
     set_train(repo, MODE="hang")
