@@ -45,6 +45,7 @@ PROFILES = {
     "smoke":     (128,        15,          2**15,        1024,       5_000_000,           5_000_000),
 }
 PACKING_BUFFER = 1000  # documents the packer chooses from: larger packs tighter but picks slower
+EVAL_PROGRESS_SECONDS = 10  # a line this often during evaluation (cpu: ~60 s), so that it never looks hung
 
 
 def resolve_profile():
@@ -315,8 +316,13 @@ def bits_per_byte(model, rows, directory, batch_size):
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     token_bytes = get_token_bytes(device, directory)
     row_nats, total_bytes = [], torch.zeros((), dtype=torch.int64, device=device)
+    start = last_line = time.time()
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
+            if time.time() - last_line >= EVAL_PROGRESS_SECONDS:  # on stderr: stdout may be a summary block
+                last_line = time.time()
+                print(f"eval: {i / len(rows):.0%} of {len(rows):,} rows, {last_line - start:.0f}s", file=sys.stderr,
+                      flush=True)
             chunk = torch.from_numpy(rows[i:i + batch_size].astype(np.int64)).to(device)
             x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
             loss = model(x, y, reduction="none").reshape(y.shape).float()

@@ -9,10 +9,14 @@ Training speed of train.py for the active profile: one real run (the full time b
 --repeats N runs it N times with seeds 42, 43, ... and prints the run-to-run spread (the noise that the keep
 rule works against, as bench/bench_decide.py takes it).
 
+Then it shows where a step's time goes (matmuls, attention, loss, optimizer, the rest) for the profile's model,
+from a few eager steps under torch.profiler; --split-only shows just that (seconds, not a full run).
+
 --source/--dataset prepare that data first (into --cache, default a temporary folder) and train on it.
 """
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -49,6 +53,7 @@ def main():
     parser.add_argument("--cache", help="AUTORESEARCH_CACHE_DIR for --source/--dataset (default: a temporary folder)")
     parser.add_argument("--quiet", action="store_true", help="do not echo train.py's output")
     parser.add_argument("--repeats", type=int, default=1, help="runs with seeds 42, 43, ... (default 1)")
+    parser.add_argument("--split-only", action="store_true", help="no full run: only where a step's time goes")
     args = parser.parse_args()
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -62,12 +67,15 @@ def main():
         print(f"prepared {' '.join(prepare_args)} in {time.time() - t0:.0f}s (cache {env['AUTORESEARCH_CACHE_DIR']})")
 
     seed = int(env.get("AUTORESEARCH_SEED", 42))
-    results = [one_run(dict(env, AUTORESEARCH_SEED=str(seed + i)), args.quiet) for i in range(args.repeats)]
+    results = [] if args.split_only else [one_run(dict(env, AUTORESEARCH_SEED=str(seed + i)), args.quiet)
+                                          for i in range(args.repeats)]
     if len(results) > 1:
         vals, speeds = [r[0] for r in results], [r[1] for r in results]
         print(f"\n{len(results)} runs: val_bpb mean {statistics.fmean(vals):.6f} sigma {statistics.stdev(vals):.6f} "
               f"(min {min(vals):.6f}, max {max(vals):.6f}); tokens/s mean {statistics.fmean(speeds):,.0f} "
               f"spread {100 * statistics.stdev(speeds) / statistics.fmean(speeds):.1f}%")
+    os.environ.update(env)  # the split runs here, on the same data
+    step_split()
 
 
 def one_run(env, quiet):
@@ -95,6 +103,85 @@ def one_run(env, quiet):
     print(f"machine:           {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after (1-minute)")
     return float(s["val_bpb"]), tokens_per_s
+
+
+# ---------------------------------------------------------------------------
+# Where a step's time goes
+
+CATEGORIES = {  # first match wins: an operator's (or CUDA kernel's) name, lower-cased
+    "attention": ("attention", "flash", "flex", "sdpa"),
+    "loss": ("cross_entropy", "log_softmax", "nll_loss", "softmax", "logsumexp", "tanh"),
+    "matmuls": ("mm", "matmul", "linear", "gemm"),
+}
+
+
+def category(name):
+    name = name.lower()
+    return next((what for what, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
+
+
+def step_split(steps=3):
+    """train.py's model, optimizer and batch for the active profile, run eagerly: forward+backward and the
+    optimizer step are timed apart, and torch.profiler's self time per operator splits forward+backward.
+    Eager, because compiled kernels lose the operators' names; compiling mostly shrinks the 'other' share."""
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's own chatter on stderr, off
+    import torch
+    import train
+    from autoresearch.device import synchronize
+    from prepare import Tokenizer, default_device, make_dataloader
+    from torch.profiler import ProfilerActivity, profile
+    device = default_device()
+    on_cuda = device.type == "cuda"
+    model, attention = train.build_model(Tokenizer.from_directory().get_vocab_size(), device)
+    optimizer = train.make_optimizer(model, compiled=False, ortho_dtype=torch.bfloat16 if on_cuda else torch.float32)
+    loader = make_dataloader(Tokenizer.from_directory(), train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN, "train",
+                             device=device)
+    accum = train.TOTAL_BATCH_SIZE // (train.DEVICE_BATCH_SIZE * train.MAX_SEQ_LEN)
+    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+
+    def forward_backward():
+        for _ in range(accum):
+            x, y, _ = next(loader)
+            with autocast:
+                loss = model(x, y)
+            (loss / accum).backward()
+
+    def timed(fn):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    for _ in range(2):  # warm-up: allocator, kernels, Muon's buffers
+        forward_backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    fb, opt = 0.0, 0.0
+    for _ in range(steps):
+        fb += timed(forward_backward)
+        opt += timed(optimizer.step)
+        model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
+        forward_backward()
+        synchronize(device)
+    model.zero_grad(set_to_none=True)
+    spent = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    for event in prof.key_averages():
+        own = getattr(event, "self_device_time_total", 0) if on_cuda else event.self_cpu_time_total
+        if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # on CUDA the kernels' own time is what a step waits for
+        spent[category(event.key)] += own
+    total = sum(spent.values()) or 1.0
+    step_ms = 1000 * (fb + opt) / steps
+    shares = {what: fb / (fb + opt) * t / total for what, t in spent.items()}
+    shares["optimizer"] = opt / (fb + opt)
+    print(f"\nstep time split ({train.PROFILE} profile, {device.type}, attention {attention}, eager, "
+          f"{steps} steps of {train.TOTAL_BATCH_SIZE:,} tokens: {step_ms:.0f} ms/step):")
+    print("  " + " | ".join(f"{what} {100 * share:.0f}%" for what, share in
+                            sorted(shares.items(), key=lambda item: -item[1])))
+    return shares
 
 
 if __name__ == "__main__":

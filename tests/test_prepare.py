@@ -692,6 +692,19 @@ def test_bpb_is_the_loss_of_val_targets_with_bytes_over_their_bytes_whatever_the
     assert results[0] == pytest.approx(expected, rel=1e-9)
 
 
+def test_a_long_evaluation_prints_its_progress_on_stderr(smoke_cache, monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 64 * 40)
+    tok = prepare.Tokenizer.from_directory(smoke_dir(smoke_cache))
+    quiet = prepare.evaluate_bpb(TargetAndPositionLossModel(), tok, 8)
+    assert capsys.readouterr().err == ""  # a quick evaluation stays quiet
+    monkeypatch.setattr(prepare, "EVAL_PROGRESS_SECONDS", 0)  # as if every batch took the whole interval
+    assert prepare.evaluate_bpb(TargetAndPositionLossModel(), tok, 8) == quiet
+    out, err = capsys.readouterr()
+    shares = re.findall(r"^eval: (\d+)% of 40 rows, \d+s$", err, re.M)
+    assert out == "" and shares == ["0", "20", "40", "60", "80"], err
+
+
 class HalfPrecisionLossModel(UniformModel):
     """Returns its per-token losses in bfloat16, as a model computing its loss under autocast may."""
 

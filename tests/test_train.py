@@ -319,6 +319,11 @@ def test_seed_from_the_environment_changes_the_run_and_bench_train_reports_it(sm
     assert "seed 7" in result.stdout and "training tokens/s:" in result.stdout, result.stdout
     bench_bpb = float(re.search(r"val_bpb:\s+(\S+)", result.stdout)[1])
     assert bench_bpb != float(parse_summary(smoke_run.stdout)["val_bpb"])  # seed 42 trained another model
+    # then where a step's time goes: every category, shares that add up to the whole step
+    split = re.search(r"^step time split \(smoke profile, cpu, .*\n  (.*)$", result.stdout, re.M)
+    shares = dict((what, int(pct)) for what, pct in re.findall(r"(\w+) (\d+)%", split[1]))
+    assert set(shares) == {"matmuls", "attention", "loss", "optimizer", "other"}, split[1]
+    assert 97 <= sum(shares.values()) <= 103 and shares["matmuls"] >= 10, split[1]
 
 
 def test_compiled_run_keeps_the_compile_out_of_the_budget(smoke_cache, tmp_path):
