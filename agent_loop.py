@@ -9,6 +9,7 @@ experiment is a row in results.tsv and a log in logs/TAG/; the loop resumes afte
     uv run agent_loop.py run --agent mutate            # autonomous loop; or --agent "claude -p ..." (run --help)
     uv run agent_loop.py step -m "raise MATRIX_LR"     # one experiment, for a coding agent following program.md
     uv run agent_loop.py report [--json] [--plot progress.png]
+    uv run agent_loop.py hub --listen 127.0.0.1:8080   # a hub that many loops share (program_hub.md)
 """
 # The command line only: what each command does lives in the modules of autoresearch/ (listed in
 # autoresearch/__init__.py). Python puts this file's directory on sys.path, so they import from any cwd.
@@ -25,6 +26,7 @@ from pathlib import Path
 from autoresearch.demo import run_demo
 from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_baseline, run_experiment
 from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head
+from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
 from autoresearch.ledger import best_row, ensure_results_header, tag_rows
 from autoresearch.preflight import check_clean, check_position, setup_problems
@@ -186,6 +188,13 @@ def cmd_demo(args):
     return run_demo(os.path.abspath(__file__), args.experiments)
 
 
+def cmd_hub(args):
+    """Serve the hub until Ctrl-C (autoresearch/hub.py)."""
+    from autoresearch.hub import serve  # starlette and uvicorn: only the hub needs them
+    serve(args.listen, args.data, Limits(**{name: getattr(args, name) for name in vars(Limits())}))
+    return 0
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -262,6 +271,15 @@ def build_parser():
     demo.add_argument("--experiments", type=positive(int, "experiments"), default=3,
                       help="mutate experiments (default 3)")
     demo.set_defaults(func=cmd_demo)
+
+    hub = sub.add_parser("hub", help="serve a hub that many loops share (agenthub-compatible API, program_hub.md)")
+    hub.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
+    hub.add_argument("--data", default="hub-data", help="folder of the database and git repository (default hub-data)")
+    for name, value in vars(Limits()).items():
+        unit = {"bundle_mb": "MiB", "post_chars": "characters", "channels": "channels"}.get(name, "per hour")
+        hub.add_argument(f"--max-{name.replace('_', '-')}", dest=name, default=value,
+                         type=positive(type(value), unit), help=f"limit (default {value:g} {unit})")
+    hub.set_defaults(func=cmd_hub)
     return p
 
 

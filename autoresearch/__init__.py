@@ -17,6 +17,10 @@ The experiment loop (agent_loop.py is its command line):
     report.py      summary numbers, text report and progress plot of a results.tsv
     demo.py        the offline end-to-end demo in a disposable worktree
 
+The hub that many loops share (agent_loop.py hub; program_hub.md):
+    hub.py         the HTTP API (agenthub-compatible, starlette + uvicorn) and the read-only page at /
+    hubstore.py    its data: SQLite (WAL) and a bare git repository; bundles checked in a scratch repository
+
 Data, training and evaluation:
     attention.py   causal attention kernels behind one call, and the choice among them for a run
     cachefiles.py  the files prepare.py writes in its cache: shards, manifests, atomic writes, progress

@@ -1,0 +1,303 @@
+"""The hub (autoresearch/hub.py) as its clients meet it: a real server on 127.0.0.1 with a temporary data folder,
+real git bundles, and program_hub.md's own curl commands."""
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Hub:
+    def __init__(self, data, *flags):
+        self.data, self.flags = data, flags
+        self.start()
+
+    def start(self):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "agent_loop.py"), "hub", "--listen",
+                                      f"127.0.0.1:{port}", "--data", str(self.data), *self.flags],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if requests.get(self.url + "/api/health", timeout=1).json() == {"status": "ok"}:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        self.proc.kill()
+        raise AssertionError("the hub did not start: " + self.proc.stdout.read())
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def register(self, agent_id):
+        r = requests.post(self.url + "/api/register", json={"id": agent_id})
+        assert r.status_code == 201, r.text
+        return {"Authorization": "Bearer " + r.json()["api_key"]}
+
+    def get(self, path, auth, **kw):
+        return requests.get(self.url + path, headers=auth, **kw)
+
+    def post(self, path, auth, **kw):
+        return requests.post(self.url + path, headers=auth, **kw)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    server = Hub(tmp_path / "hub-data")
+    yield server
+    server.proc.kill()
+    server.proc.wait()
+
+
+def git(repo, *args):
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t", GIT_CONFIG_NOSYSTEM="1")
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                          env=env).stdout.strip()
+
+
+def lab(path, commits=2):
+    """A git repository with `commits` commits of train.py on main (unrelated to any other lab's)."""
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    for i in range(commits):
+        (path / "train.py").write_text(f"# {path.name}\nMATRIX_LR = 0.0{i + 4}\n")
+        git(path, "add", "train.py")
+        git(path, "commit", "-qm", f"change {i}" if i else "baseline")
+    return path
+
+
+def bundle(repo, path, *revs):
+    git(repo, "bundle", "create", "-q", str(path), *(revs or ["HEAD"]))
+    return path.read_bytes()
+
+
+def hub_state(hub):
+    """What a bad push must not change: the refs and objects of the hub's repository and its index."""
+    repo = hub.data / "repo.git"
+    objects = subprocess.run(["git", "-C", str(repo), "count-objects", "-v"], capture_output=True, text=True).stdout
+    refs = subprocess.run(["git", "-C", str(repo), "for-each-ref"], capture_output=True, text=True).stdout
+    with sqlite3.connect(hub.data / "hub.db") as db:
+        commits = db.execute("SELECT hash FROM commits ORDER BY hash").fetchall()
+    return objects, refs, commits, sorted(os.listdir(hub.data / "scratch"))
+
+# ---------------------------------------------------------------------------
+# program_hub.md as written
+
+
+def program_blocks():
+    text = (REPO / "program_hub.md").read_text()
+    return [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "agent_loop.py hub" not in b]
+
+
+def test_program_hub_curl_commands_work_against_our_hub(hub, tmp_path):
+    repo = lab(tmp_path / "lab", commits=3)
+    script = "set -euo pipefail\n" + "\n".join(program_blocks()).replace("http://127.0.0.1:8080", hub.url)
+    script += '\necho "API_KEY=$API_KEY"\n'
+    env = dict(os.environ, HOME=str(tmp_path / "home"), GIT_CONFIG_NOSYSTEM="1")
+    result = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    key = re.search(r"^API_KEY=(\S+)$", result.stdout, re.M)[1]
+    saved = json.loads((tmp_path / "home/.config/autoresearch/hub.json").read_text())
+    assert saved["api_key"] == key and saved["hub"] == hub.url
+    auth = {"Authorization": f"Bearer {key}"}
+    head = git(repo, "rev-parse", "HEAD")
+    assert [c["hash"] for c in hub.get("/api/git/commits", auth).json()] == \
+        git(repo, "rev-list", "HEAD").split()  # every commit of the bundle, newest first, not only its head
+    assert [c["hash"] for c in hub.get("/api/git/leaves", auth).json()] == [head]
+    assert [p["content"][:12] for p in hub.get("/api/channels/ideas/posts", auth).json()] == ["trying MATRI"]
+    results = hub.get("/api/results", auth).json()
+    assert [(r["status"], r["val_bpb"], r["commit_full"]) for r in results] == \
+        [("keep", 1.234567, head), ("reported", 1.234567, head)]  # the API's and the #results post's, parsed
+    assert git(repo, "rev-parse", f"refs/hub/{head}") == head  # fetched back and unbundled
+
+
+# ---------------------------------------------------------------------------
+# Commits: all indexed, all anchored, nothing left by a bad bundle
+
+
+def test_every_commit_of_a_bundle_is_indexed_and_survives_gc(hub, tmp_path):
+    repo = lab(tmp_path / "lab", commits=4)
+    auth = hub.register("alice")
+    r = hub.post("/api/git/push", auth, data=bundle(repo, tmp_path / "b"))
+    assert r.status_code == 201 and r.json()["hashes"] == git(repo, "rev-list", "--reverse", "HEAD").split()
+    middle = git(repo, "rev-parse", "HEAD~2")
+    assert hub.get(f"/api/git/commits/{middle[:7]}", auth).json()["message"] == "change 1"
+    lineage = [c["hash"] for c in hub.get(f"/api/git/commits/{middle}/lineage", auth).json()]
+    assert lineage == git(repo, "rev-list", middle).split()
+    subprocess.run(["git", "-C", str(hub.data / "repo.git"), "gc", "-q", "--prune=now"], check=True)
+    fetched = hub.get(f"/api/git/fetch/{middle}", auth)
+    other = lab(tmp_path / "other", commits=0)
+    (tmp_path / "f.bundle").write_bytes(fetched.content)
+    git(other, "fetch", "-q", str(tmp_path / "f.bundle"), f"refs/commits/{middle}:refs/heads/x")
+    assert git(other, "rev-list", "x").split() == git(repo, "rev-list", middle).split()
+
+
+def test_a_bad_bundle_gets_a_4xx_with_its_reason_and_leaves_no_trace(hub, tmp_path):
+    repo = lab(tmp_path / "lab", commits=2)
+    auth = hub.register("alice")
+    git(repo, "branch", "first", "HEAD~1")
+    assert hub.post("/api/git/push", auth, data=bundle(repo, tmp_path / "b", "first")).status_code == 201
+    before = hub_state(hub)
+    git(repo, "commit", "-q", "--allow-empty", "-m", "on top")
+    thin = bundle(repo, tmp_path / "thin", "HEAD~1..main")  # needs HEAD~1, which the hub lacks
+    unrelated = bundle(lab(tmp_path / "stranger", commits=1), tmp_path / "u")
+    for body, status, words in [(b"not a bundle", 400, "not a git bundle"),
+                                (thin, 400, "prerequisites"),
+                                (unrelated, 422, "shares no commit"),
+                                (b"", 400, "not a git bundle")]:
+        r = hub.post("/api/git/push", auth, data=body)
+        assert r.status_code == status and words in r.json()["error"], r.text
+        assert hub_state(hub) == before
+    small = Hub(tmp_path / "small", "--max-bundle-mb", "0.0001")
+    try:
+        r = small.post("/api/git/push", small.register("bob"), data=unrelated)
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+    finally:
+        small.proc.kill()
+
+
+def test_concurrent_pushes_all_land(hub, tmp_path):
+    repo = lab(tmp_path / "lab", commits=1)
+    auth = hub.register("alice")
+    assert hub.post("/api/git/push", auth, data=bundle(repo, tmp_path / "root")).status_code == 201
+    bundles = []
+    for i in range(6):  # six labs, each one commit on the shared root
+        git(repo, "checkout", "-q", "-B", f"lab{i}", "main")
+        git(repo, "commit", "-q", "--allow-empty", "-m", f"idea {i}")
+        bundles.append(bundle(repo, tmp_path / f"b{i}", f"main..lab{i}"))
+    codes = []
+    threads = [threading.Thread(target=lambda b=b: codes.append(hub.post("/api/git/push", auth, data=b).status_code))
+               for b in bundles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [201] * 6
+    root = git(repo, "rev-parse", "main")
+    assert len(hub.get(f"/api/git/commits/{root}/children", auth).json()) == 6
+    assert len(hub.get("/api/git/leaves", auth).json()) == 6
+
+
+# ---------------------------------------------------------------------------
+# Keys, ids, limits
+
+
+def test_keys_are_stored_hashed_checked_and_revocable(hub):
+    r = requests.post(hub.url + "/api/register", json={"id": "alice"})
+    key = r.json()["api_key"]
+    assert key.encode() not in (hub.data / "hub.db").read_bytes()
+    assert requests.post(hub.url + "/api/register", json={"id": "alice"}).status_code == 409
+    for bad in ("-dash-first", "x" * 64, "sp ace", "", None):
+        assert requests.post(hub.url + "/api/register", json={"id": bad}).status_code == 400, bad
+    auth = {"Authorization": f"Bearer {key}"}
+    assert hub.get("/api/git/leaves", auth).status_code == 200
+    assert hub.get("/api/git/leaves", {}).status_code == 401
+    assert hub.get("/api/git/leaves", {"Authorization": "Bearer nope"}).status_code == 401
+    assert hub.post("/api/admin/revoke", auth, json={"id": "alice"}).status_code == 401  # not the admin key
+    admin = {"Authorization": "Bearer " + (hub.data / "admin.key").read_text().strip()}
+    assert hub.post("/api/admin/revoke", admin, json={"id": "alice"}).status_code == 200
+    assert hub.get("/api/git/leaves", auth).status_code == 401
+    assert oct((hub.data / "admin.key").stat().st_mode)[-3:] == "600"
+
+
+def test_rate_limits_answer_429_and_name_the_limit(tmp_path):
+    hub = Hub(tmp_path / "hub-data", "--max-posts", "3", "--max-registrations", "2")
+    try:
+        auth = hub.register("alice")
+        hub.register("bob")
+        r = requests.post(hub.url + "/api/register", json={"id": "carol"})
+        assert r.status_code == 429 and "30" not in r.json()["error"] and "2 registrations" in r.json()["error"]
+        assert hub.post("/api/channels", auth, json={"name": "ideas", "description": ""}).status_code == 201
+        codes = [hub.post("/api/channels/ideas/posts", auth, json={"content": f"idea {i}"}).status_code
+                 for i in range(4)]
+        assert codes == [201, 201, 201, 429]
+    finally:
+        hub.proc.kill()
+
+
+# ---------------------------------------------------------------------------
+# Results, the board, the page
+
+
+def test_results_posts_are_parsed_and_the_best_per_platform_is_served(hub):
+    auth = hub.register("alice")
+    hub.post("/api/channels", auth, json={"name": "results", "description": "all results"})
+    for content in ["commit:abc1234 platform:H100 val_bpb:0.997900 vram_gb:44.0 | baseline",
+                    "commit:def5678 platform:H100 val_bpb:0.990100 vram_gb:44.2 | MATRIX_LR 0.05",
+                    "commit:0123456 platform:cpu-2core val_bpb:1.820000 | cpu baseline",
+                    "just chatting, no result here",
+                    "commit:7777777 platform:H100 val_bpb:nan | broken number"]:
+        assert hub.post("/api/channels/results/posts", auth, json={"content": content}).status_code == 201
+    assert hub.post("/api/results", auth, json={"commit": "9999999", "val_bpb": 0.5, "platform": "H100",
+                                                "status": "crash", "description": "crashes are not best"}).ok
+    best = hub.get("/api/results?best=1", auth).json()
+    assert [(r["platform"], r["commit"], r["val_bpb"]) for r in best] == \
+        [("H100", "def5678", 0.9901), ("cpu-2core", "0123456", 1.82)]
+    assert hub.get("/api/results?platform=cpu-2core&best=1", auth).json()[0]["commit"] == "0123456"
+    for bad in ({"commit": "xyz", "val_bpb": 1, "platform": "H100"}, {"commit": "abc1234", "val_bpb": "inf",
+                                                                       "platform": "H100"},
+                {"commit": "abc1234", "val_bpb": 1, "platform": "H100", "status": "great"}):
+        r = hub.post("/api/results", auth, json=bad)
+        assert r.status_code == 400 and r.json()["error"], bad
+    page = requests.get(hub.url + "/").text
+    assert "0.990100" in page and "MATRIX_LR 0.05" in page and "<script" not in page
+
+
+def test_posts_replies_and_errors_are_json(hub):
+    auth = hub.register("alice")
+    assert hub.post("/api/channels", auth, json={"name": "Bad Name"}).status_code == 400
+    hub.post("/api/channels", auth, json={"name": "ideas", "description": "d"})
+    assert hub.post("/api/channels", auth, json={"name": "ideas", "description": "d"}).status_code == 409
+    first = hub.post("/api/channels/ideas/posts", auth, json={"content": "<script>alert(1)</script>"}).json()
+    reply = hub.post("/api/channels/ideas/posts", auth, json={"content": "re", "parent_id": first["id"]}).json()
+    assert hub.get(f"/api/posts/{first['id']}/replies", auth).json()[0]["id"] == reply["id"]
+    assert hub.post("/api/channels/ideas/posts", auth, json={"content": "re", "parent_id": 999}).status_code == 404
+    assert hub.post("/api/channels/none/posts", auth, json={"content": "x"}).status_code == 404
+    assert hub.post("/api/channels/ideas/posts", auth, data="{not json").status_code == 400
+    r = hub.get("/api/no/such/thing", auth)
+    assert r.status_code == 404 and "error" in r.json()
+    assert "&lt;script&gt;" in requests.get(hub.url + "/").text
+
+
+# ---------------------------------------------------------------------------
+# kill -9
+
+
+def test_a_hub_killed_with_kill_9_restarts_with_nothing_lost(hub, tmp_path):
+    repo = lab(tmp_path / "lab", commits=3)
+    auth = hub.register("alice")
+    hub.post("/api/git/push", auth, data=bundle(repo, tmp_path / "b"))
+    hub.post("/api/channels", auth, json={"name": "results", "description": ""})
+    hub.post("/api/channels/results/posts", auth, json={"content": "commit:abc1234 platform:H100 val_bpb:0.99 | x"})
+    before = [hub.get(p, auth).json() for p in ("/api/git/commits", "/api/channels/results/posts", "/api/results")]
+    # killed between anchoring a commit in git and indexing it: the next start indexes it
+    git(repo, "commit", "-q", "--allow-empty", "-m", "anchored only")
+    git(repo, "push", "-q", str(hub.data / "repo.git"), f"HEAD:refs/commits/{git(repo, 'rev-parse', 'HEAD')}")
+    hub.kill9()
+    hub.start()
+    after = [hub.get(p, auth).json() for p in ("/api/git/commits", "/api/channels/results/posts", "/api/results")]
+    assert after[1:] == before[1:]
+    assert [c["hash"] for c in after[0][1:]] == [c["hash"] for c in before[0]]
+    assert after[0][0]["message"] == "anchored only" and after[0][0]["parent_hash"] == before[0][0]["hash"]
