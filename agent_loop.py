@@ -123,6 +123,12 @@ def cmd_run(args):
         stop_cleanly(loop)
     check_clean(loop)
     proposer = make_proposer(args.agent, args.seed, args.agent_timeout)
+    hub = None
+    if args.hub:
+        from autoresearch.hubclient import HubClient, HubFirst  # requests: only a hub's client needs it
+        hub = HubClient(args.hub, loop, args.hub_platform)
+        proposer = HubFirst(hub, proposer)
+        say(loop, f"hub: {hub.url} as platform {hub.platform}")
     t0, done, failures = time.monotonic(), 0, 0
     noise = loop.noise()
     sigma = f"{noise.sigma:.4f} (df {noise.df})" if noise.df else "unknown (no version has run twice yet)"
@@ -155,6 +161,8 @@ def cmd_run(args):
                 line = run_experiment(loop, flight, proposal.description, time.monotonic(), strict=False,
                                       untracked_new=proposal.untracked)
             say(loop, f"#{n} {line} | {proposal.description}")
+            if hub and len(loop.rows) > n:
+                hub.publish(loop.rows[n])
             if proposal.untracked:
                 say(loop, f"#{n} note: the agent created untracked files (left in place): "
                           f"{', '.join(sorted(proposal.untracked))}")
@@ -257,6 +265,10 @@ def build_parser():
     run.add_argument("--agent-timeout", type=positive(float, "seconds"), default=AGENT_TIMEOUT_S,
                      help=f"s (default {AGENT_TIMEOUT_S})")
     run.add_argument("--seed", type=int, default=0, help="mutate's random seed (default 0)")
+    run.add_argument("--hub", metavar="URL", help="share results and keeps with a hub, and try its better commits "
+                                                   "(program_hub.md)")
+    run.add_argument("--hub-platform", metavar="NAME", help="what this machine's val_bpb is comparable with on the "
+                                                            "hub (default: accelerator.profile.dataset)")
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser("report", help="summary of results.tsv (ours or upstream's 5 columns)")

@@ -20,6 +20,7 @@ The experiment loop (agent_loop.py is its command line):
 The hub that many loops share (agent_loop.py hub; program_hub.md):
     hub.py         the HTTP API (agenthub-compatible, starlette + uvicorn) and the read-only page at /
     hubstore.py    its data: SQLite (WAL) and a bare git repository; bundles checked in a scratch repository
+    hubclient.py   the loop as a client (run --hub): results posted, keeps pushed, better commits tried here
 
 Data, training and evaluation:
     attention.py   causal attention kernels behind one call, and the choice among them for a run

@@ -336,8 +336,9 @@ class Store:
                 raise HubError(404, f"no post {parent_id} in #{channel} to reply to")
             post_id = db.execute("INSERT INTO posts (channel, agent_id, content, parent_id, created_at) VALUES "
                                  "(?, ?, ?, ?, ?)", (channel, agent_id, content, parent_id, now_iso())).lastrowid
-            if parsed and result_fields(parsed):
-                self.insert_result(db, dict(result_fields(parsed), status="reported"), agent_id, post_id)
+            fields = result_fields(parsed) if parsed else None
+            if fields:
+                self.insert_result(db, fields, agent_id, post_id)
         return self.get_post(post_id)
 
     def get_post(self, post_id):
@@ -390,9 +391,14 @@ class Store:
 
 
 def result_fields(match):
-    """The fields of a #results post, or None when its numbers do not parse (the post stays a post)."""
+    """The fields of a #results post, or None when its numbers do not parse (the post stays a post). A description
+    that starts with keep:, discard: or crash: (as the loop writes them) gives the status."""
+    fields = {k: v for k, v in match.groupdict().items() if v is not None}
+    status = re.match(r"(keep|discard|crash):\s*", fields["description"])
+    fields.update(status="reported") if status is None else fields.update(
+        status=status[1], description=fields["description"][status.end():])
     try:
-        return check_result({k: v for k, v in match.groupdict().items() if v is not None} | {"status": "reported"})
+        return check_result(fields)
     except HubError:
         return None
 

@@ -301,3 +301,56 @@ def test_a_hub_killed_with_kill_9_restarts_with_nothing_lost(hub, tmp_path):
     assert after[1:] == before[1:]
     assert [c["hash"] for c in after[0][1:]] == [c["hash"] for c in before[0]]
     assert after[0][0]["message"] == "anchored only" and after[0][0]["parent_hash"] == before[0][0]["hash"]
+
+
+# ---------------------------------------------------------------------------
+# The loop as a client: two labs, one frontier (the stand-in train.py of the agent_loop tests)
+
+from test_agent_loop import env, initialised, loop, repo, rows  # noqa: E402,F401  (fixtures and helpers)
+
+
+def test_two_labs_share_a_frontier_and_a_hub_claim_is_measured_before_it_is_kept(hub, repo, env, tmp_path):
+    other = tmp_path / "other"  # lab B: a clone of lab A's repository, before either experimented
+    subprocess.run(["git", "clone", "-q", str(repo), str(other)], check=True, env=env, capture_output=True)
+    env_a, env_b = dict(env, HOME=str(tmp_path / "home-a")), dict(env, HOME=str(tmp_path / "home-b"))
+    better = tmp_path / "better.sh"
+    better.write_text("#!/bin/sh\nsed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py\necho 'VAL_BPB 0.9'\n")
+    better.chmod(0o755)
+    initialised(repo, env_a)
+    out_a = loop(repo, env_a, "run", "--agent", str(better), "--hub", hub.url, "--max-experiments", "1").stdout
+    assert "hub: pushed autoresearch/t" in out_a and rows(repo)[-1]["status"] == "keep", out_a
+    a_keep = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    # lab B's own agent has nothing to offer: the hub's better commit is its next experiment, run here
+    initialised(other, env_b)
+    out_b = loop(other, env_b, "run", "--agent", "true", "--hub", hub.url, "--max-experiments", "1").stdout
+    adopted = rows(other)[-1]
+    assert adopted["status"] == "keep" and adopted["description"].startswith(f"from the hub: {a_keep[:7]}"), out_b
+    assert float(adopted["val_bpb"]) == 0.9 and "VAL_BPB = 0.9" in (other / "train.py").read_text()
+    saved = json.loads(next((tmp_path / "home-b/.config/autoresearch/hubs").iterdir()).read_text())
+    auth = {"Authorization": f"Bearer {saved['api_key']}"}
+    results = hub.get("/api/results", auth).json()
+    assert sorted(r["status"] for r in results) == ["keep", "keep"], hub.get("/api/channels/results/posts", auth).text
+    assert len({r["agent_id"] for r in results}) == 2
+    (leaf,) = hub.get("/api/git/leaves", auth).json()  # B's keep builds on A's: A's is no longer a leaf
+    assert leaf["agent_id"] == saved["id"] and leaf["message"] == adopted["description"]
+    assert [c["hash"] for c in hub.get(f"/api/git/commits/{a_keep}/children", auth).json()] == [leaf["hash"]]
+
+
+def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, repo, env, tmp_path):
+    initialised(repo, env)
+    auth = hub.register("boaster")
+    boast = repo / ".." / "boast"
+    subprocess.run(["git", "clone", "-q", str(repo), str(boast)], check=True, env=env, capture_output=True)
+    (boast / "train.py").write_text((boast / "train.py").read_text().replace("VAL_BPB = 1.0", "VAL_BPB = 1.1"))
+    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qam", "claims 0.5"], cwd=boast,
+                   check=True)
+    subprocess.run(["git", "bundle", "create", "-q", "b.bundle", "HEAD"], cwd=boast, check=True)
+    assert hub.post("/api/git/push", auth, data=(boast / "b.bundle").read_bytes()).status_code == 201
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=boast, capture_output=True, text=True).stdout.strip()
+    hub.post("/api/results", auth, json={"commit": sha, "val_bpb": 0.5, "platform": "here", "status": "keep"})
+    out = loop(repo, env, "run", "--agent", "true", "--hub", hub.url, "--hub-platform", "here",
+               "--max-experiments", "2").stdout
+    statuses = [(r["status"], r["description"][:18]) for r in rows(repo)[1:]]
+    assert statuses[0] == ("discard", "from the hub: " + sha[:4]), out  # measured here: 1.1, not 0.5
+    assert out.count("hub: trying") == 1, out  # and never tried again
