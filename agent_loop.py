@@ -286,7 +286,7 @@ def build_parser():
 
     hub = sub.add_parser("hub", help="serve a hub that many loops share (agenthub-compatible API, program_hub.md)")
     hub.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
-    hub.add_argument("--data", default="hub-data", help="folder of the database and git repository (default hub-data)")
+    hub.add_argument("--data", default="hub-data", help="its database and git repository (default hub-data)")
     for name, value in vars(Limits()).items():
         unit = {"bundle_mb": "MiB", "post_chars": "characters", "channels": "channels"}.get(name, "per hour")
         hub.add_argument(f"--max-{name.replace('_', '-')}", dest=name, default=value,

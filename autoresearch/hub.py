@@ -88,9 +88,10 @@ def build_app(store):
         return 201, {"hashes": await call(store.push, await request.body(), agent)}
 
     async def fetch(request, _):
-        data = await call(store.bundle, request.path_params["hash"])
+        name = request.path_params["hash"]
+        data = await call(store.bundle, name)  # the name is a checked hex prefix by now
         return Response(data, media_type="application/octet-stream",
-                        headers={"Content-Disposition": f'attachment; filename="{request.path_params["hash"]}.bundle"'})
+                        headers={"Content-Disposition": f'attachment; filename="{name}.bundle"'})
 
     async def commits(request, _):
         limit, offset = paging(request)
@@ -177,22 +178,23 @@ def build_app(store):
 
 
 def render_page(store):
-    e = html.escape
+    e, none = html.escape, "<tr><td colspan=4>{}</td></tr>".format
     best = {}  # platform -> [(time, val_bpb, commit)] each time its best improved
     for r in reversed(store.results(limit=MAX_LIST)):
         if r["status"] in ("keep", "reported") and (r["platform"] not in best or
                                                     r["val_bpb"] < best[r["platform"]][-1][1]):
             best.setdefault(r["platform"], []).append((r["created_at"], r["val_bpb"], r["commit"]))
     progress = "".join(f"<tr><td>{e(p)}</td><td>{e(t)}</td><td>{v:.6f}</td><td><code>{e(c[:12])}</code></td></tr>"
-                       for p, steps in sorted(best.items()) for t, v, c in steps) or "<tr><td colspan=4>none yet</td></tr>"
+                       for p, steps in sorted(best.items()) for t, v, c in steps) or none("none yet")
     leaves = "".join(f"<tr><td><code>{e(c['hash'][:12])}</code></td><td>{e(c['agent_id'] or '?')}</td>"
-                     f"<td>{e(c['message'].splitlines()[0] if c['message'] else '')}</td><td>{e(c['created_at'])}</td></tr>"
-                     for c in store.leaves()[:100]) or "<tr><td colspan=4>no commits yet</td></tr>"
+                     f"<td>{e((c['message'] or '').split(chr(10))[0])}</td><td>{e(c['created_at'])}</td></tr>"
+                     for c in store.leaves()[:100]) or none("no commits yet")
     recent = store.read("SELECT * FROM posts ORDER BY id DESC LIMIT 30")
     posts = "".join(f"<tr><td>#{e(p['channel'])}</td><td>{e(p['agent_id'])}</td><td>{e(p['content'][:300])}</td>"
-                    f"<td>{e(p['created_at'])}</td></tr>" for p in recent) or "<tr><td colspan=4>no posts yet</td></tr>"
+                    f"<td>{e(p['created_at'])}</td></tr>" for p in recent) or none("no posts yet")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>autoresearch hub</title>
-<style>body{{font:14px sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}tr:nth-child(even){{background:#f4f4f4}}</style>
+<style>body{{font:14px sans-serif;margin:2em}} td,th{{padding:2px 10px;text-align:left}}
+tr:nth-child(even){{background:#f4f4f4}}</style>
 </head><body><h1>autoresearch hub</h1><p>{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, read-only</p>
 <h2>Best val_bpb per platform, each time it improved</h2>
 <table><tr><th>platform</th><th>when</th><th>val_bpb</th><th>commit</th></tr>{progress}</table>

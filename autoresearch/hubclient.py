@@ -2,9 +2,10 @@
 The loop as a hub's client (`run --hub URL`; autoresearch/hub.py is the other end). Credentials live in
 ~/.config/autoresearch/hubs/<host_port>.json (registered on first use, mode 600), as program_hub.md keeps them.
 After each experiment its result goes to #results in agenthub's text format (the hub files it in its results
-table, status included), and a keep is pushed as a bundle. Before each experiment, the hub's best commit for this platform, when it beats the local
-best, becomes the next proposal: the loop's own runs and keep rule decide whether it becomes the best here (a
-claim on the hub is a hint, not a fact). The hub being down never stops the loop: it says so and goes on.
+table, status included), and a keep is pushed as a bundle. Before each experiment, the hub's best commit for
+this platform, when it beats the local best, becomes the next proposal: the loop's own runs and keep rule
+decide whether it becomes the best here (a claim on the hub is a hint, not a fact). A hub that goes down
+during the night never stops the loop: it says so and goes on (one that cannot be reached at the start does).
 """
 import json
 import os

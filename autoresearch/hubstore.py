@@ -197,7 +197,8 @@ class Store:
             if not listed:
                 raise HubError(400, "the bundle has no refs: make it with `git bundle create FILE HEAD` or a branch")
             heads = [sha for sha, _ in listed]
-            git(repo, "fetch", "-q", "--no-tags", str(path), *[f"{ref}:refs/in/{i}" for i, (_, ref) in enumerate(listed)])
+            git(repo, "fetch", "-q", "--no-tags", str(path),
+                *[f"{ref}:refs/in/{i}" for i, (_, ref) in enumerate(listed)])
             for sha in set(heads):
                 if git(repo, "cat-file", "-t", sha).stdout.strip() != b"commit":
                     raise HubError(400, f"the bundle's head {sha[:12]} is not a commit")
@@ -273,7 +274,8 @@ class Store:
 
     def children(self, prefix):
         return self.read("SELECT c.hash, c.parent_hash, c.agent_id, c.message, c.created_at FROM edges e "
-                         "JOIN commits c ON c.hash = e.child WHERE e.parent = ? ORDER BY c.seq", (self.resolve(prefix),))
+                         "JOIN commits c ON c.hash = e.child WHERE e.parent = ? ORDER BY c.seq",
+                         (self.resolve(prefix),))
 
     def lineage(self, prefix):
         """The first-parent path from the commit to the root, the commit first."""

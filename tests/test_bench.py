@@ -1,6 +1,7 @@
 """The bench/ scripts run: a short invocation of each on the smoke data (their numbers are not checked here)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +27,14 @@ def test_gpu_check_dry_run_lists_every_step_without_a_gpu():
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert steps[-4:] == ["prepare", "tests", "eval-agreement", "reference-run"], result.stdout
+
+
+def test_bench_hub_reports_reads_and_pushes_per_second():
+    result = subprocess.run([sys.executable, "bench/bench_hub.py", "--seconds", "0.4", "--pushes", "4",
+                             "--clients", "2", "--pushers", "2"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rates = re.findall(r"^(pushes|GET \S+) .*?([\d.]+)/s", result.stdout, re.M)
+    assert [what for what, _ in rates] == ["pushes", "GET /api/git/leaves", "GET /api/git/commits",
+                                           "GET /api/results", "GET /api/channels/results/posts"], result.stdout
+    assert all(float(rate) > 0 for _, rate in rates) and "5 commits on the hub" in result.stdout

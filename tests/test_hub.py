@@ -119,7 +119,8 @@ def test_program_hub_curl_commands_work_against_our_hub(hub, tmp_path):
     result = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     key = re.search(r"^API_KEY=(\S+)$", result.stdout, re.M)[1]
-    saved = json.loads((tmp_path / "home/.config/autoresearch/hub.json").read_text())
+    saved = json.loads((tmp_path / f"home/.config/autoresearch/hubs/127.0.0.1_{hub.url.rsplit(':', 1)[1]}.json")
+                       .read_text())
     assert saved["api_key"] == key and saved["hub"] == hub.url
     auth = {"Authorization": f"Bearer {key}"}
     head = git(repo, "rev-parse", "HEAD")
@@ -354,3 +355,15 @@ def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, re
     statuses = [(r["status"], r["description"][:18]) for r in rows(repo)[1:]]
     assert statuses[0] == ("discard", "from the hub: " + sha[:4]), out  # measured here: 1.1, not 0.5
     assert out.count("hub: trying") == 1, out  # and never tried again
+
+
+def test_a_hub_that_goes_down_mid_run_never_stops_the_loop(hub, repo, env, tmp_path):
+    initialised(repo, env)
+    agent = tmp_path / "agent.sh"  # the hub dies while the agent works; the experiment goes on without it
+    agent.write_text(f"#!/bin/sh\nkill -9 {hub.proc.pid}\nsed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py\n")
+    agent.chmod(0o755)
+    out = loop(repo, env, "run", "--agent", str(agent), "--hub", hub.url, "--max-experiments", "2").stdout
+    assert "the loop goes on without it" in out and [r["status"] for r in rows(repo)] == ["keep", "keep"], out
+    hub.proc.wait()
+    down = loop(repo, env, "run", "--agent", "true", "--hub", hub.url, "--max-experiments", "1", check=False)
+    assert down.returncode == 2 and f"the hub at {hub.url} cannot be used" in down.stderr  # but a bad start stops
