@@ -126,9 +126,12 @@ def cmd_run(args):
     hub = None
     if args.hub:
         from autoresearch.hubclient import HubClient, HubFirst  # requests: only a hub's client needs it
-        hub = HubClient(args.hub, loop, args.hub_platform)
+        trust = set(filter(None, args.hub_trust.split(","))) if args.hub_trust else None
+        hub = HubClient(args.hub, loop, args.hub_platform, trust)
         proposer = HubFirst(hub, proposer)
-        say(loop, f"hub: {hub.url} as platform {hub.platform}")
+        say(loop, f"hub: {hub.url} as platform {hub.platform}; better commits of "
+                  + (", ".join(sorted(trust)) if trust else "any agent on the hub (--hub-trust limits that)")
+                  + " are tried here")
     t0, done, failures = time.monotonic(), 0, 0
     noise = loop.noise()
     sigma = f"{noise.sigma:.4f} (df {noise.df})" if noise.df else "unknown (no version has run twice yet)"
@@ -269,6 +272,8 @@ def build_parser():
                                                    "(program_hub.md)")
     run.add_argument("--hub-platform", metavar="NAME", help="what this machine's val_bpb is comparable with on the "
                                                             "hub (default: accelerator.profile.dataset)")
+    run.add_argument("--hub-trust", metavar="IDS", help="adopt only commits of these hub agents (comma-separated; "
+                                                         "default: any agent registered on the hub)")
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser("report", help="summary of results.tsv (ours or upstream's 5 columns)")

@@ -10,6 +10,7 @@ program_hub.md shows every call with curl.
 import html
 import json
 import time
+import traceback
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +21,21 @@ from starlette.routing import Route
 from autoresearch.hubstore import HubError, Limits, Store
 
 MAX_LIST = 1000  # rows per page of any list
+MAX_JSON_BYTES = 1 << 20  # a JSON body; a bundle's cap is the --max-bundle-mb limit
+
+
+async def read_body(request, cap):
+    """The request's body, refused with 413 as soon as it is known to be over cap (never read whole first)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise HubError(413, f"the body is {int(declared):,} bytes; the limit here is {cap:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise HubError(413, f"the body is over the limit here of {cap:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def build_app(store):
@@ -30,7 +46,8 @@ def build_app(store):
             try:
                 agent = None
                 if auth or admin:
-                    key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+                    key = key.strip() if scheme.lower() == "bearer" else ""
                     if admin:
                         if not key or not store.is_admin(key):
                             raise HubError(401, "this needs the admin key (data folder's admin.key) as bearer")
@@ -50,7 +67,7 @@ def build_app(store):
 
     async def body_json(request):
         try:
-            data = json.loads(await request.body() or b"{}")
+            data = json.loads(await read_body(request, MAX_JSON_BYTES) or b"{}")
         except ValueError:
             raise HubError(400, "the body is not JSON") from None
         if not isinstance(data, dict):
@@ -85,7 +102,8 @@ def build_app(store):
         return {"id": data.get("id"), "revoked": True}
 
     async def push(request, agent):
-        return 201, {"hashes": await call(store.push, await request.body(), agent)}
+        body = await read_body(request, int(store.limits.bundle_mb * 2**20))
+        return 201, {"hashes": await call(store.push, body, agent)}
 
     async def fetch(request, _):
         name = request.path_params["hash"]
@@ -170,7 +188,11 @@ def build_app(store):
                                       f"{'no such endpoint' if status == 404 else getattr(exc, 'detail', 'error')}"},
                             status_code=status)
 
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    async def crashed(request, exc):  # a bug or a locked database: still JSON, and the traceback in the log
+        traceback.print_exception(exc)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, Exception: crashed})
 
 
 # ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ table, status included), and a keep is pushed as a bundle. Before each experimen
 this platform, when it beats the local best, becomes the next proposal: the loop's own runs and keep rule
 decide whether it becomes the best here (a claim on the hub is a hint, not a fact). A hub that goes down
 during the night never stops the loop: it says so and goes on (one that cannot be reached at the start does).
+Adopting a commit runs code that another agent pushed: --hub-trust limits whose.
 """
 import json
 import os
@@ -29,7 +30,7 @@ RESULTS_CHANNEL = "results"
 
 
 class HubDown(Exception):
-    """The hub did not answer, or answered with an error: the loop goes on without it."""
+    """The hub did not answer, or not as it should: the loop goes on without it."""
 
 
 def credentials_path(url):
@@ -38,24 +39,28 @@ def credentials_path(url):
 
 
 def platform_name(config):
-    """Where val_bpb values compare: the accelerator, the profile and the dataset, e.g. H100.reference.climbmix."""
+    """Where val_bpb values compare: accelerator.profile.dataset, e.g. H100-80GB-HBM3.reference.climbmix."""
     try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10).stdout.splitlines()[0].replace("NVIDIA ", "")
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+        gpu = smi.stdout.splitlines()[0].replace("NVIDIA ", "") if smi.returncode == 0 else None
     except (OSError, IndexError, subprocess.SubprocessError):
+        gpu = None
+    if not gpu:
         gpu = f"cpu{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
-    name = f"{gpu}.{config['profile']}.{config.get('dataset') or 'unknown'}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:64]
+    tail = f".{config['profile']}.{config.get('dataset') or 'unknown'}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", gpu.strip())[:64 - len(tail)].strip("-.") + re.sub(
+        r"[^A-Za-z0-9._-]+", "-", tail)[:64]
 
 
 class HubClient:
-    def __init__(self, url, loop, platform=None):
-        self.url, self.loop = url.rstrip("/"), loop
+    def __init__(self, url, loop, platform=None, trust=None):
+        self.url, self.loop, self.trust = url.rstrip("/"), loop, trust
         self.platform = platform or platform_name(loop.config)
         self.state_path = loop.private_dir / "hub.json"  # tried commits, last push: out of the agent's reach
         try:
             self.auth = {"Authorization": f"Bearer {self.credentials()['api_key']}"}
-            self.call("GET", "/api/git/leaves")
+            self.data("GET", "/api/git/leaves")
         except HubDown as e:
             raise LoopError(f"the hub at {self.url} cannot be used: {e}. Fix: start one with `uv run agent_loop.py "
                             f"hub --listen HOST:PORT` or check the URL; or run without --hub") from None
@@ -68,10 +73,18 @@ class HubClient:
         if r.status_code >= 400 and r.status_code not in ok:
             try:
                 reason = r.json().get("error", r.text)
-            except ValueError:
+            except (ValueError, AttributeError):
                 reason = r.text
             raise HubDown(f"{method} {path}: {r.status_code} {str(reason)[:200]}")
         return r
+
+    def data(self, method, path, **kw):
+        """The JSON answer (a proxy's HTML page is a hub that is down, not a crash of the loop)."""
+        r = self.call(method, path, **kw)
+        try:
+            return r.json()
+        except ValueError:
+            raise HubDown(f"{method} {path}: the answer is not JSON ({r.text[:80]!r})") from None
 
     def credentials(self):
         path = credentials_path(self.url)
@@ -84,8 +97,10 @@ class HubClient:
             if r.status_code == 201:
                 saved = {"hub": self.url, "id": agent_id, "api_key": r.json()["api_key"]}
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, json.dumps(saved).encode())
-                path.chmod(0o600)
+                tmp = path.with_name(path.name + ".tmp")
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                    json.dump(saved, f)  # mode 600 from its first byte
+                os.replace(tmp, path)
                 say(self.loop, f"hub: registered as {agent_id}; key saved in {path}")
                 return saved
         raise HubDown("every id tried was taken")
@@ -103,14 +118,12 @@ class HubClient:
         try:
             sha = git("rev-parse", row["commit"])
             val, memory = float(row["val_bpb"]), float(row.get("memory_gb") or 0)
-            self.call("POST", "/api/channels", ok=(409,), json={"name": RESULTS_CHANNEL,
-                                                                 "description": "every experiment's result"})
             self.call("POST", f"/api/channels/{RESULTS_CHANNEL}/posts", json={
                 "content": f"commit:{sha[:7]} platform:{self.platform} val_bpb:{val:.6f} vram_gb:{memory:.1f} | "
                            f"{row['status']}: {row['description']}"})
             if row["status"] == "keep":
                 self.push()
-        except HubDown as e:
+        except (HubDown, LoopError) as e:
             say(self.loop, f"hub: {e}; the loop goes on without it")
 
     def push(self):
@@ -121,52 +134,69 @@ class HubClient:
         since = state["pushed"] if state["pushed"] and git("merge-base", "--is-ancestor", state["pushed"], "HEAD",
                                                            check=False) is not None else None
         with tempfile.TemporaryDirectory() as tmp:
-            for exclude in ([f"^{since}"] if since else []), []:  # thin first; whole if the hub lacks `since`
-                path = Path(tmp) / "push.bundle"
+            path = Path(tmp) / "push.bundle"
+            for exclude in ([[f"^{since}"]] if since else []) + [[]]:  # thin first; whole if the hub lacks `since`
                 git("bundle", "create", "-q", str(path), f"refs/heads/{self.loop.branch}", *exclude)
                 r = self.call("POST", "/api/git/push", ok=(400,), data=path.read_bytes())
                 if r.status_code == 201:
                     break
             else:
-                raise HubDown(f"push refused: {r.json().get('error', '')[:200]}")
+                raise HubDown(f"push refused: {r.text[:200]}")
         self.save(dict(state, pushed=head))
         say(self.loop, f"hub: pushed {self.loop.branch} at {head[:7]} ({len(r.json()['hashes'])} new commits)")
 
     # -- before an experiment ----------------------------------------------------------------------------------
 
+    def candidate(self):
+        """The best claim on the hub for this platform that beats the local best, comes from a trusted agent,
+        is on the hub and was not tried here yet; None if there is none."""
+        claims = self.data("GET", "/api/results", params={"platform": self.platform, "limit": "1000"})
+        tried = set(self.state()["tried"])
+        usable = [c for c in claims if c["status"] in ("keep", "reported") and 0 < c["val_bpb"] < self.loop.best_val
+                  and c["commit_full"] and c["commit_full"] not in tried
+                  and (self.trust is None or c["agent_id"] in self.trust)]
+        return min(usable, key=lambda c: (c["val_bpb"], c["id"]), default=None)
+
     def adopt(self):
-        """The hub's best commit for this platform as the working tree's train.py, or None (none better, or
-        tried, or the hub is down). Each hub commit is tried once."""
+        """The hub's best claim (see candidate) as the working tree's train.py, committed on the best, or None.
+        Each hub commit is tried once."""
         try:
-            best = self.call("GET", "/api/results", params={"platform": self.platform, "best": "1"}).json()
-            if not best or best[0]["val_bpb"] >= self.loop.best_val or not best[0]["commit_full"]:
+            claim = self.candidate()
+            if claim is None:
                 return None
-            claim, state = best[0], self.state()
             sha = claim["commit_full"]
-            if sha in state["tried"]:
-                return None
-            self.save(dict(state, tried=state["tried"] + [sha]))
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "in.bundle").write_bytes(self.call("GET", f"/api/git/fetch/{sha}").content)
-                git("fetch", "-q", "--no-tags", str(Path(tmp) / "in.bundle"), f"refs/commits/{sha}:refs/hub/{sha}")
+                fetched = git("fetch", "-q", "--no-tags", str(Path(tmp) / "in.bundle"),
+                              f"refs/commits/{sha}:refs/hub/{sha}", check=False)
         except HubDown as e:
             say(self.loop, f"hub: {e}; the loop goes on without it")
             return None
-        blob = git("rev-parse", f"{sha}:{TRAIN}", check=False)
+        state = self.state()
+        self.save(dict(state, tried=state["tried"] + [sha]))  # fetched, or a bundle that never will be
+        blob = git("rev-parse", f"{sha}:{TRAIN}", check=False) if fetched is not None else None
         if blob is None or blob[:12] in measured_versions(self.loop.rows):
-            return None  # no train.py there, or a version measured here already (our own push, say)
+            return None  # unusable, no train.py there, or a version measured here already (our own push, say)
         source = subprocess.run(["git", "cat-file", "blob", blob], capture_output=True, check=True).stdout
         Path(TRAIN).write_bytes(source)
-        description = f"from the hub: {sha[:7]} of {claim['agent_id']} ({claim['description'][:80]})"
-        # the experiment's commit has two parents, this branch's best first and the hub's commit second: the
-        # loop's checks see a child of the best that changes train.py, and the hub's tree sees whose work it is
+        description = f"from the hub: {sha[:7]} of {claim['agent_id']} ({one_line(claim['description'], 80)})"
         git("add", "--", TRAIN)
-        merge = git(*identity(), "-c", "commit.gpgsign=false", "commit-tree", git("write-tree"), "-p", "HEAD",
-                    "-p", sha, "-m", description)
-        git("reset", "-q", merge)
+        # With the rest of the tree the same, the commit gets the hub's commit as its second parent (the best
+        # first: the loop's checks see a child of the best that changes train.py), so the hub's tree shows whose
+        # work it continues; otherwise that parent would claim their other files as merged, so a trailer says it.
+        same_rest = git("diff", "--quiet", "HEAD", sha, "--", ".", f":!{TRAIN}", check=False) is not None
+        parents = ["-p", "HEAD"] + (["-p", sha] if same_rest else [])
+        message = description + ("" if same_rest else f"\n\nHub-Source: {sha}")
+        git("reset", "-q", git(*identity(), "-c", "commit.gpgsign=false", "commit-tree", git("write-tree"),
+                               *parents, "-m", message))
         say(self.loop, f"hub: trying {sha[:7]} of {claim['agent_id']}, val_bpb {claim['val_bpb']:.6f} there "
                        f"against {self.loop.best_val:.6f} here")
         return Proposal(description)
+
+
+def one_line(text, limit):
+    """Another agent's words in our prompt and ledger: one printable line, cut short."""
+    return "".join(ch if ch.isprintable() else " " for ch in (text or "").split("\n")[0])[:limit]
 
 
 class HubFirst:

@@ -101,6 +101,10 @@ class Store:
             db.executescript(SCHEMA)
         self.admin_hash = self.admin_key_hash()
         self.index_anchored_commits()
+        with self.tx() as db:  # there from the start: the channel cap can never keep results out
+            db.execute("INSERT OR IGNORE INTO channels VALUES (?, ?, NULL, ?)",
+                       (RESULTS_CHANNEL, "every experiment's result: commit:<7> platform:<name> val_bpb:<v> | "
+                                         "keep: <description>", now_iso()))
 
     # -- the database ----------------------------------------------------------------------------------------
 
@@ -190,15 +194,20 @@ class Store:
             (repo / "objects" / "info" / "alternates").write_text(str((self.repo / "objects").resolve()) + "\n")
             verify = git(repo, "bundle", "verify", str(path), check=False)
             if verify.returncode:
-                raise HubError(400, "not a git bundle the hub can use (a valid bundle whose prerequisites the hub "
-                                    "has): " + verify.stderr.decode(errors="replace").strip()[-300:])
+                raise HubError(400, "not a git bundle the hub can use: " + self.told(verify))
             listed = [line.split()[:2] for line in
                       git(repo, "bundle", "list-heads", str(path)).stdout.decode().splitlines() if line.strip()]
+            refs = [ref for _, ref in listed]
             if not listed:
                 raise HubError(400, "the bundle has no refs: make it with `git bundle create FILE HEAD` or a branch")
+            if len(set(refs)) < len(refs) or any(ref != "HEAD" and git(repo, "check-ref-format", ref,
+                                                                       check=False).returncode for ref in refs):
+                raise HubError(400, "the bundle's ref names are not ones git accepts, or one is listed twice")
             heads = [sha for sha, _ in listed]
-            git(repo, "fetch", "-q", "--no-tags", str(path),
-                *[f"{ref}:refs/in/{i}" for i, (_, ref) in enumerate(listed)])
+            unpacked = git(repo, "-c", "transfer.fsckObjects=true", "fetch", "-q", "--no-tags", str(path),
+                           *[f"{ref}:refs/in/{i}" for i, ref in enumerate(refs)], check=False)
+            if unpacked.returncode:
+                raise HubError(400, "the bundle cannot be unpacked (truncated or damaged?): " + self.told(unpacked))
             for sha in set(heads):
                 if git(repo, "cat-file", "-t", sha).stdout.strip() != b"commit":
                     raise HubError(400, f"the bundle's head {sha[:12]} is not a commit")
@@ -216,6 +225,13 @@ class Store:
             return [g[0] for g in new]
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def told(self, proc):
+        """git's complaint, for a client: the last lines, without the hub's own paths."""
+        text = proc.stderr.decode(errors="replace").strip()
+        for path in {str(self.data.resolve()), str(self.data)}:
+            text = text.replace(path, "<hub data>")
+        return text[-300:]
 
     def import_commits(self, scratch_repo, graph, agent_id):
         """Objects first, then an anchor ref per commit, then the index: a kill between two steps leaves
@@ -416,9 +432,11 @@ def check_result(fields):
         vram_gb = None if fields.get("vram_gb") in (None, "") else float(fields["vram_gb"])
     except (TypeError, ValueError):
         raise HubError(400, "val_bpb (and vram_gb, if given) must be numbers") from None
-    if not math.isfinite(val_bpb) or val_bpb < 0 or (vram_gb is not None and not math.isfinite(vram_gb)):
-        raise HubError(400, "val_bpb must be a finite number >= 0 (0 for a crash)")
     platform, status = fields.get("platform"), fields.get("status", "reported")
+    if not math.isfinite(val_bpb) or val_bpb < 0 or (vram_gb is not None and not math.isfinite(vram_gb)):
+        raise HubError(400, "val_bpb must be a finite number >= 0")
+    if val_bpb == 0 and status != "crash":
+        raise HubError(400, "val_bpb 0 is a crash's: send status crash (or the post's description as 'crash: ...')")
     if not isinstance(platform, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", platform):
         raise HubError(400, "platform must be a short name, e.g. H100 or cpu-2core")
     if status not in STATUSES:

@@ -129,8 +129,7 @@ def test_program_hub_curl_commands_work_against_our_hub(hub, tmp_path):
     assert [c["hash"] for c in hub.get("/api/git/leaves", auth).json()] == [head]
     assert [p["content"][:12] for p in hub.get("/api/channels/ideas/posts", auth).json()] == ["trying MATRI"]
     results = hub.get("/api/results", auth).json()
-    assert [(r["status"], r["val_bpb"], r["commit_full"]) for r in results] == \
-        [("keep", 1.234567, head), ("reported", 1.234567, head)]  # the API's and the #results post's, parsed
+    assert [(r["status"], r["val_bpb"], r["commit_full"]) for r in results] == [("keep", 1.234567, head)]
     assert git(repo, "rev-parse", f"refs/hub/{head}") == head  # fetched back and unbundled
 
 
@@ -164,9 +163,11 @@ def test_a_bad_bundle_gets_a_4xx_with_its_reason_and_leaves_no_trace(hub, tmp_pa
     git(repo, "commit", "-q", "--allow-empty", "-m", "on top")
     thin = bundle(repo, tmp_path / "thin", "HEAD~1..main")  # needs HEAD~1, which the hub lacks
     unrelated = bundle(lab(tmp_path / "stranger", commits=1), tmp_path / "u")
+    whole = bundle(repo, tmp_path / "whole", "main")
     for body, status, words in [(b"not a bundle", 400, "not a git bundle"),
-                                (thin, 400, "prerequisites"),
+                                (thin, 400, "lacks these prerequisite commits"),  # git's words, passed on
                                 (unrelated, 422, "shares no commit"),
+                                (whole[:len(whole) - 40], 400, "cannot be unpacked"),  # cut off in its pack
                                 (b"", 400, "not a git bundle")]:
         r = hub.post("/api/git/push", auth, data=body)
         assert r.status_code == status and words in r.json()["error"], r.text
@@ -259,11 +260,15 @@ def test_results_posts_are_parsed_and_the_best_per_platform_is_served(hub):
     assert hub.get("/api/results?platform=cpu-2core&best=1", auth).json()[0]["commit"] == "0123456"
     for bad in ({"commit": "xyz", "val_bpb": 1, "platform": "H100"}, {"commit": "abc1234", "val_bpb": "inf",
                                                                        "platform": "H100"},
+                {"commit": "abc1234", "val_bpb": 0, "platform": "H100", "status": "keep"},
                 {"commit": "abc1234", "val_bpb": 1, "platform": "H100", "status": "great"}):
         r = hub.post("/api/results", auth, json=bad)
         assert r.status_code == 400 and r.json()["error"], bad
     page = requests.get(hub.url + "/").text
-    assert "0.990100" in page and "MATRIX_LR 0.05" in page and "<script" not in page
+    assert "0.990100" in page and "MATRIX_LR 0.05" in page
+    zero = "commit:abc1234 platform:H100 val_bpb:0.000000 | a crash posted without saying so"
+    assert hub.post("/api/channels/results/posts", auth, json={"content": zero}).status_code == 201
+    assert hub.get("/api/results?best=1", auth).json()[0]["val_bpb"] == 0.9901  # 0 is a crash's, never a best
 
 
 def test_posts_replies_and_errors_are_json(hub):
@@ -279,6 +284,9 @@ def test_posts_replies_and_errors_are_json(hub):
     assert hub.post("/api/channels/ideas/posts", auth, data="{not json").status_code == 400
     r = hub.get("/api/no/such/thing", auth)
     assert r.status_code == 404 and "error" in r.json()
+    r = requests.post(hub.url + "/api/register", data=b"{" + b" " * (2 << 20) + b"}")
+    assert r.status_code == 413 and "limit" in r.json()["error"]  # refused before it is read whole
+    assert hub.get("/api/git/leaves", {"Authorization": auth["Authorization"].replace("Bearer", "bearer")}).ok
     assert "&lt;script&gt;" in requests.get(hub.url + "/").text
 
 
@@ -350,11 +358,24 @@ def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, re
     assert hub.post("/api/git/push", auth, data=(boast / "b.bundle").read_bytes()).status_code == 201
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=boast, capture_output=True, text=True).stdout.strip()
     hub.post("/api/results", auth, json={"commit": sha, "val_bpb": 0.5, "platform": "here", "status": "keep"})
-    out = loop(repo, env, "run", "--agent", "true", "--hub", hub.url, "--hub-platform", "here",
-               "--max-experiments", "2").stdout
+    here = ("run", "--agent", "true", "--hub", hub.url, "--hub-platform", "here", "--max-experiments")
+    out = loop(repo, env, *here, "1", "--hub-trust", "alice,bob").stdout
+    assert "hub: trying" not in out and len(rows(repo)) == 1, out  # not an agent we trust
+    out = loop(repo, env, *here, "2").stdout
     statuses = [(r["status"], r["description"][:18]) for r in rows(repo)[1:]]
     assert statuses[0] == ("discard", "from the hub: " + sha[:4]), out  # measured here: 1.1, not 0.5
     assert out.count("hub: trying") == 1, out  # and never tried again
+    # a later, smaller claim that holds is still found: the one that did not hold blocks nothing
+    (boast / "train.py").write_text((boast / "train.py").read_text().replace("VAL_BPB = 1.1", "VAL_BPB = 0.9"))
+    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qam", "claims 0.95"],
+                   cwd=boast, check=True)
+    subprocess.run(["git", "bundle", "create", "-q", "c.bundle", f"{sha}..HEAD"], cwd=boast, check=True)
+    assert hub.post("/api/git/push", auth, data=(boast / "c.bundle").read_bytes()).status_code == 201
+    honest = subprocess.run(["git", "rev-parse", "HEAD"], cwd=boast, capture_output=True, text=True).stdout.strip()
+    hub.post("/api/results", auth, json={"commit": honest, "val_bpb": 0.95, "platform": "here", "status": "keep"})
+    loop(repo, env, *here, "1")
+    assert rows(repo)[-1]["status"] == "keep" and rows(repo)[-1]["description"].startswith(
+        f"from the hub: {honest[:7]}")
 
 
 def test_a_hub_that_goes_down_mid_run_never_stops_the_loop(hub, repo, env, tmp_path):
