@@ -398,11 +398,11 @@ WARMDOWN_RATIO = 0.75      # fraction of the time budget spent decaying them (li
 FINAL_LR_FRAC = 0.05       # ... down to this fraction
 
 if PROFILE == "cpu":
-    # 2 CPU cores, context 256, 300 s. 2 cores do ~115 GFLOP/s in fp32 matmuls: ~1.7M tokens in 300 s, and the
-    # 8192-entry lm_head costs as much as the 4 blocks. At equal FLOPs on gutenberg, width 128 beat 192 (val
-    # loss 5.34 vs 5.79 nats) and batch 2**12 beat 2**13 (5.18 vs 5.34): small and many steps. Full windows: at
-    # context 256 short ones save almost nothing on a CPU. Full 300 s runs (val_bpb 1.817-1.821 with these values)
-    # found worse: MATRIX_LR 0.06, depth 6, UNEMBEDDING_LR 0.01, batch 2**11, WARMDOWN_RATIO 0.5 (1.827-1.842).
+    # 2 CPU cores, context 256, vocab 4096, 300 s. 2 cores do ~115 GFLOP/s in fp32 matmuls: ~3M tokens in 300 s.
+    # At equal FLOPs on gutenberg (vocab 8192), width 128 beat 192 (val loss 5.34 vs 5.79 nats) and batch 2**12
+    # beat 2**13 (5.18 vs 5.34): small and many steps. Full windows: at context 256 short ones save almost nothing
+    # on a CPU. Full 300 s runs at vocab 8192 (val_bpb 1.817-1.821 with these values) found worse: MATRIX_LR 0.06,
+    # depth 6, UNEMBEDDING_LR 0.01, batch 2**11, WARMDOWN_RATIO 0.5 (1.827-1.842).
     DEPTH = 4
     ASPECT_RATIO = 32
     HEAD_DIM = 64
