@@ -38,11 +38,11 @@ from autoresearch.tokens import SPECIAL_TOKENS, build_tokenizer_and_tokens  # SP
 # TOKENIZER_MAX_CHARS: train text the tokenizer learns from. TRAIN_MAX_TOKENS: train tokens pre-tokenized, several
 # runs' worth (a 300 s run reads ~500M tokens on an H100, ~10M on 2 CPU cores); the val split is pre-tokenized up
 # to 2 * EVAL_TOKENS, all that evaluation reads.
-# cpu (measured 2026-11-26, 300 s runs on 2 cores): vocab 4096 against 8192 gave val_bpb -0.09 on python-stdlib,
-# -0.03 on tinystories-sample and -0.003 on gutenberg-children (within the seed spread): 30% more tokens in the
-# budget, half the lm_head; 2048 lost on gutenberg (+0.025). Eval on 2**19 tokens, not 2**20: ~30 s instead of
-# ~60 s, and two runs compared on these pinned rows differ by a sampling error of ~0.0005 (SE of the per-row
-# difference), a tenth of the seed-to-seed spread (~0.005).
+# cpu (measured 2026-11-26, 300 s runs on 2 cores): vocab 4096 against 8192 gave val_bpb -0.09 on python-stdlib
+# (1 seed), -0.024 on tinystories-sample and -0.003 on gutenberg-children (2 seeds each; the last within the seed
+# spread): 30% more tokens in the budget, half the lm_head; 2048 lost on gutenberg (+0.025). Eval on 2**19 tokens,
+# not 2**20: ~30 s instead of ~60 s, and two runs compared on these pinned rows differ by a sampling error of
+# ~0.0005 (SE of the per-row difference), a tenth of the seed-to-seed spread (~0.005).
 PROFILES = {
     #            MAX_SEQ_LEN  TIME_BUDGET  EVAL_TOKENS   VOCAB_SIZE  TOKENIZER_MAX_CHARS  TRAIN_MAX_TOKENS
     "reference": (2048,       300,         40 * 524288,  8192,       2_000_000_000,       2_000_000_000),
