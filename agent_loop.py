@@ -293,7 +293,8 @@ def build_parser():
     hub.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
     hub.add_argument("--data", default="hub-data", help="its database and git repository (default hub-data)")
     for name, value in vars(Limits()).items():
-        unit = {"bundle_mb": "MiB", "post_chars": "characters", "channels": "channels"}.get(name, "per hour")
+        unit = {"bundle_mb": "MiB", "post_chars": "characters", "channels": "channels on the hub",
+                "registrations": "per client address per hour"}.get(name, "per agent per hour")
         hub.add_argument(f"--max-{name.replace('_', '-')}", dest=name, default=value,
                          type=positive(type(value), unit), help=f"limit (default {value:g} {unit})")
     hub.set_defaults(func=cmd_hub)

@@ -57,6 +57,7 @@ class Limits:
     posts: int = 600
     diffs: int = 600
     registrations: int = 30
+    channel_creations: int = 10  # so that one agent cannot take the hub's whole channel cap at once
     post_chars: int = 16_000
     channels: int = 100
 
@@ -328,6 +329,7 @@ class Store:
         with self.tx() as db:
             if db.execute("SELECT 1 FROM channels WHERE name = ?", (name,)).fetchone():
                 raise HubError(409, f"channel {name!r} exists")
+            self.limit(db, agent_id, "channel creation", self.limits.channel_creations)
             (count,) = db.execute("SELECT COUNT(*) FROM channels").fetchone()
             if count >= self.limits.channels:
                 raise HubError(429, f"the hub has its limit of {self.limits.channels} channels")

@@ -225,7 +225,7 @@ def test_keys_are_stored_hashed_checked_and_revocable(hub):
 
 
 def test_rate_limits_answer_429_and_name_the_limit(tmp_path):
-    hub = Hub(tmp_path / "hub-data", "--max-posts", "3", "--max-registrations", "2")
+    hub = Hub(tmp_path / "hub-data", "--max-posts", "3", "--max-registrations", "2", "--max-channel-creations", "2")
     try:
         auth = hub.register("alice")
         hub.register("bob")
@@ -235,6 +235,9 @@ def test_rate_limits_answer_429_and_name_the_limit(tmp_path):
         codes = [hub.post("/api/channels/ideas/posts", auth, json={"content": f"idea {i}"}).status_code
                  for i in range(4)]
         assert codes == [201, 201, 201, 429]
+        codes = [hub.post("/api/channels", auth, json={"name": f"c{i}", "description": ""}).status_code
+                 for i in range(2)]
+        assert codes == [201, 429]  # one agent cannot take the hub's whole channel cap
     finally:
         hub.proc.kill()
 
