@@ -48,9 +48,11 @@ def platform_name(config):
         gpu = None
     if not gpu:
         gpu = f"cpu{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
-    tail = f".{config['profile']}.{config.get('dataset') or 'unknown'}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", gpu.strip())[:64 - len(tail)].strip("-.") + re.sub(
-        r"[^A-Za-z0-9._-]+", "-", tail)[:64]
+    def clean(text):
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip())
+
+    tail = clean(f".{config['profile']}.{config.get('dataset') or 'unknown'}")[:64]
+    return clean(gpu)[:64 - len(tail)].strip("-.") + tail  # the accelerator is cut, never the profile
 
 
 class HubClient:

@@ -133,9 +133,10 @@ def step_split(steps=3):
     from torch.profiler import ProfilerActivity, profile
     device = default_device()
     on_cuda = device.type == "cuda"
-    model, attention = train.build_model(Tokenizer.from_directory().get_vocab_size(), device)
+    tokenizer = Tokenizer.from_directory()
+    model, attention = train.build_model(tokenizer.get_vocab_size(), device)
     optimizer = train.make_optimizer(model, compiled=False, ortho_dtype=torch.bfloat16 if on_cuda else torch.float32)
-    loader = make_dataloader(Tokenizer.from_directory(), train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN, "train",
+    loader = make_dataloader(tokenizer, train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN, "train",
                              device=device)
     accum = train.TOTAL_BATCH_SIZE // (train.DEVICE_BATCH_SIZE * train.MAX_SEQ_LEN)
     autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
