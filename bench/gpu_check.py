@@ -6,15 +6,16 @@ no internet and a Python that has torch. Prints one block of numbers at the end.
     python bench/gpu_check.py --dry-run    # anywhere: print what it would do, run nothing
 
 Before copying the repo to the GPU machine, fill two git-ignored folders (the machine cannot download):
-    .whl/      wheels of every dependency but torch, for the GPU machine's Python and platform, e.g.
-               uv export --no-dev --no-hashes --format requirements-txt | grep -v '^torch' > /tmp/req.txt
-               pip download -r /tmp/req.txt -d .whl --only-binary=:all: --python-version 3.11 \\
-                   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64
+    .whl/      wheels of the dependencies its Python lacks (installed with --no-deps), e.g. for Python 3.12:
+               pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+                   --platform manylinux2014_x86_64 -d .whl rustbpe
+               (without `kernels` and its hub, FA3 is unavailable and the run uses flex attention)
     .devdata/  the text to train on, e.g. cp -r ../shared/data/gutenberg-children .devdata/
 
-Steps: install what is missing from .whl/ (pip --no-index), prepare .devdata/<corpus> for the reference
-profile, run the CUDA-only and fake-CUDA tests on the GPU, the bf16-vs-fp32 evaluation check, then one full
-reference run (300 s). A step that fails is reported and the rest still runs.
+Stages, each reported and the rest still run when one fails: install what is missing from .whl/; prepare
+.devdata/<corpus> for the reference profile while the CUDA and fake-CUDA tests run on the GPU (CPU work beside
+GPU work); one full reference run (300 s); the bf16-vs-fp32 evaluation check. --budget bounds the whole check
+(a device call's limit); --logs keeps each step's full output.
 """
 
 import argparse
@@ -48,6 +49,7 @@ for step in range(30):
     optimizer.step()
     model.zero_grad(set_to_none=True)
 model.eval()
+prepare.EVAL_TOKENS = 2**21  # 1/10 of the profile's: float32 evaluation of all 20M tokens takes ~2 minutes
 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
     bf16 = evaluate_bpb(model, tokenizer, 16)
 model.float()
@@ -61,70 +63,113 @@ def missing_modules():
     return [m for m in MODULES if importlib.util.find_spec(m) is None]
 
 
-def plan(env):
+def plan():
+    """Stages in order; the steps of one stage run side by side (prepare is CPU work, the tests GPU work)."""
     corpus = next((p for p in sorted(DATA.iterdir()) if p.is_dir()), None) if DATA.exists() else None
-    steps = []
-    if missing_modules():
-        steps.append(("install", [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(WHEELS),
-                                  *missing_modules()]))
-    steps.append(("prepare", [sys.executable, "prepare.py", "--source", str(corpus or DATA / "<corpus>")]))
-    steps.append(("tests", [sys.executable, "-m", "pytest", "-q", "-k", "cuda or reference_path",
-                            "tests/test_prepare.py", "tests/test_fake_cuda.py", "tests/test_train.py",
-                            "tests/test_reference_path.py"]))
-    steps.append(("eval-agreement", [sys.executable, "-c", EVAL_AGREEMENT]))
-    steps.append(("reference-run", [sys.executable, "train.py"]))
-    return steps, corpus
+    wheels = sorted(str(w) for w in WHEELS.glob("*.whl")) if WHEELS.exists() else []
+    stages = []
+    if missing_modules() and wheels:  # no deps resolved: carry each wheel a missing module needs
+        stages.append([("install", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                    *wheels])])
+    stages.append([("prepare", [sys.executable, "prepare.py", "--source", str(corpus or DATA / "<corpus>")]),
+                   ("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                              "cuda or reference_path", "tests/test_prepare.py", "tests/test_fake_cuda.py",
+                              "tests/test_train.py", "tests/test_reference_path.py"])])
+    stages.append([("reference-run", [sys.executable, "train.py"])])
+    stages.append([("eval-agreement", [sys.executable, "-c", EVAL_AGREEMENT])])
+    return stages, corpus
 
 
-def run_step(name, cmd, env, timeout):
-    start = time.time()
-    try:
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        out, code = p.stdout + p.stderr, p.returncode
-    except subprocess.TimeoutExpired as e:
-        out, code = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""), -1
-    print(f"[{name}] exit {code} in {time.time() - start:.0f}s", flush=True)
-    if code:
-        print("\n".join(out.splitlines()[-15:]))
-    return code, out
+def run_stage(stage, env, deadline, logs):
+    """Run a stage's steps side by side until each ends or the deadline passes: {name: (exit code, output)}."""
+    start, procs = time.time(), {}
+    for name, cmd in stage:
+        log = open(logs / f"{name}.log", "w+")
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    results = {}
+    for name, (proc, log) in procs.items():
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = "timed out"
+        log.seek(0)
+        out = log.read()
+        log.close()
+        print(f"[{name}] exit {code} after {time.time() - start:.0f}s", flush=True)
+        if code:
+            print("\n".join(out.splitlines()[-15:]), flush=True)
+        results[name] = (code, out)
+    return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
+    parser.add_argument("--budget", type=float, default=540, help="seconds for all steps (default 540); a step "
+                        "still running then is killed and reported, later ones are skipped")
+    parser.add_argument("--logs", type=Path, default=None, help="folder for each step's full output "
+                        "(default: a temporary folder)")
     args = parser.parse_args()
+    deadline = time.time() + args.budget
     env = dict(os.environ, AUTORESEARCH_PROFILE="reference", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                AUTORESEARCH_CACHE_DIR=os.environ.get("AUTORESEARCH_CACHE_DIR") or tempfile.mkdtemp(prefix="gpu-"))
-    steps, corpus = plan(env)
+    stages, corpus = plan()
     if args.dry_run:
-        print(f"gpu_check --dry-run: profile reference, cache {env['AUTORESEARCH_CACHE_DIR']}")
-        print(f"wheels: {WHEELS} ({'present' if WHEELS.exists() else 'missing'}); data: {corpus or 'missing'}")
-        for name, cmd in steps:
-            shown = "<bf16-vs-fp32 evaluation script>" if name == "eval-agreement" else " ".join(cmd[1:])
-            print(f"  {name:<15} python {shown}")
+        print(f"gpu_check --dry-run: profile reference, cache {env['AUTORESEARCH_CACHE_DIR']}, "
+              f"budget {args.budget:.0f}s")
+        print(f"wheels: {WHEELS} ({'present' if WHEELS.exists() else 'missing'}); data: {corpus or 'missing'}; "
+              f"missing modules here: {', '.join(missing_modules()) or 'none'}")
+        for stage in stages:
+            for i, (name, cmd) in enumerate(stage):
+                shown = "<bf16-vs-fp32 evaluation script>" if name == "eval-agreement" else " ".join(cmd[1:])
+                print(f"  {name:<15}{' (beside the step above)' if i else ''} python {shown}")
         return 0
-    results, timeouts = {}, {"install": 120, "prepare": 120, "tests": 120, "eval-agreement": 120,
-                              "reference-run": 420}
-    for name, cmd in steps:
-        results[name] = run_step(name, cmd, env, timeouts[name])
-    code, out = results["reference-run"]
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="gpu-check-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"gpu_check: {torch_line()}; logs in {logs}", flush=True)
+    results = {}
+    for stage in stages:
+        if time.time() > deadline - 20:
+            results.update({name: ("skipped: out of time", "") for name, _ in stage})
+            continue
+        results.update(run_stage(stage, env, deadline, logs))
+    print(summary(results))
+    (logs / "summary.txt").write_text(summary(results) + "\n")
+    return 0 if all(code == 0 for code, _ in results.values()) else 1
+
+
+def torch_line():
+    try:
+        import torch
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+        return f"torch {torch.__version__}, {name}, missing modules: {', '.join(missing_modules()) or 'none'}"
+    except ImportError:
+        return "torch is not installed"
+
+
+def summary(results):
+    code, out = results.get("reference-run", (1, ""))
     s = dict(re.findall(r"^(\w+):\s+(\S+)$", out.split("\n---\n")[-1], flags=re.M)) if code == 0 else {}
     agreement = {}
-    if results["eval-agreement"][0] == 0:
+    if results.get("eval-agreement", (1,))[0] == 0:
         agreement = json.loads(results["eval-agreement"][1].strip().splitlines()[-1])
-    tests = re.findall(r"\d+ (?:passed|failed|skipped)", results["tests"][1])
+    tests = re.findall(r"\d+ (?:passed|failed|skipped|deselected|errors?)", results.get("tests", (1, ""))[1])
     tokens_per_s = (float(s["total_tokens_M"]) * 1e6 / float(s["training_seconds"])) if s else None
-    print("\n--- gpu_check")
-    print(f"tests:            {', '.join(tests) or 'did not run'}")
-    print(f"attention:        {s.get('attention', agreement.get('attention', 'n/a'))}")
-    print(f"mfu_percent:      {s.get('mfu_percent', 'n/a')}")
-    print(f"tokens_per_s:     {f'{tokens_per_s:,.0f}' if tokens_per_s else 'n/a'}")
-    for key in ("num_steps", "peak_vram_mb", "startup_seconds", "eval_seconds", "val_bpb"):
-        print(f"{key + ':':<18}{s.get(key, 'n/a')}")
+    lines = ["", "--- gpu_check",
+             "steps:            " + ", ".join(f"{name} {'ok' if code == 0 else code}"
+                                             for name, (code, _) in results.items()),
+             f"tests:            {', '.join(tests) or 'did not run'}",
+             f"attention:        {s.get('attention', agreement.get('attention', 'n/a'))}",
+             f"mfu_percent:      {s.get('mfu_percent', 'n/a')}",
+             f"tokens_per_s:     {f'{tokens_per_s:,.0f}' if tokens_per_s else 'n/a'}"]
+    lines += [f"{key + ':':<18}{s.get(key, 'n/a')}"
+              for key in ("num_steps", "peak_vram_mb", "startup_seconds", "eval_seconds", "val_bpb")]
     if agreement:
-        print(f"eval_bf16_fp32:   {agreement['bf16']:.6f} vs {agreement['fp32']:.6f} "
-              f"(difference {agreement['bf16'] - agreement['fp32']:+.6f})")
-    return 0 if all(code == 0 for code, _ in results.values()) else 1
+        lines.append(f"eval_bf16_fp32:   {agreement['bf16']:.6f} vs {agreement['fp32']:.6f} "
+                     f"(difference {agreement['bf16'] - agreement['fp32']:+.6f})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
