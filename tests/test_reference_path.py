@@ -38,14 +38,14 @@ TINY = dict(MAX_SEQ_LEN=64, DEPTH=6, ASPECT_RATIO=21, HEAD_DIM=128, WINDOW_PATTE
             DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=2 * 2 * 64)
 for _name, _value in TINY.items():
     setattr(train, _name, _value)
-T, VOCAB, STEPS, SEED = train.MAX_SEQ_LEN, 128, 8, 0
+T, VOCAB, STEPS, SEED, DATA_SEED = train.MAX_SEQ_LEN, 128, 8, 2, 12  # seeds where the scalars' coin flip shows
 CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------------------
 # Helpers: the data, main()'s loop, and a record of the lab's calls into torch.cuda
 
 
-def batches(seed=1):
+def batches(seed=DATA_SEED):
     """(inputs, targets, epoch) like prepare.make_dataloader's: rows cut at random from one fixed random
     sequence of 40 tokens, repeated; learnable from the first steps (every token has one successor)."""
     generator = torch.Generator().manual_seed(seed)
@@ -140,7 +140,16 @@ class Run:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    handoff = tmp_path_factory.mktemp("handoff") / "model.pt2"
+    # The residual and x0 scalars stay frozen in both runs. While the blocks are identities (zero-initialised
+    # projections) the loss is blind to them and their first gradients are rounding noise, which AdamW's first
+    # step turns into a full step (x0 weights: +-SCALAR_LR) of random sign: the two runs would part on a coin
+    # flip, not on precision (seen with torch 2.11 on a 16-core box; here, 4 of 5 seeds). Frozen, the runs stay
+    # within a fifth of the tolerance below on every seed tried.
+    with mock.patch.object(train, "SCALAR_LR", 0.0):
+        return reference_and_plain_runs(tmp_path_factory.mktemp("handoff") / "model.pt2")
+
+
+def reference_and_plain_runs(handoff):
     with lab_cuda_calls() as cuda_calls, matmul_precision("high"):  # main()'s precision
         torch.manual_seed(SEED)
         # main() decides bf16 embeddings, bf16 autocast and the compiled optimizer from on_cuda; here they
