@@ -49,6 +49,9 @@ PROFILES = {
     "cpu":       (256,        300,         2**19,        4096,       100_000_000,         50_000_000),
     "smoke":     (128,        15,          2**15,        1024,       5_000_000,           5_000_000),
 }
+# Tokens one run reads in its budget, measured (reference: an H200, flex attention, 2026-11-26; cpu: 2 cores).
+# A train split much smaller than this is read many times over, and val_bpb then measures memorisation.
+TOKENS_PER_RUN = {"reference": 358_000_000, "cpu": 3_100_000}
 PACKING_BUFFER = 1000  # documents the packer chooses from: larger packs tighter but picks slower
 EVAL_PROGRESS_SECONDS = 10  # a line this often during evaluation (cpu: ~60 s), so that it never looks hung
 
@@ -459,6 +462,10 @@ Each run records the prepared dataset as the active one for the profile (AUTORES
           f"[{meta['tokenize_seconds']:.1f}s]")
     if meta["val_tokens"] < EVAL_TOKENS // MAX_SEQ_LEN * (MAX_SEQ_LEN + 1):
         print(f"  note: val has fewer tokens than evaluation reads ({EVAL_TOKENS:,} targets): it wraps around them")
+    passes = TOKENS_PER_RUN.get(PROFILE, 0) / max(1, meta["train_tokens"])
+    if passes > 4:
+        print(f"  note: a '{PROFILE}' run reads ~{TOKENS_PER_RUN[PROFILE] / 1e6:,.0f}M tokens, {passes:.0f} times this "
+              f"train split: val_bpb would measure memorisation more than learning; prepare more text")
     print(f"  active dataset for '{PROFILE}': {name} (recorded in {active_file(PROFILE)})")
     print(f"next: AUTORESEARCH_PROFILE={PROFILE} uv run train.py")
 

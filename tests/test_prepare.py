@@ -395,6 +395,15 @@ def test_jsonl_source_reads_the_text_field_of_each_line(tmp_path):
     assert shard_texts(tmp_path / "cache", "corpus", manifest["val"][0]) == documents(12, 30)
 
 
+def test_a_train_split_that_a_run_would_read_many_times_over_is_named_at_prepare_time(tmp_path):
+    # an 11.8M-token corpus, 30 epochs in a reference run on an H200: train loss 0.08, val_bpb 3.07
+    (tmp_path / "small.txt").write_text("\n\n".join(" ".join(documents(i, 1)) for i in range(200)) + "\n")
+    r = run_prepare("--source", str(tmp_path / "small.txt"), cache=tmp_path / "cache", profile="cpu")
+    assert r.returncode == 0, r.output
+    note = next(line for line in r.output.splitlines() if "times this train split" in line)
+    assert "'cpu' run reads ~3M tokens" in note and "memorisation" in note, r.output
+
+
 def test_single_txt_file_splits_paragraphs_and_keeps_the_last_tenth_for_validation(tmp_path):
     paragraphs = [" ".join(documents(i, 1)) for i in range(200)]
     (tmp_path / "book.txt").write_text("\n\n".join(paragraphs) + "\n")
