@@ -380,8 +380,8 @@ COMPILE = True             # torch.compile the model (and the optimizer on CUDA)
 
 # Optimization
 TOTAL_BATCH_SIZE = 2**18   # tokens per optimizer step
-DEVICE_BATCH_SIZE = 64     # rows per forward/backward; gradient accumulation makes up the rest (128 would need
-                           # ~89 GiB by autoresearch/memory.py's count: 64 needs ~45 GiB of an 80 GB H100)
+DEVICE_BATCH_SIZE = 64     # rows per forward/backward; gradient accumulation makes up the rest (memory.py counts
+                           # 128 at ~89 GiB, 64 at ~45 GiB eager; 64 compiled peaked at 31.7 GB on an H200)
 EMBEDDING_LR = 0.9         # AdamW, token and value embeddings (scaled by 1/sqrt(d_model/768))
 UNEMBEDDING_LR = 0.005     # AdamW, lm_head (scaled by 1/sqrt(d_model/768))
 MATRIX_LR = 0.04           # Muon, block matrices
