@@ -102,6 +102,8 @@ def confirm(loop, flight, pending, started, deadline=None):
         made_here.append(r)
         print(f"#{n} {kind} run seed {seed}: " + (f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}")
               + (f" ({r.speed:,.0f} tokens/s)" if not r.error and r.speed else ""), file=sys.stderr, flush=True)
+        if kind == "candidate" and not r.error:
+            r.error = outside_budget(loop, r)
         rerun = [b for k, b in done if k == "best"]
         if r.error or r.tampered or (kind == "candidate" and leaked(loop, [r], rerun)):
             return None  # no measurement: the rule stops at once, and the row says why
@@ -221,6 +223,24 @@ def sealed_run(loop, seed, log, flight, version):
     return run
 
 
+def outside_budget(loop, run):
+    """The error for a candidate run that spent far longer outside its reported training time than the
+    baseline's runs did, by the harness's clock, else None. Start-up and compile are not in the budget, and only
+    train.py says where they end: a train.py that trains past the budget and reports less must hide the rest
+    there. Allowed: 1.5x the baseline's longest (its first run compiles cold; a loaded machine compiles slower)
+    plus max(5 s, min(budget, 30 s), 10% of the budget)."""
+    base = [x for x in map(to_float, loop.rows[0].get("outside_s", "").split(",")) if x is not None]
+    if not base or run.outside is None:
+        return None  # a tag started before the column: nothing to compare with
+    budget = float(loop.config["time_budget"])
+    allowed = 1.5 * max(0.0, *base) + max(5.0, min(budget, 30.0), 0.1 * budget)
+    if run.outside <= allowed:
+        return None
+    return (f"ran {run.outside:.0f} s outside the {budget:g} s of training it reports (start-up, compile, "
+            f"hand-over), the baseline's runs at most {max(base):.0f} s (allowed {allowed:.0f} s): training "
+            f"past the budget cannot be told apart from that")
+
+
 def untrusted(loop, n, sha, runs):
     """The note that rejects a finished run whose number cannot be trusted, else None."""
     got = runs[0].summary.get("profile")
@@ -294,7 +314,8 @@ def run_columns(runs, prefix=""):
     ok = [r for r in runs if not r.error]
     return {prefix + "seeds": ",".join(str(r.seed) for r in runs),
             prefix + "val_bpb_runs": ",".join(f"{r.val:.6f}" for r in ok),
-            prefix + "tokens_per_s": ",".join(f"{r.speed or 0:.0f}" for r in ok)}
+            prefix + "tokens_per_s": ",".join(f"{r.speed or 0:.0f}" for r in ok),
+            prefix + "outside_s": ",".join(f"{r.outside:.1f}" for r in ok if r.outside is not None)}
 
 
 def experiment_row(loop, n, sha, status, description, runs, val, note, log, train_py):

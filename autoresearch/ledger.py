@@ -24,7 +24,9 @@ COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstrea
            # experiment (paired with the candidate's), and the numbers of the decision
            "tokens_per_s", "best_seeds", "best_val_bpb_runs", "best_tokens_per_s", "best_train_py", "evidence",
            # how much better the pinned val rows score than the held-out slice (experiment.leaked)
-           "heldout_gap"]
+           "heldout_gap",
+           # seconds each finished run spent outside its reported training time (experiment.outside_budget)
+           "outside_s", "best_outside_s"]
 DESCRIPTION_MAX = 120
 
 # Rows whose train.py has no trustworthy measurement. The status column keeps upstream's values

@@ -31,6 +31,7 @@ class Run:
     tail: list            # last lines of the traceback (or output), for crashes
     wall: float
     notes: list = field(default_factory=list)  # what the row's note must say about this run
+    train_wall: float = 0.0  # train.py's own wall-clock seconds, by the harness's clock (wall adds the evaluator)
     tampered: list = field(default_factory=list)  # files outside train.py the run wrote (seal.py)
 
     @property
@@ -49,6 +50,13 @@ class Run:
         tokens, seconds = to_float(self.summary.get("total_tokens_M")), to_float(self.summary.get("training_seconds"))
         speed = tokens * 1e6 / seconds if tokens and seconds else None
         return speed if speed and math.isfinite(speed) and speed > 0 else None
+
+    @property
+    def outside(self):
+        """Seconds train.py ran outside the training time it reports (start-up, compile, hand-over), by the
+        harness's clock: what a train.py that under-reports its training would have to hide. None if unknown."""
+        trained = to_float(self.summary.get("training_seconds"))
+        return self.train_wall - trained if self.train_wall and trained is not None else None
 
 
 # -----------------------------------------------------------------------------
@@ -94,7 +102,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         f.seek(offset)
         output = f.read().decode(errors="replace")
     error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff))
-    run = Run(seed, summary, error, tail, wall)
+    run = Run(seed, summary, error, tail, wall, train_wall=wall)
     if handoff:
         if not error:
             evaluator_cache = Path(compile_cache) / "evaluator" if compile_cache else None

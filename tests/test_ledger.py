@@ -95,3 +95,12 @@ def test_training_past_the_budget_is_a_crash_not_a_keep(repo, env):
     loop(repo, env, "step", "-m", "three budgets")
     row = rows(repo)[-1]
     assert row["status"] == "crash" and "past the 1 s budget" in row["note"], row
+
+
+def test_training_past_the_budget_while_reporting_less_is_caught_by_the_harness_clock(repo, env):
+    initialised(repo, env)
+    commit_train(repo, env, "hidden training", SLEEP=8.0, VAL_BPB=0.5)  # reports 1 s, runs 8 s
+    loop(repo, env, "step", "-m", "hidden training")
+    baseline, row = rows(repo)[0], rows(repo)[-1]
+    assert float(baseline["outside_s"].split(",")[0]) < 2.0, baseline
+    assert row["status"] == "crash" and "outside the 1 s of training it reports" in row["note"], row
