@@ -3,7 +3,8 @@ value embeddings on alternating layers, head dim 128), trained for a few steps t
 bf16 embeddings and autocast, the compiled model, the compiled optimizer step with bf16 orthogonalisation,
 then handed over to the harness's evaluator. What only CUDA can run (FA3, flex attention's backward, pinned
 copies, torch.cuda calls) sits behind one decision point each; these tests take the reference's side of every
-other one and touch no CUDA-only API, so they also run on MPS machines (on their CPU)."""
+other one and touch no CUDA-only API, so they also run on MPS machines (on their CPU). Where a CUDA GPU is
+present (bench/gpu_check.py), every test runs again on it, with the attention main() picks there."""
 
 import contextlib
 import functools
@@ -11,7 +12,7 @@ import inspect
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from unittest import mock
 
@@ -40,6 +41,7 @@ for _name, _value in TINY.items():
     setattr(train, _name, _value)
 T, VOCAB, STEPS, SEED, DATA_SEED = train.MAX_SEQ_LEN, 128, 8, 2, 12  # seeds where the scalars' coin flip shows
 CPU = torch.device("cpu")
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 # ---------------------------------------------------------------------------
 # Helpers: the data, main()'s loop, and a record of the lab's calls into torch.cuda
@@ -54,6 +56,11 @@ def batches(seed=DATA_SEED):
         starts = torch.randint(0, len(data) - T - 1, (train.DEVICE_BATCH_SIZE,), generator=generator)
         rows = torch.stack([data[s:s + T + 1] for s in starts.tolist()])
         yield rows[:, :-1], rows[:, 1:], 1
+
+
+def on(device, loader):
+    for x, y, epoch in loader:
+        yield x.to(device), y.to(device), epoch
 
 
 def float_copies(named_tensors):
@@ -136,47 +143,50 @@ class Run:
     handoff: Path = None
     memory_problem: str = None
     cuda_calls: list = None
+    device: torch.device = CPU
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=DEVICES, ids=str)
+def runs(request, tmp_path_factory):
     # The residual and x0 scalars stay frozen in both runs. While the blocks are identities (zero-initialised
     # projections) the loss is blind to them and their first gradients are rounding noise, which AdamW's first
     # step turns into a full step (x0 weights: +-SCALAR_LR) of random sign: the two runs would part on a coin
     # flip, not on precision (seen with torch 2.11 on a 16-core box; here, 4 of 5 seeds). Frozen, the runs stay
     # within a fifth of the tolerance below on every seed tried.
     with mock.patch.object(train, "SCALAR_LR", 0.0):
-        return reference_and_plain_runs(tmp_path_factory.mktemp("handoff") / "model.pt2")
+        return reference_and_plain_runs(tmp_path_factory.mktemp("handoff") / "model.pt2", request.param)
 
 
-def reference_and_plain_runs(handoff):
+def reference_and_plain_runs(handoff, device):
     with lab_cuda_calls() as cuda_calls, matmul_precision("high"):  # main()'s precision
         torch.manual_seed(SEED)
         # main() decides bf16 embeddings, bf16 autocast and the compiled optimizer from on_cuda; here they
         # take the reference's side. The attention is choose_attention's own choice for the device.
         config_for = train.model_config
         with mock.patch.object(train, "model_config", lambda vocab, on_cuda: config_for(vocab, True)):
-            model, attention_name = train.build_model(VOCAB, CPU)
+            model, attention_name = train.build_model(VOCAB, device)
         initial = {name: t.clone() for name, t in model.state_dict().items()}
         problem = train.check_memory(lambda: train.GPT(model.config, flash_like_attention),
-                                     train.DEVICE_BATCH_SIZE, T, VOCAB, CPU, torch.bfloat16, True)
+                                     train.DEVICE_BATCH_SIZE, T, VOCAB, device, torch.bfloat16, True)
         optimizer = train.make_optimizer(model, compiled=True, ortho_dtype=torch.bfloat16)
         train_model = torch.compile(model, dynamic=False)
-        autocast = torch.autocast(CPU.type, dtype=torch.bfloat16)
-        losses, grads, update = train_steps(train_model, model, optimizer, autocast, batches(), CPU)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        losses, grads, update = train_steps(train_model, model, optimizer, autocast, on(device, batches()), device)
         model.eval()
         with mock.patch.dict(os.environ, {HANDOFF_ENV: str(handoff)}):  # as under agent_loop.py
-            train.hand_over(train.sdpa_twin(model), T, VOCAB, CPU)
+            train.hand_over(train.sdpa_twin(model), T, VOCAB, device)
         for ask in (lab_device.peak_flops, lab_device.device_name, lab_device.peak_memory_mb):
-            ask(CPU)  # the rest of main()'s questions to the device
-    reference = Run(model, attention_name, losses, grads, update, handoff, problem, cuda_calls)
+            ask(device)  # the rest of main()'s questions to the device
+    reference = Run(model, attention_name, losses, grads, update, handoff, problem, cuda_calls, device)
 
-    # float32, eager, every device choice the CPU's own (float32 embeddings, eager optimizer, no autocast)
-    plain, plain_attention = train.build_model(VOCAB, CPU)
+    # float32, eager, SDPA (any device: FA3 takes only bf16), float32 embeddings, eager optimizer, no autocast
+    with device:
+        plain = train.GPT(replace(model.config, embedding_dtype=torch.float32), attention.sdpa_attention)
     plain.load_state_dict(initial)  # the reference's initial weights (its bf16 embeddings convert exactly)
     optimizer = train.make_optimizer(plain, compiled=False, ortho_dtype=torch.float32)
-    losses, grads, update = train_steps(plain, plain, optimizer, contextlib.nullcontext(), batches(), CPU)
-    return reference, Run(plain.eval(), plain_attention, losses, grads, update)
+    losses, grads, update = train_steps(plain, plain, optimizer, contextlib.nullcontext(), on(device, batches()),
+                                        device)
+    return reference, Run(plain.eval(), "sdpa", losses, grads, update, device=device)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +204,10 @@ def test_reference_path_uses_sliding_windows_and_alternating_value_embeddings(re
     assert [block.attn.ve_gate is not None for block in model.blocks] == [False, True] * 3
     assert model.config.head_dim == 128 and model.config.n_head == 1
     assert model.wte.weight.dtype == model.value_embeds["1"].weight.dtype == torch.bfloat16  # CUDA's choice
-    assert reference.attention == "sdpa"  # off CUDA: a dense window mask (flex attention has no CPU backward)
+    if reference.device.type == "cuda":  # short windows: FA3 on Hopper when the kernels hub has it, else flex
+        assert reference.attention in ("fa3", "flex")
+    else:
+        assert reference.attention == "sdpa"  # a dense window mask (flex attention has no CPU backward)
     assert reference.memory_problem is None
 
 
@@ -232,40 +245,44 @@ def test_reference_path_matches_fp32_eager_within_bf16_tolerance(runs):
 
 
 def test_reference_path_model_hands_over_to_the_evaluator(reference):
-    handed = evaluator.load_model(reference.handoff, CPU)  # raises on operators other than aten's
-    x, y, _ = next(batches(seed=2))
+    device = reference.device
+    handed = evaluator.load_model(reference.handoff, device)  # raises on operators other than aten's
+    x, y, _ = next(on(device, batches(seed=2)))
     evaluator.check_causal(handed, torch.cat([x, y[:, -1:]], dim=1), VOCAB)  # raises unless causal
     # the evaluator scores the trained model: its float32 twin's losses and train.py's own under bf16
     # autocast differ by bf16 rounding (measured: up to 0.02 nats a token)
     with torch.no_grad():
         scored = evaluator.TokenLosses(handed)(x, y)
-        with torch.autocast(CPU.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             own = reference.model(x, y, reduction="none")
     assert (scored - own).abs().max() < 0.05
 
 
-def test_reference_path_flex_attention_compiled_on_cpu_computes_what_the_harness_scores(reference):
+def test_reference_path_flex_attention_compiled_computes_what_the_harness_scores(reference):
     # CUDA without FA3 trains and evaluates with flex attention, compiled; its block masks must mean the
     # windows that SDPA's dense masks mean (the handed-over twin's). Forward only: no CPU backward for flex.
     # Only the attention is compiled: the whole model again, for inference, would add ~15 s on 2 cores.
-    model = reference.model
-    flex = torch.compile(attention.flex_attention_for(model.windows, T, CPU), dynamic=False)
+    model, device = reference.model, reference.device
+    flex = torch.compile(attention.flex_attention_for(model.windows, T, device), dynamic=False)
     generator = torch.Generator().manual_seed(3)
-    q, k, v = torch.randn(3, 2, T, 1, model.config.head_dim, generator=generator).bfloat16()
-    x = next(batches(seed=3))[0]
-    flex_model = train.GPT(model.config, flex)
+    q, k, v = torch.randn(3, 2, T, 1, model.config.head_dim, generator=generator).bfloat16().to(device)
+    x = next(on(device, batches(seed=3)))[0]
+    with device:
+        flex_model = train.GPT(model.config, flex)
     flex_model.load_state_dict(model.state_dict())
-    with torch.no_grad(), torch.autocast(CPU.type, dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         for window in sorted(set(model.windows)):  # [B, T, H, D] in bf16, as the model calls it
             got, want = flex(q, k, v, window).float(), attention.sdpa_attention(q, k, v, window).float()
             assert (got - want).abs().max() < 0.03, window  # bf16 rounding: 0.008 measured; a wrong mask: > 1
         logits = flex_model.eval()(x)
     with torch.no_grad():
-        scored = evaluator.load_model(reference.handoff, CPU)(x)
+        scored = evaluator.load_model(reference.handoff, device)(x)
     assert (logits - scored).abs().max() < 0.05  # logits up to ~6, in bf16: 0.015 measured
 
 
 def test_reference_path_uses_no_cuda_only_api_off_cuda(reference):
+    if reference.device.type == "cuda":
+        pytest.skip("on CUDA, CUDA's API is the one to use")
     assert reference.cuda_calls == []
     with lab_cuda_calls() as calls, contextlib.suppress(Exception):  # the record works: CUDA's side calls
         lab_device.synchronize(torch.device("cuda"))
