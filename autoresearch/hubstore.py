@@ -204,14 +204,11 @@ class Store:
             if len(set(refs)) < len(refs) or any(ref != "HEAD" and git(repo, "check-ref-format", ref,
                                                                        check=False).returncode for ref in refs):
                 raise HubError(400, "the bundle's ref names are not ones git accepts, or one is listed twice")
-            heads = [sha for sha, _ in listed]
             unpacked = git(repo, "-c", "transfer.fsckObjects=true", "fetch", "-q", "--no-tags", str(path),
                            *[f"{ref}:refs/in/{i}" for i, ref in enumerate(refs)], check=False)
             if unpacked.returncode:
                 raise HubError(400, "the bundle cannot be unpacked (truncated or damaged?): " + self.told(unpacked))
-            for sha in set(heads):
-                if git(repo, "cat-file", "-t", sha).stdout.strip() != b"commit":
-                    raise HubError(400, f"the bundle's head {sha[:12]} is not a commit")
+            heads = [self.head_commit(repo, sha, ref) for sha, ref in listed]
             graph = [line.split() for line in git(repo, "rev-list", "--reverse", "--topo-order", "--parents",
                                                   *sorted(set(heads))).stdout.decode().splitlines()]
             with self.git_lock:
@@ -226,6 +223,19 @@ class Store:
             return [g[0] for g in new]
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    @staticmethod
+    def head_commit(repo, sha, ref):
+        """The commit a bundle's head names: itself, or what an annotated tag (`git bundle create F --all`)
+        points to; HubError 400 for anything else."""
+        kind = git(repo, "cat-file", "-t", sha).stdout.strip()
+        peeled = git(repo, "rev-parse", "--verify", "-q", f"{sha}^{{commit}}", check=False) if kind == b"tag" else None
+        if kind == b"commit":
+            return sha
+        if peeled is not None and peeled.returncode == 0:
+            return peeled.stdout.decode().strip()
+        raise HubError(400, f"the bundle's head {ref} ({sha[:12]}) is not a commit"
+                            + (" and its tag points to no commit" if kind == b"tag" else ""))
 
     def told(self, proc):
         """git's complaint, for a client: the last lines, without the hub's own paths."""
@@ -269,11 +279,16 @@ class Store:
                         *missing).stdout.decode().splitlines()
             self.index([line.split() for line in lines], None)
 
+    def commits_starting(self, prefix):
+        """Up to two commits whose hash starts with `prefix` (lowercase hex): a range on the primary key, which
+        LIKE (case-insensitive) cannot use: it scanned every commit, once per row of the results page."""
+        return self.read("SELECT hash FROM commits WHERE hash >= ? AND hash < ? LIMIT 2", (prefix, prefix + "g"))
+
     def resolve(self, prefix):
         """The full hash of a known commit from a prefix of at least 4 hex digits; HubError 404/400 otherwise."""
         if not HASH_PREFIX.match(prefix or ""):
             raise HubError(400, f"{prefix!r} is not a commit hash (4 to 40 lowercase hex digits)")
-        rows = self.read("SELECT hash FROM commits WHERE hash LIKE ? LIMIT 2", (prefix + "%",))
+        rows = self.commits_starting(prefix)
         if not rows:
             raise HubError(404, f"no commit {prefix} on this hub")
         if len(rows) > 1:
@@ -405,7 +420,7 @@ class Store:
             rows = self.read(f"SELECT * FROM results {where} ORDER BY id DESC LIMIT ?", [*args, limit])
         for row in rows:  # a 7-digit hash from a post, made whole when the hub has that commit
             row["commit"] = row.pop("commit_hash")
-            full = self.read("SELECT hash FROM commits WHERE hash LIKE ? LIMIT 2", (row["commit"] + "%",))
+            full = self.commits_starting(row["commit"])
             row["commit_full"] = full[0]["hash"] if len(full) == 1 else None
         return rows
 

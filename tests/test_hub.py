@@ -180,6 +180,19 @@ def test_a_bad_bundle_gets_a_4xx_with_its_reason_and_leaves_no_trace(hub, tmp_pa
         small.proc.kill()
 
 
+def test_annotated_tags_in_a_bundle_land_their_commits_and_a_tag_of_no_commit_is_refused(hub, tmp_path):
+    repo = lab(tmp_path / "lab", commits=3)
+    auth = hub.register("alice")
+    git(repo, "tag", "-a", "-m", "release", "v1", "HEAD~1")  # `git bundle create F --all` carries it
+    r = hub.post("/api/git/push", auth, data=bundle(repo, tmp_path / "b", "--all"))
+    assert r.status_code == 201 and r.json()["hashes"] == git(repo, "rev-list", "--reverse", "HEAD").split()
+    before = hub_state(hub)
+    git(repo, "tag", "-a", "-m", "a file", "file-tag", git(repo, "rev-parse", "HEAD:train.py"))
+    r = hub.post("/api/git/push", auth, data=bundle(repo, tmp_path / "c", "main", "file-tag"))
+    assert r.status_code == 400 and "refs/tags/file-tag" in r.json()["error"], r.text
+    assert "points to no commit" in r.json()["error"] and hub_state(hub) == before
+
+
 def test_concurrent_pushes_all_land(hub, tmp_path):
     repo = lab(tmp_path / "lab", commits=1)
     auth = hub.register("alice")
