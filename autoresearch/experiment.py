@@ -100,10 +100,10 @@ def confirm(loop, flight, pending, started, deadline=None):
         r.wall = time.monotonic() - t0  # train.py and the evaluator: what the next run will take
         done.append((kind, r))
         made_here.append(r)
-        print(f"#{n} {kind} run seed {seed}: " + (f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}")
-              + (f" ({r.speed:,.0f} tokens/s)" if not r.error and r.speed else ""), file=sys.stderr, flush=True)
         if kind == "candidate" and not r.error:
             r.error = outside_budget(loop, r)
+        print(f"#{n} {kind} run seed {seed}: " + (f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}")
+              + (f" ({r.speed:,.0f} tokens/s)" if not r.error and r.speed else ""), file=sys.stderr, flush=True)
         rerun = [b for k, b in done if k == "best"]
         if r.error or r.tampered or (kind == "candidate" and leaked(loop, [r], rerun)):
             return None  # no measurement: the rule stops at once, and the row says why
