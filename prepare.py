@@ -40,7 +40,8 @@ from autoresearch.tokens import SPECIAL_TOKENS, build_tokenizer_and_tokens  # SP
 # to 2 * EVAL_TOKENS, all that evaluation reads.
 # cpu (measured 2026-11-26, 300 s runs on 2 cores): vocab 4096 against 8192 gave val_bpb -0.09 on python-stdlib
 # (1 seed), -0.024 on tinystories-sample and -0.003 on gutenberg-children (2 seeds each; the last within the seed
-# spread): 30% more tokens in the budget, half the lm_head; 2048 lost on gutenberg (+0.025). Eval on 2**19 tokens,
+# spread): 30% more tokens in the budget, half the lm_head; 2048 lost on gutenberg (+0.025). On Debian package
+# docs, tuned on by nobody, +0.018 (2 seeds, whole val split; 4096's two seeds 0.05 apart). Eval on 2**19 tokens,
 # not 2**20: ~30 s instead of ~60 s, and two runs compared on these pinned rows differ by a sampling error of
 # ~0.0005 (SE of the per-row difference), a tenth of the seed-to-seed spread (~0.005).
 PROFILES = {
