@@ -740,16 +740,29 @@ def test_step_after_a_killed_step_runs_the_new_edit_of_train_py(repo, env):
     assert "SLEEP = 60.0" in git(repo, env, "show", "refs/autoresearch/t/discarded/1~1:train.py")
 
 
+def communicate_or_show_where_it_hangs(proc, timeout):
+    """proc.communicate(); if the process (run with PYTHONFAULTHANDLER=1) is still there after `timeout`, fail
+    with its Python stack, which SIGABRT makes faulthandler print (seen once in CI: a hang after Ctrl-C)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"no exit {timeout} s after the signal (alive: {alive})\nstdout:\n{out}\nstderr:\n{err[-6000:]}")
+
+
 def test_ctrl_c_during_the_agent_saves_its_edit_and_stops_at_the_best(repo, env, tmp_path):
     initialised(repo, env)
     agent = tmp_path / "busy.sh"
     agent.write_text(f"#!/bin/sh\necho '# half an idea' >> train.py\necho $$ > {tmp_path}/agent.pid\nsleep 300\n")
     agent.chmod(0o755)
-    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", str(agent)], cwd=repo, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", str(agent)], cwd=repo,
+                            env=dict(env, PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     assert wait_for(lambda: (tmp_path / "agent.pid").exists())
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=30)
+    out, _ = communicate_or_show_where_it_hangs(proc, 30)
     assert proc.returncode == 130 and "#1 interrupted before training" in out and "stopped: autoresearch/t" in out
     assert wait_for(lambda: pid_gone(int((tmp_path / "agent.pid").read_text())), 15)
     assert "# half an idea" in git(repo, env, "show", "refs/autoresearch/t/interrupted/1.1:train.py")
