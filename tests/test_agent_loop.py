@@ -757,9 +757,12 @@ def test_ctrl_c_during_the_agent_saves_its_edit_and_stops_at_the_best(repo, env,
     agent = tmp_path / "busy.sh"
     agent.write_text(f"#!/bin/sh\necho '# half an idea' >> train.py\necho $$ > {tmp_path}/agent.pid\nsleep 300\n")
     agent.chmod(0o755)
+    # Ctrl-C as a terminal sends it: to a loop whose SIGINT is not ignored. A shell script's background job
+    # (`bash .ci/run &`) starts with SIGINT ignored, every child inherits that, and Python then never raises
+    # KeyboardInterrupt: the loop ignored the signal (seen twice, as a 30 s hang of this test).
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", str(agent)], cwd=repo,
                             env=dict(env, PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert wait_for(lambda: (tmp_path / "agent.pid").exists())
     proc.send_signal(signal.SIGINT)
     out, _ = communicate_or_show_where_it_hangs(proc, 30)
