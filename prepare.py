@@ -36,8 +36,8 @@ from autoresearch.tokens import SPECIAL_TOKENS, build_tokenizer_and_tokens  # SP
 # Profiles and constants
 
 # TOKENIZER_MAX_CHARS: train text the tokenizer learns from. TRAIN_MAX_TOKENS: train tokens pre-tokenized, several
-# runs' worth (a 300 s run reads ~500M tokens on an H100, ~10M on 2 CPU cores); the val split is pre-tokenized up
-# to 2 * EVAL_TOKENS, all that evaluation reads.
+# runs' worth (TOKENS_PER_RUN below: what a 300 s run reads); the val split is pre-tokenized up to
+# 2 * EVAL_TOKENS, all that evaluation reads.
 # cpu (measured 2026-11-26, 300 s runs on 2 cores): vocab 4096 against 8192 gave val_bpb -0.09 on python-stdlib
 # (1 seed), -0.024 on tinystories-sample and -0.003 on gutenberg-children (2 seeds each; the last within the seed
 # spread): 30% more tokens in the budget, half the lm_head; 2048 lost on gutenberg (+0.025). On Debian package

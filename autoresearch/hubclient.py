@@ -21,7 +21,7 @@ import requests
 
 from autoresearch.gitrepo import git, identity
 from autoresearch.layout import TRAIN, LoopError, read_json
-from autoresearch.ledger import measured_versions, write_atomic
+from autoresearch.ledger import measured_versions, one_line, write_atomic
 from autoresearch.proposers import Proposal
 from autoresearch.state import say
 
@@ -181,7 +181,8 @@ class HubClient:
             return None  # unusable, no train.py there, or a version measured here already (our own push, say)
         source = subprocess.run(["git", "cat-file", "blob", blob], capture_output=True, check=True).stdout
         Path(TRAIN).write_bytes(source)
-        description = f"from the hub: {sha[:7]} of {claim['agent_id']} ({one_line(claim['description'], 80)})"
+        first = one_line((claim["description"] or "").split("\n")[0], 80)
+        description = f"from the hub: {sha[:7]} of {claim['agent_id']} ({first})"
         git("add", "--", TRAIN)
         # With the rest of the tree the same, the commit gets the hub's commit as its second parent (the best
         # first: the loop's checks see a child of the best that changes train.py), so the hub's tree shows whose
@@ -194,11 +195,6 @@ class HubClient:
         say(self.loop, f"hub: trying {sha[:7]} of {claim['agent_id']}, val_bpb {claim['val_bpb']:.6f} there "
                        f"against {self.loop.best_val:.6f} here")
         return Proposal(description)
-
-
-def one_line(text, limit):
-    """Another agent's words in our prompt and ledger: one printable line, cut short."""
-    return "".join(ch if ch.isprintable() else " " for ch in (text or "").split("\n")[0])[:limit]
 
 
 class HubFirst:

@@ -229,11 +229,12 @@ class Store:
         """The commit a bundle's head names: itself, or what an annotated tag (`git bundle create F --all`)
         points to; HubError 400 for anything else."""
         kind = git(repo, "cat-file", "-t", sha).stdout.strip()
-        peeled = git(repo, "rev-parse", "--verify", "-q", f"{sha}^{{commit}}", check=False) if kind == b"tag" else None
         if kind == b"commit":
             return sha
-        if peeled is not None and peeled.returncode == 0:
-            return peeled.stdout.decode().strip()
+        if kind == b"tag":
+            peeled = git(repo, "rev-parse", "--verify", "-q", f"{sha}^{{commit}}", check=False)
+            if peeled.returncode == 0:
+                return peeled.stdout.decode().strip()
         raise HubError(400, f"the bundle's head {ref} ({sha[:12]}) is not a commit"
                             + (" and its tag points to no commit" if kind == b"tag" else ""))
 

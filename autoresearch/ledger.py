@@ -40,9 +40,11 @@ INTERRUPTED = "interrupted"  # the loop was stopped or killed while train.py ran
 
 
 def one_line(text, limit=None):
-    """A results.tsv field: no tabs or newlines, ever, and valid UTF-8 (an argument in another
-    encoding arrives as surrogates, which no file or terminal can take)."""
-    text = " ".join(str(text).encode(errors="surrogateescape").decode(errors="replace").split())
+    """A results.tsv field: no tabs, newlines or other control characters (a terminal escape from an agent's
+    words), ever, and valid UTF-8 (an argument in another encoding arrives as surrogates, which no file or
+    terminal can take)."""
+    text = str(text).encode(errors="surrogateescape").decode(errors="replace")
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
     return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 

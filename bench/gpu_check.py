@@ -136,8 +136,9 @@ def main():
             results.update({name: ("skipped: out of time", "") for name, _ in stage})
             continue
         results.update(run_stage(stage, env, deadline, logs))
-    print(summary(results))
-    (logs / "summary.txt").write_text(summary(results) + "\n")
+    block = summary(results)
+    print(block)
+    (logs / "summary.txt").write_text(block + "\n")
     return 0 if all(code == 0 for code, _ in results.values()) else 1
 
 

@@ -12,7 +12,7 @@ import inspect
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -166,7 +166,9 @@ def reference_and_plain_runs(handoff, device):
         config_for = train.model_config
         with mock.patch.object(train, "model_config", lambda vocab, on_cuda: config_for(vocab, True)):
             model, attention_name = train.build_model(VOCAB, device)
-        initial = {name: t.clone() for name, t in model.state_dict().items()}
+        # float32, eager, SDPA (any device: FA3 takes only bf16) from the same initial weights (the bf16
+        # embeddings convert exactly): the harness's own twin, before training
+        plain = train.sdpa_twin(model).train()
         problem = train.check_memory(lambda: train.GPT(model.config, flash_like_attention),
                                      train.DEVICE_BATCH_SIZE, T, VOCAB, device, torch.bfloat16, True)
         optimizer = train.make_optimizer(model, compiled=True, ortho_dtype=torch.bfloat16)
@@ -180,10 +182,7 @@ def reference_and_plain_runs(handoff, device):
             ask(device)  # the rest of main()'s questions to the device
     reference = Run(model, attention_name, losses, grads, update, handoff, problem, cuda_calls, device)
 
-    # float32, eager, SDPA (any device: FA3 takes only bf16), float32 embeddings, eager optimizer, no autocast
-    with device:
-        plain = train.GPT(replace(model.config, embedding_dtype=torch.float32), attention.sdpa_attention)
-    plain.load_state_dict(initial)  # the reference's initial weights (its bf16 embeddings convert exactly)
+    # the float32 twin trains with an eager float32 optimizer, no autocast
     optimizer = train.make_optimizer(plain, compiled=False, ortho_dtype=torch.float32)
     losses, grads, update = train_steps(plain, plain, optimizer, contextlib.nullcontext(), on(device, batches()),
                                         device)
