@@ -1,7 +1,8 @@
 """
 Reporting a results.tsv (ours, or upstream's five columns): which rows make up a run, the numbers of the
 run (baseline, best, improvement, keep rate, noise, each experiment's delta against the best before it),
-the text report, and the progress plot. The best is ledger.best_row's, as everywhere else. A row may carry
+the text report, and the progress plot. The best is ledger.best_row's, as everywhere else, and its value
+the mean of all its runs (best_values), as the loop judges it. A row may carry
 the evidence of its decision (decide.parse_evidence) and the runs behind it, the candidate's and the best's
 re-runs; older files lack those columns, and an absent or empty one reads as no runs, no evidence.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 from autoresearch.decide import parse_evidence
 from autoresearch.gitrepo import current_branch, git
 from autoresearch.layout import BRANCH_PREFIX, RESULTS, LoopError, read_json, to_float
-from autoresearch.ledger import best_row, ledger_dir, one_line, read_results
+from autoresearch.ledger import best_row, ledger_dir, one_line, read_results, unmeasured
 
 
 # -----------------------------------------------------------------------------
@@ -87,39 +88,71 @@ def noise_of(rows, base_runs):
     return None
 
 
+def best_values(rows):
+    """(before, after, runs): for each row, the best's value before it and after it (None before the first
+    keep), and every measured run of each version, keyed by row.version_key. The best's value is the mean of
+    all its runs so far, its own and its re-runs while later experiments were judged, as the loop's
+    (State.best_val), never the one row's value: a lucky first run is diluted as the night goes."""
+    runs, best, before, after = {}, None, [], []
+
+    def value():
+        return round(statistics.fmean(runs[best]), 6) if best is not None and runs.get(best) else None
+
+    for i, r in enumerate(rows):
+        before.append(value())
+        if not unmeasured(r.get("note", "")):
+            own = floats(r.get("val_bpb_runs"))
+            if not own and r["status"] != "crash" and (to_float(r["val_bpb"]) or 0) > 0:
+                own = [to_float(r["val_bpb"])]  # upstream's five columns: the row's value is its one run
+            runs.setdefault(version_key(i, r), []).extend(own)
+            if best is not None:
+                runs[best].extend(floats(r.get("best_val_bpb_runs")))
+        if r["status"] == "keep":
+            best = version_key(i, r)
+        after.append(value())
+    return before, after, runs
+
+
+def version_key(i, row):
+    """A train.py version: its blob hash (as decide.version_runs), else the row itself (older files)."""
+    return row.get("train_py") or f"row {i}"
+
+
 def summarize(rows):
-    """Numbers of a results.tsv: the baseline is the first kept row; deltas are against the best
-    kept before each experiment."""
+    """Numbers of a results.tsv: the baseline is the first kept row; deltas are against the best's value
+    (best_values) before each experiment."""
     base_i = next((i for i, r in enumerate(rows) if r["status"] == "keep"), 0)
     base = rows[base_i]
-    base_val = to_float(base["val_bpb"]) or 0.0
+    before, after, version_runs = best_values(rows)
     history = []
     for i, r in enumerate(rows):
         val = to_float(r["val_bpb"]) or 0.0
         measured = val > 0 and r["status"] != "crash"
-        best_before = to_float((best_row(rows[:i]) or base)["val_bpb"]) or 0.0
-        delta = round(val - best_before, 6) if measured and i > base_i and best_before else None
+        delta = round(val - before[i], 6) if measured and i > base_i and before[i] else None
         history.append({
             "n": int(r["n"]) if r.get("n", "").isdigit() else i, "commit": r["commit"], "status": r["status"],
             "val_bpb": val, "delta": delta, "description": r["description"], "note": r.get("note", ""),
             "runs": floats(r.get("val_bpb_runs")), "best_runs": floats(r.get("best_val_bpb_runs")),
-            "evidence": evidence_of(r)})
+            "evidence": evidence_of(r), "best_after": after[i]})
     best = best_row(rows) or base  # a file without a keep: its first row stands in
-    best_val = to_float(best["val_bpb"]) or 0.0
-    best_n = next(e["n"] for r, e in zip(rows, history) if r is best)
+    best_i = next(i for i, r in enumerate(rows) if r is best)
+    base_runs = version_runs.get(version_key(base_i, base), [])
+    best_runs = version_runs.get(version_key(best_i, best), [])
+    base_val = round(statistics.fmean(base_runs), 6) if base_runs else to_float(base["val_bpb"]) or 0.0
+    best_val = round(statistics.fmean(best_runs), 6) if best_runs else to_float(best["val_bpb"]) or 0.0
     exps = history[base_i + 1:]
     count = {s: sum(e["status"] == s for e in exps) for s in ("keep", "discard", "crash")}
-    runs = floats(base.get("val_bpb_runs"))
     overhead = [to_float(r.get("loop_s")) for r in rows[base_i + 1:] if to_float(r.get("loop_s")) is not None]
     return {
         "tag": base.get("tag"), "experiments": len(exps), "keeps": count["keep"], "discards": count["discard"],
         "crashes": count["crash"], "keep_rate": round(count["keep"] / len(exps), 4) if exps else None,
-        "baseline": {"commit": base["commit"], "val_bpb": base_val, "runs": runs},
-        "best": {"n": best_n, "commit": best["commit"], "val_bpb": best_val, "description": best["description"]},
+        "baseline": {"commit": base["commit"], "val_bpb": base_val, "runs": base_runs},
+        "best": {"n": history[best_i]["n"], "commit": best["commit"], "val_bpb": best_val, "runs": best_runs,
+                 "description": best["description"]},
         "improvement": round(base_val - best_val, 6),
         "improvement_percent": round(100 * (base_val - best_val) / base_val, 3) if base_val else None,
-        "noise_sigma": round(statistics.stdev(runs), 6) if len(runs) > 1 else None,  # baseline runs alone
-        "noise": noise_of(rows, runs),
+        "noise_sigma": round(statistics.stdev(base_runs), 6) if len(base_runs) > 1 else None,  # baseline's runs
+        "noise": noise_of(rows, base_runs),
         "kept": [e for e in exps if e["status"] == "keep"],
         "crashed": [e for e in exps if e["status"] == "crash"],
         "loop_overhead_s_mean": round(statistics.fmean(overhead), 3) if overhead else None,
@@ -145,14 +178,20 @@ def evidence_words(ev):
     return ", ".join(words + [f"p={ev['p']:.2g}"])
 
 
+def mean_of(version):
+    n = len(version.get("runs", []))
+    return f"  [mean of {n} runs]" if n > 1 else ""
+
+
 def format_report(s, path, recent=0):
     pct = f" ({s['improvement_percent']:.2f}%)" if s["improvement_percent"] is not None else ""
     rate = f" ({100 * s['keep_rate']:.0f}%)" if s["keep_rate"] is not None else ""
     lines = [f"{path}{' (tag ' + s['tag'] + ')' if s['tag'] else ''}: baseline + {s['experiments']} experiments",
-             f"baseline val_bpb {s['baseline']['val_bpb']:.6f}  {s['baseline']['commit']}",
+             f"baseline val_bpb {s['baseline']['val_bpb']:.6f}  {s['baseline']['commit']}"
+             f"{mean_of(s['baseline'])}",
              f"best val_bpb     {s['best']['val_bpb']:.6f}  {s['best']['commit']}  "
              f"improvement {s['improvement']:.6f}{pct}"
-             f"  ({s['best']['description']})",
+             f"  ({s['best']['description']}){mean_of(s['best'])}",
              f"keeps {s['keeps']}{rate}, discards {s['discards']}, crashes {s['crashes']}"]
     if s["noise_sigma"] is not None:
         lines.append(f"noise sigma       {s['noise_sigma']:.6f}  from {len(s['baseline']['runs'])} baseline runs")
@@ -242,8 +281,7 @@ def plot(s, path):
     for x, e in keeps:
         ax.annotate(one_line(e["description"], 40), (x, e["val_bpb"]), xytext=(4, 6), textcoords="offset points",
                     fontsize=7, rotation=20, color="#1a6630")
-    bests = [best_row(hist[:i + 1]) for i in range(len(hist))]  # the best after each experiment
-    running = [b["val_bpb"] if b else base for b in bests]
+    running = [e.get("best_after") or base for e in hist]  # the best's value (mean of its runs) after each
     ax.step(xs, running, where="post", color="#1a9850", linewidth=1.5, label="best so far", zorder=3)
     failed = [x for x, e in zip(xs, hist) if e["status"] == "crash" or e["val_bpb"] <= 0]
     if failed:

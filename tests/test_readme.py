@@ -113,8 +113,10 @@ def test_results_example_has_the_columns_agent_loop_writes_and_reports(tmp_path)
     # rows #1 and #4 of 5 experiments are keeps; #4 (0.965800) is the lowest kept val_bpb
     assert (s["best"]["commit"], s["best"]["val_bpb"], s["best"]["n"]) == ("e8c4d16", 0.9658, 4)
     assert (s["experiments"], s["keeps"], s["discards"], s["crashes"], s["keep_rate"]) == (5, 2, 2, 1, 0.4)
-    # baseline 0.969700 from runs 0.969500 and 0.969900: sigma = 0.0004 / sqrt(2) = 0.000283
-    assert s["baseline"] == {"commit": "a3f9c21", "val_bpb": 0.9697, "runs": [0.9695, 0.9699]}
-    assert s["noise_sigma"] == 0.000283
-    # improvement 0.969700 - 0.965800 = 0.0039, which is 0.402% of the baseline
-    assert s["improvement"] == 0.0039 and s["improvement_percent"] == 0.402
+    # the baseline's value is the mean of all its runs: its own 0.969500 and 0.969900, and its re-run 0.969800
+    # while #1 was judged: 0.969733; sigma of those three = sqrt((0.233^2 + 0.167^2 + 0.067^2) / 2) e-3 = 0.000208
+    assert s["baseline"] == {"commit": "a3f9c21", "val_bpb": 0.969733, "runs": [0.9695, 0.9699, 0.9698]}
+    assert s["best"]["runs"] == [0.9655, 0.9661]  # no later experiment re-ran it
+    assert s["noise_sigma"] == 0.000208
+    # improvement 0.969733 - 0.965800 = 0.003933, which is 0.406% of the baseline
+    assert s["improvement"] == 0.003933 and s["improvement_percent"] == 0.406

@@ -65,7 +65,8 @@ def test_report_json_has_runs_and_evidence_of_each_experiment(tmp_path):
     assert s["kept"][0]["evidence"]["p"] == 0.0031  # the kept list carries it too
     # every key the report had before is still there
     assert {"n", "commit", "status", "val_bpb", "delta", "description", "note"} <= set(s["history"][0])
-    assert s["noise_sigma"] == 0.002828
+    # the baseline's runs: its own 1.0 and 1.004, and its re-runs 1.002 and 1.003 while #2 was judged
+    assert s["noise_sigma"] == 0.001708
 
 
 def test_json_stays_valid_when_a_run_or_the_evidence_is_not_a_number(tmp_path):
@@ -76,6 +77,34 @@ def test_json_stays_valid_when_a_run_or_the_evidence_is_not_a_number(tmp_path):
     assert s["history"][1]["evidence"] == {"diff": None, "p": 0.01, "sigma": None}
 
 
+def test_the_best_is_worth_the_mean_of_all_its_runs_not_its_lucky_first_one(tmp_path):
+    # the demo's case: a baseline of one lucky run (0.340), re-run as the best while two changes were judged
+    rows = [dict(commit="aaaaaaa", val_bpb="0.340000", status="keep", description="baseline", n="0",
+                 val_bpb_runs="0.340000", train_py="base"),
+            dict(commit="bbbbbbb", val_bpb="0.350000", status="discard", description="one", n="1",
+                 val_bpb_runs="0.350000,0.352000", best_val_bpb_runs="0.360000,0.356000", train_py="one"),
+            dict(commit="ccccccc", val_bpb="0.366000", status="discard", description="two", n="2",
+                 val_bpb_runs="0.366000", best_val_bpb_runs="0.352000", train_py="two"),
+            dict(commit="ddddddd", val_bpb="0.330000", status="keep", description="three", n="3",
+                 val_bpb_runs="0.328000,0.332000", best_val_bpb_runs="0.349000", train_py="three"),
+            dict(commit="eeeeeee", val_bpb="0.336000", status="discard", description="four", n="4",
+                 val_bpb_runs="0.336000", best_val_bpb_runs="0.338000", train_py="four"),
+            dict(commit="fffffff", val_bpb="0.300000", status="discard", description="rejected", n="5",
+                 val_bpb_runs="0.300000", best_val_bpb_runs="0.200000", train_py="five",
+                 note="rejected: trained on the val rows")]
+    s = summary(tmp_path, rows)
+    # baseline: (0.340 + 0.360 + 0.356 + 0.352 + 0.349) / 5 = 0.3514; its re-runs during #1, #2 and #3
+    assert s["baseline"]["runs"] == [0.34, 0.36, 0.356, 0.352, 0.349] and s["baseline"]["val_bpb"] == 0.3514
+    # best: (0.328 + 0.332 + 0.338) / 3 = 0.332667; the rejected row's re-run is no measurement
+    assert s["best"]["runs"] == [0.328, 0.332, 0.338] and s["best"]["val_bpb"] == 0.332667
+    assert s["improvement"] == round(0.3514 - 0.332667, 6)
+    # each delta is against the best's value when the experiment began: 0.340, 0.352, 0.352, then 0.33
+    assert [e["delta"] for e in s["history"]] == [None, 0.01, 0.014, -0.022, 0.006, -0.032667]
+    assert [e["best_after"] for e in s["history"]] == [0.34, 0.352, 0.352, 0.33, 0.332667, 0.332667]
+    text = report.format_report(s, "results.tsv")
+    assert "best val_bpb     0.332667  ddddddd" in text and "[mean of 3 runs]" in text
+
+
 def test_noise_comes_from_the_latest_evidence_else_the_baseline_runs(tmp_path):
     s = summary(tmp_path, ROWS)
     assert s["noise"] == {"sigma": 0.0041, "df": 9, "from": "pooled over repeated runs"}  # row 2's, not row 1's
@@ -83,10 +112,11 @@ def test_noise_comes_from_the_latest_evidence_else_the_baseline_runs(tmp_path):
     assert earlier["noise"] == {"sigma": 0.0028, "df": 1, "from": "pooled over repeated runs"}
     no_evidence = [{k: v for k, v in r.items() if k != "evidence"} for r in ROWS]
     from_baseline = summary(tmp_path, no_evidence)
-    assert from_baseline["noise"] == {"sigma": 0.002828, "df": 1, "from": "2 baseline runs"}
+    # the baseline's runs: its own two and its two re-runs while #2 was judged
+    assert from_baseline["noise"] == {"sigma": 0.001708, "df": 3, "from": "4 baseline runs"}
     text = report.format_report(from_baseline, "results.tsv")
-    assert "pooled" not in text and "noise sigma       0.002828  from 2 baseline runs" in text
-    one_run = [dict(r, val_bpb_runs="1.0") if r["n"] == "0" else r for r in no_evidence]
+    assert "pooled" not in text and "noise sigma       0.001708  from 4 baseline runs" in text
+    one_run = [dict(r, val_bpb_runs="1.0") if r["n"] == "0" else dict(r, best_val_bpb_runs="") for r in no_evidence]
     assert summary(tmp_path, one_run)["noise"] is None
 
 
