@@ -18,7 +18,10 @@ def commit_train(repo, env, message, **consts):
 
 def test_results_and_logs_added_to_git_by_the_agent_come_back_after_the_reset(repo, env):
     initialised(repo, env)
-    agent = "git add -f results.tsv logs; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py; echo sneaky"
+    # the add is retried: the loop writes running.json (tmp file, then rename) while the agent starts, and a
+    # git add that catches the tmp file gone fails (2 runs in 10 kept the change with nothing tracked)
+    agent = ("for i in $(seq 50); do git add -f results.tsv logs 2>/dev/null && break; sleep 0.1; done; "
+             "sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py; echo sneaky")
     loop(repo, env, "run", "--agent", agent, "--max-experiments", "1")
     assert [r["status"] for r in rows(repo)] == ["keep", "discard"] and "results.tsv" in rows(repo)[1]["note"]
     assert list((repo / "logs" / "t").glob("000-*.log")) and list((repo / "logs" / "t").glob("001-*.log"))
