@@ -395,8 +395,9 @@ def test_a_run_on_a_faster_machine_is_compared_with_the_best_run_again_not_with_
     # judged on val_bpb alone, 1.0 against the baseline's 1.3 would be a keep
     assert float(exp["val_bpb"]) < float(rows(repo)[0]["val_bpb"]) - 0.25
     assert out.startswith("discard"), out
-    assert exp["best_val_bpb_runs"] and exp["best_tokens_per_s"] == "100000"   # the best, run again at once
-    assert "1 pair(s) at another machine speed" in exp["note"], exp["note"]
+    # the best, run again at once (and in the pairs, if run 1 passed the screen against it), on the fast machine
+    assert exp["best_val_bpb_runs"] and set(exp["best_tokens_per_s"].split(",")) == {"100000"}
+    assert "pair(s) at another machine speed" in exp["note"], exp["note"]
 
 
 def test_step_stops_at_its_time_limit_and_the_next_step_goes_on_confirming(repo, env):

@@ -105,6 +105,32 @@ def test_a_pair_split_by_a_change_of_machine_speed_is_not_counted():
     assert split.evidence["p"] > steady.evidence["p"]  # and the evidence is one pair short
 
 
+def test_one_pair_whose_best_run_was_slowed_cannot_vouch_for_itself():
+    # the night's case in bench_decide: identical code, its first run a little better by chance; then the
+    # pair's best run was slowed by a load (and scored far worse) while the candidate's was not. Its speed
+    # ratio says "code 64% faster", and a ratio taken from the pair itself matched the pair: kept at p~0
+    best = [Obs(1.0, 1e5), Obs(1.002, 1e5), Obs(0.998, 1e5)]
+    cand = [Obs(0.99, 1e5), Obs(1.007, 1.01e5)]
+    step = next_step(best, cand, [Obs(1.495, 6.16e4)], Noise(SIGMA, 8))
+    assert step.action != "keep", step.note
+    assert step.evidence["diff"] > -0.01  # the slowed pair is not counted: its -0.49 was the load
+
+
+def test_a_slowed_probe_vouches_for_run_1_only_once_a_pair_shows_the_same_speed_ratio():
+    # code 15% slower and worse; run 1 at full speed; then a load came, slowing the probe (the best's run just
+    # after run 1) by about as much: "run 1 against the best run just now" compared an unloaded run with a
+    # loaded one. The next pair, both loaded, shows the code's true ratio (0.85), not run 1's (1.12)
+    best = [Obs(1.0, 1e5)] * 3
+    cand = [Obs(1.03, 8.3e4), Obs(1.31, 6.6e4)]
+    step = next_step(best, cand, [Obs(1.28, 7.44e4), Obs(1.28, 7.75e4)], Noise(SIGMA, 8))
+    assert step.action != "keep", step.note
+    assert step.evidence["diff"] > 0  # only what goes against the change is left
+    # the same runs with the pair at run 1's ratio: the slowed probe and run 1 ran on the same machine
+    agreed = next_step(best, [Obs(1.03, 8.3e4), Obs(1.03, 8.6e4)], [Obs(1.28, 7.44e4), Obs(1.28, 7.75e4)],
+                       Noise(SIGMA, 8))
+    assert agreed.evidence["diff"] < -0.2
+
+
 def test_a_machine_that_keeps_changing_speed_judges_nothing():
     best = [Obs(1.0, 1e5)] * 3
     # each pair's two runs at a different machine speed: nothing in them can be compared
