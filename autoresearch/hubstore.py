@@ -101,6 +101,7 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer; survives kill -9
             db.executescript(SCHEMA)
         self.admin_hash = self.admin_key_hash()
+        self.drop_incoming()
         self.index_anchored_commits()
         with self.tx() as db:  # there from the start: the channel cap can never keep results out
             db.execute("INSERT OR IGNORE INTO channels VALUES (?, ?, NULL, ?)",
@@ -251,8 +252,7 @@ class Store:
         git(self.repo, "fetch", "-q", "--no-tags", str(scratch_repo), "+refs/in/*:refs/incoming/*")
         git(self.repo, "update-ref", "--stdin",
             input="".join(f"update refs/commits/{g[0]} {g[0]}\n" for g in graph).encode())
-        refs = git(self.repo, "for-each-ref", "--format=%(refname)", "refs/incoming/").stdout.decode().split()
-        git(self.repo, "update-ref", "--stdin", input="".join(f"delete {r}\n" for r in refs).encode())
+        self.drop_incoming()
         self.index(graph, agent_id)
 
     def index(self, graph, agent_id):
@@ -269,6 +269,13 @@ class Store:
                   input="\n".join(hashes).encode()).stdout.decode(errors="replace")
         pairs = (entry.strip("\n").split("\0", 1) for entry in out.split("\x1e") if "\0" in entry)
         return {sha.strip(): message.strip() for sha, message in pairs}
+
+    def drop_incoming(self):
+        """Drop refs/incoming/*, where an import fetches to: one killed before its anchors leaves them behind
+        (that push was not taken: its client got no 201, and pushes again)."""
+        refs = git(self.repo, "for-each-ref", "--format=%(refname)", "refs/incoming/").stdout.decode().split()
+        if refs:
+            git(self.repo, "update-ref", "--stdin", input="".join(f"delete {r}\n" for r in refs).encode())
 
     def index_anchored_commits(self):
         """Commits anchored in git but missing from the index (the hub was killed between the two)."""

@@ -328,6 +328,49 @@ def test_a_hub_killed_with_kill_9_restarts_with_nothing_lost(hub, tmp_path):
     assert after[0][0]["message"] == "anchored only" and after[0][0]["parent_hash"] == before[0][0]["hash"]
 
 
+def push_ignoring_the_kill(url, auth, data):
+    try:
+        requests.post(url + "/api/git/push", headers=auth, data=data)
+    except requests.ConnectionError:
+        pass
+
+
+def test_a_hub_killed_at_any_moment_of_a_push_restarts_consistent_and_takes_the_push_again(hub, tmp_path):
+    repo = lab(tmp_path / "lab")
+    auth = hub.register("alice")
+    store = hub.data / "repo.git"
+    seen = set()
+    for delay in (0.0, 0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3):  # from mid-upload to mid-index, on 2 cores
+        for i in range(30):  # each round pushes 30 commits the hub does not have
+            git(repo, "commit", "-q", "--allow-empty", "-m", f"{delay} {i}")
+        everything = git(repo, "rev-list", "HEAD").split()
+        data = bundle(repo, tmp_path / "b")
+        threading.Thread(target=push_ignoring_the_kill, args=(hub.url, auth, data), daemon=True).start()
+        time.sleep(delay)
+        hub.kill9()
+        hub.start()
+        with sqlite3.connect(hub.data / "hub.db") as db:
+            indexed = dict(db.execute("SELECT hash, parent_hash FROM commits").fetchall())
+        anchored = set(git(store, "for-each-ref", "--format=%(objectname)", "refs/commits/").split())
+        # whatever point the kill hit: the index holds exactly the anchored commits, each with its parent,
+        # and every object of each; a half-done import left no other ref and no scratch repository
+        assert set(indexed) == anchored, delay
+        assert all(parent is None or parent in indexed for parent in indexed.values()), delay
+        if indexed:
+            assert git(store, "rev-list", "--objects", *indexed)
+        assert git(store, "for-each-ref", "--format=%(refname)") == "\n".join(
+            sorted(f"refs/commits/{h}" for h in indexed)), delay
+        assert list((hub.data / "scratch").iterdir()) == [], delay
+        seen.add(len(set(everything) - set(indexed)))
+        # and the push, made again, completes it
+        again = hub.post("/api/git/push", auth, data=data)
+        assert again.status_code == 201, again.text
+        assert sorted(set(again.json()["hashes"]) | set(indexed)) == sorted(everything)
+        commits = hub.get("/api/git/commits", auth, params={"limit": 1000}).json()
+        assert sorted(c["hash"] for c in commits) == sorted(everything)
+    assert len(seen) > 1, seen  # the kills hit before and after the import at least
+
+
 # ---------------------------------------------------------------------------
 # The loop as a client: two labs, one frontier (the stand-in train.py of the agent_loop tests)
 
