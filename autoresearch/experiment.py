@@ -31,6 +31,8 @@ STEP_LIMIT_S = float(os.environ.get("AUTORESEARCH_STEP_LIMIT_S", 840))
 # val rows. Measured on smoke (15 s): honest versions and seeds 1.024-1.063 (synthetic), 0.928-0.945
 # (tinystories); trained on val 0.434-0.449 (synthetic).
 LEAK_TOLERANCE = 0.10
+# a run line says how busy the machine was with other work (process.other_work) from this many CPU cores
+BUSY_CORES = 0.3
 
 
 # -----------------------------------------------------------------------------
@@ -103,7 +105,9 @@ def confirm(loop, flight, pending, started, deadline=None):
         if kind == "candidate" and not r.error:
             r.error = outside_budget(loop, r)
         print(f"#{n} {kind} run seed {seed}: " + (f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}")
-              + (f" ({r.speed:,.0f} tokens/s)" if not r.error and r.speed else ""), file=sys.stderr, flush=True)
+              + (f" ({r.speed:,.0f} tokens/s)" if not r.error and r.speed else "")
+              + (f" [machine busy with other work: {r.other_cores:.1f} cores]"
+                 if r.other_cores is not None and r.other_cores >= BUSY_CORES else ""), file=sys.stderr, flush=True)
         rerun = [b for k, b in done if k == "best"]
         if r.error or r.tampered or (kind == "candidate" and leaked(loop, [r], rerun)):
             return None  # no measurement: the rule stops at once, and the row says why

@@ -6,6 +6,7 @@ and SIGTERM, which the loop handles like Ctrl-C.
 """
 import math
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -80,6 +81,30 @@ def run_group(cmd, stdout, stderr, env, timeout, stdin=subprocess.DEVNULL, shell
             log_note(stdout if stderr == subprocess.STDOUT else stderr,
                      f"[agent_loop] killed {escaped} process(es) of this run that outlived it (setsid, daemon)")
     return rc, time.monotonic() - start
+
+
+def cpu_clock():
+    """(CPU seconds the whole machine has been busy, on all processors; CPU seconds of this process and of the
+    children it has reaped), for other_work(). The first is None without /proc/stat (not Linux)."""
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    own = sum(r.ru_utime + r.ru_stime for r in own)
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None, own
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
+
+
+def other_work(before, seconds):
+    """CPU cores the machine spent on work that was not ours (nor our reaped children's) since cpu_clock()
+    gave `before`, averaged over `seconds`: the harness's own view of a busy machine, which a run cannot
+    talk down (what it started and left behind counts as other work). None where it cannot be measured."""
+    (busy0, own0), (busy1, own1) = before, cpu_clock()
+    if busy0 is None or busy1 is None or seconds <= 0:
+        return None
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / seconds
 
 
 def exit_code(proc, block=False):

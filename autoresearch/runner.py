@@ -16,7 +16,7 @@ from pathlib import Path
 
 from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, now_iso, to_float
-from autoresearch.process import run_group
+from autoresearch.process import cpu_clock, other_work, run_group
 
 BUDGET_TOLERANCE = 0.02     # training may overrun the budget by 2% (or by its last step, if longer)
 PRINTED_TOLERANCE = 1e-4    # relative: train.py's own val_bpb against the evaluator's
@@ -33,6 +33,7 @@ class Run:
     notes: list = field(default_factory=list)  # what the row's note must say about this run
     train_wall: float = 0.0  # train.py's own wall-clock seconds, by the harness's clock (wall adds the evaluator)
     tampered: list = field(default_factory=list)  # files outside train.py the run wrote (seal.py)
+    other_cores: float = None  # CPU cores busy with other work while train.py ran (process.other_work)
 
     @property
     def val(self):
@@ -97,12 +98,18 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
         log.flush()
         offset = log.tell()
+        clock = cpu_clock()
         rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
+        other = other_work(clock, wall)
     with open(log_path, "rb") as f:
         f.seek(offset)
         output = f.read().decode(errors="replace")
+    if other is not None:  # after the output is read: the summary block stays train.py's own
+        with open(log_path, "a") as log:
+            log.write(f"[agent_loop] other work on the machine while train.py ran: {other:.2f} CPU cores "
+                      f"(of {os.cpu_count()}; /proc/stat less this run's own CPU time)\n")
     error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff))
-    run = Run(seed, summary, error, tail, wall, train_wall=wall)
+    run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other)
     if handoff:
         if not error:
             evaluator_cache = Path(compile_cache) / "evaluator" if compile_cache else None

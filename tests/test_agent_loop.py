@@ -340,6 +340,29 @@ def test_fail_nan_and_missing_summary_are_crashes(repo, env, mode, reason):
     assert rows(repo)[1]["status"] == "crash"
 
 
+def test_each_run_says_how_busy_the_machine_was_with_other_work(repo, env):
+    # the harness's own measure (/proc/stat less the run's CPU time), not the run's word
+    if not Path("/proc/stat").exists():
+        pytest.skip("needs /proc/stat (Linux)")
+    initialised(repo, env, SLEEP=1.0)
+    set_train(repo, SLEEP=1.0, VAL_BPB=1.1)
+    quiet = loop(repo, env, "step", "-m", "quiet machine")
+    assert "busy with other work" not in quiet.stderr, quiet.stderr
+    log = next((repo / "logs" / "t").glob("001-*.log")).read_text()
+    (cores,) = re.findall(r"other work on the machine while train.py ran: ([\d.]+) CPU cores", log)
+    assert float(cores) < 0.3, log
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        set_train(repo, SLEEP=1.0, VAL_BPB=1.2)
+        busy = loop(repo, env, "step", "-m", "busy machine")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    (line,) = [x for x in busy.stderr.splitlines() if "candidate run" in x]
+    assert float(re.search(r"busy with other work: ([\d.]+) cores", line).group(1)) >= 0.7, busy.stderr
+
+
 def test_timeout_kills_train_and_its_children(repo, env, tmp_path):
     initialised(repo, env)
     set_train(repo, MODE="hang")
