@@ -313,13 +313,14 @@ def write_log_header(loop, log, n, sha, best, description):
 
 
 def run_columns(runs, prefix=""):
-    """The ledger's columns of a list of runs: every seed, and the values and speeds of those that finished
-    (decide.row_runs reads them back)."""
+    """The ledger's columns of a list of runs: every seed, and the values, speeds, time outside the budget and
+    other work on the machine of those that finished (decide.row_runs reads values and speeds back)."""
     ok = [r for r in runs if not r.error]
     return {prefix + "seeds": ",".join(str(r.seed) for r in runs),
             prefix + "val_bpb_runs": ",".join(f"{r.val:.6f}" for r in ok),
             prefix + "tokens_per_s": ",".join(f"{r.speed or 0:.0f}" for r in ok),
-            prefix + "outside_s": ",".join(f"{r.outside:.1f}" for r in ok if r.outside is not None)}
+            prefix + "outside_s": ",".join(f"{r.outside:.1f}" for r in ok if r.outside is not None),
+            prefix + "other_cores": ",".join(f"{r.other_cores:.2f}" for r in ok if r.other_cores is not None)}
 
 
 def experiment_row(loop, n, sha, status, description, runs, val, note, log, train_py):

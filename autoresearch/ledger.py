@@ -26,7 +26,9 @@ COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstrea
            # how much better the pinned val rows score than the held-out slice (experiment.leaked)
            "heldout_gap",
            # seconds each finished run spent outside its reported training time (experiment.outside_budget)
-           "outside_s", "best_outside_s"]
+           "outside_s", "best_outside_s",
+           # CPU cores other work kept busy while each run trained, by the harness's measure (process.other_work)
+           "other_cores", "best_other_cores"]
 DESCRIPTION_MAX = 120
 
 # Rows whose train.py has no trustworthy measurement. The status column keeps upstream's values

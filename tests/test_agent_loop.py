@@ -361,6 +361,8 @@ def test_each_run_says_how_busy_the_machine_was_with_other_work(repo, env):
         spinner.wait()
     (line,) = [x for x in busy.stderr.splitlines() if "candidate run" in x]
     assert float(re.search(r"busy with other work: ([\d.]+) cores", line).group(1)) >= 0.7, busy.stderr
+    # and the ledger keeps it, a value per run
+    assert float(rows(repo)[1]["other_cores"]) < 0.3 and float(rows(repo)[2]["other_cores"]) >= 0.7
 
 
 def test_timeout_kills_train_and_its_children(repo, env, tmp_path):
