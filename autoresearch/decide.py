@@ -162,10 +162,13 @@ def estimate(best_runs, cand, probe, paired, band, sigma):
     # the screen, a comparison that favours the candidate needs a rho that holds, and the candidate's speed is
     # its own train.py's word, so a pair it could push off the ratio (to drop a bad run) is left out only when
     # it favours the candidate.
+    def at_rho(b, c):
+        return abs(c.speed / b.speed / rho - 1) <= tol
+
     verified = bool(ratios) or not probe_off or not pairs or any(
-        c.speed and b.speed and abs(c.speed / b.speed / rho - 1) <= tol for b, c in pairs)
+        c.speed and b.speed and at_rho(b, c) for b, c in pairs)
     matched = [(b, c) for b, c in pairs if not (c.speed and b.speed) or c.val >= b.val
-               or (verified and abs(c.speed / b.speed / rho - 1) <= tol)]
+               or (verified and at_rho(b, c))]
     probe_counts = probe is not None and (verified or cand[0].val >= probe.val)
     parts, basis = [], []
     if abs(rho - 1) <= tol:

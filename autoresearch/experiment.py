@@ -104,10 +104,12 @@ def confirm(loop, flight, pending, started, deadline=None):
         made_here.append(r)
         if kind == "candidate" and not r.error:
             r.error = outside_budget(loop, r)
-        print(f"#{n} {kind} run seed {seed}: " + (f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}")
-              + (f" ({r.speed:,.0f} tokens/s)" if not r.error and r.speed else "")
-              + (f" [machine busy with other work: {r.other_cores:.1f} cores]"
-                 if r.other_cores is not None and r.other_cores >= BUSY_CORES else ""), file=sys.stderr, flush=True)
+        said = f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}"
+        if not r.error and r.speed:
+            said += f" ({r.speed:,.0f} tokens/s)"
+        if r.other_cores is not None and r.other_cores >= BUSY_CORES:
+            said += f" [machine busy with other work: {r.other_cores:.1f} cores]"
+        print(f"#{n} {kind} run seed {seed}: {said}", file=sys.stderr, flush=True)
         rerun = [b for k, b in done if k == "best"]
         if r.error or r.tampered or (kind == "candidate" and leaked(loop, [r], rerun)):
             return None  # no measurement: the rule stops at once, and the row says why
