@@ -7,6 +7,7 @@ experiment is a row in results.tsv and a log in logs/TAG/; the loop resumes afte
     uv run agent_loop.py demo                          # offline demo in a disposable worktree (smoke profile)
     uv run agent_loop.py init --tag mar5               # branch autoresearch/mar5 + baseline runs (noise)
     uv run agent_loop.py run --agent mutate            # autonomous loop; or --agent "claude -p ..." (run --help)
+    uv run agent_loop.py run --agent mutate --workers auto   # one experiment per GPU at a time (or --workers N)
     uv run agent_loop.py step -m "raise MATRIX_LR"     # one experiment, for a coding agent following program.md
     uv run agent_loop.py report [--json] [--plot progress.png]
     uv run agent_loop.py hub --listen 127.0.0.1:8080   # a hub that many loops share (program_hub.md)
@@ -122,6 +123,8 @@ def cmd_run(args):
     except (KeyboardInterrupt, Stop):
         stop_cleanly(loop)
     check_clean(loop)
+    if parallel(args):
+        return run_parallel(loop, args)
     proposer = make_proposer(args.agent, args.seed, args.agent_timeout)
     hub = None
     if args.hub:
@@ -143,7 +146,7 @@ def cmd_run(args):
                 say(loop, f"time limit of {args.hours} h reached")
                 break
             check_clean(loop)
-            n, done = len(loop.rows), done + 1
+            n, done = loop.next_n(), done + 1
             with InFlight(loop) as flight:
                 flight.mark(n=n, phase="propose")  # from here on, a stop saves what the proposer wrote
                 proposal = proposer.propose(loop, n, flight)
@@ -164,17 +167,43 @@ def cmd_run(args):
                 line = run_experiment(loop, flight, proposal.description, time.monotonic(), strict=False,
                                       untracked_new=proposal.untracked)
             say(loop, f"#{n} {line} | {proposal.description}")
-            if hub and len(loop.rows) > n:
-                hub.publish(loop.rows[n])
+            if hub and loop.rows[-1].get("n") == str(n):
+                hub.publish(loop.rows[-1])
             if proposal.untracked:
                 say(loop, f"#{n} note: the agent created untracked files (left in place): "
                           f"{', '.join(sorted(proposal.untracked))}")
     except (KeyboardInterrupt, Stop):
         stop_cleanly(loop)
+    say_done(loop)
+    return 0
+
+
+def parallel(args):
+    """run --workers N (N > 1, or auto) or --gpus: experiments in parallel (autoresearch/workers.py)."""
+    return bool(args.gpus) or args.workers not in (None, "1")
+
+
+def run_parallel(loop, args):
+    from autoresearch.workers import run_workers
+    if args.hub:
+        raise LoopError("--hub works with the single loop only, for now. Fix: leave out --workers/--gpus, or "
+                        "run one `run --hub` per machine")
+    say(loop, f"run on {loop.branch} with workers: agent {args.agent!r}, best val_bpb={loop.best_val:.6f} "
+              f"({loop.next_n() - 1} experiments so far), timeout {loop.timeout:.0f} s")
+    try:
+        lines = run_workers(loop, args)
+    except (KeyboardInterrupt, Stop):
+        stop_cleanly(loop)
+    for line in lines:
+        say(loop, line)
+    say_done(loop)
+    return 0
+
+
+def say_done(loop):
     s = summarize(loop.rows)
     say(loop, f"done: {s['experiments']} experiments, {s['keeps']} kept; best val_bpb={s['best']['val_bpb']:.6f} "
               f"at {s['best']['commit']} ({s['best']['description']}); see `uv run agent_loop.py report`")
-    return 0
 
 
 def cmd_report(args):
@@ -232,6 +261,13 @@ def bounded(kind, unit, allowed, words):
     return parse
 
 
+def workers_count(text):
+    """--workers: auto, or a whole number of workers from 1."""
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: give a number of workers from 1, or auto (one per visible GPU)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="agent_loop.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -268,6 +304,12 @@ def build_parser():
     run.add_argument("--agent-timeout", type=positive(float, "seconds"), default=AGENT_TIMEOUT_S,
                      help=f"s (default {AGENT_TIMEOUT_S})")
     run.add_argument("--seed", type=int, default=0, help="mutate's random seed (default 0)")
+    run.add_argument("--workers", type=workers_count, metavar="N|auto",
+                     help="experiments in parallel, each in a worktree of its own (worktrees/TAG-wK) on a device "
+                          "of its own: one GPU each while there are enough, else an equal share of the CPU cores; "
+                          "auto: one per visible GPU (default 1: this checkout, no worktree)")
+    run.add_argument("--gpus", metavar="IDS", help="one worker per listed GPU, e.g. 0,1,3 (as CUDA_VISIBLE_DEVICES "
+                                                   "numbers them)")
     run.add_argument("--hub", metavar="URL", help="share results and keeps with a hub, and try its better commits "
                                                    "(program_hub.md)")
     run.add_argument("--hub-platform", metavar="NAME", help="what this machine's val_bpb is comparable with on the "

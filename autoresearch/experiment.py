@@ -39,13 +39,14 @@ BUSY_CORES = 0.3
 # One experiment
 
 
-def run_experiment(loop, flight, description, started, strict, untracked_new=(), deadline=None):
+def run_experiment(loop, flight, description, started, strict, untracked_new=(), deadline=None, n=None):
     """The tree holds a proposed change (from the agent, mutate, or a coding agent calling `step`).
     Returns the one-line outcome. flight records the phases in running.json; strict (`step`) refuses
     a change to another file instead of recording it. started = time.monotonic() when the loop took over;
-    deadline (time.monotonic() seconds, `step`): start no run that would end after it."""
+    deadline (time.monotonic() seconds, `step`): start no run that would end after it. n: the experiment's
+    number (a worker's comes from its coordinator), else the next row's."""
     description = one_line(description, DESCRIPTION_MAX) or "(no description)"
-    n, best = len(loop.rows), loop.best_commit
+    n, best = loop.next_n() if n is None else n, loop.best_commit
     if not strict and git("merge-base", "--is-ancestor", best, "HEAD", check=False) is None:
         git("reset", "-q", "--soft", best)  # the agent rewrote history (amend, rebase): keep its files only
     changed = changed_since(best)
@@ -67,7 +68,8 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
             note_extra += f"; untracked modules moved to {loop.dir / f'{n:03d}-set-aside'}: {', '.join(moved)}"
         return reject(loop, n, best, description, " and ".join(why), started, note_extra)
     train_py = blob_hash(Path(TRAIN).read_bytes())
-    twin = measured_versions(loop.rows).get(train_py)
+    # a worker's coordinator also knows what the other workers measured since, and what they run now
+    twin = loop.link.claim(n, train_py, description) if loop.link else measured_versions(loop.rows).get(train_py)
     if twin:
         save_and_reset(loop, spare_name(loop, "skipped", n),
                        f"[skipped: identical to #{twin['n']}] {description}")
@@ -140,9 +142,12 @@ def confirm(loop, flight, pending, started, deadline=None):
                          note + pending["note_extra"], log, pending["train_py"])
     row.update(run_columns(best_runs, "best_"), best_train_py=loop.best.get("train_py", "") if best_runs else "",
                evidence=format_evidence(step.evidence) if not distrust else "")
-    finish(loop, row, log, started, sum(r.wall for r in made_here))
+    recorded = finish(loop, row, log, started, sum(r.wall for r in made_here))
     loop.prune_compile_caches()
-    return outcome_line(status, val, note, log, previous_best, step.evidence, loop.best_val)
+    line = outcome_line(recorded["status"], val, note, log, previous_best, step.evidence, loop.best_val)
+    if recorded["status"] != status:  # a worker's keep that another worker's keep overtook (workers.py)
+        line += f"; {recorded['note'].split('; ')[0]}"
+    return line
 
 
 def read_pending(loop):
@@ -340,9 +345,13 @@ def experiment_row(loop, n, sha, status, description, runs, val, note, log, trai
 
 
 def finish(loop, row, log, started, train_wall):
-    """Write the row, then keep (branch stays) or save under refs/ and reset; explain in the log."""
+    """Write the row, then keep (branch stays) or save under refs/ and reset; explain in the log. Returns the
+    row as recorded."""
     row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
-    append_row(row)
+    if loop.link:  # the coordinator records it; a keep whose base is no longer the best becomes a discard
+        row = loop.link.record(dict(row, worker=str(loop.worker)), base=loop.best_commit, sha=head())
+    else:
+        append_row(row)
     loop.rows.append(row)
     loop.remember_modules()
     sha = git("rev-parse", "HEAD")
@@ -353,13 +362,15 @@ def finish(loop, row, log, started, train_wall):
         after = f"saved at {ref}; branch reset to the best {loop.best['commit']}"
         sha = git("rev-parse", ref) if ref else sha
         render_results()  # the reset deletes results.tsv and logs/ if the proposal had added them to git
-        restore_logs(loop.rows[:-1])
+        if not loop.worker:  # a worker's logs are in the main checkout, out of the reset's reach
+            restore_logs(loop.rows[:-1])
     overhead = time.monotonic() - started - train_wall
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"\n===== decision =====\n{row['note']}\n{after}\n"
                 f"loop overhead {overhead:.2f} s (git, parsing, logging; excludes training and the agent)\n")
     keep_copies(loop.tag, row["n"], log, sha)
+    return row
 
 
 # -----------------------------------------------------------------------------

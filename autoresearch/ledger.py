@@ -28,7 +28,9 @@ COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstrea
            # seconds each finished run spent outside its reported training time (experiment.outside_budget)
            "outside_s", "best_outside_s",
            # CPU cores other work kept busy while each run trained, by the harness's measure (process.other_work)
-           "other_cores", "best_other_cores"]
+           "other_cores", "best_other_cores",
+           # which worker of `run --workers N` ran the experiment (empty: the single loop)
+           "worker"]
 DESCRIPTION_MAX = 120
 
 # Rows whose train.py has no trustworthy measurement. The status column keeps upstream's values
@@ -97,10 +99,15 @@ def tag_rows(tag):
     return [r for r in rows if r.get("tag") == tag]
 
 
+# The workers of `run --workers N` run in worktrees of their own, and record in their coordinator's ledger
+LEDGER_ENV = "AUTORESEARCH_LEDGER_DIR"
+
+
 @functools.lru_cache(maxsize=None)
 def ledger_dir():
-    """.git/autoresearch (per worktree: a demo's worktree has its own)."""
-    folder = Path(git("rev-parse", "--git-dir")).resolve() / "autoresearch"
+    """.git/autoresearch (per worktree: a demo's worktree has its own), or the coordinator's (LEDGER_ENV)."""
+    shared = os.environ.get(LEDGER_ENV)
+    folder = Path(shared) if shared else Path(git("rev-parse", "--git-dir")).resolve() / "autoresearch"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -84,17 +84,23 @@ def run_group(cmd, stdout, stderr, env, timeout, stdin=subprocess.DEVNULL, shell
 
 
 def cpu_clock():
-    """(CPU seconds the whole machine has been busy, on all processors; CPU seconds of this process and of the
-    children it has reaped), for other_work(). The first is None without /proc/stat (not Linux)."""
+    """(CPU seconds the processors this process may run on have been busy: all of them, or its share of a machine
+    split between workers; CPU seconds of this process and of the children it has reaped), for other_work(). The
+    first is None without /proc/stat (not Linux)."""
     own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     own = sum(r.ru_utime + r.ru_stime for r in own)
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]
+            lines = [line.split() for line in f if line.startswith("cpu")]
+        if 0 < len(mine) < len(lines) - 1:  # pinned to some of the processors: theirs only
+            lines = [fields for fields in lines[1:] if int(fields[0][3:]) in mine]
+        else:  # the first line sums them all
+            lines = lines[:1]
+        busy = sum(int(v) for fields in lines for i, v in enumerate(fields[1:9]) if i not in (3, 4))  # not idle
     except (OSError, ValueError):
         return None, own
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
+    return busy / os.sysconf("SC_CLK_TCK"), own
 
 
 def other_work(before, seconds):

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from autoresearch.gitrepo import current_branch, git, tree_status
 from autoresearch.layout import PROGRAM, RESULTS, TRAIN
-from autoresearch.ledger import measured_versions, render_results
+from autoresearch.ledger import measured_versions, one_line, render_results
 from autoresearch.mutate import propose_mutation
 from autoresearch.process import run_group
 from autoresearch.report import format_report, summarize
@@ -75,9 +75,9 @@ class AgentCommand:
         flight.mark(n=n, phase="agent")
         description, error = call_agent(loop, self.command, n, self.timeout, on_spawn=flight.spawned)
         untracked = frozenset(tree_status()[1] - before)
-        if current_branch() != loop.branch:
-            error = (f"the agent left {loop.branch} for {current_branch() or 'a detached HEAD'} "
-                     f"(commits it made there stay there)")
+        if current_branch() != loop.checkout_branch:
+            error = (f"the agent left {loop.checkout_branch or 'the detached HEAD at the best'} for "
+                     f"{current_branch() or 'a detached HEAD'} (commits it made there stay there)")
             git("checkout", "-q", "--detach")  # save its uncommitted edits without moving that branch
         return Proposal(description, error, untracked, log=str(loop.dir / f"{n:03d}-agent.err"))
 
@@ -97,10 +97,15 @@ def build_prompt(loop, n):
         diff = diff[:PROMPT_DIFF_LINES] + [f"... ({more} more lines: git diff {base[:7]} {best[:7]})"]
     crash = ""
     last = loop.rows[-1]
-    if last["status"] == "crash" and last.get("log") and Path(last["log"]).exists():
-        tail = Path(last["log"]).read_text(errors="replace").splitlines()[-CRASH_TAIL_LINES:]
+    log = Path(loop.root) / last.get("log", "")  # a worker runs in a worktree: logs are in the main checkout
+    if last["status"] == "crash" and last.get("log") and log.is_file():
+        tail = log.read_text(errors="replace").splitlines()[-CRASH_TAIL_LINES:]
         crash = (f"\n## The last experiment (#{last['n']}) crashed; the end of its log\n```\n"
                  + "\n".join(tail) + "\n```\n")
+    others = getattr(loop.link, "others", None)
+    if others:
+        crash += ("\n## Running now on the other workers (do not try these again)\n"
+                  + "".join(f"- {one_line(text, 200)}\n" for text in others))
     rules = (f"You are called by `agent_loop.py run` for experiment #{n} on branch {loop.branch}, with a "
              f"fresh context. Make ONE experimental change to {TRAIN} (edit only {TRAIN}: a change to any "
              f"other file gets the experiment rejected). Do NOT run {TRAIN}, agent_loop.py or git yourself: "

@@ -8,6 +8,7 @@ re-runs; older files lack those columns, and an absent or empty one reads as no 
 """
 import math
 import statistics
+import time
 from pathlib import Path
 
 from autoresearch.decide import parse_evidence
@@ -105,8 +106,11 @@ def best_values(rows):
             if not own and r["status"] != "crash" and (to_float(r["val_bpb"]) or 0) > 0:
                 own = [to_float(r["val_bpb"])]  # upstream's five columns: the row's value is its one run
             runs.setdefault(version_key(i, r), []).extend(own)
-            if best is not None:
-                runs[best].extend(floats(r.get("best_val_bpb_runs")))
+            # the best's re-runs: of the version the row names (a parallel run's rows may be based on an
+            # earlier best), else of the best before it
+            rerun = r.get("best_train_py") or best
+            if rerun is not None:
+                runs.setdefault(rerun, []).extend(floats(r.get("best_val_bpb_runs")))
         if r["status"] == "keep":
             best = version_key(i, r)
         after.append(value())
@@ -116,6 +120,26 @@ def best_values(rows):
 def version_key(i, row):
     """A train.py version: its blob hash (as decide.version_runs), else the row itself (older files)."""
     return row.get("train_py") or f"row {i}"
+
+
+def per_worker(rows):
+    """{worker: experiments, keeps, crashes, experiments per hour} of the rows a `run --workers` recorded, and
+    the rate of all of them per worker, or ({}, None). A rate is (rows - 1) over the time from the first row's
+    end to the last's, so it needs two rows; it counts the time an agent took, as a night does."""
+    def rate(group):
+        stamps = sorted(time.mktime(time.strptime(r["timestamp"], "%Y-%m-%dT%H:%M:%S")) for r in group
+                        if r.get("timestamp"))
+        span = stamps[-1] - stamps[0] if len(stamps) > 1 else 0
+        return round(3600 * (len(stamps) - 1) / span, 1) if span > 0 else None
+
+    parallel = [r for r in rows if r.get("worker")]
+    workers = {}
+    for w in sorted({r["worker"] for r in parallel}, key=int):
+        mine = [r for r in parallel if r["worker"] == w]
+        workers[w] = {"experiments": len(mine), "keeps": sum(r["status"] == "keep" for r in mine),
+                      "crashes": sum(r["status"] == "crash" for r in mine), "per_hour": rate(mine)}
+    overall = rate(parallel)
+    return workers, round(overall / len(workers), 1) if overall else None
 
 
 def summarize(rows):
@@ -143,6 +167,9 @@ def summarize(rows):
     exps = history[base_i + 1:]
     count = {s: sum(e["status"] == s for e in exps) for s in ("keep", "discard", "crash")}
     overhead = [to_float(r.get("loop_s")) for r in rows[base_i + 1:] if to_float(r.get("loop_s")) is not None]
+    workers, per_hour = per_worker(rows[base_i + 1:])
+    for e, r in zip(history, rows):
+        e["worker"] = r.get("worker") or None
     return {
         "tag": base.get("tag"), "experiments": len(exps), "keeps": count["keep"], "discards": count["discard"],
         "crashes": count["crash"], "keep_rate": round(count["keep"] / len(exps), 4) if exps else None,
@@ -156,6 +183,7 @@ def summarize(rows):
         "kept": [e for e in exps if e["status"] == "keep"],
         "crashed": [e for e in exps if e["status"] == "crash"],
         "loop_overhead_s_mean": round(statistics.fmean(overhead), 3) if overhead else None,
+        "workers": workers, "per_hour_per_worker": per_hour,
         "history": history,
     }
 
@@ -201,6 +229,13 @@ def format_report(s, path, recent=0):
                      f"{noise['sigma']:.6f})")
     elif noise and noise["from"] == POOLED:  # one from the baseline runs alone is the line above
         lines.append(f"noise sigma       {noise['sigma']:.6f}  (df {noise['df']}, {noise['from']})")
+    if s.get("workers"):
+        rate = lambda x: f", {x:.1f}/h" if x else ""  # noqa: E731
+        lines.append("workers: " + "; ".join(f"w{w} {x['experiments']} experiments ({x['keeps']} kept, "
+                                              f"{x['crashes']} crashed{rate(x['per_hour'])})"
+                                              for w, x in s["workers"].items())
+                     + (f"; {s['per_hour_per_worker']:.1f} experiments per hour per worker"
+                        if s["per_hour_per_worker"] else ""))
     if s["loop_overhead_s_mean"] is not None:
         lines.append(f"loop overhead {s['loop_overhead_s_mean']:.2f} s per experiment (mean; excludes training)")
     def entry(e):
@@ -268,9 +303,12 @@ def plot(s, path):
     low, high = bottom - pad, top + pad
     fig, ax = plt.subplots(figsize=(12, 6))
     plot_runs(ax, hist)
-    disc = [(x, e["val_bpb"]) for x, e in measured if e["status"] != "keep" and e["val_bpb"] <= high]
-    if disc:
-        ax.scatter(*zip(*disc), s=16, color="0.55", alpha=0.35, label="discard", zorder=2)
+    disc = [(x, e["val_bpb"], e.get("worker")) for x, e in measured if e["status"] != "keep" and e["val_bpb"] <= high]
+    for worker in sorted({w for _, _, w in disc}, key=lambda w: int(w or 0)):  # a colour per worker, if several
+        mine = [(x, v) for x, v, w in disc if w == worker]
+        ax.scatter(*zip(*mine), s=16, alpha=0.45 if worker else 0.35, zorder=2,
+                   color=f"C{int(worker) % 10}" if worker else "0.55",
+                   label=f"discard (worker w{worker})" if worker else "discard")
     off = [x for x, e in measured if e["status"] != "keep" and e["val_bpb"] > high]
     if off:
         ax.scatter(off, [high - 0.3 * pad] * len(off), marker="^", s=22, color="0.55", alpha=0.5,

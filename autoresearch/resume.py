@@ -57,8 +57,8 @@ def spare_name(loop, kind, n):
 def save_failed_proposal(loop, n):
     """A proposer failed (or left the branch): save what it wrote, back on the loop's branch at best."""
     ref = save_and_reset(loop, spare_name(loop, "agent-failed", n), f"[agent failed] #{n}")
-    if current_branch() != loop.branch:
-        git("checkout", "-q", loop.branch)
+    if current_branch() != loop.checkout_branch:
+        git("checkout", "-q", loop.checkout_branch or "--detach")
     return ref
 
 
@@ -90,7 +90,8 @@ def reconcile(loop, reason=KILLED, restart=True):
         if row and row["status"] == "keep":
             return
         # After a restart, changes to other files may be the user's, made since the kill: never reset them.
-        others = sorted(changed_since("HEAD") - {TRAIN}) if restart else []
+        # (a worker's worktree holds nobody's edits but its agent's)
+        others = sorted(changed_since("HEAD") - {TRAIN}) if restart and not loop.worker else []
         if others:
             raise LoopError(f"experiment #{n} was interrupted, and finishing it resets {loop.branch} to the "
                             f"best commit, but {', '.join(others)} have uncommitted changes that may be yours. "
@@ -114,12 +115,14 @@ def interrupted_row(loop, state, reason):
     commit_sha = state["commit"]
     with open(state["log"], "a") as log:
         log.write(f"\n===== decision =====\ncrash: {reason}\n")
-    say(loop, f"#{state['n']} crash {reason} log={state['log']}")
+    say(loop, f"#{state['n']} crash {reason} log={os.path.relpath(state['log'], loop.root)}")
     return {"commit": short(commit_sha), "val_bpb": "0.000000", "memory_gb": "0.0", "status": "crash",
             "description": git("log", "-1", "--format=%s", commit_sha), "tag": loop.tag, "n": str(state["n"]),
             "profile": loop.config["profile"], "train_py": git("rev-parse", f"{commit_sha}:{TRAIN}")[:12],
             "seeds": ",".join(str(s) for s in state.get("seeds", [])),
-            "timestamp": now_iso(), "log": state["log"], "note": reason}
+            "timestamp": now_iso(), "note": reason, "worker": str(loop.worker or ""),
+            # a worker's logs are in the main checkout, named from there like everyone's
+            "log": os.path.relpath(state["log"], loop.root) if os.path.isabs(state["log"]) else state["log"]}
 
 
 # -----------------------------------------------------------------------------

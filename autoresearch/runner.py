@@ -16,6 +16,7 @@ from pathlib import Path
 
 from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, now_iso, to_float
+from autoresearch.ledger import LEDGER_ENV
 from autoresearch.process import cpu_clock, other_work, run_group
 
 BUDGET_TOLERANCE = 0.02     # training may overrun the budget by 2% (or by its last step, if longer)
@@ -68,6 +69,7 @@ def child_env(config, seed, compile_cache=None):
     """train.py's environment: the seed, the profile/dataset/cache pinned at init unless set, and the folder
     torch.compile caches in (inductor's and triton's), when the loop gives one."""
     env = dict(os.environ, AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
+    env.pop(LEDGER_ENV, None)  # a run has no business with the ledger
     if compile_cache:
         env.update(TORCHINDUCTOR_CACHE_DIR=str(compile_cache),
                    TRITON_CACHE_DIR=str(Path(compile_cache) / "triton"))

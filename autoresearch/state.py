@@ -34,14 +34,26 @@ class Loop:
     rows: list            # this tag's rows of results.tsv
     timeout: float        # hard limit for one train.py run
     min_delta: float = 0.0
+    # one worker of `run --workers N` (workers.py): its number (0: the single loop), the main checkout it
+    # reports to (it runs in a worktree of its own), and its link to the coordinator
+    worker: int = 0
+    root: str = "."
+    link: object = None
 
     @property
     def dir(self):
-        return Path(LOGS_DIR) / self.tag
+        """logs/TAG (a worker's: logs/TAG/wN, in the main checkout)."""
+        folder = Path(self.root) / LOGS_DIR / self.tag
+        return folder / f"w{self.worker}" if self.worker else folder
 
     @property
     def branch(self):
         return BRANCH_PREFIX + self.tag
+
+    @property
+    def checkout_branch(self):
+        """The branch the working tree must be on: the tag's, or none (detached at the best) for a worker."""
+        return "" if self.worker else self.branch
 
     def ref(self, name):
         """Where discarded, skipped or interrupted work stays reachable."""
@@ -50,7 +62,7 @@ class Loop:
     @property
     def private_dir(self):
         """The loop's own records, under .git: out of reach of the agent's edits and of `git clean`."""
-        folder = ledger_dir() / self.tag
+        folder = ledger_dir() / self.tag / (f"w{self.worker}" if self.worker else "")
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -95,12 +107,18 @@ class Loop:
     def sigma_floor(self):
         return SIGMA_FLOOR * self.best_val
 
+    def next_n(self):
+        """The next experiment's number: one past the highest row's (a parallel run leaves gaps where a worker
+        skipped an experiment)."""
+        return max((int(r["n"]) for r in self.rows if str(r.get("n", "")).isdigit()), default=-1) + 1
+
     def next_seed(self, made=0):
-        """A fresh seed for every run of the tag: the base seed plus the runs recorded so far (and the `made`
-        ones of the experiment under way)."""
-        used = sum(len([s for s in (r.get(c) or "").split(",") if s]) for r in self.rows
-                   for c in ("seeds", "best_seeds"))
-        return self.config["base_seed"] + used + made
+        """A fresh seed for every run of the tag: one past the highest recorded so far (the base seed at first),
+        plus the `made` runs of the experiment under way. A worker asks its coordinator, which hands out seeds
+        to all workers."""
+        if self.link:
+            return self.link.seed()
+        return first_free_seed(self.rows, self.config["base_seed"]) + made
 
     def compile_cache(self, version):
         """torch.compile's cache folder (inductor's and triton's) for runs of the train.py whose blob hash is
@@ -138,6 +156,13 @@ class Loop:
     def pending_path(self):
         """The experiment still being confirmed when `step` had to stop for its time limit."""
         return self.private_dir / "pending.json"
+
+
+def first_free_seed(rows, base):
+    """One past the highest seed in these rows' seeds and best_seeds columns; base when there are none."""
+    used = [int(x) for r in rows for c in ("seeds", "best_seeds") for x in (r.get(c) or "").split(",")
+            if x.strip().lstrip("-").isdigit()]
+    return max(used, default=base - 1) + 1
 
 
 def say(loop, text):

@@ -1,0 +1,503 @@
+"""
+Parallel workers: `agent_loop.py run --workers N` (or `--gpus 0,1,3`) runs N experiments at once, each in a git
+worktree of its own (worktrees/TAG-wK, detached at the best commit) with its own device and its own agent call.
+
+The coordinator (the `run` process) is the one writer: it hands out experiment numbers and seeds, refuses a
+train.py that was measured or is running on another worker, records every row in the one ledger and moves the
+branch on a keep. Each worker (a process of its own, started here) proposes, trains and decides as the single
+loop does (experiment.py), pairs included, on its own device, against the best it started from. A keep whose
+base is no longer the best (another worker's keep landed first) is recorded as a discard and tried again on top
+of the new best. A worker dies with the coordinator (a kill -9 included); the next `run` finishes what each one
+left in flight, as the single loop does.
+"""
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git, head
+from autoresearch.layout import LOGS_DIR, TRAIN, WORKTREES_DIR, LoopError
+from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, render_results,
+                                 tag_rows)
+from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
+from autoresearch.runner import PACKAGE_ROOT
+from autoresearch.resume import KILLED, STOPPED, reconcile, save_and_reset, save_failed_proposal, spare_name
+from autoresearch.state import InFlight, Loop, first_free_seed, load_config, lock, say
+
+MAX_RESTARTS = 3          # a worker that dies this many times in a row is not started again
+DIED = f"{INTERRUPTED}: its worker process died during training (killed, out of memory?)"
+# the worker's entry point, run with -I: the harness is imported from the main checkout, never from the worktree
+BOOT = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); from autoresearch.workers import worker_main; "
+        f"sys.exit(worker_main(sys.argv[1]))")
+
+
+# -----------------------------------------------------------------------------
+# Devices: one per worker
+
+
+@dataclass
+class Device:
+    label: str                                   # "gpu 3" or "cpus 0-7"
+    env: dict = field(default_factory=dict)      # CUDA_VISIBLE_DEVICES for a GPU
+    cpus: list = field(default_factory=list)     # CPU affinity (train.py uses as many threads as it may run on)
+
+
+def visible_gpus():
+    """The CUDA device ids a worker may be given, as CUDA_VISIBLE_DEVICES would name them."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [x.strip() for x in listed.split(",") if x.strip() and x.strip() != "-1"]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        return []
+
+
+def plan_devices(workers, gpus):
+    """One Device per worker. --gpus names them; --workers auto takes every visible GPU; --workers N takes
+    GPUs 0..N-1 when there are that many, else splits this machine's cores into N equal shares."""
+    if gpus:
+        ids = [x.strip() for x in gpus.split(",") if x.strip()]
+        if len(set(ids)) != len(ids) or (workers not in (None, "auto") and int(workers) != len(ids)):
+            raise LoopError(f"--gpus {gpus}: name each GPU once, one per worker (--workers may be left out)")
+        return [Device(f"gpu {i}", {"CUDA_VISIBLE_DEVICES": i}) for i in ids]
+    found = visible_gpus()
+    if workers == "auto":
+        if not found:
+            raise LoopError("--workers auto starts one worker per visible GPU, and none is visible. Fix: "
+                            "`--workers N` splits the CPU cores into N shares")
+        return [Device(f"gpu {i}", {"CUDA_VISIBLE_DEVICES": i}) for i in found]
+    n = int(workers)
+    if len(found) >= n:
+        return [Device(f"gpu {i}", {"CUDA_VISIBLE_DEVICES": i}) for i in found[:n]]
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // n
+    if share < 1:
+        raise LoopError(f"--workers {n}: this machine has {len(cores)} CPU cores and {len(found)} GPUs, so at "
+                        f"most {max(len(cores), len(found))} workers. Fix: `--workers {len(cores)}`")
+    hidden = {"CUDA_VISIBLE_DEVICES": ""} if found else {}  # fewer GPUs than workers: all of them on CPUs
+    return [Device(f"cpus {cores[i * share]}-{cores[(i + 1) * share - 1]}", dict(hidden),
+                   cores[i * share:(i + 1) * share]) for i in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# The worker: a process in its own worktree, asking its coordinator over two pipes
+
+
+class Link:
+    """The worker's side of its pipes: one JSON line out, one JSON line back."""
+
+    def __init__(self, rfd, wfd):
+        self.inbox, self.outbox = os.fdopen(rfd, "r"), os.fdopen(wfd, "w")
+        self.others, self.retry = [], None
+
+    def ask(self, message):
+        self.tell(message)
+        line = self.inbox.readline()
+        if not line:
+            raise Stop()  # the coordinator is gone
+        return json.loads(line)
+
+    def tell(self, message):
+        try:
+            self.outbox.write(json.dumps(message) + "\n")
+            self.outbox.flush()
+        except BrokenPipeError:
+            raise Stop() from None
+
+    def seed(self):
+        return self.ask({"op": "seed"})["seed"]
+
+    def claim(self, n, train_py, description):
+        """The row (or in-flight experiment) that already has this train.py, else None: then it is ours."""
+        return self.ask({"op": "claim", "n": n, "train_py": train_py, "description": description})["twin"]
+
+    def record(self, row, base, sha):
+        """The row as the coordinator recorded it: a keep whose base is no longer the best comes back a
+        discard, and the change is tried again on top of the new best (self.retry)."""
+        answer = self.ask({"op": "row", "row": row, "base": base, "sha": sha})
+        self.retry = answer.get("retry")
+        return answer["row"]
+
+
+def die_with_parent(parent):
+    """SIGTERM when the coordinator dies, kill -9 included (Linux): the worker then ends its own run."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before prctl
+        raise Stop()
+
+
+def worker_main(options):
+    """A worker's whole life: ask for an experiment, propose, run it, report; until told to stop. A stop or a
+    kill leaves running.json, and the coordinator finishes the experiment (resume.reconcile)."""
+    o = json.loads(options)
+    signal.signal(signal.SIGTERM, raise_stop)
+    try:
+        die_with_parent(o["parent"])
+        if o["cpus"]:
+            os.sched_setaffinity(0, o["cpus"])
+        link = Link(*o["fds"])
+        loop = Loop(o["tag"], load_config(o["tag"]), [], o["timeout"], o["min_delta"], worker=o["worker"],
+                    root=o["root"], link=link)
+        lock(loop.dir)
+        from autoresearch.proposers import make_proposer  # (imports report, which imports matplotlib lazily)
+        proposer = make_proposer(o["agent"], o["seed"], o["agent_timeout"])
+        while True:
+            go = link.ask({"op": "next"})
+            if go.get("stop"):
+                return 0
+            link.others = go["others"]
+            loop.rows = tag_rows(loop.tag)
+            if not one_experiment(loop, proposer, go["n"], link):
+                return 0
+    except (KeyboardInterrupt, Stop):
+        return 130
+
+
+def one_experiment(loop, proposer, n, link):
+    """Experiment n from the best: the proposer's change (or the change a newer keep overtook, again), run and
+    decided by experiment.py; its line goes to the coordinator. False when the proposer has nothing left."""
+    start_from_best(loop, n)
+    render_results()  # the worktree's results.tsv, for the agent to read
+    from autoresearch.experiment import run_experiment
+    with InFlight(loop) as flight:
+        flight.mark(n=n, phase="propose")
+        retry, link.retry = link.retry, None
+        proposal = again(loop, retry) if retry else proposer.propose(loop, n, flight)
+        if proposal is None:
+            link.tell({"op": "exhausted"})
+            return False
+        if proposal.error:
+            ref = save_failed_proposal(loop, n)
+            text = f"skip {proposal.error}" + (f"; log={proposal.log}" if proposal.log else "")
+            link.tell({"op": "line", "n": n, "failed": not retry,  # the agent's failure, not a merge's
+                       "text": text + (f"; its changes saved at {ref}" if ref else "")})
+            return True
+        line = run_experiment(loop, flight, proposal.description, time.monotonic(), strict=False,
+                              untracked_new=proposal.untracked, n=n)
+    link.tell({"op": "line", "n": n, "text": line, "description": proposal.description,
+               "untracked": sorted(proposal.untracked)})
+    return True
+
+
+def start_from_best(loop, n):
+    """Detached at the best commit with nothing uncommitted, so that whatever differs later is this experiment's
+    proposal. What an earlier one left (a worker killed mid-experiment) is saved under a ref first."""
+    if current_branch():
+        git("checkout", "-q", "--detach")
+    best = loop.best_commit
+    if changed_since("HEAD") or git("merge-base", "--is-ancestor", "HEAD", best, check=False) is None:
+        ref = save_and_reset(loop, spare_name(loop, "left-over", n), f"[left over before #{n}]")
+        if ref:
+            say(loop, f"#{n} what the worktree held before it is saved at {ref}")
+    git("checkout", "-q", "--detach", best)
+
+
+def again(loop, retry):
+    """The train.py change of an experiment that beat its base after another keep landed, merged onto the new
+    best (git merge-file: the base's train.py, the new best's, the experiment's). A Proposal; one with an error
+    when the two changes overlap."""
+    from autoresearch.proposers import Proposal
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, rev in (("best", "HEAD"), ("base", retry["base"]), ("exp", retry["commit"])):
+            paths.append(Path(tmp) / name)
+            paths[-1].write_bytes(git("show", f"{rev}:{TRAIN}").encode(errors="surrogateescape"))
+        p = subprocess.run(["git", "merge-file", "-p", "-q", *map(str, paths)], capture_output=True)
+    description = f"{retry['description']} (again, on top of the new best)"
+    if p.returncode != 0:
+        return Proposal(description, error=f"#{retry['n']}'s change does not merge with the new best's")
+    Path(TRAIN).write_bytes(p.stdout)
+    return Proposal(description)
+
+
+# -----------------------------------------------------------------------------
+# The coordinator's side
+
+
+@dataclass
+class Worker:
+    number: int
+    device: Device
+    path: Path                       # its worktree
+    proc: object = None
+    inbox: object = None             # the pipe the coordinator answers on
+    task: dict = None                # the experiment in flight: n, and train_py and description once claimed
+    failures: int = 0                # proposals failed in a row
+    deaths: int = 0                  # exits without being told to stop, in a row
+    finished: bool = False
+    done: int = 0                    # experiments it was handed and finished (rows and skips)
+
+
+class Coordinator:
+    """The one writer of a parallel run: see the module's docstring."""
+
+    def __init__(self, loop, args, devices):
+        self.loop, self.args, self.root = loop, args, os.getcwd()
+        self.messages = queue.Queue()
+        self.workers = [Worker(i, d, Path(self.root) / WORKTREES_DIR / f"{loop.tag}-w{i}")
+                        for i, d in enumerate(devices, 1)]
+        self.handed, self.busy_s, self.stopping, self.t0 = 0, 0.0, False, time.monotonic()
+
+    # ---- setting up and finishing each worker's worktree
+
+    def worker_loop(self, w):
+        return Loop(self.loop.tag, self.loop.config, [], self.loop.timeout, self.loop.min_delta, worker=w.number,
+                    root=self.root)
+
+    def prepare(self, w, reason):
+        """The worktree at the best, with what the worker's last process left in flight finished first."""
+        if not w.path.exists():
+            git("worktree", "prune")
+            git("worktree", "add", "-q", "--detach", str(w.path), self.loop.best_commit)
+            return
+        self.finish_leftover(w, reason)
+
+    def finish_leftover(self, w, reason):
+        """resume.reconcile in the worker's worktree, once its old process has let go of its lock."""
+        wl = self.worker_loop(w)
+        fd = take_lock(wl.dir)
+        try:
+            os.chdir(w.path)
+            reconcile(wl, reason, restart=False)
+            if not changed_since("HEAD"):  # a worker stopped at the best it started from: at the latest now
+                git("checkout", "-q", "--detach", self.loop.best_commit)
+        finally:
+            os.chdir(self.root)
+            os.close(fd)
+        self.loop.rows = tag_rows(self.loop.tag)
+        render_results()  # reconcile rendered the worktree's copy
+
+    def start(self, w):
+        from_coordinator, to_worker = os.pipe()  # (read end, write end)
+        from_worker, to_coordinator = os.pipe()
+        options = dict(tag=self.loop.tag, worker=w.number, root=self.root, fds=[from_coordinator, to_coordinator],
+                       parent=os.getpid(), cpus=w.device.cpus, agent=self.args.agent, seed=self.args.seed,
+                       agent_timeout=self.args.agent_timeout, timeout=self.loop.timeout,
+                       min_delta=self.loop.min_delta)
+        w.proc = subprocess.Popen([sys.executable, "-I", "-u", "-c", BOOT, json.dumps(options)], cwd=w.path,
+                                  env={**os.environ, **w.device.env}, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  pass_fds=(from_coordinator, to_coordinator))
+        os.close(from_coordinator)
+        os.close(to_coordinator)
+        w.inbox, w.finished, w.task = os.fdopen(to_worker, "w"), False, None
+        threading.Thread(target=self.listen, args=(w, os.fdopen(from_worker, "r")), daemon=True).start()
+        threading.Thread(target=echo, args=(w.number, w.proc.stdout), daemon=True).start()
+
+    def listen(self, w, pipe):
+        for line in pipe:
+            self.messages.put((w, json.loads(line)))
+        self.messages.put((w, None))
+
+    def answer(self, w, message):
+        try:
+            w.inbox.write(json.dumps(message) + "\n")
+            w.inbox.flush()
+        except (BrokenPipeError, ValueError):  # it died meanwhile: its end is handled when its pipe closes
+            pass
+
+    # ---- the run
+
+    def run(self):
+        os.environ[LEDGER_ENV] = str(ledger_dir())  # workers (and reconcile in their worktrees) use this ledger
+        ensure_ignored(f"{WORKTREES_DIR}/")
+        for w in self.workers:
+            self.prepare(w, KILLED)
+        # after the experiments left in flight have their rows: no number or seed is used twice
+        self.next_n = self.first_n = self.loop.next_n()
+        self.next_seed = first_free_seed(self.loop.rows, self.loop.config["base_seed"])
+        for w in self.workers:
+            say(self.loop, f"worker w{w.number}: {w.device.label}, worktree {w.path.relative_to(self.root)}")
+            self.start(w)
+        try:
+            while not all(w.finished and w.proc.poll() is not None for w in self.workers):
+                try:
+                    w, message = self.messages.get(timeout=1)
+                except queue.Empty:
+                    continue
+                t = time.monotonic()
+                self.handle(w, message)
+                self.busy_s += time.monotonic() - t
+            for w in self.workers:
+                self.finish_leftover(w, STOPPED)
+        except BaseException:  # Ctrl-C, SIGTERM, an error: no worker goes on without its coordinator
+            self.stop_all(STOPPED)
+            raise
+
+    def handle(self, w, message):
+        if message is None:
+            return self.ended(w)
+        op = message["op"]
+        if op == "next":
+            why = self.why_stop(w)
+            if why:
+                w.finished = True
+                return self.answer(w, {"stop": why})
+            w.task, self.next_n, self.handed = {"n": self.next_n}, self.next_n + 1, self.handed + 1
+            others = [f"#{o.task['n']} (w{o.number}): {o.task['description']}" for o in self.workers
+                      if o is not w and o.task and o.task.get("description")]
+            return self.answer(w, {"n": w.task["n"], "others": others})
+        if op == "seed":
+            self.next_seed += 1
+            return self.answer(w, {"seed": self.next_seed - 1})
+        if op == "claim":
+            return self.answer(w, {"twin": self.claim(w, message)})
+        if op == "row":
+            return self.answer(w, self.record(w, message))
+        if op == "line":
+            w.failures = w.failures + 1 if message.get("failed") else 0
+            w.deaths, w.task = 0, None
+            w.done += 1
+            desc = f" | {message['description']}" if message.get("description") else ""
+            text = message["text"].replace(f"{self.root}/", "")  # its logs are in this checkout
+            say(self.loop, f"#{message['n']} w{w.number} {text}{desc}")
+            if message.get("untracked"):
+                say(self.loop, f"#{message['n']} note: the agent created untracked files in {w.path} (left in "
+                               f"place): {', '.join(message['untracked'])}")
+            return None
+        if op == "exhausted":
+            w.finished = True
+            return say(self.loop, f"w{w.number}: the proposer has nothing new left to try")
+        raise LoopError(f"worker w{w.number} sent an unknown message: {message}")
+
+    def why_stop(self, w):
+        """Why this worker gets no new experiment, or None."""
+        a = self.args
+        if self.stopping:
+            return "stopping"
+        if a.max_experiments is not None and self.handed >= a.max_experiments:
+            return f"{a.max_experiments} experiments handed out"
+        if a.hours is not None and time.monotonic() - self.t0 >= a.hours * 3600:
+            return f"time limit of {a.hours} h reached"
+        if w.failures >= 3:
+            say(self.loop, f"w{w.number}: the agent failed {w.failures} times in a row: this worker stops. Check "
+                           f"the command by hand in {w.path}")
+            return "the agent keeps failing"
+        return None
+
+    def claim(self, w, message):
+        """The twin of a proposed train.py: a measured row, or an experiment in flight on another worker."""
+        twin = measured_versions(self.loop.rows).get(message["train_py"])
+        if twin:
+            return twin
+        for o in self.workers:
+            if o is not w and o.task and o.task.get("train_py") == message["train_py"]:
+                return {"n": o.task["n"], "commit": "-", "status": f"running on w{o.number}", "val_bpb": "-"}
+        w.task.update(train_py=message["train_py"], description=message["description"])
+        return None
+
+    def record(self, w, message):
+        """Append the worker's row to the ledger, the one write of it; on a keep move the branch (and this
+        checkout) to the experiment's commit. A keep whose base is no longer the best becomes a discard here:
+        it was never compared with the best it would replace."""
+        row, base, best = dict(message["row"]), message["base"], self.loop.best_commit
+        retry = None
+        if row["status"] == "keep" and base != best:
+            row["status"] = "discard"
+            row["note"] = (f"superseded: better than its base {base[:7]}, but #{self.loop.best['n']} "
+                           f"({self.loop.best['commit']}) was kept meanwhile; tried again on top of it; "
+                           + row["note"])
+            retry = {"commit": message["sha"], "base": base, "description": row["description"], "n": row["n"]}
+        if os.path.isabs(row.get("log", "")):
+            row["log"] = os.path.relpath(row["log"], self.root)
+        append_row(row)
+        self.loop.rows.append(row)
+        if row["status"] == "keep":
+            if git("merge", "--ff-only", "-q", message["sha"], check=False) is None:
+                raise LoopError(f"#{row['n']} was kept, but {self.loop.branch} could not be moved to it in "
+                                f"{self.root} (changes there?). Fix: `git stash`, then run again: it moves")
+        return {"row": row, "retry": retry}
+
+    def ended(self, w):
+        """A worker's process exited: told to stop, out of work, or dead (then its experiment is finished as
+        an interrupted one, and it starts again)."""
+        rc = w.proc.wait()
+        if w.finished or self.stopping:
+            w.finished = True
+            return
+        w.deaths += 1
+        say(self.loop, f"w{w.number} exited with code {rc} without being told to stop"
+                       + (f" during #{w.task['n']}" if w.task else ""))
+        self.prepare(w, DIED)
+        w.task = None
+        if w.deaths >= MAX_RESTARTS:
+            w.finished = True
+            say(self.loop, f"w{w.number} died {w.deaths} times in a row: not started again; its output above "
+                           f"and {self.worker_loop(w).dir} say why")
+            return
+        self.start(w)
+
+    def stop_all(self, reason):
+        """Ctrl-C, SIGTERM or an error: every worker ends its run (SIGTERM), then what each left in flight is
+        finished here, so that the branch and every worktree are at the best."""
+        self.stopping = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for w in self.workers:
+            if w.proc and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in self.workers:
+            if w.proc:
+                try:
+                    w.proc.wait(timeout=KILL_GRACE_S + 20)
+                except subprocess.TimeoutExpired:
+                    w.proc.kill()
+                    w.proc.wait()
+            self.finish_leftover(w, reason)
+
+    def summary(self):
+        """One line per worker (its rows of this run), and the coordinator's own cost."""
+        hours = (time.monotonic() - self.t0) / 3600
+        mine = [r for r in self.loop.rows if int(r.get("n") or 0) >= self.first_n]
+        lines = []
+        for w in self.workers:
+            rows = [r for r in mine if r.get("worker") == str(w.number)]
+            lines.append(f"w{w.number} ({w.device.label}): {len(rows)} experiments, "
+                         f"{sum(r['status'] == 'keep' for r in rows)} kept, {w.done - len(rows)} skipped")
+        per_device = f"{len(mine) / hours / len(self.workers):.1f} experiments per hour per worker" if hours else ""
+        busy = f"{1000 * self.busy_s / max(self.handed, 1):.0f} ms"
+        return lines + [f"{per_device}; coordinator: {busy} per experiment (ledger, git, answers)"]
+
+
+def echo(number, pipe):
+    """A worker's output on the coordinator's stderr, each line marked with its worker."""
+    for line in iter(pipe.readline, b""):
+        sys.stderr.write(f"[w{number}] {line.decode(errors='replace')}")
+        sys.stderr.flush()
+
+
+def take_lock(folder):
+    """The worker's lock (state.lock), once its old process lets go: it ends its run on SIGTERM within
+    KILL_GRACE_S; after that it is killed."""
+    deadline = time.monotonic() + KILL_GRACE_S + 10
+    while True:
+        try:
+            return lock(folder)
+        except LoopError:
+            if time.monotonic() > deadline:
+                pid = (folder / "lock").read_text().strip()
+                if pid.isdigit():
+                    os.kill(int(pid), signal.SIGKILL)
+                deadline = time.monotonic() + 5
+            time.sleep(0.2)
+
+
+def run_workers(loop, args):
+    """run --workers N / --gpus: the coordinator's life; returns the per-worker summary lines."""
+    devices = plan_devices(args.workers, args.gpus)
+    coordinator = Coordinator(loop, args, devices)
+    coordinator.run()
+    return coordinator.summary()

@@ -1,0 +1,177 @@
+"""Tests of `agent_loop.py run --workers N`: real git worktrees, real worker processes, the stand-in train.py
+(tests/stand_in/) and shell agents whose change depends on the experiment number they are given."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from test_agent_loop import (AGENT_LOOP, clean_tracked, env, git, initialised, loop, pid_gone, repo,  # noqa: F401
+                             rows, set_train, wait_for)
+
+sys.path.insert(0, str(AGENT_LOOP.parent))
+from autoresearch import process  # noqa: E402
+
+
+def agent_script(tmp_path, body):
+    """A shell agent: body sees $N (the experiment number) and $MAIN (the main checkout); cwd is its worktree."""
+    path = tmp_path / "agent.sh"
+    path.write_text("#!/bin/sh\nN=$AUTORESEARCH_EXPERIMENT\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def edit(const, value):
+    """A shell line that sets one of the stand-in's constants in the active profile block (or at the top)."""
+    return f"sed -i 's/^\\( *\\){const} = .*/\\1{const} = {value}/' train.py"
+
+
+def by_n(repo):
+    return {int(r["n"]): r for r in rows(repo)}
+
+
+def worker_pids(repo, tag="t"):
+    """Pids of the worker processes, from their locks (state.lock writes the holder's pid)."""
+    return [int(p.read_text()) for p in sorted((repo / "logs" / tag).glob("w*/lock")) if p.read_text().strip()]
+
+
+def assert_all_at_best(repo, env):
+    """The branch, and every worker's worktree, at the best commit with nothing uncommitted."""
+    best = [r for r in rows(repo) if r["status"] == "keep"][-1]["commit"]
+    assert git(repo, env, "rev-parse", "--short=7", "HEAD") == best and clean_tracked(repo, env)
+    for tree in (repo / "worktrees").iterdir():
+        assert git(tree, env, "rev-parse", "--short=7", "HEAD") == best and clean_tracked(tree, env), tree
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_two_workers_share_one_ledger_one_best_and_never_repeat_a_seed_or_a_version(repo, env):
+    initialised(repo, env, repeats=2, SHAPED=True, SLEEP=0.2)
+    out = loop(repo, env, "run", "--agent", "mutate", "--workers", "2", "--max-experiments", "6").stdout
+    exps = rows(repo)[1:]
+    assert {r["worker"] for r in exps} == {"1", "2"}, out             # both worked, in one ledger
+    assert len({r["n"] for r in exps}) == len(exps) and len({r["train_py"] for r in exps}) == len(exps)
+    seeds = [s for r in rows(repo) for c in ("seeds", "best_seeds") for s in r[c].split(",") if s]
+    assert len(seeds) == len(set(seeds))                               # no seed used twice, across workers
+    assert "worker w1: cpus" in out and "w2 (cpus" in out and "per experiment (ledger, git, answers)" in out
+    assert_all_at_best(repo, env)
+    keeps = [r["commit"] for r in rows(repo) if r["status"] == "keep"]
+    chain = git(repo, env, "log", "--first-parent", "--format=%h", "--abbrev=7").split()
+    assert all(k in chain for k in keeps)                              # every keep is on the branch
+    for r in exps:
+        if r["status"] != "keep":
+            git(repo, env, "rev-parse", f"refs/autoresearch/t/discarded/{r['n']}")  # discarded, not lost
+    report = json.loads(loop(repo, env, "report", "--json").stdout)
+    assert sorted(report["workers"]) == ["1", "2"]
+    assert sum(w["experiments"] for w in report["workers"].values()) == len(exps)
+
+
+def test_a_keep_on_one_worker_is_the_base_of_the_next_and_an_overtaken_keep_is_tried_again_on_top(
+        repo, env, tmp_path):
+    initialised(repo, env, repeats=2, SHAPED=True, SLEEP=0.3)
+    # #1 improves at once. #2 waits for #1's keep, then improves another line (judged against the baseline, its
+    # base) and runs slowly; #3 and #4 change nothing that counts; #5 takes long, so that #6 goes to #2's worker
+    agent = agent_script(tmp_path, f"""
+case $N in
+  1) {edit("MATRIX_LR", "0.03")}; echo "matrix lr 0.03";;
+  2) until [ "$(grep -c '	keep	' {repo}/results.tsv)" -ge 2 ]; do sleep 0.1; done
+     {edit("WARMDOWN_RATIO", "0.6")}; {edit("SLEEP", "1.0")}; echo "warmdown 0.6";;
+  5) sleep 12; {edit("ADAM_BETAS", "(0.8, 0.9$N)")}; echo "betas $N";;
+  *) {edit("ADAM_BETAS", "(0.8, 0.9$N)")}; echo "betas $N";;
+esac
+""")
+    out = loop(repo, env, "run", "--agent", agent, "--workers", "2", "--max-experiments", "6", timeout=120).stdout
+    r = by_n(repo)
+    assert 1 in r and r[1]["status"] == "keep", out
+    c1 = git(repo, env, "rev-parse", r[1]["commit"])
+    assert f"parent best {c1[:7]}" in (repo / r[3]["log"]).read_text()  # the next experiment starts from #1
+    assert r[2]["status"] == "discard" and r[2]["note"].startswith("superseded: better than its base"), out
+    assert r[6]["description"] == "warmdown 0.6 (again, on top of the new best)" and r[6]["status"] == "keep"
+    assert git(repo, env, "rev-parse", f"{r[6]['commit']}^") == c1
+    assert git(repo, env, "rev-parse", "--short=7", "HEAD") == r[6]["commit"]
+    source = (repo / "train.py").read_text()
+    assert "MATRIX_LR = 0.03" in source and "WARMDOWN_RATIO = 0.6" in source  # both changes
+    prompt = next((repo / "logs" / "t").glob("w*/004-prompt.md")).read_text()
+    assert "Running now on the other workers" in prompt and "warmdown 0.6" in prompt  # #2, still training
+    assert_all_at_best(repo, env)
+
+
+def test_a_train_py_in_flight_on_another_worker_or_measured_is_not_run_again(repo, env, tmp_path):
+    initialised(repo, env, SLEEP=0.5)
+    agent = agent_script(tmp_path, f'{edit("VAL_BPB", "1.5")}; echo "same idea"\n')
+    out = loop(repo, env, "run", "--agent", agent, "--workers", "2", "--max-experiments", "3").stdout
+    exps = rows(repo)[1:]
+    assert len(exps) == 1 and exps[0]["status"] == "discard", out
+    assert out.count("skip identical to #") == 2 and ("running on w" in out or "discard val_bpb" in out), out
+    assert_all_at_best(repo, env)
+
+
+def test_kill_9_of_the_coordinator_stops_every_worker_and_the_next_run_resumes_them_all(repo, env):
+    initialised(repo, env, SLEEP=3.0)
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--workers", "2"],
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    running = [repo / "logs" / "t" / f"w{i}" / "running.json" for i in (1, 2)]
+
+    def both_training():
+        states = [json.loads(p.read_text()) if p.exists() else {} for p in running]
+        return all(s.get("phase") == "train" and process.proc_start_time(s.get("pgid", 0)) for s in states)
+    assert wait_for(both_training, 60)
+    states = [json.loads(p.read_text()) for p in running]
+    workers = worker_pids(repo)
+    proc.kill()
+    proc.wait()
+    # without their coordinator, the workers end their runs and exit; nothing trains on
+    assert wait_for(lambda: all(pid_gone(s["pgid"]) for s in states) and all(map(pid_gone, workers)), 20)
+    finished = rows(repo)
+    assert len(finished) == 1                                            # no experiment had finished
+    out = loop(repo, env, "run", "--agent", "mutate", "--workers", "2", "--max-experiments", "2").stdout
+    after = rows(repo)
+    interrupted = [r for r in after if r["note"].startswith("interrupted: the loop was killed")]
+    assert sorted(int(r["n"]) for r in interrupted) == sorted(s["n"] for s in states), out
+    later = [int(r["n"]) for r in after[1:] if r not in interrupted]
+    assert len(later) == 2 and min(later) > max(s["n"] for s in states)  # numbers never reused
+    assert len({r["n"] for r in after}) == len(after)
+    for s in states:
+        git(repo, env, "rev-parse", f"refs/autoresearch/t/discarded/{s['n']}")
+    assert not any(p.exists() for p in running)
+    assert_all_at_best(repo, env)
+
+
+def test_a_worker_that_dies_gets_a_crash_row_and_is_started_again(repo, env):
+    initialised(repo, env, SLEEP=2.0)
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--workers", "2",
+                             "--max-experiments", "4"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    running = repo / "logs" / "t" / "w1" / "running.json"
+
+    def training():
+        state = json.loads(running.read_text()) if running.exists() else {}
+        return state.get("phase") == "train" and process.proc_start_time(state.get("pgid", 0))
+    assert wait_for(training, 60)
+    state = json.loads(running.read_text())
+    victim = int((repo / "logs" / "t" / "w1" / "lock").read_text())
+    os.kill(victim, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert wait_for(lambda: pid_gone(state["pgid"]), 15)               # its orphaned train.py was ended
+    r = by_n(repo)
+    assert r[state["n"]]["status"] == "crash" and r[state["n"]]["note"].startswith("interrupted: its worker process "
+                                                                                   "died"), out
+    assert f"w1 exited with code -9 without being told to stop during #{state['n']}" in out
+    assert len(r) == 1 + 4 and sum(x["worker"] == "1" for x in r.values()) >= 2, out  # w1 worked on after
+    assert_all_at_best(repo, env)
+
+
+def test_workers_refuse_what_they_cannot_do_and_say_the_fix(repo, env):
+    initialised(repo, env)
+    too_many = loop(repo, env, "run", "--agent", "mutate", "--workers", str(os.cpu_count() + 1), check=False)
+    assert too_many.returncode == 2 and f"Fix: `--workers {os.cpu_count()}`" in too_many.stderr
+    zero = loop(repo, env, "run", "--agent", "mutate", "--workers", "0", check=False)
+    assert zero.returncode == 2 and "give a number of workers from 1, or auto" in zero.stderr
+    hub = loop(repo, env, "run", "--agent", "mutate", "--workers", "2", "--hub", "http://127.0.0.1:9", check=False)
+    assert hub.returncode == 2 and "--hub works with the single loop only" in hub.stderr
+    auto = loop(repo, env, "run", "--agent", "mutate", "--workers", "auto", check=False)
+    assert auto.returncode == 2 and "none is visible" in auto.stderr
+    assert len(rows(repo)) == 1 and not (repo / "worktrees").exists()
