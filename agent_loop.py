@@ -37,6 +37,7 @@ from autoresearch.report import default_results_path, format_report, pending_of,
 from autoresearch.resume import open_loop, save_failed_proposal, stop_cleanly
 from autoresearch.runner import default_timeout
 from autoresearch.state import InFlight, Loop, lock, pin_config, say
+from autoresearch.workers import catch_up, cores_per_run, pin_cores, run_workers
 
 DEFAULT_REPEATS = 3                          # baseline runs: a first estimate of the noise
 AGENT_TIMEOUT_S = 1800
@@ -81,11 +82,14 @@ def cmd_init(args):
     if not resume:
         git("checkout", "-q", "-b", branch)
     lock(Path(LOGS_DIR) / tag)
-    config = pin_config(tag, args.repeats)
+    share = cores_per_run(args.workers)
+    config = pin_config(tag, args.repeats, cores_per_run=share)
+    pin_cores(config)
     ensure_results_header()
     loop = Loop(tag, config, [], args.timeout or default_timeout(config))
     print(f"{'resuming' if resume else 'created'} branch {branch} at {head()[:7]}; profile {config['profile']}, "
-          f"dataset {config['dataset']}, budget {config['time_budget']} s, timeout {loop.timeout:.0f} s")
+          f"dataset {config['dataset']}, budget {config['time_budget']} s, timeout {loop.timeout:.0f} s"
+          + (f"; {share} CPU core(s) per run, for {args.workers} workers" if share else ""))
     try:
         return run_baseline(loop, args.repeats)
     except (KeyboardInterrupt, Stop):
@@ -96,6 +100,7 @@ def cmd_init(args):
 def cmd_step(args):
     started = time.monotonic()
     loop = open_loop(args.timeout, args.min_delta)
+    pin_cores(loop.config)
     try:
         pending = read_pending(loop)
         if pending is None and not args.message:
@@ -122,9 +127,12 @@ def cmd_run(args):
                 say(loop, f"#{pending['n']} {confirm(loop, flight, pending, time.monotonic())}")
     except (KeyboardInterrupt, Stop):
         stop_cleanly(loop)
-    check_clean(loop)
     if parallel(args):
+        catch_up(loop)
+        check_clean(loop)
         return run_parallel(loop, args)
+    check_clean(loop)
+    pin_cores(loop.config)
     proposer = make_proposer(args.agent, args.seed, args.agent_timeout)
     hub = None
     if args.hub:
@@ -180,11 +188,10 @@ def cmd_run(args):
 
 def parallel(args):
     """run --workers N (N > 1, or auto) or --gpus: experiments in parallel (autoresearch/workers.py)."""
-    return bool(args.gpus) or args.workers not in (None, "1")
+    return bool(args.gpus) or args.workers not in (None, "1") or args.executor == "ray"
 
 
 def run_parallel(loop, args):
-    from autoresearch.workers import run_workers
     if args.hub:
         raise LoopError("--hub works with the single loop only, for now. Fix: leave out --workers/--gpus, or "
                         "run one `run --hub` per machine")
@@ -277,6 +284,9 @@ def build_parser():
     init.add_argument("--tag", help="run name; branch autoresearch/TAG (default: today, e.g. mar5)")
     init.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                       help=f"baseline runs with seeds 42, 43, ... to measure noise (default {DEFAULT_REPEATS})")
+    init.add_argument("--workers", type=workers_count, metavar="N",
+                      help="on a machine without GPUs: the tag's runs will be made by N parallel workers, so each "
+                           "run (the baseline's too) gets 1/N of the cores, and all of them compare")
     init.add_argument("--timeout", type=positive(float, "seconds"),
                       help="hard limit per train.py run, s (default max(2*budget, budget+120))")
     init.set_defaults(func=cmd_init)
@@ -310,6 +320,10 @@ def build_parser():
                           "auto: one per visible GPU (default 1: this checkout, no worktree)")
     run.add_argument("--gpus", metavar="IDS", help="one worker per listed GPU, e.g. 0,1,3 (as CUDA_VISIBLE_DEVICES "
                                                    "numbers them)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: workers train on this machine (default); ray: each run is a Ray task on a cluster, "
+                          "one GPU each (program and ledger stay here; `uv sync --group ray`)")
+    run.add_argument("--address", metavar="HOST:PORT", help="the Ray cluster (default: a local Ray on this machine)")
     run.add_argument("--hub", metavar="URL", help="share results and keeps with a hub, and try its better commits "
                                                    "(program_hub.md)")
     run.add_argument("--hub-platform", metavar="NAME", help="what this machine's val_bpb is comparable with on the "

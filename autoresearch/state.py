@@ -218,10 +218,10 @@ def config_path(tag):
     return folder / "init.json"
 
 
-def pin_config(tag, repeats):
+def pin_config(tag, repeats, **extra):
     """Record the pinned config in init.json, with a readable copy in logs/TAG/ (the directory exists: lock()
     made it); only the one under .git is ever read."""
-    config = pinned_config(import_prepare(), tag, repeats)
+    config = dict(pinned_config(import_prepare(), tag, repeats), **extra)
     for path in (config_path(tag), Path(LOGS_DIR) / tag / "init.json"):
         write_atomic(path, json.dumps(config, indent=1).encode())
     return config

@@ -61,9 +61,26 @@ def visible_gpus():
         return []
 
 
-def plan_devices(workers, gpus):
+def cores_per_run(workers):
+    """`init --workers N` on a machine without GPUs: the cores each run of the tag gets (its baseline's
+    included), so that the runs of N parallel workers compare with the baseline's. None: all the cores, or a
+    GPU each."""
+    if workers in (None, "1") or visible_gpus():
+        return None
+    return len(plan_devices(workers, None)[0].cpus)
+
+
+def pin_cores(config):
+    """This process (and the runs it starts) on the cores a run of the tag has, when init pinned a share."""
+    share = config.get("cores_per_run")
+    if share and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:share])
+
+
+def plan_devices(workers, gpus, share=None):
     """One Device per worker. --gpus names them; --workers auto takes every visible GPU; --workers N takes
-    GPUs 0..N-1 when there are that many, else splits this machine's cores into N equal shares."""
+    GPUs 0..N-1 when there are that many, else splits this machine's cores into N shares: equal ones, or of
+    `share` cores each (the tag's cores per run, pinned at init)."""
     if gpus:
         ids = [x.strip() for x in gpus.split(",") if x.strip()]
         if len(set(ids)) != len(ids) or (workers not in (None, "auto") and int(workers) != len(ids)):
@@ -79,10 +96,12 @@ def plan_devices(workers, gpus):
     if len(found) >= n:
         return [Device(f"gpu {i}", {"CUDA_VISIBLE_DEVICES": i}) for i in found[:n]]
     cores = sorted(os.sched_getaffinity(0))
-    share = len(cores) // n
-    if share < 1:
+    share = share or len(cores) // n
+    if share < 1 or n * share > len(cores):
+        most = max(len(cores) // (share or 1), len(found))
         raise LoopError(f"--workers {n}: this machine has {len(cores)} CPU cores and {len(found)} GPUs, so at "
-                        f"most {max(len(cores), len(found))} workers. Fix: `--workers {len(cores)}`")
+                        f"most {most} workers" + (f" of {share} cores each (pinned at init)" if share > 1 else "")
+                        + f". Fix: `--workers {most}`")
     hidden = {"CUDA_VISIBLE_DEVICES": ""} if found else {}  # fewer GPUs than workers: all of them on CPUs
     return [Device(f"cpus {cores[i * share]}-{cores[(i + 1) * share - 1]}", dict(hidden),
                    cores[i * share:(i + 1) * share]) for i in range(n)]
@@ -95,9 +114,10 @@ def plan_devices(workers, gpus):
 class Link:
     """The worker's side of its pipes: one JSON line out, one JSON line back."""
 
-    def __init__(self, rfd, wfd):
+    def __init__(self, rfd, wfd, remote=False):
         self.inbox, self.outbox = os.fdopen(rfd, "r"), os.fdopen(wfd, "w")
-        self.others, self.retry = [], None
+        self.others, self.retry, self.remote = [], None, remote  # remote: runs are Ray tasks (rayexec.py)
+        self.node = None  # the Ray node of the experiment's runs so far
 
     def ask(self, message):
         self.tell(message)
@@ -119,6 +139,13 @@ class Link:
     def claim(self, n, train_py, description):
         """The row (or in-flight experiment) that already has this train.py, else None: then it is ours."""
         return self.ask({"op": "claim", "n": n, "train_py": train_py, "description": description})["twin"]
+
+    def run_remote(self, loop, seed, log, version):
+        """One run as a Ray task, through the coordinator (experiment.sealed_run's stand-in)."""
+        from autoresearch.rayexec import remote_request, run_from_answer
+        answer = self.ask(remote_request(loop, seed, version, self.node))
+        self.node = answer.get("node_id") or self.node
+        return run_from_answer(answer, log, seed)
 
     def record(self, row, base, sha):
         """The row as the coordinator recorded it: a keep whose base is no longer the best comes back a
@@ -148,7 +175,7 @@ def worker_main(options):
         die_with_parent(o["parent"])
         if o["cpus"]:
             os.sched_setaffinity(0, o["cpus"])
-        link = Link(*o["fds"])
+        link = Link(*o["fds"], remote=o["remote"])
         loop = Loop(o["tag"], load_config(o["tag"]), [], o["timeout"], o["min_delta"], worker=o["worker"],
                     root=o["root"], link=link)
         lock(loop.dir)
@@ -170,6 +197,7 @@ def one_experiment(loop, proposer, n, link):
     """Experiment n from the best: the proposer's change (or the change a newer keep overtook, again), run and
     decided by experiment.py; its line goes to the coordinator. False when the proposer has nothing left."""
     start_from_best(loop, n)
+    link.node = None
     render_results()  # the worktree's results.tsv, for the agent to read
     from autoresearch.experiment import run_experiment
     with InFlight(loop) as flight:
@@ -234,6 +262,7 @@ class Worker:
     path: Path                       # its worktree
     proc: object = None
     inbox: object = None             # the pipe the coordinator answers on
+    waiting: str = None              # the id of its run on Ray, while it waits for it
     task: dict = None                # the experiment in flight: n, and train_py and description once claimed
     failures: int = 0                # proposals failed in a row
     deaths: int = 0                  # exits without being told to stop, in a row
@@ -244,8 +273,8 @@ class Worker:
 class Coordinator:
     """The one writer of a parallel run: see the module's docstring."""
 
-    def __init__(self, loop, args, devices):
-        self.loop, self.args, self.root = loop, args, os.getcwd()
+    def __init__(self, loop, args, devices, executor=None):
+        self.loop, self.args, self.root, self.executor = loop, args, os.getcwd(), executor
         self.messages = queue.Queue()
         self.workers = [Worker(i, d, Path(self.root) / WORKTREES_DIR / f"{loop.tag}-w{i}")
                         for i, d in enumerate(devices, 1)]
@@ -286,7 +315,7 @@ class Coordinator:
         options = dict(tag=self.loop.tag, worker=w.number, root=self.root, fds=[from_coordinator, to_coordinator],
                        parent=os.getpid(), cpus=w.device.cpus, agent=self.args.agent, seed=self.args.seed,
                        agent_timeout=self.args.agent_timeout, timeout=self.loop.timeout,
-                       min_delta=self.loop.min_delta)
+                       min_delta=self.loop.min_delta, remote=self.executor is not None)
         w.proc = subprocess.Popen([sys.executable, "-I", "-u", "-c", BOOT, json.dumps(options)], cwd=w.path,
                                   env={**os.environ, **w.device.env}, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -357,6 +386,17 @@ class Coordinator:
             return self.answer(w, {"twin": self.claim(w, message)})
         if op == "row":
             return self.answer(w, self.record(w, message))
+        if op == "train":  # a run on Ray: answered when its task ends
+            w.waiting = message["id"]
+            self.executor.submit(w.number, message, self.loop.config, self.loop.timeout,
+                                 lambda result: self.messages.put((w, {"op": "trained", "id": message["id"],
+                                                                       "result": result})))
+            return None
+        if op == "trained":
+            if w.waiting == message["id"]:  # else its worker died meanwhile: nobody waits for it
+                w.waiting = None
+                self.answer(w, message["result"])
+            return None
         if op == "line":
             w.failures = w.failures + 1 if message.get("failed") else 0
             w.deaths, w.task = 0, None
@@ -425,6 +465,10 @@ class Coordinator:
         """A worker's process exited: told to stop, out of work, or dead (then its experiment is finished as
         an interrupted one, and it starts again)."""
         rc = w.proc.wait()
+        w.inbox.close()
+        if self.executor:
+            self.executor.cancel(w.number)
+            w.waiting = None
         if w.finished or self.stopping:
             w.finished = True
             return
@@ -446,6 +490,8 @@ class Coordinator:
         self.stopping = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.executor:
+            self.executor.cancel()
         for w in self.workers:
             if w.proc and w.proc.poll() is None:
                 w.proc.send_signal(signal.SIGTERM)
@@ -495,9 +541,33 @@ def take_lock(folder):
             time.sleep(0.2)
 
 
+def catch_up(loop):
+    """This checkout's branch at the best commit, when a coordinator killed between a keep's row and the branch's
+    move left it behind (a fast-forward: refused if it would touch uncommitted changes)."""
+    best = loop.best_commit
+    if head() != best and git("merge-base", "--is-ancestor", "HEAD", best, check=False) is not None:
+        if git("merge", "--ff-only", "-q", best, check=False) is not None:
+            say(loop, f"{loop.branch} moved up to the best, #{loop.best['n']} ({loop.best['commit']})")
+
+
 def run_workers(loop, args):
-    """run --workers N / --gpus: the coordinator's life; returns the per-worker summary lines."""
-    devices = plan_devices(args.workers, args.gpus)
-    coordinator = Coordinator(loop, args, devices)
-    coordinator.run()
-    return coordinator.summary()
+    """run --workers N / --gpus (--executor ray): the coordinator's life; returns the per-worker summary lines."""
+    if args.executor != "ray":
+        devices = plan_devices(args.workers, args.gpus, loop.config.get("cores_per_run"))
+        coordinator = Coordinator(loop, args, devices)
+        coordinator.run()
+        return coordinator.summary()
+    if args.gpus:
+        raise LoopError("--gpus names this machine's GPUs; with --executor ray, Ray gives each run a GPU of the "
+                        "cluster. Fix: `--workers N` (or auto)")
+    from autoresearch.rayexec import RayExecutor
+    executor = RayExecutor(args.address, args.workers or "auto")
+    try:
+        nodes = executor.check_nodes(loop.best_commit, loop.config)
+        say(loop, f"Ray: {executor.where}, {nodes} node(s); each run asks for {executor.label}")
+        coordinator = Coordinator(loop, args, [Device(f"runs on Ray, {executor.label}")] * executor.workers,
+                                  executor)
+        coordinator.run()
+        return coordinator.summary()
+    finally:
+        executor.shutdown()

@@ -1,7 +1,8 @@
 """
 Parallel workers against the single loop, side by side: the wall time `run --agent mutate` takes to finish the
-same number of experiments with 1 worker (this checkout, no worktree) and with N (`--workers N`), in copies of
-one initialised repository (smoke profile, synthetic data, the real train.py), arms in the order 1, N, 1, N...
+same number of experiments with 1 worker (this checkout, no worktree) and with N (`--workers N`), each arm in a
+copy of a repository initialised for its number of workers (`init --workers N`: on CPUs each run, the
+baseline's too, has 1/N of the cores), smoke profile, synthetic data, the real train.py; arms 1, N, 1, N...
 
     uv run bench/bench_workers.py                          # 6 experiments, arms 1 2 1 2
     uv run bench/bench_workers.py --experiments 4 --arms 1 2 1
@@ -31,13 +32,15 @@ def sh(cmd, cwd, env, timeout=3600):
     return p.stdout
 
 
-def initialised_repo(work, env, repeats):
-    """A clone of this repository's HEAD, its smoke data prepared, and `init` done (the baseline runs)."""
-    repo = work / "base"
+def initialised_repo(work, env, repeats, workers):
+    """A clone of this repository's HEAD, its smoke data prepared, and `init` done (the baseline runs) for this
+    many workers: on CPUs, each run of N workers (the baseline's too) has 1/N of the cores."""
+    repo = work / f"base-w{workers}"
     sh(["git", "clone", "-q", str(REPO), str(repo)], work, env)
     sh([sys.executable, "prepare.py", "--dataset", "synthetic"], repo, env)
-    print(f"init: {repeats} baseline runs ...", flush=True)
-    sh([sys.executable, "agent_loop.py", "init", "--tag", "bench", "--repeats", str(repeats)], repo, env)
+    print(f"init for {workers} worker(s): {repeats} baseline runs ...", flush=True)
+    sh([sys.executable, "agent_loop.py", "init", "--tag", "bench", "--repeats", str(repeats), "--workers",
+        str(workers)], repo, env)
     return repo
 
 
@@ -70,10 +73,10 @@ def main():
     env.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(work / "cache"), PYTHONUNBUFFERED="1")
     print(f"{os.cpu_count()} CPU cores; smoke profile; mutate; {args.experiments} experiments per arm; "
           f"arms {args.arms}; work in {work}", flush=True)
-    base = initialised_repo(work, env, args.repeats)
+    bases = {workers: initialised_repo(work, env, args.repeats, workers) for workers in sorted(set(args.arms))}
     results = {}
     for i, workers in enumerate(args.arms):
-        wall, runs, done, coordinator = run_arm(base, work, env, i, workers, args.experiments)
+        wall, runs, done, coordinator = run_arm(bases[workers], work, env, i, workers, args.experiments)
         results.setdefault(workers, []).append(wall)
         extra = f", coordinator {coordinator} ms per experiment" if coordinator is not None else ""
         print(f"arm {i} ({workers} worker{'s' * (workers > 1)}): {wall:.0f} s for {done} experiments, "

@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
+
+import pytest
 
 from test_agent_loop import (AGENT_LOOP, clean_tracked, env, git, initialised, loop, pid_gone, repo,  # noqa: F401
                              rows, set_train, wait_for)
@@ -164,6 +166,21 @@ def test_a_worker_that_dies_gets_a_crash_row_and_is_started_again(repo, env):
     assert_all_at_best(repo, env)
 
 
+def test_a_tag_initialised_for_cpu_workers_runs_everything_on_a_workers_share_of_the_cores(repo, env):
+    share = len(os.sched_getaffinity(0)) // 2
+    p = initialised(repo, env, SHAPED=True)
+    assert "core(s) per run" not in p.stdout
+    git(repo, env, "checkout", "-q", "main")
+    p = loop(repo, env, "init", "--tag", "cpu2", "--repeats", "1", "--workers", "2")
+    assert f"{share} CPU core(s) per run, for 2 workers" in p.stdout
+    loop(repo, env, "run", "--agent", "mutate", "--workers", "2", "--max-experiments", "2")
+    loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "1")      # the single loop too
+    logs = [(repo / r["log"]).read_text() for r in rows(repo) if r["tag"] == "cpu2"]
+    assert len(logs) == 4 and all(f" on {share} cores" in text and " on 2 cores" not in text for text in logs)
+    too_many = loop(repo, env, "run", "--agent", "mutate", "--workers", "3", check=False)
+    assert too_many.returncode == 2 and "Fix: `--workers 2`" in too_many.stderr
+
+
 def test_workers_refuse_what_they_cannot_do_and_say_the_fix(repo, env):
     initialised(repo, env)
     too_many = loop(repo, env, "run", "--agent", "mutate", "--workers", str(os.cpu_count() + 1), check=False)
@@ -175,3 +192,77 @@ def test_workers_refuse_what_they_cannot_do_and_say_the_fix(repo, env):
     auto = loop(repo, env, "run", "--agent", "mutate", "--workers", "auto", check=False)
     assert auto.returncode == 2 and "none is visible" in auto.stderr
     assert len(rows(repo)) == 1 and not (repo / "worktrees").exists()
+
+
+# -----------------------------------------------------------------------------
+# --executor ray, on a local Ray (the optional dependency group `ray`: `uv sync --group ray`)
+
+
+def ray_env(env, tmp_path):
+    """The node checkouts of the local Ray in this test's folder."""
+    return dict(env, AUTORESEARCH_RAY_HOME=str(tmp_path / "nodes"))
+
+
+def test_ray_executor_runs_every_run_as_a_task_and_records_it_here(repo, env, tmp_path):
+    pytest.importorskip("ray")
+    initialised(repo, env, repeats=2, SHAPED=True)
+    out = loop(repo, ray_env(env, tmp_path), "run", "--agent", "mutate", "--workers", "2", "--executor", "ray",
+               "--max-experiments", "4", timeout=240).stdout
+    assert "Ray: a local Ray on this machine, 1 node(s); each run asks for 1 CPU(s)" in out, out
+    exps = rows(repo)[1:]
+    assert len(exps) == 4 and {r["worker"] for r in exps} == {"1", "2"}, out
+    seeds = [s for r in rows(repo) for c in ("seeds", "best_seeds") for s in r[c].split(",") if s]
+    assert len(seeds) == len(set(seeds))
+    log = (repo / exps[0]["log"]).read_text()
+    assert "===== on Ray node" in log and f"training smoke depth 2 seed {exps[0]['seeds'].split(',')[0]} " in log
+    assert (tmp_path / "nodes" / "t-w1" / ".git").is_dir()      # the node's own checkout, not the worktree
+    assert_all_at_best(repo, env)
+
+
+def test_a_ray_task_that_dies_with_its_node_is_a_crash_row_and_the_loop_goes_on(repo, env, tmp_path):
+    pytest.importorskip("ray")
+    initialised(repo, env)
+    agent = agent_script(tmp_path, f"""
+case $N in
+  1) {edit("MODE", '"killparent"')}; echo "dies";;
+  *) {edit("VAL_BPB", "1.5")}; echo "worse";;
+esac
+""")
+    out = loop(repo, ray_env(env, tmp_path), "run", "--agent", agent, "--workers", "1", "--executor", "ray",
+               "--max-experiments", "2", timeout=240).stdout
+    r = by_n(repo)
+    assert r[1]["status"] == "crash" and "the Ray task ended without a result" in r[1]["note"], out
+    assert r[2]["status"] == "discard", out
+    assert_all_at_best(repo, env)
+
+
+def test_ray_refuses_to_start_on_a_node_without_the_data_and_names_the_fix(repo, env, tmp_path):
+    pytest.importorskip("ray")
+    initialised(repo, env)
+    (Path(env["AUTORESEARCH_CACHE_DIR"]) / "ready").unlink()
+    p = loop(repo, ray_env(env, tmp_path), "run", "--agent", "mutate", "--workers", "1", "--executor", "ray",
+             check=False, timeout=240)
+    assert p.returncode == 2 and "nodes of the Ray cluster cannot run experiments yet" in p.stderr, p.stderr
+    assert "no data for profile smoke" in p.stderr and "Fix: on each, in the repository" in p.stderr
+    assert len(rows(repo)) == 1
+
+
+def test_launch_recipes_parse_and_call_only_what_the_cli_has():
+    import re
+    import shlex
+    import yaml
+    from agent_loop import build_parser
+    launch = AGENT_LOOP.parent / "autoresearch" / "launch"
+    task = yaml.safe_load((launch / "skypilot.yaml").read_text())
+    assert task["num_nodes"] >= 2 and ":" in task["resources"]["accelerators"] and task["workdir"] == "."
+    assert "uv sync --group ray" in task["setup"] and "uv run prepare.py" in task["setup"]
+    subprocess.run(["bash", "-n", str(launch / "slurm.sh")], check=True)
+    for text in (task["setup"] + task["run"], (launch / "slurm.sh").read_text()):
+        calls = [line.split("agent_loop.py", 1)[1] for line in text.splitlines()
+                 if "uv run agent_loop.py" in line and not line.lstrip().startswith("#")]
+        assert {c.split()[0] for c in calls} == {"init", "run", "report"}, calls
+        for call in calls:
+            argv = shlex.split(re.sub(r"\$\{?(\w+)\}?", "1", call))
+            build_parser().parse_args(argv)  # exits (and fails the test) on a flag the CLI lacks
+            if argv[0] == "run":
+                assert argv[argv.index("--executor") + 1] == "ray" and "--address" in argv

@@ -15,7 +15,7 @@ NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
 SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
-                          # nosummary | twice | selfedit | cachepoison
+                          # nosummary | twice | selfedit | cachepoison | killparent
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -33,13 +33,16 @@ elif PROFILE == "smoke":
     DEVICE_BATCH_SIZE = 16
 
 seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
-print(f"training {PROFILE} depth {DEPTH} seed {seed}", flush=True)
+print(f"training {PROFILE} depth {DEPTH} seed {seed} on {len(os.sched_getaffinity(0))} cores", flush=True)
 time.sleep(SLEEP)
 if MODE == "crash":
     raise RuntimeError("CUDA out of memory (stand-in)")
 if MODE == "fail":
     print("FAIL: loss is nan at step 3", flush=True)
     sys.exit(1)
+if MODE == "killparent":  # what a dying machine does to whatever started this run (a Ray task's worker)
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(1)
 if MODE == "oom":  # what the Linux OOM killer does to a process
     os.kill(os.getpid(), signal.SIGKILL)
 if MODE == "stubborn":  # ignores SIGTERM, and so does its child (SIG_IGN survives exec): only SIGKILL works
