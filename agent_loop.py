@@ -37,7 +37,7 @@ from autoresearch.report import default_results_path, format_report, pending_of,
 from autoresearch.resume import open_loop, save_failed_proposal, stop_cleanly
 from autoresearch.runner import default_timeout
 from autoresearch.state import InFlight, Loop, lock, pin_config, say
-from autoresearch.workers import catch_up, cores_per_run, pin_cores, run_workers
+from autoresearch.workers import cores_per_run, pin_cores, run_workers
 
 DEFAULT_REPEATS = 3                          # baseline runs: a first estimate of the noise
 AGENT_TIMEOUT_S = 1800
@@ -128,7 +128,6 @@ def cmd_run(args):
     except (KeyboardInterrupt, Stop):
         stop_cleanly(loop)
     if parallel(args):
-        catch_up(loop)
         check_clean(loop)
         return run_parallel(loop, args)
     check_clean(loop)
@@ -198,13 +197,13 @@ def run_parallel(loop, args):
     say(loop, f"run on {loop.branch} with workers: agent {args.agent!r}, best val_bpb={loop.best_val:.6f} "
               f"({loop.next_n() - 1} experiments so far), timeout {loop.timeout:.0f} s")
     try:
-        lines = run_workers(loop, args)
+        lines, gave_up = run_workers(loop, args)
     except (KeyboardInterrupt, Stop):
         stop_cleanly(loop)
     for line in lines:
         say(loop, line)
     say_done(loop)
-    return 0
+    return 1 if gave_up else 0
 
 
 def say_done(loop):

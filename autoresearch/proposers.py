@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from autoresearch.gitrepo import current_branch, git, tree_status
 from autoresearch.layout import PROGRAM, RESULTS, TRAIN
-from autoresearch.ledger import measured_versions, one_line, render_results
+from autoresearch.ledger import LEDGER_ENV, measured_versions, one_line, render_results
 from autoresearch.mutate import propose_mutation
 from autoresearch.process import run_group
 from autoresearch.report import format_report, summarize
@@ -132,12 +132,17 @@ def call_agent(loop, cmd, n, timeout, on_spawn=None):
     out, err = loop.dir / f"{n:03d}-agent.log", loop.dir / f"{n:03d}-agent.err"
     env = dict(os.environ, AUTORESEARCH_PROMPT_FILE=str(prompt.resolve()), AUTORESEARCH_TAG=loop.tag,
                AUTORESEARCH_EXPERIMENT=str(n))
+    env.pop(LEDGER_ENV, None)  # a worker's: the agent has no business with the ledger
     record = Path(RESULTS).read_bytes()
     with open(prompt) as stdin, open(out, "w+b") as stdout, open(err, "w+b") as stderr:
         rc, _ = run_group(cmd, stdout, stderr, env, timeout, stdin=stdin, shell=True, on_spawn=on_spawn)
         lines, errs = nonblank_lines(stdout), nonblank_lines(stderr)
     loop.dir.mkdir(parents=True, exist_ok=True)
-    if render_results() or Path(RESULTS).read_bytes() != record:  # the loop's record is not the agent's
+    # the loop's record is not the agent's (in a worker's worktree, other workers' rows arrive meanwhile: those
+    # are no change of the agent's)
+    changed = not Path(RESULTS).is_file() or Path(RESULTS).read_bytes() != record
+    render_results()
+    if changed:
         say(loop, f"#{n} the agent changed or deleted {RESULTS}: restored")
     description = lines[-1] if lines else ""
     if rc is None:

@@ -15,17 +15,18 @@ stay on this machine: agents, git, the keep rule and the ledger are here; only t
 """
 import base64
 import dataclasses
+import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from autoresearch.gitrepo import git
-from autoresearch.layout import TRAIN, LoopError
-from autoresearch.ledger import LEDGER_ENV, ledger_dir
+from autoresearch.layout import TRAIN, LoopError, read_json
+from autoresearch.ledger import LEDGER_ENV, ledger_dir, write_atomic
+from autoresearch.process import KILL_GRACE_S, kill_leftover, proc_start_time
 from autoresearch.runner import PACKAGE_ROOT, child_env
 
 RAY_HOME_ENV = "AUTORESEARCH_RAY_HOME"
@@ -52,11 +53,19 @@ def node_checkout(home, bundle, sha, train_py=None):
         Path(TRAIN).write_bytes(train_py)
 
 
-class NoFlight:
-    """sealed_run records its child for a resumed loop; on a node, Ray owns the task's fate."""
+class NodeFlight:
+    """sealed_run's record of the run's process group, on the node: a task that Ray killed (a cancel, a dead
+    coordinator) cannot end its train.py, which runs in a session of its own; the next task there does."""
+
+    def __init__(self, home):
+        self.path = home / ".git" / "autoresearch-running.json"
 
     def spawned(self, pid):
-        pass
+        write_atomic(self.path, json.dumps({"pgid": pid, "started": proc_start_time(pid)}).encode())
+
+    def end_leftover(self):
+        kill_leftover(read_json(self.path) or {})
+        self.path.unlink(missing_ok=True)
 
 
 def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, version, best_version):
@@ -68,14 +77,18 @@ def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, versi
     from autoresearch.state import Loop
     home = Path(os.environ.get(RAY_HOME_ENV) or Path.home() / ".cache" / "autoresearch" / "ray") / f"{tag}-w{worker}"
     was, shared = os.getcwd(), os.environ.pop(LEDGER_ENV, None)  # a node keeps its own records
+    flight = NodeFlight(home)
     try:
+        flight.end_leftover()
         node_checkout(home, bundle, sha, train_py)
         ledger_dir.cache_clear()  # Ray reuses its worker processes: this task's repository, not the last one's
         log = ledger_dir() / "run.log"
         log.unlink(missing_ok=True)
         loop = Loop(tag, config, [{"status": "keep", "train_py": best_version}], timeout)
-        run = sealed_run(loop, seed, str(log), NoFlight(), version)
+        run = sealed_run(loop, seed, str(log), flight, version)
+        flight.path.unlink(missing_ok=True)
         run.tampered = sorted(set(run.tampered) | (changed_since("HEAD") - {TRAIN}))
+        loop.prune_compile_caches(keep=[version])  # a night of versions would fill the node's disk
         return {"run": dataclasses.asdict(run), "log": log.read_text(errors="replace"),
                 "node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
     finally:
@@ -87,16 +100,19 @@ def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, versi
 
 def check_node(bundle, sha, config):
     """What stops this node from running experiments: prepare.check_ready() of the commit's prepare.py, with
-    the profile, dataset and cache folder pinned at init."""
+    the profile, dataset and cache folder pinned at init. In a checkout of the node's own (homes may be shared)."""
     import ray
-    home = Path(os.environ.get(RAY_HOME_ENV) or Path.home() / ".cache" / "autoresearch" / "ray") / "check"
+    node = ray.get_runtime_context().get_node_id()
+    home = Path(os.environ.get(RAY_HOME_ENV) or Path.home() / ".cache" / "autoresearch" / "ray") / f"check-{node}"
     was = os.getcwd()
     try:
         node_checkout(home, bundle, sha)
-        p = subprocess.run([sys.executable, "-c", "import json, prepare; print(json.dumps(list(prepare.check_ready())))"],
-                           capture_output=True, text=True, env=child_env(config, 0), timeout=600)
-        problems = (__import__("json").loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else
-                    [f"importing prepare.py failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"])
+        code = "import json, prepare; print(json.dumps(list(prepare.check_ready())))"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(config, 0),
+                           timeout=600)
+        lines = p.stdout.strip().splitlines()
+        problems = (json.loads(lines[-1]) if p.returncode == 0 and lines else
+                    [f"prepare.check_ready() failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"])
     finally:
         os.chdir(was)
     return ray.util.get_node_ip_address(), problems
@@ -134,6 +150,10 @@ class RayExecutor:
             raise LoopError(f"--workers auto starts one worker per GPU of the cluster, and {cluster_name(address)} "
                             f"has none. Fix: `--workers N`")
         self.workers = gpus if workers == "auto" else int(workers)
+        if gpus and self.workers > gpus:  # a run waiting for a GPU would count its wait against its timeout
+            ray.shutdown()
+            raise LoopError(f"--workers {self.workers}: {cluster_name(address)} has {gpus} GPUs, one per worker. "
+                            f"Fix: `--workers {gpus}` (or auto)")
         self.resources = {"num_gpus": 1} if gpus else {"num_cpus": max(1, cpus // self.workers)}
         self.label = "1 GPU" if gpus else f"{self.resources['num_cpus']} CPU(s)"
         self.where = cluster_name(address)
@@ -148,11 +168,17 @@ class RayExecutor:
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         refs = [check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(bundle, sha, config) for n in nodes]
-        bad = [(ip, problems) for ip, problems in self.ray.get(refs) if problems]
+        try:
+            bad = [(ip, problems) for ip, problems in self.ray.get(refs, timeout=900) if problems]
+        except self.ray.exceptions.RayError as e:
+            cause = getattr(e, "cause", None) or e
+            raise LoopError(f"checking the Ray cluster's nodes failed: {type(cause).__name__}: "
+                            f"{(str(cause).strip().splitlines() or [''])[0][:300]}") from None
         if bad:
             raise LoopError("nodes of the Ray cluster cannot run experiments yet:\n" + "\n".join(
                 f"  - {ip}: {'; '.join(problems)}" for ip, problems in bad)
-                + f"\nFix: on each, in the repository, `AUTORESEARCH_PROFILE={config['profile']} uv run prepare.py"
+                + f"\nFix: on each, in the repository, `AUTORESEARCH_PROFILE={config['profile']} "
+                + f"AUTORESEARCH_CACHE_DIR={config['cache_dir']} uv run prepare.py"
                 + (f" --dataset {config['dataset']}`" if config.get("dataset") else "`"))
         return len(nodes)
 
@@ -183,9 +209,14 @@ class RayExecutor:
         threading.Thread(target=wait, daemon=True).start()
 
     def cancel(self, worker=None):
-        """End the runs of one worker (all: None); a stopped coordinator leaves nothing training."""
-        for number, ref in list(self.in_flight.items()):
-            if worker is None or number == worker:
+        """End the runs of one worker (all: None), so that a stopped coordinator leaves nothing training: first as
+        Ctrl-C would (the task ends its train.py's process group), then by force."""
+        refs = [ref for number, ref in list(self.in_flight.items()) if worker is None or number == worker]
+        for ref in refs:
+            self.ray.cancel(ref)
+        if refs:
+            _, left = self.ray.wait(refs, num_returns=len(refs), timeout=KILL_GRACE_S + 5)
+            for ref in left:
                 self.ray.cancel(ref, force=True)
 
     def shutdown(self):

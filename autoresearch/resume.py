@@ -9,13 +9,13 @@ import signal
 from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, commit, current_branch, git, git_root, head, short, tree_status
-from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, LoopError, now_iso
-from autoresearch.ledger import (INTERRUPTED, append_row, keep_copies, ledger_path, render_results, restore_logs,
-                                 tag_rows)
+from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, WORKTREES_DIR, LoopError, now_iso
+from autoresearch.ledger import (INTERRUPTED, append_row, keep_copies, ledger_dir, ledger_path, render_results,
+                                 restore_logs, tag_rows)
 from autoresearch.preflight import tracked_outputs
 from autoresearch.process import kill_leftover
 from autoresearch.runner import default_timeout
-from autoresearch.state import InFlight, Loop, load_config, lock, say
+from autoresearch.state import InFlight, Loop, load_config, lock, say, take_lock
 
 KILLED = f"{INTERRUPTED}: the loop was killed during training (kill -9, reboot)"
 STOPPED = f"{INTERRUPTED}: the loop was stopped (Ctrl-C or SIGTERM) during training"
@@ -111,6 +111,46 @@ def reconcile(loop, reason=KILLED, restart=True):
                 say(loop, f"#{n} saved at {ref}; your uncommitted edit of {TRAIN} is kept in the working tree")
 
 
+def reconcile_worker(loop, number, reason=KILLED):
+    """What worker `number` of a `run --workers` left in flight (logs/TAG/wN/running.json), finished as reconcile
+    does, in its worktree (worktrees/TAG-wN), once its process has let go of its lock. With the worktree gone,
+    the experiment still gets its row, and its commit a ref. Leaves the worktree at the best when clean."""
+    ledger_dir()  # this checkout's ledger, before the worktree (its own git dir) is the current folder
+    root = os.getcwd()
+    wl = Loop(loop.tag, loop.config, [], loop.timeout, loop.min_delta, worker=number, root=root)
+    tree = Path(root) / WORKTREES_DIR / f"{loop.tag}-w{number}"
+    fd = take_lock(wl.dir)
+    try:
+        if tree.is_dir():
+            os.chdir(tree)
+            reconcile(wl, reason, restart=False)
+            if not changed_since("HEAD"):
+                git("checkout", "-q", "--detach", wl.best_commit)
+        else:
+            with InFlight(wl) as flight:
+                state = flight.read()
+                wl.rows = tag_rows(loop.tag)
+                if state and state.get("phase") == "train" and state.get("commit"):
+                    kill_leftover(state)
+                    if not any(r.get("n") == str(state["n"]) for r in wl.rows):
+                        append_row(interrupted_row(wl, state, reason))
+                    git("update-ref", wl.ref(f"discarded/{state['n']}"), state["commit"])
+    finally:
+        os.chdir(root)
+        os.close(fd)
+    loop.rows = tag_rows(loop.tag)
+    render_results()
+
+
+def catch_up(loop):
+    """The branch at the best commit, when a `run --workers` killed between a keep's row and the branch's move
+    left it behind (a fast-forward: refused if it would touch uncommitted changes)."""
+    best = loop.best_commit
+    if head() != best and git("merge-base", "--is-ancestor", "HEAD", best, check=False) is not None:
+        if git("merge", "--ff-only", "-q", best, check=False) is not None:
+            say(loop, f"{loop.branch} moved up to the best, #{loop.best['n']} ({loop.best['commit']})")
+
+
 def interrupted_row(loop, state, reason):
     commit_sha = state["commit"]
     with open(state["log"], "a") as log:
@@ -146,9 +186,12 @@ def open_loop(timeout=None, min_delta=0.0):
     loop = Loop(tag, config, [], timeout or default_timeout(config), min_delta)
     repair_records(loop)
     reconcile(loop)
+    for running in sorted(loop.dir.glob("w*/running.json")):  # workers of a `run --workers` that was killed
+        reconcile_worker(loop, int(running.parent.name[1:]))
     if not loop.rows or loop.rows[0]["status"] != "keep":
         raise LoopError(f"{RESULTS} has no baseline for {tag}: run `uv run agent_loop.py init --tag {tag}` "
                         f"(on this branch it resumes the baseline)")
+    catch_up(loop)
     return loop
 
 

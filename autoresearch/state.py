@@ -7,8 +7,10 @@ import fcntl
 import json
 import shutil
 import os
+import signal
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from autoresearch.gitrepo import git
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, now_iso, read_json
 from autoresearch.metricdata import seal_metric_files
 from autoresearch.ledger import best_row, ledger_dir, write_atomic
-from autoresearch.process import Stop, proc_start_time
+from autoresearch.process import KILL_GRACE_S, Stop, proc_start_time
 from autoresearch.seal import untracked_modules
 
 DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_SEED overrides at init
@@ -181,11 +183,28 @@ def lock(tag_dir):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = os.read(fd, 32).decode().strip()
+        os.close(fd)
         raise LoopError(f"another agent_loop.py (pid {pid}) is working on {tag_dir.name}: wait for it, "
                         f"or stop it with `kill {pid}` (it stops cleanly at the best commit)") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+def take_lock(folder):
+    """lock(folder), once the process holding it lets go: a worker ends its run on SIGTERM within
+    KILL_GRACE_S; after that it is killed (the coordinator that started it is gone, or gave up on it)."""
+    deadline = time.monotonic() + KILL_GRACE_S + 10
+    while True:
+        try:
+            return lock(folder)
+        except LoopError:
+            if time.monotonic() > deadline:
+                pid = (folder / "lock").read_text().strip()
+                if pid.isdigit():
+                    os.kill(int(pid), signal.SIGKILL)
+                deadline = time.monotonic() + 5
+            time.sleep(0.2)
 
 
 # -----------------------------------------------------------------------------

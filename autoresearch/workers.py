@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git, head
-from autoresearch.layout import LOGS_DIR, TRAIN, WORKTREES_DIR, LoopError
+from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
 from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, render_results,
-                                 tag_rows)
+                                 tag_rows, write_atomic)
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
 from autoresearch.runner import PACKAGE_ROOT
-from autoresearch.resume import KILLED, STOPPED, reconcile, save_and_reset, save_failed_proposal, spare_name
+from autoresearch.resume import STOPPED, reconcile_worker, save_and_reset, save_failed_proposal, spare_name
 from autoresearch.state import InFlight, Loop, first_free_seed, load_config, lock, say
 
 MAX_RESTARTS = 3          # a worker that dies this many times in a row is not started again
@@ -81,12 +81,15 @@ def plan_devices(workers, gpus, share=None):
     """One Device per worker. --gpus names them; --workers auto takes every visible GPU; --workers N takes
     GPUs 0..N-1 when there are that many, else splits this machine's cores into N shares: equal ones, or of
     `share` cores each (the tag's cores per run, pinned at init)."""
+    found = visible_gpus()
     if gpus:
         ids = [x.strip() for x in gpus.split(",") if x.strip()]
         if len(set(ids)) != len(ids) or (workers not in (None, "auto") and int(workers) != len(ids)):
             raise LoopError(f"--gpus {gpus}: name each GPU once, one per worker (--workers may be left out)")
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None and not set(ids) <= set(found):
+            raise LoopError(f"--gpus {gpus}: CUDA_VISIBLE_DEVICES allows only {','.join(found) or 'none'} (a job "
+                            f"scheduler's share?). Fix: `--gpus {','.join(found)}` or `--workers auto`")
         return [Device(f"gpu {i}", {"CUDA_VISIBLE_DEVICES": i}) for i in ids]
-    found = visible_gpus()
     if workers == "auto":
         if not found:
             raise LoopError("--workers auto starts one worker per visible GPU, and none is visible. Fix: "
@@ -95,6 +98,9 @@ def plan_devices(workers, gpus, share=None):
     n = int(workers)
     if len(found) >= n:
         return [Device(f"gpu {i}", {"CUDA_VISIBLE_DEVICES": i}) for i in found[:n]]
+    if found:  # a GPU tag's baseline trained on a GPU: a worker on CPUs would measure nothing comparable
+        raise LoopError(f"--workers {n}: {len(found)} GPU(s) visible, one per worker. Fix: `--workers "
+                        f"{len(found)}` (or auto)")
     cores = sorted(os.sched_getaffinity(0))
     share = share or len(cores) // n
     if share < 1 or n * share > len(cores):
@@ -102,9 +108,8 @@ def plan_devices(workers, gpus, share=None):
         raise LoopError(f"--workers {n}: this machine has {len(cores)} CPU cores and {len(found)} GPUs, so at "
                         f"most {most} workers" + (f" of {share} cores each (pinned at init)" if share > 1 else "")
                         + f". Fix: `--workers {most}`")
-    hidden = {"CUDA_VISIBLE_DEVICES": ""} if found else {}  # fewer GPUs than workers: all of them on CPUs
-    return [Device(f"cpus {cores[i * share]}-{cores[(i + 1) * share - 1]}", dict(hidden),
-                   cores[i * share:(i + 1) * share]) for i in range(n)]
+    return [Device(f"cpus {cores[i * share]}-{cores[(i + 1) * share - 1]}", {}, cores[i * share:(i + 1) * share])
+            for i in range(n)]
 
 
 # -----------------------------------------------------------------------------
@@ -149,10 +154,8 @@ class Link:
 
     def record(self, row, base, sha):
         """The row as the coordinator recorded it: a keep whose base is no longer the best comes back a
-        discard, and the change is tried again on top of the new best (self.retry)."""
-        answer = self.ask({"op": "row", "row": row, "base": base, "sha": sha})
-        self.retry = answer.get("retry")
-        return answer["row"]
+        discard (and the coordinator has its change tried again on top of the new best)."""
+        return self.ask({"op": "row", "row": row, "base": base, "sha": sha})["row"]
 
 
 def die_with_parent(parent):
@@ -185,7 +188,7 @@ def worker_main(options):
             go = link.ask({"op": "next"})
             if go.get("stop"):
                 return 0
-            link.others = go["others"]
+            link.others, link.retry = go["others"], go.get("retry")
             loop.rows = tag_rows(loop.tag)
             if not one_experiment(loop, proposer, go["n"], link):
                 return 0
@@ -202,7 +205,7 @@ def one_experiment(loop, proposer, n, link):
     from autoresearch.experiment import run_experiment
     with InFlight(loop) as flight:
         flight.mark(n=n, phase="propose")
-        retry, link.retry = link.retry, None
+        retry = link.retry
         proposal = again(loop, retry) if retry else proposer.propose(loop, n, flight)
         if proposal is None:
             link.tell({"op": "exhausted"})
@@ -241,8 +244,9 @@ def again(loop, retry):
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for name, rev in (("best", "HEAD"), ("base", retry["base"]), ("exp", retry["commit"])):
-            paths.append(Path(tmp) / name)
-            paths[-1].write_bytes(git("show", f"{rev}:{TRAIN}").encode(errors="surrogateescape"))
+            paths.append(Path(tmp) / name)  # the bytes, final newline and line ends included
+            paths[-1].write_bytes(subprocess.run(["git", "cat-file", "blob", f"{rev}:{TRAIN}"], check=True,
+                                                 capture_output=True).stdout)
         p = subprocess.run(["git", "merge-file", "-p", "-q", *map(str, paths)], capture_output=True)
     description = f"{retry['description']} (again, on top of the new best)"
     if p.returncode != 0:
@@ -267,7 +271,8 @@ class Worker:
     failures: int = 0                # proposals failed in a row
     deaths: int = 0                  # exits without being told to stop, in a row
     finished: bool = False
-    done: int = 0                    # experiments it was handed and finished (rows and skips)
+    finished_ns: list = field(default_factory=list)  # the experiments it finished (with a row, or skipped)
+    gave_up: bool = False            # its agent kept failing, or it kept dying
 
 
 class Coordinator:
@@ -279,6 +284,9 @@ class Coordinator:
         self.workers = [Worker(i, d, Path(self.root) / WORKTREES_DIR / f"{loop.tag}-w{i}")
                         for i, d in enumerate(devices, 1)]
         self.handed, self.busy_s, self.stopping, self.t0 = 0, 0.0, False, time.monotonic()
+        # overtaken keeps whose change waits to be tried on top of the new best: kept across restarts
+        self.retries_path = loop.private_dir / "retries.json"
+        self.retries = read_json(self.retries_path) or []
 
     # ---- setting up and finishing each worker's worktree
 
@@ -286,28 +294,11 @@ class Coordinator:
         return Loop(self.loop.tag, self.loop.config, [], self.loop.timeout, self.loop.min_delta, worker=w.number,
                     root=self.root)
 
-    def prepare(self, w, reason):
-        """The worktree at the best, with what the worker's last process left in flight finished first."""
+    def prepare(self, w):
+        """Its worktree, at the best; what its last process left in flight was finished by open_loop."""
         if not w.path.exists():
             git("worktree", "prune")
             git("worktree", "add", "-q", "--detach", str(w.path), self.loop.best_commit)
-            return
-        self.finish_leftover(w, reason)
-
-    def finish_leftover(self, w, reason):
-        """resume.reconcile in the worker's worktree, once its old process has let go of its lock."""
-        wl = self.worker_loop(w)
-        fd = take_lock(wl.dir)
-        try:
-            os.chdir(w.path)
-            reconcile(wl, reason, restart=False)
-            if not changed_since("HEAD"):  # a worker stopped at the best it started from: at the latest now
-                git("checkout", "-q", "--detach", self.loop.best_commit)
-        finally:
-            os.chdir(self.root)
-            os.close(fd)
-        self.loop.rows = tag_rows(self.loop.tag)
-        render_results()  # reconcile rendered the worktree's copy
 
     def start(self, w):
         from_coordinator, to_worker = os.pipe()  # (read end, write end)
@@ -327,9 +318,15 @@ class Coordinator:
         threading.Thread(target=echo, args=(w.number, w.proc.stdout), daemon=True).start()
 
     def listen(self, w, pipe):
-        for line in pipe:
-            self.messages.put((w, json.loads(line)))
-        self.messages.put((w, None))
+        """Its messages, then None when its pipe closes (a line cut by its death ends it too)."""
+        try:
+            for line in pipe:
+                self.messages.put((w, json.loads(line)))
+        except ValueError:
+            pass
+        finally:
+            pipe.close()
+            self.messages.put((w, None))
 
     def answer(self, w, message):
         try:
@@ -344,7 +341,7 @@ class Coordinator:
         os.environ[LEDGER_ENV] = str(ledger_dir())  # workers (and reconcile in their worktrees) use this ledger
         ensure_ignored(f"{WORKTREES_DIR}/")
         for w in self.workers:
-            self.prepare(w, KILLED)
+            self.prepare(w)
         # after the experiments left in flight have their rows: no number or seed is used twice
         self.next_n = self.first_n = self.loop.next_n()
         self.next_seed = first_free_seed(self.loop.rows, self.loop.config["base_seed"])
@@ -361,7 +358,7 @@ class Coordinator:
                 self.handle(w, message)
                 self.busy_s += time.monotonic() - t
             for w in self.workers:
-                self.finish_leftover(w, STOPPED)
+                reconcile_worker(self.loop, w.number, STOPPED)  # each worktree at the best it ended on
         except BaseException:  # Ctrl-C, SIGTERM, an error: no worker goes on without its coordinator
             self.stop_all(STOPPED)
             raise
@@ -376,9 +373,11 @@ class Coordinator:
                 w.finished = True
                 return self.answer(w, {"stop": why})
             w.task, self.next_n, self.handed = {"n": self.next_n}, self.next_n + 1, self.handed + 1
+            taken = [o.task.get("retry") for o in self.workers if o.task]
+            w.task["retry"] = next((r for r in self.retries if r not in taken), None)
             others = [f"#{o.task['n']} (w{o.number}): {o.task['description']}" for o in self.workers
                       if o is not w and o.task and o.task.get("description")]
-            return self.answer(w, {"n": w.task["n"], "others": others})
+            return self.answer(w, {"n": w.task["n"], "others": others, "retry": w.task["retry"]})
         if op == "seed":
             self.next_seed += 1
             return self.answer(w, {"seed": self.next_seed - 1})
@@ -398,9 +397,12 @@ class Coordinator:
                 self.answer(w, message["result"])
             return None
         if op == "line":
+            if w.task and w.task.get("retry") in self.retries:  # tried again (or found not to merge): done
+                self.retries.remove(w.task["retry"])
+                write_atomic(self.retries_path, json.dumps(self.retries).encode())
             w.failures = w.failures + 1 if message.get("failed") else 0
             w.deaths, w.task = 0, None
-            w.done += 1
+            w.finished_ns.append(str(message["n"]))
             desc = f" | {message['description']}" if message.get("description") else ""
             text = message["text"].replace(f"{self.root}/", "")  # its logs are in this checkout
             say(self.loop, f"#{message['n']} w{w.number} {text}{desc}")
@@ -423,6 +425,7 @@ class Coordinator:
         if a.hours is not None and time.monotonic() - self.t0 >= a.hours * 3600:
             return f"time limit of {a.hours} h reached"
         if w.failures >= 3:
+            w.gave_up = True
             say(self.loop, f"w{w.number}: the agent failed {w.failures} times in a row: this worker stops. Check "
                            f"the command by hand in {w.path}")
             return "the agent keeps failing"
@@ -444,22 +447,34 @@ class Coordinator:
         checkout) to the experiment's commit. A keep whose base is no longer the best becomes a discard here:
         it was never compared with the best it would replace."""
         row, base, best = dict(message["row"]), message["base"], self.loop.best_commit
-        retry = None
         if row["status"] == "keep" and base != best:
             row["status"] = "discard"
             row["note"] = (f"superseded: better than its base {base[:7]}, but #{self.loop.best['n']} "
-                           f"({self.loop.best['commit']}) was kept meanwhile; tried again on top of it; "
-                           + row["note"])
-            retry = {"commit": message["sha"], "base": base, "description": row["description"], "n": row["n"]}
+                           f"({self.loop.best['commit']}) was kept meanwhile; queued to be tried again on top of "
+                           f"it; " + row["note"])
+            self.retries.append({"commit": message["sha"], "base": base, "description": row["description"],
+                                 "n": row["n"]})
+            write_atomic(self.retries_path, json.dumps(self.retries).encode())
         if os.path.isabs(row.get("log", "")):
             row["log"] = os.path.relpath(row["log"], self.root)
         append_row(row)
         self.loop.rows.append(row)
         if row["status"] == "keep":
-            if git("merge", "--ff-only", "-q", message["sha"], check=False) is None:
-                raise LoopError(f"#{row['n']} was kept, but {self.loop.branch} could not be moved to it in "
-                                f"{self.root} (changes there?). Fix: `git stash`, then run again: it moves")
-        return {"row": row, "retry": retry}
+            self.move_branch(row, message["sha"], base)
+        return {"row": row}
+
+    def move_branch(self, row, sha, base):
+        """The tag's branch to a keep: with this checkout (a fast-forward, as the single loop's keep leaves it),
+        or alone if the user checked out something else here meanwhile (only from its base: nothing is lost)."""
+        branch = self.loop.branch
+        if current_branch() == branch and git("merge", "--ff-only", "-q", sha, check=False) is not None:
+            return
+        if git("update-ref", f"refs/heads/{branch}", sha, base, check=False) is None:
+            raise LoopError(f"#{row['n']} was kept, but {branch} moved away from its base {base[:7]} (by hand?) "
+                            f"and was left as it is. Fix: `git branch -f {branch} {sha[:7]}` if that is right, then "
+                            f"run again")
+        say(self.loop, f"#{row['n']} kept: {branch} moved to {sha[:7]}; this checkout is on "
+                       f"{current_branch() or 'a detached HEAD'} (or has changes), and was left as it is")
 
     def ended(self, w):
         """A worker's process exited: told to stop, out of work, or dead (then its experiment is finished as
@@ -475,10 +490,10 @@ class Coordinator:
         w.deaths += 1
         say(self.loop, f"w{w.number} exited with code {rc} without being told to stop"
                        + (f" during #{w.task['n']}" if w.task else ""))
-        self.prepare(w, DIED)
+        reconcile_worker(self.loop, w.number, DIED)
         w.task = None
         if w.deaths >= MAX_RESTARTS:
-            w.finished = True
+            w.finished = w.gave_up = True
             say(self.loop, f"w{w.number} died {w.deaths} times in a row: not started again; its output above "
                            f"and {self.worker_loop(w).dir} say why")
             return
@@ -502,17 +517,20 @@ class Coordinator:
                 except subprocess.TimeoutExpired:
                     w.proc.kill()
                     w.proc.wait()
-            self.finish_leftover(w, reason)
+            reconcile_worker(self.loop, w.number, reason)
 
     def summary(self):
         """One line per worker (its rows of this run), and the coordinator's own cost."""
         hours = (time.monotonic() - self.t0) / 3600
         mine = [r for r in self.loop.rows if int(r.get("n") or 0) >= self.first_n]
         lines = []
+        recorded = {r["n"] for r in mine}
         for w in self.workers:
             rows = [r for r in mine if r.get("worker") == str(w.number)]
+            skipped = sum(n not in recorded for n in w.finished_ns)
             lines.append(f"w{w.number} ({w.device.label}): {len(rows)} experiments, "
-                         f"{sum(r['status'] == 'keep' for r in rows)} kept, {w.done - len(rows)} skipped")
+                         f"{sum(r['status'] == 'keep' for r in rows)} kept, {skipped} skipped"
+                         + (" (gave up: see above)" if w.gave_up else ""))
         per_device = f"{len(mine) / hours / len(self.workers):.1f} experiments per hour per worker" if hours else ""
         busy = f"{1000 * self.busy_s / max(self.handed, 1):.0f} ms"
         return lines + [f"{per_device}; coordinator: {busy} per experiment (ledger, git, answers)"]
@@ -525,38 +543,14 @@ def echo(number, pipe):
         sys.stderr.flush()
 
 
-def take_lock(folder):
-    """The worker's lock (state.lock), once its old process lets go: it ends its run on SIGTERM within
-    KILL_GRACE_S; after that it is killed."""
-    deadline = time.monotonic() + KILL_GRACE_S + 10
-    while True:
-        try:
-            return lock(folder)
-        except LoopError:
-            if time.monotonic() > deadline:
-                pid = (folder / "lock").read_text().strip()
-                if pid.isdigit():
-                    os.kill(int(pid), signal.SIGKILL)
-                deadline = time.monotonic() + 5
-            time.sleep(0.2)
-
-
-def catch_up(loop):
-    """This checkout's branch at the best commit, when a coordinator killed between a keep's row and the branch's
-    move left it behind (a fast-forward: refused if it would touch uncommitted changes)."""
-    best = loop.best_commit
-    if head() != best and git("merge-base", "--is-ancestor", "HEAD", best, check=False) is not None:
-        if git("merge", "--ff-only", "-q", best, check=False) is not None:
-            say(loop, f"{loop.branch} moved up to the best, #{loop.best['n']} ({loop.best['commit']})")
-
-
 def run_workers(loop, args):
-    """run --workers N / --gpus (--executor ray): the coordinator's life; returns the per-worker summary lines."""
+    """run --workers N / --gpus (--executor ray): the coordinator's life. Returns the per-worker summary lines,
+    and whether every worker gave up (its agent kept failing, or it kept dying)."""
     if args.executor != "ray":
         devices = plan_devices(args.workers, args.gpus, loop.config.get("cores_per_run"))
         coordinator = Coordinator(loop, args, devices)
         coordinator.run()
-        return coordinator.summary()
+        return coordinator.summary(), all(w.gave_up for w in coordinator.workers)
     if args.gpus:
         raise LoopError("--gpus names this machine's GPUs; with --executor ray, Ray gives each run a GPU of the "
                         "cluster. Fix: `--workers N` (or auto)")
@@ -568,6 +562,6 @@ def run_workers(loop, args):
         coordinator = Coordinator(loop, args, [Device(f"runs on Ray, {executor.label}")] * executor.workers,
                                   executor)
         coordinator.run()
-        return coordinator.summary()
+        return coordinator.summary(), all(w.gave_up for w in coordinator.workers)
     finally:
         executor.shutdown()

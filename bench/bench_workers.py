@@ -9,6 +9,20 @@ baseline's too, has 1/N of the cores), smoke profile, synthetic data, the real t
 
 Prints each arm's wall time, runs of train.py and the coordinator's own time per experiment, then min / median /
 max per arm and the ratio of the medians. Run it on an otherwise idle machine: every arm trains for real.
+
+Measured 2026-11-26, 2 cores (AMD EPYC), quiet machine, 6 experiments per arm, arms 1 2 1 2:
+    arm   workers   wall    runs of train.py   runs per experiment   wall per run   coordinator
+    0     1         628 s   23                 3.83                  27.3 s
+    1     2         111 s    7                 1.17                  15.9 s         18 ms per experiment
+    2     1         459 s   17                 2.83                  27.0 s
+    3     2         325 s   24                 4.00                  13.5 s         19 ms per experiment
+Medians: 2 workers took 40% of 1 worker's wall time (218 s against 544 s), and 54% of its wall time per run.
+What limits it: on 2 cores each worker trains on one, so a run's fixed 15 s budget overlaps with the other's but
+its start-up and evaluation take longer alone on a core; and the runs an experiment needs (1.2 to 4.0 here)
+follow the keep rule's decisions, which differ from arm to arm, so 6 experiments give a wide spread: compare the
+wall per run. Before `init --workers` pinned the baseline's runs to a worker's share, the 2-worker arm needed
+4.17 runs per experiment against 2.67 (395 s against 424 s): each comparison waited for a re-run of the best at
+the worker's speed.
 """
 import argparse
 import json
@@ -74,22 +88,27 @@ def main():
     print(f"{os.cpu_count()} CPU cores; smoke profile; mutate; {args.experiments} experiments per arm; "
           f"arms {args.arms}; work in {work}", flush=True)
     bases = {workers: initialised_repo(work, env, args.repeats, workers) for workers in sorted(set(args.arms))}
-    results = {}
+    results, per_run = {}, {}
     for i, workers in enumerate(args.arms):
         wall, runs, done, coordinator = run_arm(bases[workers], work, env, i, workers, args.experiments)
         results.setdefault(workers, []).append(wall)
+        per_run.setdefault(workers, []).append(wall / max(runs, 1))
         extra = f", coordinator {coordinator} ms per experiment" if coordinator is not None else ""
         print(f"arm {i} ({workers} worker{'s' * (workers > 1)}): {wall:.0f} s for {done} experiments, "
-              f"{runs} runs of train.py ({runs / max(done, 1):.2f} per experiment){extra}", flush=True)
+              f"{runs} runs of train.py ({runs / max(done, 1):.2f} per experiment, {wall / max(runs, 1):.1f} s of "
+              f"wall time per run){extra}", flush=True)
     for workers, walls in sorted(results.items()):
         print(f"{workers} worker(s): wall min {min(walls):.0f} / median {statistics.median(walls):.0f} / "
-              f"max {max(walls):.0f} s over {len(walls)} arm(s)")
+              f"max {max(walls):.0f} s; per run min {min(per_run[workers]):.1f} / median "
+              f"{statistics.median(per_run[workers]):.1f} / max {max(per_run[workers]):.1f} s; "
+              f"over {len(walls)} arm(s)")
     if 1 in results and len(results) > 1:
-        one = statistics.median(results[1])
+        one, one_run = statistics.median(results[1]), statistics.median(per_run[1])
         for workers, walls in sorted(results.items()):
             if workers > 1:
                 print(f"{workers} workers take {100 * statistics.median(walls) / one:.0f}% of 1 worker's wall time "
-                      f"(medians)")
+                      f"for the same experiments, {100 * statistics.median(per_run[workers]) / one_run:.0f}% per "
+                      f"run of train.py (medians; the runs an experiment needs depend on its decisions)")
     shutil.rmtree(work, ignore_errors=True)
 
 

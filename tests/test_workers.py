@@ -2,6 +2,7 @@
 (tests/stand_in/) and shell agents whose change depends on the experiment number they are given."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,13 +129,17 @@ def test_kill_9_of_the_coordinator_stops_every_worker_and_the_next_run_resumes_t
     assert wait_for(lambda: all(pid_gone(s["pgid"]) for s in states) and all(map(pid_gone, workers)), 20)
     finished = rows(repo)
     assert len(finished) == 1                                            # no experiment had finished
+    shutil.rmtree(repo / "worktrees" / "t-w2")                          # even a worktree deleted by hand
+    out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0").stdout  # any later command
+    interrupted = [r for r in rows(repo) if r["note"].startswith("interrupted: the loop was killed")]
+    assert sorted(int(r["n"]) for r in interrupted) == sorted(s["n"] for s in states), out
     out = loop(repo, env, "run", "--agent", "mutate", "--workers", "2", "--max-experiments", "2").stdout
     after = rows(repo)
-    interrupted = [r for r in after if r["note"].startswith("interrupted: the loop was killed")]
-    assert sorted(int(r["n"]) for r in interrupted) == sorted(s["n"] for s in states), out
     later = [int(r["n"]) for r in after[1:] if r not in interrupted]
     assert len(later) == 2 and min(later) > max(s["n"] for s in states)  # numbers never reused
     assert len({r["n"] for r in after}) == len(after)
+    seeds = [x for r in after for c in ("seeds", "best_seeds") for x in r[c].split(",") if x]
+    assert len(seeds) == len(set(seeds))                               # the killed runs' seeds too
     for s in states:
         git(repo, env, "rev-parse", f"refs/autoresearch/t/discarded/{s['n']}")
     assert not any(p.exists() for p in running)
