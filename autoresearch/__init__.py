@@ -13,6 +13,8 @@ The experiment loop (agent_loop.py is its command line):
     resume.py      saving work under refs/autoresearch/, resetting to the best, resuming after a kill
     experiment.py  one experiment from proposed change to results row, and the baseline (#0)
     workers.py     run --workers N: a coordinator (the one writer) and a worker process per worktree and device
+    rayexec.py     run --executor ray: each run a Ray task on a cluster, the code sent as a git bundle
+    launch/        SkyPilot and Slurm recipes that start Ray on every node and the loop on the first
     mutate.py      the offline proposer's seeded edit of one hyperparameter line of train.py
     proposers.py   mutate and an external agent command behind one interface: propose(loop, n, flight)
     report.py      summary numbers, text report and progress plot of a results.tsv

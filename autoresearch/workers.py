@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git, head
+from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git
 from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
 from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, render_results,
                                  tag_rows, write_atomic)

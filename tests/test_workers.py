@@ -111,6 +111,22 @@ def test_a_train_py_in_flight_on_another_worker_or_measured_is_not_run_again(rep
     assert_all_at_best(repo, env)
 
 
+def test_each_worktree_is_sealed_as_the_checkout_is(repo, env, tmp_path):
+    initialised(repo, env)
+    agent = agent_script(tmp_path, f"""
+case $N in
+  1) echo "# mine" >> prepare.py; {edit("VAL_BPB", "0.9")}; echo "better, with help";;
+  *) {edit("VAL_BPB", "1.2")}; echo "worse";;
+esac
+""")
+    out = loop(repo, env, "run", "--agent", agent, "--workers", "2", "--max-experiments", "2").stdout
+    r = by_n(repo)
+    assert r[1]["status"] == "discard" and r[1]["note"].startswith("rejected: changed prepare.py"), out
+    assert "# mine" in git(repo, env, "show", "refs/autoresearch/t/discarded/1:prepare.py")   # saved, not lost
+    assert r[2]["status"] == "discard" and "# mine" not in (repo / "prepare.py").read_text()
+    assert_all_at_best(repo, env)
+
+
 def test_kill_9_of_the_coordinator_stops_every_worker_and_the_next_run_resumes_them_all(repo, env):
     initialised(repo, env, SLEEP=3.0)
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--workers", "2"],
