@@ -101,6 +101,36 @@ esac
     assert_all_at_best(repo, env)
 
 
+def test_two_workers_train_the_real_train_py_each_on_its_share_and_the_harness_evaluates_every_run(
+        smoke_cache, tmp_path):
+    from test_readme import fresh_clone
+    lab = fresh_clone(tmp_path)
+    cache = tmp_path / "cache"
+    shutil.copytree(smoke_cache, cache)
+    (tmp_path / "gitconfig").write_text("")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
+    e.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache), GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"))
+    share = len(os.sched_getaffinity(0)) // 2
+    loop(lab, e, "init", "--tag", "real", "--repeats", "1", "--workers", "2", timeout=600)
+    # a learning rate each (the speed stays: no probe of the best), and --min-delta 1: no change can look that
+    # much better, so each is judged on its first run: two real runs side by side, not a long confirmation
+    agent = agent_script(tmp_path, f"""
+case $N in
+  1) {edit("MATRIX_LR", "0.03")}; echo "matrix lr 0.03";;
+  *) {edit("MATRIX_LR", "0.05")}; echo "matrix lr 0.05";;
+esac
+""")
+    out = loop(lab, e, "run", "--agent", agent, "--workers", "2", "--max-experiments", "2", "--min-delta", "1",
+               timeout=600).stdout
+    exps = rows(lab)[1:]
+    assert sorted(r["worker"] for r in exps) == ["1", "2"] and all(r["status"] == "discard" for r in exps), out
+    for r in rows(lab):
+        log = (lab / r["log"]).read_text()
+        assert f"device cpu (cpu, {share} threads)" in log and "===== evaluator" in log, r["log"]
+        assert float(r["val_bpb"]) > 0 and r["heldout_gap"]                # the harness's numbers, held-out too
+    assert_all_at_best(lab, e)
+
+
 def test_a_train_py_in_flight_on_another_worker_or_measured_is_not_run_again(repo, env, tmp_path):
     initialised(repo, env, SLEEP=0.5)
     agent = agent_script(tmp_path, f'{edit("VAL_BPB", "1.5")}; echo "same idea"\n')
