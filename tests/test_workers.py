@@ -192,6 +192,36 @@ def test_kill_9_of_the_coordinator_stops_every_worker_and_the_next_run_resumes_t
     assert_all_at_best(repo, env)
 
 
+def test_kill_9_of_the_coordinator_also_ends_the_agents_of_its_workers(repo, env, tmp_path):
+    initialised(repo, env)
+    agent = agent_script(tmp_path, f"echo $$ > {tmp_path}/agent-$N.pid\nsleep 300\n")
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", agent, "--workers", "2"], cwd=repo,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = [tmp_path / "agent-1.pid", tmp_path / "agent-2.pid"]
+    assert wait_for(lambda: all(p.exists() and p.read_text().strip() for p in pids), 60)
+    proc.kill()
+    proc.wait()
+    assert wait_for(lambda: all(pid_gone(int(p.read_text())) for p in pids), 20)   # no agent edits on alone
+    loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0")
+    assert len(rows(repo)) == 1 and not list((repo / "logs" / "t").glob("w*/running.json"))
+    assert_all_at_best(repo, env)
+
+
+def test_each_gpu_worker_sees_only_its_gpu(repo, env):
+    initialised(repo, env)
+    gpus = dict(env, CUDA_VISIBLE_DEVICES="3,5")         # what a job scheduler gives: GPUs 3 and 5 of the node
+    out = loop(repo, gpus, "run", "--agent", "mutate", "--workers", "auto", "--max-experiments", "2").stdout
+    assert "worker w1: gpu 3" in out and "worker w2: gpu 5" in out, out
+    for r in rows(repo)[1:]:  # every run of an experiment (the best's re-runs too) on its worker's GPU only
+        own, other = ("3", "5") if r["worker"] == "1" else ("5", "3")
+        log = (repo / r["log"]).read_text()
+        assert f"visible GPUs {own}\n" in log and f"visible GPUs {other}\n" not in log
+    wrong = loop(repo, gpus, "run", "--agent", "mutate", "--gpus", "0,1", check=False)
+    assert wrong.returncode == 2 and "CUDA_VISIBLE_DEVICES allows only 3,5" in wrong.stderr
+    fewer = loop(repo, gpus, "run", "--agent", "mutate", "--workers", "3", check=False)
+    assert fewer.returncode == 2 and "2 GPU(s) visible, one per worker. Fix: `--workers 2`" in fewer.stderr
+
+
 def test_a_worker_that_dies_gets_a_crash_row_and_is_started_again(repo, env):
     initialised(repo, env, SLEEP=2.0)
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--workers", "2",

@@ -34,6 +34,7 @@ elif PROFILE == "smoke":
 
 seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
 print(f"training {PROFILE} depth {DEPTH} seed {seed} on {len(os.sched_getaffinity(0))} cores", flush=True)
+print(f"visible GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', '(all)')}", flush=True)
 time.sleep(SLEEP)
 if MODE == "crash":
     raise RuntimeError("CUDA out of memory (stand-in)")
