@@ -190,8 +190,9 @@ class RayExecutor:
         if request.get("node_id"):  # the experiment's other runs ran there: like with like, while it lives
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(request["node_id"], soft=True)
-        ref = self.runs.options(**options).remote(bundle, request["sha"], base64.b64decode(request["train_py"]), request["tag"], worker,
-                               config, timeout, request["seed"], request["version"], request["best_version"])
+        ref = self.runs.options(**options).remote(
+            bundle, request["sha"], base64.b64decode(request["train_py"]), request["tag"], worker, config, timeout,
+            request["seed"], request["version"], request["best_version"])
         self.in_flight[worker] = ref
 
         def wait():

@@ -109,7 +109,8 @@ def test_two_workers_train_the_real_train_py_each_on_its_share_and_the_harness_e
     shutil.copytree(smoke_cache, cache)
     (tmp_path / "gitconfig").write_text("")
     e = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
-    e.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache), GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"))
+    e.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache),
+             GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"))
     share = len(os.sched_getaffinity(0)) // 2
     loop(lab, e, "init", "--tag", "real", "--repeats", "1", "--workers", "2", timeout=600)
     # a learning rate each (the speed stays: no probe of the best), and --min-delta 1: no change can look that
