@@ -223,6 +223,24 @@ def test_each_gpu_worker_sees_only_its_gpu(repo, env):
     assert fewer.returncode == 2 and "2 GPU(s) visible, one per worker. Fix: `--workers 2`" in fewer.stderr
 
 
+def test_a_workers_timeout_kills_its_train_py_and_children_and_the_other_worker_goes_on(repo, env, tmp_path):
+    initialised(repo, env)
+    agent = agent_script(tmp_path, f"""
+case $N in
+  1) {edit("MODE", '"hang"')}; echo "hangs";;
+  *) {edit("VAL_BPB", "1.5")}; echo "worse";;
+esac
+""")
+    out = loop(repo, dict(env, STANDIN_CHILD_PID=str(tmp_path / "child.pid")), "run", "--agent", agent,
+               "--workers", "2", "--max-experiments", "3", "--timeout", "3").stdout
+    r = by_n(repo)
+    assert len(r) >= 3 and r[1]["status"] == "crash", out
+    assert r[1]["note"].startswith("crash: timeout: killed with its whole process"), out
+    assert wait_for(lambda: pid_gone(int((tmp_path / "child.pid").read_text())), 15)  # train.py's child too
+    assert [r[n]["status"] for n in sorted(r)[2:]] == ["discard"] * (len(r) - 2), out  # the other one went on
+    assert_all_at_best(repo, env)
+
+
 def test_a_worker_that_dies_gets_a_crash_row_and_is_started_again(repo, env):
     initialised(repo, env, SLEEP=2.0)
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--workers", "2",
