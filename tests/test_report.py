@@ -156,3 +156,18 @@ def test_noise_with_no_repeated_run_yet_is_reported_as_unknown(tmp_path):
     rows = [dict(r, evidence=r.get("evidence", "").replace("df=9", "df=0").replace("df=1", "df=0")) for r in ROWS]
     text = report.format_report(summary(tmp_path, rows), "results.tsv")
     assert "noise sigma       unknown: no version has run twice yet" in text and "(df 0" not in text
+
+
+def test_a_parallel_rows_re_runs_of_an_earlier_best_count_for_that_version_not_the_newer_best(tmp_path):
+    # `run --workers`: #2 started from the baseline, then #1's keep was recorded before #2's row; #2's re-runs of
+    # the best were of the baseline (best_train_py says so), not of #1
+    rows = [dict(commit="aaaaaaa", val_bpb="1.000000", status="keep", description="baseline", n="0",
+                 train_py="base", val_bpb_runs="1.000000,1.002000"),
+            dict(commit="bbbbbbb", val_bpb="0.950000", status="keep", description="w1's keep", n="1",
+                 train_py="one", val_bpb_runs="0.950000,0.952000", best_train_py="base",
+                 best_val_bpb_runs="1.001000"),
+            dict(commit="ccccccc", val_bpb="1.010000", status="discard", description="w2's", n="2",
+                 train_py="two", val_bpb_runs="1.010000", best_train_py="base", best_val_bpb_runs="0.999000")]
+    s = summary(tmp_path, rows)
+    assert s["best"]["runs"] == [0.95, 0.952] and s["best"]["val_bpb"] == 0.951
+    assert s["baseline"]["runs"] == [1.0, 1.002, 1.001, 0.999]
