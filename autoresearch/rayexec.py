@@ -53,6 +53,11 @@ def node_checkout(home, bundle, sha, train_py=None):
         Path(TRAIN).write_bytes(train_py)
 
 
+def node_home(name):
+    """A checkout of this node's own, under AUTORESEARCH_RAY_HOME (default ~/.cache/autoresearch/ray)."""
+    return Path(os.environ.get(RAY_HOME_ENV) or Path.home() / ".cache" / "autoresearch" / "ray") / name
+
+
 class NodeFlight:
     """sealed_run's record of the run's process group, on the node: a task that Ray killed (a cancel, a dead
     coordinator) cannot end its train.py, which runs in a session of its own; the next task there does."""
@@ -75,7 +80,7 @@ def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, versi
     from autoresearch.experiment import sealed_run
     from autoresearch.gitrepo import changed_since
     from autoresearch.state import Loop
-    home = Path(os.environ.get(RAY_HOME_ENV) or Path.home() / ".cache" / "autoresearch" / "ray") / f"{tag}-w{worker}"
+    home = node_home(f"{tag}-w{worker}")
     was, shared = os.getcwd(), os.environ.pop(LEDGER_ENV, None)  # a node keeps its own records
     flight = NodeFlight(home)
     try:
@@ -103,7 +108,7 @@ def check_node(bundle, sha, config):
     the profile, dataset and cache folder pinned at init. In a checkout of the node's own (homes may be shared)."""
     import ray
     node = ray.get_runtime_context().get_node_id()
-    home = Path(os.environ.get(RAY_HOME_ENV) or Path.home() / ".cache" / "autoresearch" / "ray") / f"check-{node}"
+    home = node_home(f"check-{node}")
     was = os.getcwd()
     try:
         node_checkout(home, bundle, sha)

@@ -26,7 +26,9 @@ from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, 
 from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
 from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, render_results,
                                  tag_rows, write_atomic)
+from autoresearch.experiment import run_experiment
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
+from autoresearch.proposers import Proposal, make_proposer
 from autoresearch.runner import PACKAGE_ROOT
 from autoresearch.resume import STOPPED, reconcile_worker, save_and_reset, save_failed_proposal, spare_name
 from autoresearch.state import InFlight, Loop, first_free_seed, load_config, lock, say
@@ -171,7 +173,7 @@ def die_with_parent(parent):
 
 def worker_main(options):
     """A worker's whole life: ask for an experiment, propose, run it, report; until told to stop. A stop or a
-    kill leaves running.json, and the coordinator finishes the experiment (resume.reconcile)."""
+    kill leaves running.json, and the next command finishes the experiment (resume.reconcile_worker)."""
     o = json.loads(options)
     signal.signal(signal.SIGTERM, raise_stop)
     try:
@@ -182,7 +184,6 @@ def worker_main(options):
         loop = Loop(o["tag"], load_config(o["tag"]), [], o["timeout"], o["min_delta"], worker=o["worker"],
                     root=o["root"], link=link)
         lock(loop.dir)
-        from autoresearch.proposers import make_proposer  # (imports report, which imports matplotlib lazily)
         proposer = make_proposer(o["agent"], o["seed"], o["agent_timeout"])
         while True:
             go = link.ask({"op": "next"})
@@ -202,7 +203,6 @@ def one_experiment(loop, proposer, n, link):
     start_from_best(loop, n)
     link.node = None
     render_results()  # the worktree's results.tsv, for the agent to read
-    from autoresearch.experiment import run_experiment
     with InFlight(loop) as flight:
         flight.mark(n=n, phase="propose")
         retry = link.retry
@@ -240,7 +240,6 @@ def again(loop, retry):
     """The train.py change of an experiment that beat its base after another keep landed, merged onto the new
     best (git merge-file: the base's train.py, the new best's, the experiment's). A Proposal; one with an error
     when the two changes overlap."""
-    from autoresearch.proposers import Proposal
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for name, rev in (("best", "HEAD"), ("base", retry["base"]), ("exp", retry["commit"])):
