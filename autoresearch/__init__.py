@@ -7,6 +7,7 @@ The experiment loop (agent_loop.py is its command line):
     ledger.py      results.tsv: columns, reading, crash-safe appends, the best row, unmeasured rows
     process.py     children in their own process group: timeouts, kills, leftovers; SIGTERM as a stop
     runner.py      one train.py run: environment, time limit, log, summary block, crash verdict
+    valwatch.py    which val files a run opened and which metric files it wrote, by inotify
     decide.py      the keep rule: first run, then pairs with the best, a sequential test; speed, noise
     state.py       one tag's state: Loop, lock, config pinned at init, running.json (InFlight), loop.log
     preflight.py   checks before init and before each experiment, each with the command that fixes it
@@ -34,7 +35,8 @@ Data, training and evaluation:
     fa3.py         loading Flash Attention 3 from the kernels hub (CUDA, Hopper), with a network probe
     handoff.py     the hand-over of a trained model (torch.export) from train.py to the evaluator
     memory.py      peak memory of a training step, counted on fake tensors before anything is allocated
-    metricdata.py  the metric's files: hashed, kept read-only in .pristine/, checked and restored
+    metricdata.py  the metric's files: hashed, kept read-only in .pristine/, checked and restored; the
+                   evaluator's own sealed copy
     sources.py     --source: your own text files as a dataset, converted into parquet shards
     synthetic.py   a corpus generated offline in seconds, for machines without internet and for tests
     tokens.py      tokenizer training and pre-tokenizing into <split>.bin + offsets

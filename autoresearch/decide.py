@@ -4,12 +4,14 @@ The keep rule, as pure functions of runs. One run is not evidence: a change is s
 candidate alternating (B C, C B, B C, C B) so that a slow stretch of the machine hits both, and kept only
 when a one-sided test on all of its evidence says p < KEEP_P (KEEP_P_FEW_DF while sigma rests on few runs).
 Speed is part of every run: a run whose throughput is off from its code's usual speed was taken on a
-different machine and is never compared with runs that were not. The noise (sigma) is pooled over every
-version's repeated runs, so it keeps improving all night.
+different machine and is never compared with runs that were not. Where the harness measures the machine's
+load (the share of the run's cores other work took, Obs.load), that is evidence of a changed machine, never
+of an unchanged one: a busy run counts for the change only beside a run of the best on a machine as busy.
+The noise (sigma) is pooled over every version's repeated runs, so it keeps improving all night.
 
 The constants were set with bench/bench_decide.py (numbers in its docstring: identical code kept < 5% of the
-time, quiet or under switching load; a 2-sigma improvement ~75% on a quiet machine, ~50% under load, where
-the target is 80%); rerun it after changing them.
+time, quiet or under switching load; a 2-sigma improvement ~75% on a quiet machine, ~55-63% under load with
+the load measured, ~50% without, where the target is 80%); rerun it after changing them.
 """
 import math
 import statistics
@@ -26,6 +28,8 @@ TRUSTED_DF = 10            # start): a sigma from a few runs is often too small,
 GIVE_UP_Z = -0.7          # after a pair, an estimate this weak (in standard errors) stops the confirmation
 MAX_PAIRS = 4
 MAX_SPEED_RETRIES = 2      # pairs thrown away because the machine changed speed between their two runs
+BUSY_LOAD = 0.15           # a run during which other work took this share of its cores ran on a busy machine
+LOAD_TOL = 0.15            # two busy runs whose shares differ by at most this ran on the same (busy) machine
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Obs:
     val: float
     speed: float = None    # training tokens per second (None: not reported)
     seed: int = None
+    load: float = None     # share of the run's cores other work took, by the harness's clock (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,13 @@ def pooled_noise(groups, floor, as_is=()):
     """Run-to-run sigma pooled over groups of runs of identical code, never below floor; runs off their
     group's usual speed are left out (a loaded stretch is not noise of the code), except in the as_is groups:
     the candidate's speed is its own train.py's word, and must not take its bad runs out of the noise."""
-    steady = [[r for r in runs if not speed_off(r.speed, speed_band(runs))] for runs in groups]
+    steady = [[r for r in runs if not busy(r) and not speed_off(r.speed, speed_band(runs))] for runs in groups]
+    # a candidate run the harness saw on a busy machine stands alone: it may have started that work itself,
+    # and standing alone it adds no evidence of low noise
+    as_is = [part for runs in as_is
+             for part in [[r for r in runs if not busy(r)]] + [[r] for r in runs if busy(r)]]
     ss, df = 0.0, 0
-    for runs in steady + list(as_is):
+    for runs in steady + as_is:
         vals = [r.val for r in runs]
         if len(vals) > 1:
             mean = statistics.fmean(vals)
@@ -74,12 +83,23 @@ def speed_band(runs):
     """(usual tokens/s, tolerance as a fraction) of these runs of one code. Usual is the mean of the largest
     cluster of speeds within SPEED_TOL of each other: a loaded stretch, whether it hit a few of the runs or
     most of them, moves neither the usual speed nor the tolerance."""
-    speeds = sorted(r.speed for r in runs if r.speed)
+    speeds = sorted(r.speed for r in ([r for r in runs if not busy(r)] or runs) if r.speed)
     if not speeds:
         return None, SPEED_TOL
     clusters = [[t for t in speeds if s <= t <= s * (1 + SPEED_TOL)] for s in speeds]
     biggest = max(clusters, key=lambda c: (len(c), c[0]))
     return statistics.fmean(biggest), SPEED_TOL
+
+
+def busy(run):
+    """The harness saw other work take a share of the run's cores (its own measurement, not train.py's word)."""
+    return run.load is not None and run.load >= BUSY_LOAD
+
+
+def same_machine(a, b):
+    """Both runs' loads were measured, and the machine was as busy (or as quiet) for one as for the other."""
+    return a.load is not None and b.load is not None and (
+        abs(a.load - b.load) <= LOAD_TOL if busy(a) or busy(b) else True)
 
 
 def speed_off(speed, band):
@@ -106,8 +126,13 @@ def next_step(best_runs, cand, fresh, noise, min_delta=0.0):
     if not cand:
         return Step("candidate", "first run")
     band = speed_band(best_runs)
-    probed = speed_off(cand[0].speed, band)
+    # run 1 off the usual speed, or on a machine the harness saw busy (even at the usual speed): the best runs
+    # now, on the machine as it is
+    probed = busy(cand[0]) or speed_off(cand[0].speed, band)
     if probed and not fresh:
+        if busy(cand[0]):
+            return Step("best", f"run 1 ran while other work took {100 * cand[0].load:.0f}% of its cores: the "
+                                f"best runs once now, on the machine as it is")
         pct = 100 * (speed_ratio(cand[0].speed, band) - 1)
         return Step("best", f"run 1 trained at {pct:+.0f}% of the best's tokens/s: the best runs once now, "
                             f"to tell a changed machine from a change in the code's speed")
@@ -148,15 +173,24 @@ def estimate(best_runs, cand, probe, paired, band, sigma):
     pairs = list(zip(paired, cand[1:]))
     # only a pair whose best run kept the best's usual speed shows the code's own speed: in one whose best run
     # was slowed, the ratio is the machine's change, and a ratio taken from it would vouch for that very pair
-    ratios = [c.speed / b.speed for b, c in pairs if c.speed and b.speed and not speed_off(b.speed, band)]
+    ratios = [c.speed / b.speed for b, c in pairs
+              if c.speed and b.speed and not busy(b) and not busy(c) and not speed_off(b.speed, band)]
+    # the harness's load is evidence of a changed machine, never of an unchanged one (a GPU shared with another
+    # job, a throttled CPU, a busy hypervisor are invisible to it): a busy run 1 shows the code's speed only
+    # beside a probe the harness saw as busy, and a probe it saw on another machine than run 1 shows nothing
+    apart = probe is not None and cand[0].load is not None and probe.load is not None \
+        and not same_machine(probe, cand[0])
+    busy_alone = busy(cand[0]) and (probe is None or apart)
     if ratios:
         rho = statistics.median(ratios)
-    elif probe is not None and probe.speed and cand[0].speed:
+    elif busy_alone:
+        rho = 1.0
+    elif probe is not None and probe.speed and cand[0].speed and not apart:
         rho = cand[0].speed / probe.speed
     else:
         rho = speed_ratio(cand[0].speed, band)
     tol = band[1]
-    probe_off = probe is not None and speed_off(probe.speed, band)
+    probe_off = probe is not None and (busy(probe) or speed_off(probe.speed, band))
     # rho from run 1 and a probe that the machine slowed holds only once a pair shows the same ratio: run 1 may
     # have run at full speed, the code slower by as much as the load. Doubt counts against the change: after
     # the screen, a comparison that favours the candidate needs a rho that holds, and the candidate's speed is
@@ -165,22 +199,28 @@ def estimate(best_runs, cand, probe, paired, band, sigma):
     def at_rho(b, c):
         return abs(c.speed / b.speed / rho - 1) <= tol
 
-    verified = bool(ratios) or not probe_off or not pairs or any(
+    run1_holds = not probe_off or (busy(probe) and not apart)
+    verified = bool(ratios) or run1_holds or not pairs or any(
         c.speed and b.speed and at_rho(b, c) for b, c in pairs)
+    # a pair that favours the candidate counts at the code's own speed ratio, and only when that ratio holds or
+    # the harness saw both runs equally busy: a share of cores is not a slowdown, the ratio shows it
     matched = [(b, c) for b, c in pairs if not (c.speed and b.speed) or c.val >= b.val
-               or (verified and at_rho(b, c))]
-    probe_counts = probe is not None and (verified or cand[0].val >= probe.val)
+               or (at_rho(b, c) and (verified or (busy(b) and same_machine(b, c))))]
+    probe_counts = probe is not None and ((verified and not apart) or cand[0].val >= probe.val)
+
+    def usual(r):
+        return not busy(r) and not speed_off(r.speed, band)
+
     parts, basis = [], []
     if abs(rho - 1) <= tol:
-        same = [r for r in cand if not speed_off(r.speed, band)]
-        ref = [r for r in best_runs + list(paired) if not speed_off(r.speed, band)]
+        same = [r for r in cand if usual(r)]
+        ref = [r for r in best_runs + list(paired) if usual(r)]
         if same and ref:
             parts.append((statistics.fmean(r.val for r in same) - statistics.fmean(r.val for r in ref),
                           sigma ** 2 * (1 / len(same) + 1 / len(ref))))
             basis.append(f"{len(same)} run(s) against {len(ref)} of the best at the usual speed")
         # a candidate run off the usual speed counts only against its own pair's best run
-        off = ([(probe, cand[0])] if probe_counts else []) + [(b, c) for b, c in matched
-                                                              if speed_off(c.speed, band)]
+        off = ([(probe, cand[0])] if probe_counts else []) + [(b, c) for b, c in matched if not usual(c)]
         if off:
             basis.append(f"{len(off)} pair(s) at another machine speed")
     else:
@@ -190,7 +230,7 @@ def estimate(best_runs, cand, probe, paired, band, sigma):
                 parts.append((cand[0].val - probe.val, 2 * sigma ** 2))
                 basis.append("run 1 against the best run just now")
         else:
-            ref = [r for r in best_runs + ([probe] if probe else []) if not speed_off(r.speed, band)] or best_runs
+            ref = [r for r in best_runs + ([probe] if probe else []) if usual(r)] or best_runs
             parts.append((cand[0].val - statistics.fmean(r.val for r in ref), sigma ** 2 * (1 + 1 / len(ref))))
             basis.append(f"run 1 against the best's mean of {len(ref)} run(s)")
         off = matched
@@ -239,27 +279,30 @@ def run_until_decided(best_runs, others, run, floor, min_delta=0.0, cand=(), fre
 # Runs in the ledger
 
 
-def row_runs(row, prefix=""):
-    """The Obs of a row's candidate runs (prefix "best_": of the best's re-runs it made)."""
+def row_runs(row, prefix="", cores=None):
+    """The Obs of a row's candidate runs (prefix "best_": of the best's re-runs it made); with cores (how many
+    the runs' other_cores were counted over), the share of them other work took."""
     def column(name, kind):
         return [kind(v) for v in (row.get(prefix + name) or "").split(",") if v]
     vals, speeds, seeds = column("val_bpb_runs", float), column("tokens_per_s", float), column("seeds", int)
+    other = column("other_cores", float)
     if len(seeds) > len(vals):  # a crashed run has a seed but no value: which seeds go with the values
         seeds = seeds[:len(vals)]
-    return [Obs(v, speeds[i] if i < len(speeds) else None, seeds[i] if i < len(seeds) else None)
+    loads = [o / cores for o in other] if cores and len(other) == len(vals) else [None] * len(vals)
+    return [Obs(v, speeds[i] if i < len(speeds) else None, seeds[i] if i < len(seeds) else None, loads[i])
             for i, v in enumerate(vals)]
 
 
-def version_runs(rows):
+def version_runs(rows, cores=None):
     """{train.py blob hash: [Obs]}: every trusted run of each version, its re-runs as the best included."""
     runs = {}
     for row in rows:
         if unmeasured(row.get("note", "")):
             continue
         if row.get("train_py"):
-            runs.setdefault(row["train_py"], []).extend(row_runs(row))
+            runs.setdefault(row["train_py"], []).extend(row_runs(row, cores=cores))
         if row.get("best_train_py"):
-            runs.setdefault(row["best_train_py"], []).extend(row_runs(row, "best_"))
+            runs.setdefault(row["best_train_py"], []).extend(row_runs(row, "best_", cores))
     return runs
 
 

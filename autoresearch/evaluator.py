@@ -104,18 +104,19 @@ class TokenLosses(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
 
 
-def evaluate(model_path, expect=None, batch_size=None):
+def evaluate(model_path, expect=None, batch_size=None, data=None):
     """{"val_bpb", "heldout_bpb", "eval_seconds", "restored": [...]} for the handed-over model (heldout_bpb None
-    when the val split is too small for a held-out slice); EvaluationError if refused."""
+    when the val split is too small for a held-out slice); EvaluationError if refused. data: the folder of the
+    metric's files (default: the prepared dataset's, in the cache)."""
     import prepare  # the contract: rows, byte counts and the metric itself
     start = time.time()
-    tokenizer = prepare.Tokenizer.from_directory()
+    tokenizer = prepare.Tokenizer.from_directory(data)
     try:
         restored = verify_metric_files(tokenizer.directory, expect)
     except MetricDataError as e:
         raise EvaluationError(str(e)) from None
     if restored:
-        tokenizer = prepare.Tokenizer.from_directory()
+        tokenizer = prepare.Tokenizer.from_directory(data)
     device = prepare.default_device()
     model = load_model(model_path, device)
     rows = prepare.eval_rows(tokenizer.directory, prepare.MAX_SEQ_LEN, 2, tokenizer.get_bos_token_id())
@@ -142,10 +143,11 @@ def main():
     parser.add_argument("model", help="the file train.py handed over (torch.export program)")
     parser.add_argument("--expect", help="JSON file of the metric files' sha256 recorded by the harness")
     parser.add_argument("--batch-size", type=int, help="rows per forward pass (default 64 on CUDA, else 16)")
+    parser.add_argument("--data", help="folder of the metric's files (default: the prepared dataset's)")
     args = parser.parse_args()
     expect = json.loads(Path(args.expect).read_text()) if args.expect else None
     try:
-        result = evaluate(args.model, expect, args.batch_size)
+        result = evaluate(args.model, expect, args.batch_size, args.data)
     except EvaluationError as e:
         print(json.dumps({"error": str(e)}))
         return 1

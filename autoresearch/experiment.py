@@ -13,12 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from autoresearch.decide import Obs, format_evidence, outcome_line, run_until_decided
+from autoresearch.decide import BUSY_LOAD, Obs, format_evidence, outcome_line, run_until_decided
 from autoresearch.gitrepo import blob_hash, changed_since, commit, git, head, short, tree_status
 from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, read_json, to_float
 from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_copies, measured_versions, one_line,
                                  render_results, restore_logs, write_atomic)
 from autoresearch.resume import save_and_reset, spare_name
+from autoresearch.process import counted_cores
 from autoresearch.runner import Run, train_once
 from autoresearch.seal import (changed_modules, set_aside, symlinked_train, untracked_modules, write_times,
                                written_since)
@@ -31,8 +32,6 @@ STEP_LIMIT_S = float(os.environ.get("AUTORESEARCH_STEP_LIMIT_S", 840))
 # val rows. Measured on smoke (15 s): honest versions and seeds 1.024-1.063 (synthetic), 0.928-0.945
 # (tinystories); trained on val 0.434-0.449 (synthetic).
 LEAK_TOLERANCE = 0.10
-# a run line says how busy the machine was with other work (process.other_work) from this many CPU cores
-BUSY_CORES = 0.3
 
 
 # -----------------------------------------------------------------------------
@@ -109,13 +108,13 @@ def confirm(loop, flight, pending, started, deadline=None):
         said = f"val_bpb={r.val:.6f}" if not r.error else f"crash {r.error}"
         if not r.error and r.speed:
             said += f" ({r.speed:,.0f} tokens/s)"
-        if r.other_cores is not None and r.other_cores >= BUSY_CORES:
-            said += f" [machine busy with other work: {r.other_cores:.1f} cores]"
+        if (load_share(r) or 0) >= BUSY_LOAD:
+            said += f" [machine busy with other work: {r.other_cores:.1f} of {counted_cores()} cores]"
         print(f"#{n} {kind} run seed {seed}: {said}", file=sys.stderr, flush=True)
         rerun = [b for k, b in done if k == "best"]
-        if r.error or r.tampered or (kind == "candidate" and leaked(loop, [r], rerun)):
+        if r.error or r.tampered or r.read_val or (kind == "candidate" and leaked(loop, [r], rerun)):
             return None  # no measurement: the rule stops at once, and the row says why
-        return Obs(r.val, r.speed, r.seed)
+        return observed(r)
 
     def more():
         if deadline is None or not made_here:
@@ -123,7 +122,7 @@ def confirm(loop, flight, pending, started, deadline=None):
         longest = max(r.wall for _, r in done)
         return time.monotonic() + 1.25 * longest + 30 < deadline
 
-    ok = [(kind, Obs(r.val, r.speed, r.seed)) for kind, r in done if not r.error]
+    ok = [(kind, observed(r)) for kind, r in done if not r.error]
     step, cand, fresh = run_until_decided(loop.best_runs, loop.other_runs, run, loop.sigma_floor, loop.min_delta,
                                           [o for k, o in ok if k == "candidate"],
                                           [o for k, o in ok if k == "best"], more)
@@ -150,6 +149,16 @@ def confirm(loop, flight, pending, started, deadline=None):
     return line
 
 
+def load_share(run):
+    """The share of the run's cores the harness saw other work take, or None where it cannot measure it."""
+    return None if run.other_cores is None else run.other_cores / counted_cores()
+
+
+def observed(run):
+    """A finished run as the keep rule sees it."""
+    return Obs(run.val, run.speed, run.seed, load_share(run))
+
+
 def read_pending(loop):
     """The experiment a `step` left undecided at its time limit, or None. The tree must still hold it."""
     pending = read_json(loop.pending_path)
@@ -169,8 +178,8 @@ def verdict(step, done, loop):
     cand = [r for kind, r in done if kind == "candidate" and not r.error]
     val = statistics.fmean(r.val for r in cand) if cand else 0.0
     crashed = next(((kind, r) for kind, r in done if r.error), None)
-    if any(r.tampered for _, r in done):
-        return "discard", val, "discard: a run wrote outside train.py"  # untrusted() says which files
+    if any(r.tampered or r.read_val for _, r in done):  # untrusted() says which files
+        return "discard", val, "discard: a run wrote outside train.py or read the validation split"
     if step.action == "crash":
         first = crashed[1]
         return "crash", 0.0, f"crash: {first.error}" + "".join(f" | {t.strip()}" for t in first.tail[:-1])
@@ -267,6 +276,11 @@ def untrusted(loop, n, sha, runs):
     written = sorted({p for r in runs for p in r.tampered})
     if written:
         return f"{REJECTED}: {TRAIN} wrote {', '.join(written)} while running (even if it changed them back)"
+    read = sorted({p for r in runs for p in r.read_val or ()})
+    if read:
+        return (f"{REJECTED}: {TRAIN} opened the validation split while running ({', '.join(read)}): val_bpb is "
+                f"measured on that text, and under the harness train.py needs none of it (the evaluator scores "
+                f"the model it hands over)")
     return None
 
 

@@ -4,8 +4,11 @@ hashed and copied read-only into .pristine/ beside them when they are prepared, 
 evaluation, and restored from the copies when a run damaged them, so that one run cannot bend another's metric.
 """
 
+import hashlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from autoresearch.cachefiles import sha256_of
@@ -57,3 +60,33 @@ def verify_metric_files(directory, expected=None):
         restored.append(f"restored {path} from its pristine copy (it did not match the hash recorded at "
                         f"prepare time)")
     return restored
+
+
+def evaluation_copy(cache, dataset, profile, expect):
+    """The folder the evaluator reads the metric's files from: a sealed copy in the system's temp folder, named
+    by their hashes, where no run looks; the cache's own val files are watched while train.py runs (valwatch),
+    and an evaluator of another run reading them then would look like that run. None (the evaluator reads the
+    cache) without recorded hashes or an intact pristine copy."""
+    if not (expect and dataset and profile):
+        return None
+    key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
+    final = Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}" / "metric" / key
+    if (final / PRISTINE / "hashes.json").exists():
+        return final
+    source = Path(cache) / "prepared" / dataset / profile / PRISTINE
+    staging = final.with_name(f".{key}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for name in METRIC_FILES:
+            shutil.copyfile(source / name, staging / name)
+        if seal_metric_files(staging) != {k: expect[k] for k in METRIC_FILES}:
+            return None
+        os.rename(staging, final)
+    except FileNotFoundError:
+        return None
+    except OSError:  # another run's evaluator made it first
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final if (final / PRISTINE / "hashes.json").exists() else None

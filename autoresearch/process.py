@@ -103,6 +103,11 @@ def cpu_clock():
     return busy / os.sysconf("SC_CLK_TCK"), own
 
 
+def counted_cores():
+    """How many processors cpu_clock() counts: those this process may run on (a worker's share, or all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def other_work(before, seconds):
     """CPU cores the machine spent on work that was not ours (nor our reaped children's) since cpu_clock()
     gave `before`, averaged over `seconds`: the harness's own view of a busy machine, which a run cannot

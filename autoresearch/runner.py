@@ -17,7 +17,9 @@ from pathlib import Path
 from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, now_iso, to_float
 from autoresearch.ledger import LEDGER_ENV
+from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
 from autoresearch.process import cpu_clock, other_work, run_group
+from autoresearch.valwatch import DataWatch, cache_dir
 
 # training may overrun the budget by 2%, or by the step that crossed it, if longer: up to STEP_SLACK mean steps
 # (a step varies; measured: 45 steps of 342 ms on average on one core, the last one 371 ms, over by 0.4 s)
@@ -38,6 +40,7 @@ class Run:
     train_wall: float = 0.0  # train.py's own wall-clock seconds, by the harness's clock (wall adds the evaluator)
     tampered: list = field(default_factory=list)  # files outside train.py the run wrote (seal.py)
     other_cores: float = None  # CPU cores busy with other work while train.py ran (process.other_work)
+    read_val: list = field(default_factory=list)  # validation files train.py opened (valwatch; None: not watched)
 
     @property
     def val(self):
@@ -104,7 +107,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         log.flush()
         offset = log.tell()
         clock = cpu_clock()
-        rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
+        with DataWatch(cache_dir(env)) as watch:
+            rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
         other = other_work(clock, wall)
     with open(log_path, "rb") as f:
         f.seek(offset)
@@ -114,13 +118,26 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             log.write(f"[agent_loop] other work on the machine while train.py ran: {other:.2f} CPU cores "
                       f"(of {os.cpu_count()}; /proc/stat less this run's own CPU time)\n")
     error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff))
-    run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other)
+    run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, read_val=watch.opened)
+    run.notes += restore_written(watch.written)
     if handoff:
         if not error:
             evaluator_cache = Path(compile_cache) / "evaluator" if compile_cache else None
             evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, evaluator_cache)
         handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
     return run
+
+
+def restore_written(written):
+    """Lines saying which metric files a run wrote were restored (verify_metric_files on their folders)."""
+    notes = []
+    for folder in sorted({Path(p).parent.parent if Path(p).parent.name == PRISTINE else Path(p).parent
+                          for p in written or ()}):
+        try:
+            notes += verify_metric_files(folder)
+        except MetricDataError as e:
+            notes.append(str(e))
+    return notes
 
 
 def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, compile_cache=None):
@@ -132,9 +149,11 @@ def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, compile_
     # module the run left in the repository (torch.py, numpy.py) cannot stand in for the real one
     bootstrap = (f"import sys; sys.path += [{os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
                  f"from autoresearch.evaluator import main; sys.exit(main())")
-    cmd = [sys.executable, "-I", "-c", bootstrap, str(handoff)] + (
-        ["--expect", f.name] if config.get("metric_hashes") else [])
     env = child_env(config, run.seed, compile_cache)
+    data = evaluation_copy(cache_dir(env), env.get("AUTORESEARCH_DATASET"), env.get("AUTORESEARCH_PROFILE"),
+                           config.get("metric_hashes"))
+    cmd = [sys.executable, "-I", "-c", bootstrap, str(handoff)] + (
+        ["--expect", f.name] if config.get("metric_hashes") else []) + (["--data", str(data)] if data else [])
     with open(log_path, "a") as log:
         log.write(f"\n===== evaluator  {now_iso()} =====\n")
         log.flush()

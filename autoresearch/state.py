@@ -19,7 +19,7 @@ from autoresearch.gitrepo import git
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, now_iso, read_json
 from autoresearch.metricdata import seal_metric_files
 from autoresearch.ledger import best_row, ledger_dir, write_atomic
-from autoresearch.process import KILL_GRACE_S, Stop, proc_start_time
+from autoresearch.process import KILL_GRACE_S, Stop, counted_cores, proc_start_time
 from autoresearch.seal import untracked_modules
 
 DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_SEED overrides at init
@@ -83,13 +83,14 @@ class Loop:
     @property
     def best_runs(self):
         """Every run of the best's train.py: its own, and its re-runs while later experiments were judged."""
-        return version_runs(self.rows).get(self.best.get("train_py")) or row_runs(self.best)
+        return (version_runs(self.rows, counted_cores()).get(self.best.get("train_py"))
+                or row_runs(self.best, cores=counted_cores()))
 
     @property
     def other_runs(self):
         """The runs of every other version, grouped by version (for the pooled noise)."""
         best = self.best.get("train_py")
-        return [runs for version, runs in version_runs(self.rows).items() if version != best]
+        return [runs for version, runs in version_runs(self.rows, counted_cores()).items() if version != best]
 
     @property
     def best_val(self):

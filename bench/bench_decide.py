@@ -13,31 +13,33 @@ cpu: 3 runs, sigma 0.0010, tokens/s spread 1.4%). Under load a run loses up to l
 and gains up to load_val of val_bpb (smoke measured once: 18 steps quiet, 6 under load, val_bpb 0.76 ->
 1.33; cpu measured with one busy-looping process beside it: -63% tokens/s, val_bpb 0.950 -> 1.031).
 
-Measured 2026-11-26, 1000 experiments per line (kept %, runs per experiment); in brackets the rule before
-(3 pairs, p < 0.025, screen at 0.7 standard errors, a pair whose best run was slowed able to vouch for
-itself), same seeds:
-                               quiet machine                    load switching on and off
-                               smoke           cpu              smoke           cpu
-    identical code             1.9%  1.84      1.0%  1.42       1.8%  2.16      2.5%  1.97
-                              (1.2%  1.54)    (0.7%  1.29)     (3.3%  1.92)    (2.9%  1.83)
-    2 sigma better            74.2%  3.53     75.0%  3.36      45.3%  3.91     51.3%  3.51
-                             (65.0%  3.26)   (63.9%  3.09)    (46.9%  3.45)   (45.3%  3.25)
-    3 sigma better            95.3%  3.24     96.8%  3.12      67.4%  3.82     69.0%  3.56
-    worse by 2 sigma           0.0%  1.09      0.0%  1.00       0.7%  1.44      0.0%  1.32
-    slower (-15%), worse 3 sd  0.0%  1.87      0.0%  2.00       1.3%  1.83      1.1%  1.77
-                                                               (1.8%  1.78)    (1.8%  1.62)
-    night's mix (runs)               1.96            1.80             2.22            2.13
-      better kept in the mix   70.7%           71.7%            45.9%           44.3%
-The 2-sigma target (80% kept) is not met, nor 1.6 runs per experiment under load:
+Measured 2026-11-26: 3 seeds x 1000 experiments per cell, min-max of the seeds (kept %, runs per experiment).
+"measured": the harness reports each run's load (the share of its cores other work took, with noise sd 0.03);
+"blind": it does not (as off Linux; the rule then sees speed alone, exactly as before the load was used). On a
+quiet machine the two decide alike (nothing is busy), so one column serves both.
+                         load switching, measured    load switching, blind       quiet machine
+                         smoke         cpu           smoke         cpu           smoke        cpu
+    identical code        1.5-2.2 2.28  1.5-2.1 2.22  1.8-2.5 2.11  2.5-3.8 2.02  0.9-1.9 1.78 1.0-1.2 1.52
+    2 sigma better       54-57   3.96  60-63   3.72  45-49   3.92  49-52   3.48  74-76  3.47  75-79  3.38
+    3 sigma better       73-76   3.73  79-81   3.55  67-74   3.81  69-70   3.54  96-97  3.24  96-98  3.09
+    worse by 2 sigma      0.0    1.44  0.0     1.40  0.2-0.7 1.44  0.0-0.2 1.34  0.0    1.09  0.0    1.02
+    slower, worse 3 sd    0.0-0.1 1.93  0.0-0.1 2.01  1.2-1.3 1.79  0.9-1.1 1.79  0.0    1.88  0.0    2.00
+    night's mix (runs)          2.46          2.26          2.27          2.08         1.90         1.75
+      identical kept      1.9-6.1       2.4-2.6       2.5-2.8       1.2-3.6      2.1-3.7      1.0-3.5
+      better kept        61-62         60-66         46-50         44-48        71-73        67-76
+Where it stands against issue 11's targets: identical code is kept < 5% of the time (in the night's mix on
+smoke one seed of three reached 6.1%, mean 3.9%). A 2-sigma improvement is kept 74-79% on a quiet machine
+and 54-63% under load (with the load measured; 45-52% blind), where the target is 80%; runs per experiment
+are ~1.5-1.8 for identical code on a quiet machine and ~2.1-2.3 under load (target ~1.6).
 - A quiet machine loses most of the rest at the first-run screen, against a best whose few runs were
   themselves selected as lucky (the 2-sigma line chains keeps: each new best is a winner's curse).
-- Under load, run 1 off the usual speed costs a probe run of the best (about half the runs of this model's
-  nights are loaded, so identical code costs >= 1.5 runs before any confirmation), and a comparison that
-  favours the candidate counts only once the code's own speed ratio is shown by a pair: with 15% switches
-  per run, a slow stretch often ends the confirmation first. The load model is harsh: each switch moves
-  val_bpb by up to 85 sigma (cpu), detectable only through the speed the candidate reports itself; a load
-  measured by the harness (foreign CPU time or GPU utilisation during the run) would tell the machine's
-  state without the candidate's word.
+- Under load, run 1 off the usual speed (or seen busy) costs a probe run of the best (about half the runs of
+  this model's nights are loaded, so identical code costs >= 1.5 runs before any confirmation), and a
+  comparison that favours the candidate counts only beside a run of the best on the same machine: with 15%
+  switches per run, a slow stretch often ends the confirmation first. The measured load is used as evidence
+  of a changed machine, never of an unchanged one (a GPU shared with another job is invisible to it): trusting
+  a quiet reading to skip the probe cost 5 points of power on a quiet smoke machine and let a slower, worse
+  change through 1.7-2.3% of the time under load, so it is not done.
 """
 import argparse
 import random
@@ -53,6 +55,7 @@ PROFILES = {
     "cpu": dict(val=0.95, sigma=0.001, load_val=0.085, load_speed=0.67, speed_jitter=0.015),
 }
 SWITCH = 0.15            # chance per run that the load goes on (or off): stretches of ~7 runs
+LOAD_NOISE = 0.03        # sd of the measured share of cores other work took
 NIGHT = 60               # experiments per simulated night (each night starts with a 3-run baseline)
 BASELINE_RUNS = 3
 
@@ -60,8 +63,9 @@ BASELINE_RUNS = 3
 class Machine:
     """Runs of a version (its true mean val_bpb and speed) on a machine whose load comes and goes."""
 
-    def __init__(self, rng, p, quiet):
-        self.rng, self.p, self.quiet, self.loaded, self.weight = rng, p, quiet, False, 0.0
+    def __init__(self, rng, p, quiet, blind=False):
+        self.rng, self.p, self.quiet, self.blind, self.loaded, self.weight = rng, p, quiet, blind, False, 0.0
+        self.meter = random.Random(0)  # the measurement's own noise: the machine's draws stay as without it
 
     def run(self, version):
         mean, speed = version
@@ -71,13 +75,15 @@ class Machine:
         load = self.weight if self.loaded else 0.0
         val = mean + self.rng.gauss(0, self.p["sigma"]) + self.p["load_val"] * load
         tps = 1e5 * speed * (1 - self.p["load_speed"] * load) * (1 + self.rng.gauss(0, self.p["speed_jitter"]))
-        return Obs(val, tps)
+        # the harness's measurement: the share of the run's cores other work took, about the speed it lost
+        share = max(0.0, self.p["load_speed"] * load + self.meter.gauss(0, LOAD_NOISE))
+        return Obs(val, tps, load=None if self.blind else share)
 
 
-def night(rng, p, effects, quiet):
+def night(rng, p, effects, quiet, blind):
     """One night: a baseline, then one experiment per effect (in sigmas, against the current best; a tuple
     (effect, speed) for code that also changes speed). Returns [(effect, kept, runs)]."""
-    machine = Machine(rng, p, quiet)
+    machine = Machine(rng, p, quiet, blind)
     best = (p["val"], 1.0)
     best_runs = [machine.run(best) for _ in range(BASELINE_RUNS)]
     others, out = [], []
@@ -97,10 +103,10 @@ def night(rng, p, effects, quiet):
     return out
 
 
-def scenario(rng, p, make_effect, experiments, quiet):
+def scenario(rng, p, make_effect, experiments, quiet, blind):
     results = []
     while len(results) < experiments:
-        results += night(rng, p, [make_effect(rng) for _ in range(NIGHT)], quiet)
+        results += night(rng, p, [make_effect(rng) for _ in range(NIGHT)], quiet, blind)
     return results[:experiments]
 
 
@@ -121,12 +127,14 @@ def main():
     parser.add_argument("--experiments", type=int, default=1500, help="per scenario (default 1500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet-machine", action="store_true", help="no load at all")
+    parser.add_argument("--blind", action="store_true",
+                        help="the harness does not measure the machine's load (as off Linux): speed alone tells")
     args = parser.parse_args()
     for name in args.profile or sorted(PROFILES):
         p = PROFILES[name]
         print(f"profile {name}: sigma {p['sigma']}, load up to +{p['load_val']} val_bpb and "
               f"-{100 * p['load_speed']:.0f}% tokens/s, switching with p={SWITCH} per run"
-              + (" (quiet machine)" if args.quiet_machine else ""))
+              + (" (quiet machine)" if args.quiet_machine else "") + (" (load not measured)" if args.blind else ""))
         scenarios = [
             ("comment-only change (identical code)", lambda r: 0.0),
             ("real improvement of 2 sigma", lambda r: -2.0),
@@ -138,7 +146,8 @@ def main():
         ]
         for i, (title, make) in enumerate(scenarios):
             rng = random.Random(args.seed * 1000 + i)
-            print(f"  {title:<78} {summary(scenario(rng, p, make, args.experiments, args.quiet_machine))}")
+            results = scenario(rng, p, make, args.experiments, args.quiet_machine, args.blind)
+            print(f"  {title:<78} {summary(results)}")
 
 
 if __name__ == "__main__":

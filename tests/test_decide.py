@@ -131,6 +131,58 @@ def test_a_slowed_probe_vouches_for_run_1_only_once_a_pair_shows_the_same_speed_
     assert agreed.evidence["diff"] < -0.2
 
 
+def test_a_quiet_reading_never_vouches_for_a_change_of_speed():
+    # the harness sees other CPU work, not a GPU shared with another job or a throttled clock: run 1 at another
+    # speed on a machine it saw as quiet still needs the best run now to tell the machine from the code
+    best = [Obs(1.0, 1e5, load=0.0), Obs(1.01, 1e5, load=0.02), Obs(0.99, 1e5, load=0.01)]
+    step = next_step(best, [Obs(0.8, 1.3e5, load=0.01)], [], Noise(SIGMA, 2))
+    assert step.action == "best" and "+30% of the best's tokens/s" in step.note, step.note
+    # run 1 quiet and slower, the probe slowed by a load that came meanwhile: they ran on different machines,
+    # and "run 1 against the best run just now" would credit the change with the load's damage to the probe
+    step = next_step(best, [Obs(1.03, 8.5e4, load=0.0)], [Obs(1.6, 5e4, load=0.55)], Noise(SIGMA, 8))
+    assert step.action == "discard" and step.evidence["diff"] >= 0, step.note
+
+
+def test_a_first_run_on_a_busy_machine_is_judged_beside_the_best_on_the_same_busy_machine():
+    best = [Obs(1.0, 1e5, load=0.0)] * 3
+    # a light load: the speed looks usual, but the harness saw a third of the cores taken
+    first = Obs(1.02, 9.5e4, load=0.33)
+    step = next_step(best, [first], [], Noise(SIGMA, 2))
+    assert step.action == "best" and "other work took 33% of its cores" in step.note, step.note
+    # the best, run now under the same load, scores worse still: the first run was better than it, not worse
+    step = next_step(best, [first], [Obs(1.05, 9.4e4, load=0.35)], Noise(SIGMA, 2))
+    assert step.action == "best" and step.evidence["diff"] == -0.03, step.note  # looked better: pairs follow
+
+
+def test_a_pair_on_a_busy_machine_counts_for_the_candidate_only_at_the_codes_own_speed_ratio():
+    best = [Obs(1.0, 1e5, load=0.0)] * 3
+    # run 1 quiet: the code runs at the best's speed. Then a load came for the pair, and the harness saw as
+    # much of it in both runs; but the candidate's run lost less speed (12% faster than its pair): a share of
+    # cores is not a slowdown, and that pair's -0.05 would be partly the load's
+    cand = [Obs(0.97, 1e5, load=0.0), Obs(1.25, 5.6e4, load=0.52)]
+    step = next_step(best, cand, [Obs(1.3, 5e4, load=0.5)], Noise(SIGMA, 8))
+    assert step.evidence["diff"] == -0.03, step.note  # run 1 only
+    # at the code's own ratio the same pair counts
+    cand = [Obs(0.97, 1e5, load=0.0), Obs(1.25, 5.1e4, load=0.52)]
+    step = next_step(best, cand, [Obs(1.3, 5e4, load=0.5)], Noise(SIGMA, 8))
+    assert step.evidence["diff"] < -0.035, step.note
+
+
+def test_a_candidate_that_loads_the_machine_itself_gains_nothing():
+    # train.py can make the machine look busy (work it leaves behind counts as other work), never quiet
+    best = [Obs(1.0, 1e5, load=0.0)] * 3
+    first = Obs(1.04, 1e5, load=0.5)                  # "busy", at full speed, and worse
+    step = next_step(best, [first], [Obs(1.0, 1e5, load=0.0)], Noise(SIGMA, 2))
+    assert step.action == "discard" and step.evidence["diff"] == 0.04, step.note
+    # in a pair, a bad run it calls busy still counts against it, beside a best run on a quiet machine
+    cand = [Obs(0.97, 1e5, load=0.0), Obs(1.04, 1e5, load=0.5)]
+    step = next_step(best, cand, [Obs(1.0, 1e5, load=0.0)], Noise(SIGMA, 8))
+    assert step.evidence["diff"] > -0.015, step.note
+    # and its bad runs stand alone in the noise: they neither hide its spread nor add to the estimate's df
+    noise = pooled_noise([best], floor=1e-6, as_is=[[Obs(0.97, load=0.0), Obs(0.98, load=0.0), Obs(1.3, load=0.6)]])
+    assert noise.df == 2 + 1
+
+
 def test_a_machine_that_keeps_changing_speed_judges_nothing():
     best = [Obs(1.0, 1e5)] * 3
     # each pair's two runs at a different machine speed: nothing in them can be compared
@@ -170,6 +222,15 @@ def test_the_best_runs_include_its_reruns_during_later_experiments():
     runs = version_runs(rows)
     assert [r.val for r in runs["aaa"]] == [1.0, 1.02, 0.98] and [r.seed for r in runs["aaa"]] == [42, 43, 45]
     assert "ccc" not in runs
+
+
+def test_the_ledger_s_other_cores_become_each_run_s_share_of_its_cores():
+    row = {"train_py": "aaa", "val_bpb_runs": "1.0,1.02", "tokens_per_s": "100,100", "seeds": "42,43",
+           "other_cores": "0.10,1.00", "note": "baseline"}
+    assert [r.load for r in version_runs([row], cores=2)["aaa"]] == [0.05, 0.5]
+    assert [r.load for r in version_runs([row])["aaa"]] == [None, None]  # cores unknown
+    # a run whose other work was not measured: which value is whose cannot be told, so none is used
+    assert [r.load for r in version_runs([dict(row, other_cores="1.00")], cores=2)["aaa"]] == [None, None]
 
 
 def test_evidence_round_trips_through_its_ledger_text():

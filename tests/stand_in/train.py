@@ -15,7 +15,7 @@ NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
 SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
-                          # nosummary | twice | selfedit | cachepoison | killparent
+                          # nosummary | twice | selfedit | cachepoison | killparent | readval
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -75,6 +75,10 @@ if MODE == "cachepoison":  # leaves a "kernel" in every other version's compile 
     for other in os.listdir(os.path.dirname(own)):
         if os.path.join(os.path.dirname(own), other) != own:
             open(os.path.join(os.path.dirname(own), other, "poisoned.py"), "w").close()
+if MODE == "readval":  # the validation tokens, straight from the cache, past prepare.py's API
+    with open(os.path.join(os.environ["AUTORESEARCH_CACHE_DIR"], "prepared", "synthetic", "smoke", "val.bin"),
+              "rb") as f:
+        f.read()
 if MODE == "nosummary":
     sys.exit(0)
 if os.environ.get("STANDIN_CACHE_LOG"):  # what torch.compile would find in its cache, then a kernel of its own

@@ -1,0 +1,61 @@
+"""What a run does to the data its number is measured on (autoresearch/valwatch.py), by the kernel's word, and
+the evaluator's own copy of that data (metricdata.evaluation_copy), which no run is watched on."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from autoresearch.metricdata import evaluation_copy, seal_metric_files  # noqa: E402
+from autoresearch.valwatch import DataWatch  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self").exists(), reason="inotify is Linux's")
+
+
+def fake_cache(tmp_path):
+    """A cache in prepare.py's layout, with a val shard named in its manifest."""
+    prepared = tmp_path / "cache" / "prepared" / "synthetic" / "smoke"
+    prepared.mkdir(parents=True)
+    for name in ("val.bin", "val.offsets.npy", "token_bytes.npy", "tokenizer.pkl", "meta.json", "train.bin"):
+        (prepared / name).write_bytes(name.encode())
+    raw = tmp_path / "cache" / "datasets" / "synthetic"
+    raw.mkdir(parents=True)
+    (raw / "manifest.json").write_text('{"train": ["shard_00000.parquet"], "val": ["shard_00001.parquet"]}')
+    for shard in ("shard_00000.parquet", "shard_00001.parquet"):
+        (raw / shard).write_bytes(b"text")
+    seal_metric_files(prepared)
+    return tmp_path / "cache", prepared, raw
+
+
+def in_child(code):
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_watch_names_every_val_file_a_child_opened_and_every_metric_file_it_wrote(tmp_path):
+    cache, prepared, raw = fake_cache(tmp_path)
+    with DataWatch(cache) as quiet:
+        in_child(f"open({str(prepared / 'train.bin')!r}).read(); "
+                 f"open({str(raw / 'shard_00000.parquet')!r}).read()")
+    assert quiet.opened == [] and quiet.written == []  # training data is training data
+    with DataWatch(cache) as watch:
+        in_child(f"open({str(prepared / '.pristine' / 'val.bin')!r}, 'rb').read(); "
+                 f"open({str(raw / 'shard_00001.parquet')!r}, 'rb').read(); "
+                 f"open({str(prepared / 'token_bytes.npy')!r}, 'ab').write(b'x')")
+    assert watch.opened == sorted([str(prepared / ".pristine" / "val.bin"), str(raw / "shard_00001.parquet")])
+    assert watch.written == [str(prepared / "token_bytes.npy")]
+
+
+def test_the_evaluator_s_copy_is_sealed_named_by_the_hashes_and_made_once(tmp_path):
+    cache, prepared, _ = fake_cache(tmp_path)
+    hashes = seal_metric_files(prepared)
+    copy = evaluation_copy(cache, "synthetic", "smoke", hashes)
+    assert copy and not str(copy).startswith(str(cache)) and (copy / "val.bin").read_bytes() == b"val.bin"
+    assert seal_metric_files(copy) == hashes
+    with DataWatch(cache) as watch:  # another run's evaluator, later: it opens nothing in the cache
+        assert evaluation_copy(cache, "synthetic", "smoke", hashes) == copy
+    assert watch.opened == []
+    # hashes that the cache's pristine copies do not have: no copy, the evaluator reads (and repairs) the cache
+    assert evaluation_copy(cache, "synthetic", "smoke", dict(hashes, **{"val.bin": "0" * 64})) is None
