@@ -26,6 +26,9 @@ from autoresearch.valwatch import DataWatch, cache_dir
 BUDGET_TOLERANCE = 0.02
 STEP_SLACK = 2
 PRINTED_TOLERANCE = 1e-4    # relative: train.py's own val_bpb against the evaluator's
+# other work is measured on runs at least this long: over a tenth of a second, a daemon's 30 ms of CPU reads as
+# 0.3 cores (seen: a 0.1 s stand-in run "busy", its first run thrown away by the keep rule)
+LOAD_WINDOW_S = 1.0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # where `autoresearch` is importable from
 
 
@@ -109,7 +112,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         clock = cpu_clock()
         with DataWatch(cache_dir(env)) as watch:
             rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
-        other = other_work(clock, wall)
+        other = other_work(clock, wall) if wall >= LOAD_WINDOW_S else None
     with open(log_path, "rb") as f:
         f.seek(offset)
         output = f.read().decode(errors="replace")
