@@ -27,9 +27,10 @@ KEEP_P_FEW_DF = 0.015      # ... while the noise rests on fewer than TRUSTED_DF 
 TRUSTED_DF = 10            # start): a sigma from a few runs is often too small, and four looks add up
 GIVE_UP_Z = -0.7          # after a pair, an estimate this weak (in standard errors) stops the confirmation
 MAX_PAIRS = 4
+NOTHING_COMPARABLE = "nothing at a comparable speed"
 MAX_SPEED_RETRIES = 2      # pairs thrown away because the machine changed speed between their two runs
 BUSY_LOAD = 0.15           # a run during which other work took this share of its cores ran on a busy machine
-LOAD_TOL = 0.15            # two busy runs whose shares differ by at most this ran on the same (busy) machine
+LOAD_TOL = 0.10            # two busy runs whose shares differ by at most this ran on the same (busy) machine
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,20 @@ class Step:
 # Noise and speed
 
 
-def pooled_noise(groups, floor, as_is=()):
+def pooled_noise(groups, floor, as_is=(), beside=()):
     """Run-to-run sigma pooled over groups of runs of identical code, never below floor; runs off their
     group's usual speed are left out (a loaded stretch is not noise of the code), except in the as_is groups:
-    the candidate's speed is its own train.py's word, and must not take its bad runs out of the noise."""
+    the candidate's speed is its own train.py's word, and must not take its bad runs out of the noise. A
+    candidate run the harness saw busy stands alone only beside a run of the best (beside: the best's runs of
+    this experiment) that it saw as busy: train.py can make the machine look busy (work it leaves behind
+    counts as other work), not the best's runs."""
     steady = [[r for r in runs if not busy(r) and not speed_off(r.speed, speed_band(runs))] for runs in groups]
-    # a candidate run the harness saw on a busy machine stands alone: it may have started that work itself,
-    # and standing alone it adds no evidence of low noise
+
+    def alone(r):
+        return busy(r) and any(busy(b) and same_machine(r, b) for b in beside)
+
     as_is = [part for runs in as_is
-             for part in [[r for r in runs if not busy(r)]] + [[r] for r in runs if busy(r)]]
+             for part in [[r for r in runs if not alone(r)]] + [[r] for r in runs if alone(r)]]
     ss, df = 0.0, 0
     for runs in steady + as_is:
         vals = [r.val for r in runs]
@@ -128,11 +134,15 @@ def next_step(best_runs, cand, fresh, noise, min_delta=0.0):
     band = speed_band(best_runs)
     # run 1 off the usual speed, or on a machine the harness saw busy (even at the usual speed): the best runs
     # now, on the machine as it is
-    probed = busy(cand[0]) or speed_off(cand[0].speed, band)
+    all_busy = bool(best_runs) and all(busy(r) for r in best_runs)
+    probed = busy(cand[0]) or speed_off(cand[0].speed, band) or all_busy
     if probed and not fresh:
         if busy(cand[0]):
             return Step("best", f"run 1 ran while other work took {100 * cand[0].load:.0f}% of its cores: the "
                                 f"best runs once now, on the machine as it is")
+        if all_busy:
+            return Step("best", "every run of the best so far ran on a busy machine: the best runs once now, "
+                                "on the machine as it is")
         pct = 100 * (speed_ratio(cand[0].speed, band) - 1)
         return Step("best", f"run 1 trained at {pct:+.0f}% of the best's tokens/s: the best runs once now, "
                             f"to tell a changed machine from a change in the code's speed")
@@ -149,6 +159,10 @@ def next_step(best_runs, cand, fresh, noise, min_delta=0.0):
     what = (f"mean difference {est:+.6f} (95% interval {ev['lo']:+.6f} to {ev['hi']:+.6f}), p={ev['p']:.4f}, "
             f"from {basis}")
     if len(cand) == 1 and not paired:
+        if basis == NOTHING_COMPARABLE:
+            now = f"; the best just now: {machine(fresh[0])}" if fresh else ""
+            return Step("discard", f"not judged: no run of the best ran on a machine like run 1's "
+                                   f"({machine(cand[0])}{now}); submit it again when the machine is steady", ev)
         if z > -SCREEN_Z:
             return Step("discard", f"not better on its first run: {what} (z {z:+.2f}, needs < {-SCREEN_Z})", ev)
         return Step(pair_order(0)[0], f"looked better on its first run ({what}): confirming with pairs", ev)
@@ -206,7 +220,9 @@ def estimate(best_runs, cand, probe, paired, band, sigma):
     # the harness saw both runs equally busy: a share of cores is not a slowdown, the ratio shows it
     matched = [(b, c) for b, c in pairs if not (c.speed and b.speed) or c.val >= b.val
                or (at_rho(b, c) and (verified or (busy(b) and same_machine(b, c))))]
-    probe_counts = probe is not None and ((verified and not apart) or cand[0].val >= probe.val)
+    # a probe the harness saw on another machine than run 1 compares with it in neither direction: a busy run 1
+    # beside a quiet probe is worse by the load, whatever the code (and a discard stays a discard)
+    probe_counts = probe is not None and not apart and (verified or cand[0].val >= probe.val)
 
     def usual(r):
         return not busy(r) and not speed_off(r.speed, band)
@@ -238,9 +254,15 @@ def estimate(best_runs, cand, probe, paired, band, sigma):
             basis.append(f"{len(off)} pair(s)")
     parts += [(c.val - b.val, 2 * sigma ** 2) for b, c in off]
     if not parts:  # run 1 off the usual speed, and the best's probe at the usual one: nothing to compare
-        return 0.0, 2 * sigma ** 2, "nothing at a comparable speed", len(pairs) - len(matched)
+        return 0.0, 2 * sigma ** 2, NOTHING_COMPARABLE, len(pairs) - len(matched)
     weight = sum(1 / v for _, v in parts)
     return sum(d / v for d, v in parts) / weight, 1 / weight, ", ".join(basis), len(pairs) - len(matched)
+
+
+def machine(run):
+    """How the machine was for a run, in words for a note."""
+    load = f"{100 * run.load:.0f}% of its cores taken by other work" if run.load is not None else "load unknown"
+    return f"{run.speed:,.0f} tokens/s, {load}" if run.speed else load
 
 
 def pair_order(k):
@@ -264,7 +286,7 @@ def run_until_decided(best_runs, others, run, floor, min_delta=0.0, cand=(), fre
     a crash is Step("crash") on the first run and a discard after it (the loop adds the crash's reason)."""
     cand, fresh = list(cand), list(fresh)
     while True:
-        noise = pooled_noise(list(others) + [list(best_runs) + fresh], floor, as_is=[cand])
+        noise = pooled_noise(list(others) + [list(best_runs) + fresh], floor, as_is=[cand], beside=fresh)
         step = next_step(list(best_runs), cand, fresh, noise, min_delta)
         if step.action in ("keep", "discard") or (cand and not more()):
             return step, cand, fresh

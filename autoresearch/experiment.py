@@ -150,8 +150,11 @@ def confirm(loop, flight, pending, started, deadline=None):
 
 
 def load_share(run):
-    """The share of the run's cores the harness saw other work take, or None where it cannot measure it."""
-    return None if run.other_cores is None else run.other_cores / counted_cores()
+    """The share of the run's cores the harness saw other work take, or None where it cannot measure it (a run
+    from before the share was recorded: over the cores this process may use)."""
+    if run.load is not None or run.other_cores is None:
+        return run.load
+    return run.other_cores / counted_cores()
 
 
 def observed(run):

@@ -72,7 +72,13 @@ def evaluation_copy(cache, dataset, profile, expect):
     key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
     final = Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}" / "metric" / key
     if (final / PRISTINE / "hashes.json").exists():
-        return final
+        try:
+            verify_metric_files(final, expect)
+            return final
+        except (MetricDataError, OSError):  # damaged beyond its own pristine copies: made again
+            for path in final.rglob("*"):
+                path.chmod(0o644)
+            shutil.rmtree(final, ignore_errors=True)
     source = Path(cache) / "prepared" / dataset / profile / PRISTINE
     staging = final.with_name(f".{key}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -82,6 +88,8 @@ def evaluation_copy(cache, dataset, profile, expect):
             shutil.copyfile(source / name, staging / name)
         if seal_metric_files(staging) != {k: expect[k] for k in METRIC_FILES}:
             return None
+        for name in METRIC_FILES:
+            (staging / name).chmod(0o444)
         os.rename(staging, final)
     except FileNotFoundError:
         return None

@@ -14,7 +14,7 @@ from autoresearch.ledger import (INTERRUPTED, append_row, keep_copies, ledger_di
                                  restore_logs, tag_rows)
 from autoresearch.preflight import tracked_outputs
 from autoresearch.process import kill_leftover
-from autoresearch.runner import default_timeout
+from autoresearch.runner import default_timeout, evaluator_data
 from autoresearch.state import InFlight, Loop, load_config, lock, say, take_lock
 
 KILLED = f"{INTERRUPTED}: the loop was killed during training (kill -9, reboot)"
@@ -192,6 +192,8 @@ def open_loop(timeout=None, min_delta=0.0):
         raise LoopError(f"{RESULTS} has no baseline for {tag}: run `uv run agent_loop.py init --tag {tag}` "
                         f"(on this branch it resumes the baseline)")
     catch_up(loop)
+    if config.get("harness_eval"):  # the evaluator's own copy, made before any run is watched (valwatch)
+        evaluator_data(config)
     return loop
 
 

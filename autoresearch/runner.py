@@ -18,7 +18,7 @@ from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, now_iso, to_float
 from autoresearch.ledger import LEDGER_ENV
 from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
-from autoresearch.process import cpu_clock, other_work, run_group
+from autoresearch.process import counted_cores, cpu_clock, other_work, run_group
 from autoresearch.valwatch import DataWatch, cache_dir
 
 # training may overrun the budget by 2%, or by the step that crossed it, if longer: up to STEP_SLACK mean steps
@@ -44,6 +44,7 @@ class Run:
     tampered: list = field(default_factory=list)  # files outside train.py the run wrote (seal.py)
     other_cores: float = None  # CPU cores busy with other work while train.py ran (process.other_work)
     read_val: list = field(default_factory=list)  # validation files train.py opened (valwatch; None: not watched)
+    load: float = None  # other_cores as a share of the cores it was counted over, when it was measured
 
     @property
     def val(self):
@@ -119,10 +120,14 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     if other is not None:  # after the output is read: the summary block stays train.py's own
         with open(log_path, "a") as log:
             log.write(f"[agent_loop] other work on the machine while train.py ran: {other:.2f} CPU cores "
-                      f"(of {os.cpu_count()}; /proc/stat less this run's own CPU time)\n")
+                      f"(of {counted_cores()}; /proc/stat less this run's own CPU time)\n")
     error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff))
-    run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, read_val=watch.opened)
-    run.notes += restore_written(watch.written)
+    # under the hand-over train.py needs no val file; without it (an older tag) it evaluates itself
+    run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other,
+              load=None if other is None else other / counted_cores(), read_val=watch.opened if handoff else [])
+    run.notes += restore_written(watch.written, config)
+    if handoff and watch.opened is None:
+        run.notes.append("the validation files were not watched during this run (no inotify here)")
     if handoff:
         if not error:
             evaluator_cache = Path(compile_cache) / "evaluator" if compile_cache else None
@@ -131,13 +136,23 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     return run
 
 
-def restore_written(written):
-    """Lines saying which metric files a run wrote were restored (verify_metric_files on their folders)."""
-    notes = []
+def evaluator_data(config):
+    """The folder the evaluator reads the metric's files from (metricdata.evaluation_copy), or None: the cache."""
+    env = child_env(config, 0)
+    return evaluation_copy(cache_dir(env), env.get("AUTORESEARCH_DATASET"), env.get("AUTORESEARCH_PROFILE"),
+                           config.get("metric_hashes"))
+
+
+def restore_written(written, config):
+    """Lines saying which metric files a run wrote were restored (verify_metric_files on their folders, against
+    the hashes pinned at init for the run's own dataset: a run may have rewritten the pristine record too)."""
+    env, notes = child_env(config, 0), []
+    dataset, profile = env.get("AUTORESEARCH_DATASET"), env.get("AUTORESEARCH_PROFILE")
+    own = cache_dir(env) / "prepared" / str(dataset) / str(profile)
     for folder in sorted({Path(p).parent.parent if Path(p).parent.name == PRISTINE else Path(p).parent
                           for p in written or ()}):
         try:
-            notes += verify_metric_files(folder)
+            notes += verify_metric_files(folder, config.get("metric_hashes") if folder == own else None)
         except MetricDataError as e:
             notes.append(str(e))
     return notes
@@ -153,8 +168,7 @@ def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, compile_
     bootstrap = (f"import sys; sys.path += [{os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
                  f"from autoresearch.evaluator import main; sys.exit(main())")
     env = child_env(config, run.seed, compile_cache)
-    data = evaluation_copy(cache_dir(env), env.get("AUTORESEARCH_DATASET"), env.get("AUTORESEARCH_PROFILE"),
-                           config.get("metric_hashes"))
+    data = evaluator_data(config)
     cmd = [sys.executable, "-I", "-c", bootstrap, str(handoff)] + (
         ["--expect", f.name] if config.get("metric_hashes") else []) + (["--data", str(data)] if data else [])
     with open(log_path, "a") as log:

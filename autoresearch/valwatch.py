@@ -81,7 +81,7 @@ class DataWatch:
             if mask & IN_Q_OVERFLOW:  # so many events that the kernel dropped some: everything may have been
                 opened |= {str(p) for p, m in self.paths.values() if m == IN_OPEN}
                 written |= {str(p) for p, m in self.paths.values() if m != IN_OPEN}
-            elif wd in self.paths:
+            elif wd in self.paths and mask & self.paths[wd][1]:  # not IN_IGNORED: a restore deletes the file
                 path, watched = self.paths[wd]
                 (opened if watched == IN_OPEN else written).add(str(path))
         self.opened, self.written = sorted(opened), sorted(written)

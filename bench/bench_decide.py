@@ -19,18 +19,18 @@ Measured 2026-11-26: 3 seeds x 1000 experiments per cell, min-max of the seeds (
 quiet machine the two decide alike (nothing is busy), so one column serves both.
                          load switching, measured    load switching, blind       quiet machine
                          smoke         cpu           smoke         cpu           smoke        cpu
-    identical code        1.5-2.2 2.28  1.5-2.1 2.22  1.8-2.5 2.11  2.5-3.8 2.02  0.9-1.9 1.78 1.0-1.2 1.52
-    2 sigma better       54-57   3.96  60-63   3.72  45-49   3.92  49-52   3.48  74-76  3.47  75-79  3.38
-    3 sigma better       73-76   3.73  79-81   3.55  67-74   3.81  69-70   3.54  96-97  3.24  96-98  3.09
-    worse by 2 sigma      0.0    1.44  0.0     1.40  0.2-0.7 1.44  0.0-0.2 1.34  0.0    1.09  0.0    1.02
-    slower, worse 3 sd    0.0-0.1 1.93  0.0-0.1 2.01  1.2-1.3 1.79  0.9-1.1 1.79  0.0    1.88  0.0    2.00
-    night's mix (runs)          2.46          2.26          2.27          2.08         1.90         1.75
-      identical kept      1.9-6.1       2.4-2.6       2.5-2.8       1.2-3.6      2.1-3.7      1.0-3.5
-      better kept        61-62         60-66         46-50         44-48        71-73        67-76
+    identical code        1.7-2.2 2.26  2.2-2.4 2.17  1.8-2.5 2.11  2.5-3.8 2.02  0.9-1.9 1.78 1.0-1.2 1.52
+    2 sigma better       54-59   3.96  60-63   3.69  45-49   3.92  49-52   3.48  74-76  3.47  75-79  3.38
+    3 sigma better       73-75   3.72  77-78   3.49  67-74   3.81  69-70   3.54  96-97  3.24  96-98  3.09
+    worse by 2 sigma      0.0    1.44  0.0     1.41  0.2-0.7 1.44  0.0-0.2 1.34  0.0    1.09  0.0    1.02
+    slower, worse 3 sd    0.0    1.94  0.0     2.01  1.2-1.3 1.79  0.9-1.1 1.79  0.0    1.88  0.0    2.00
+    night's mix (runs)          2.42          2.27          2.27          2.08         1.90         1.75
+      identical kept      1.5-5.5       2.0-3.1       2.5-2.8       1.2-3.6      2.1-3.7      1.0-3.5
+      better kept        56-61         59         46-50         44-48        71-73        67-76
 Where it stands against issue 11's targets: identical code is kept < 5% of the time (in the night's mix on
-smoke one seed of three reached 6.1%, mean 3.9%). A 2-sigma improvement is kept 74-79% on a quiet machine
+smoke one seed of three reached 5.5%, mean 3.5%). A 2-sigma improvement is kept 74-79% on a quiet machine
 and 54-63% under load (with the load measured; 45-52% blind), where the target is 80%; runs per experiment
-are ~1.5-1.8 for identical code on a quiet machine and ~2.1-2.3 under load (target ~1.6).
+are ~1.5-1.8 for identical code on a quiet machine and ~2.2-2.3 under load (target ~1.6).
 - A quiet machine loses most of the rest at the first-run screen, against a best whose few runs were
   themselves selected as lucky (the 2-sigma line chains keeps: each new best is a winner's curse).
 - Under load, run 1 off the usual speed (or seen busy) costs a probe run of the best (about half the runs of

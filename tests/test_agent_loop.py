@@ -286,6 +286,10 @@ def test_a_run_that_opens_the_validation_split_is_rejected_whatever_it_scores(re
     split.mkdir(parents=True)
     (split / "val.bin").write_bytes(b"\0" * 4096)
     initialised(repo, env)  # the baseline does not open it: kept
+    # as with the real prepare.py: the harness evaluates (the stand-in then hands over nothing, a crash; the
+    # rejection says more, and comes first)
+    config = repo / ".git" / "autoresearch" / "t" / "init.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
     set_train(repo, VAL_BPB=0.5, MODE="readval")
     out = loop(repo, env, "step", "-m", "train on all of val").stdout
     note = rows(repo)[1]["note"]

@@ -46,6 +46,11 @@ def test_the_watch_names_every_val_file_a_child_opened_and_every_metric_file_it_
                  f"open({str(prepared / 'token_bytes.npy')!r}, 'ab').write(b'x')")
     assert watch.opened == sorted([str(prepared / ".pristine" / "val.bin"), str(raw / "shard_00001.parquet")])
     assert watch.written == [str(prepared / "token_bytes.npy")]
+    # a restore (another run's harness deletes and copies back a damaged file) opens nothing
+    with DataWatch(cache) as restore:
+        (prepared / "val.bin").unlink()
+        (prepared / "val.bin").write_bytes(b"val.bin")
+    assert restore.opened == []
 
 
 def test_the_evaluator_s_copy_is_sealed_named_by_the_hashes_and_made_once(tmp_path):
@@ -57,5 +62,10 @@ def test_the_evaluator_s_copy_is_sealed_named_by_the_hashes_and_made_once(tmp_pa
     with DataWatch(cache) as watch:  # another run's evaluator, later: it opens nothing in the cache
         assert evaluation_copy(cache, "synthetic", "smoke", hashes) == copy
     assert watch.opened == []
+    # damaged with its own pristine copy (read-only, but the same user can): made again
+    for path in (copy / "val.bin", copy / ".pristine" / "val.bin"):
+        path.chmod(0o644)
+        path.write_bytes(b"trained on")
+    assert evaluation_copy(cache, "synthetic", "smoke", hashes) == copy and (copy / "val.bin").read_bytes() == b"val.bin"
     # hashes that the cache's pristine copies do not have: no copy, the evaluator reads (and repairs) the cache
     assert evaluation_copy(cache, "synthetic", "smoke", dict(hashes, **{"val.bin": "0" * 64})) is None
