@@ -64,8 +64,8 @@ def verify_metric_files(directory, expected=None):
 
 def evaluation_copy(cache, dataset, profile, expect):
     """The folder the evaluator reads the metric's files from: a sealed copy in the system's temp folder, named
-    by their hashes, where no run looks; the cache's own val files are watched while train.py runs (valwatch),
-    and an evaluator of another run reading them then would look like that run. None (the evaluator reads the
+    by their hashes, outside the repository and the cache; the cache's own val files are watched while
+    train.py runs (valwatch), and an evaluator of another run reading them then would look like that run. None (the evaluator reads the
     cache) without recorded hashes or an intact pristine copy."""
     if not (expect and dataset and profile):
         return None
