@@ -62,12 +62,13 @@ def verify_metric_files(directory, expected=None):
     return restored
 
 
-def evaluation_copy(cache, dataset, profile, expect):
-    """The folder the evaluator reads the metric's files from: a sealed copy in the system's temp folder, named
-    by their hashes, outside the repository and the cache; the cache's own val files are watched while
-    train.py runs (valwatch), and an evaluator of another run reading them then would look like that run. None (the evaluator reads the
-    cache) without recorded hashes or an intact pristine copy."""
-    if not (expect and dataset and profile):
+def evaluation_copy(prepared, expect):
+    """The folder the evaluator reads the metric's files from: a sealed copy (of those in prepared/.pristine) in
+    the system's temp folder, named by their hashes, outside the repository and the cache; the cache's own val
+    files are watched while train.py runs (valwatch), and an evaluator of another run reading them then would
+    look like that run. None (the evaluator reads the cache) without recorded hashes or an intact pristine
+    copy."""
+    if not (expect and prepared):
         return None
     key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
     final = Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}" / "metric" / key
@@ -79,7 +80,7 @@ def evaluation_copy(cache, dataset, profile, expect):
             for path in final.rglob("*"):
                 path.chmod(0o644)
             shutil.rmtree(final, ignore_errors=True)
-    source = Path(cache) / "prepared" / dataset / profile / PRISTINE
+    source = Path(prepared) / PRISTINE
     staging = final.with_name(f".{key}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -136,19 +136,22 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     return run
 
 
-def evaluator_data(config):
-    """The folder the evaluator reads the metric's files from (metricdata.evaluation_copy), or None: the cache."""
+def metric_folder(config):
+    """The folder of the run's dataset and profile in the cache (prepare.py's layout), or None if not pinned."""
     env = child_env(config, 0)
-    return evaluation_copy(cache_dir(env), env.get("AUTORESEARCH_DATASET"), env.get("AUTORESEARCH_PROFILE"),
-                           config.get("metric_hashes"))
+    dataset, profile = env.get("AUTORESEARCH_DATASET"), env.get("AUTORESEARCH_PROFILE")
+    return cache_dir(env) / "prepared" / dataset / profile if dataset and profile else None
+
+
+def evaluator_data(config):
+    """The folder the evaluator reads the metric files from (metricdata.evaluation_copy), or None: the cache."""
+    return evaluation_copy(metric_folder(config), config.get("metric_hashes"))
 
 
 def restore_written(written, config):
     """Lines saying which metric files a run wrote were restored (verify_metric_files on their folders, against
     the hashes pinned at init for the run's own dataset: a run may have rewritten the pristine record too)."""
-    env, notes = child_env(config, 0), []
-    dataset, profile = env.get("AUTORESEARCH_DATASET"), env.get("AUTORESEARCH_PROFILE")
-    own = cache_dir(env) / "prepared" / str(dataset) / str(profile)
+    own, notes = metric_folder(config), []
     for folder in sorted({Path(p).parent.parent if Path(p).parent.name == PRISTINE else Path(p).parent
                           for p in written or ()}):
         try:

@@ -56,16 +56,16 @@ def test_the_watch_names_every_val_file_a_child_opened_and_every_metric_file_it_
 def test_the_evaluator_s_copy_is_sealed_named_by_the_hashes_and_made_once(tmp_path):
     cache, prepared, _ = fake_cache(tmp_path)
     hashes = seal_metric_files(prepared)
-    copy = evaluation_copy(cache, "synthetic", "smoke", hashes)
+    copy = evaluation_copy(prepared, hashes)
     assert copy and not str(copy).startswith(str(cache)) and (copy / "val.bin").read_bytes() == b"val.bin"
     assert seal_metric_files(copy) == hashes
     with DataWatch(cache) as watch:  # another run's evaluator, later: it opens nothing in the cache
-        assert evaluation_copy(cache, "synthetic", "smoke", hashes) == copy
+        assert evaluation_copy(prepared, hashes) == copy
     assert watch.opened == []
     # damaged with its own pristine copy (read-only, but the same user can): made again
     for path in (copy / "val.bin", copy / ".pristine" / "val.bin"):
         path.chmod(0o644)
         path.write_bytes(b"trained on")
-    assert evaluation_copy(cache, "synthetic", "smoke", hashes) == copy and (copy / "val.bin").read_bytes() == b"val.bin"
+    assert evaluation_copy(prepared, hashes) == copy and (copy / "val.bin").read_bytes() == b"val.bin"
     # hashes that the cache's pristine copies do not have: no copy, the evaluator reads (and repairs) the cache
-    assert evaluation_copy(cache, "synthetic", "smoke", dict(hashes, **{"val.bin": "0" * 64})) is None
+    assert evaluation_copy(prepared, dict(hashes, **{"val.bin": "0" * 64})) is None
