@@ -4,6 +4,10 @@ handoff.py), in a process of its own, so that none of the agent's Python runs wh
 
     python -m autoresearch.evaluator MODEL.pt2 [--expect HASHES.json]     # from the repo root; one JSON line
 
+The loop starts it beside train.py with --wait: it imports torch and torch.export's loader (~5 s on 2 cores)
+on a core train.py's single-threaded start leaves idle, touches no data, and evaluates once the loop, after
+train.py has ended, writes the hashes and the data folder on its stdin (end of input: it exits, silent).
+
 In order: the files the metric reads are checked against their hashes (and restored from the pristine copies
 made at prepare time when damaged), the graph may hold only standard (aten) operators, the model must be causal,
 then val_bpb on the pinned validation rows (prepare.evaluate_bpb, as train.py computes it) and on a held-out
@@ -11,6 +15,7 @@ slice of the validation split that the dataloader never hands to training.
 """
 
 import argparse
+import ctypes
 import json
 import operator
 import sys
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 
 ALLOWED_HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}  # torch.export's own wrappers
 CAUSALITY_POSITIONS = (0.25, 0.5, 0.75)  # fractions of the context where the future is changed
+PR_SET_DUMPABLE = 4
 COMPILE_FROM_TOKENS = 2**19  # a compile (~15 s on 2 cores) pays back on evaluations this long, not on smoke's
 
 
@@ -138,14 +144,43 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
             "restored": restored}
 
 
+def dumpable(flag):
+    """PR_SET_DUMPABLE: while 0, other processes of the user cannot ptrace this one or open /proc/PID/mem."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, int(flag), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
+def wait_for_go():
+    """--wait: what the evaluation needs imported now (train.py is still starting), then the loop's word once
+    train.py has ended: one JSON line {"expect": hashes or null, "data": folder or null}, or None at the end of
+    input (nothing to evaluate). Out of reach of train.py meanwhile (not dumpable); the hashes and folder come
+    only now, over the pipe, so nothing train.py could have rewritten decides what the metric's files are."""
+    dumpable(False)
+    try:
+        import torch.export.pt2_archive._package  # noqa: F401  the loader; pulls in dynamo (~2 s of the ~5)
+    except ImportError:
+        pass
+    line = sys.stdin.readline()
+    dumpable(True)
+    return json.loads(line) if line.strip() else None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the file train.py handed over (torch.export program)")
     parser.add_argument("--expect", help="JSON file of the metric files' sha256 recorded by the harness")
     parser.add_argument("--batch-size", type=int, help="rows per forward pass (default 64 on CUDA, else 16)")
     parser.add_argument("--data", help="folder of the metric's files (default: the prepared dataset's)")
+    parser.add_argument("--wait", action="store_true", help="import, then evaluate when stdin says what to")
     args = parser.parse_args()
     expect = json.loads(Path(args.expect).read_text()) if args.expect else None
+    if args.wait:
+        word = wait_for_go()
+        if word is None:
+            return 0
+        expect, args.data = word["expect"], word["data"]
     try:
         result = evaluate(args.model, expect, args.batch_size, args.data)
     except EvaluationError as e:

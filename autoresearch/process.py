@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 KILL_GRACE_S = 10                            # SIGTERM, then SIGKILL this much later
@@ -58,6 +59,21 @@ def run_group(cmd, stdout, stderr, env, timeout, stdin=subprocess.DEVNULL, shell
     """Run cmd in a new session (its own process group): a timeout, Ctrl-C or the end of the run
     kills it and everything it started, also what left the group, and never anything else. Returns
     (exit code or None on timeout, seconds)."""
+    return wait_group(start_group(cmd, stdout, stderr, env, stdin, shell), timeout, on_spawn)
+
+
+@dataclass
+class Group:
+    """A child started by start_group, and what wait_group and end_group need to end all it started."""
+    proc: subprocess.Popen
+    token: str
+    log: object  # where a note of processes that outlived it goes (its open output, or a file's path), or None
+    started: float
+    ended: bool = False
+
+
+def start_group(cmd, stdout, stderr, env, stdin=subprocess.DEVNULL, shell=False):
+    """cmd started in a new session (its own process group), for wait_group or end_group."""
     start = time.monotonic()
     token = new_run_token()
     try:
@@ -66,21 +82,46 @@ def run_group(cmd, stdout, stderr, env, timeout, stdin=subprocess.DEVNULL, shell
     except BaseException:  # Ctrl-C inside Popen, after the fork: the child runs, and only its token names it
         kill_token_holders(token)
         raise
+    return Group(proc, token, stdout if stderr == subprocess.STDOUT else stderr, start)
+
+
+def wait_group(group, timeout, on_spawn=None):
+    """Wait for a started group's child to exit (on_spawn(pid) first), at most `timeout` seconds from now, then
+    end all it started. Returns (exit code or None on timeout, seconds since it started)."""
     rc = None
     try:
         if on_spawn:
-            on_spawn(proc.pid)
-        deadline = start + timeout if timeout is not None else math.inf
-        while (rc := exit_code(proc)) is None and time.monotonic() < deadline:
+            on_spawn(group.proc.pid)
+        deadline = time.monotonic() + timeout if timeout is not None else math.inf
+        while (rc := exit_code(group.proc)) is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        kill_group(proc.pid, lambda: exit_code(proc) is None)
-        exit_code(proc, block=True)
-        escaped = kill_token_holders(token)
-        if escaped:
-            log_note(stdout if stderr == subprocess.STDOUT else stderr,
-                     f"[agent_loop] killed {escaped} process(es) of this run that outlived it (setsid, daemon)")
-    return rc, time.monotonic() - start
+        end_group(group)
+    return rc, time.monotonic() - group.started
+
+
+def end_group(group):
+    """The group's child and everything it started, ended (SIGTERM, then SIGKILL) and reaped; once."""
+    if group.ended:
+        return
+    group.ended = True
+    if group.proc.stdin:
+        group.proc.stdin.close()
+    kill_group(group.proc.pid, lambda: exit_code(group.proc) is None)
+    exit_code(group.proc, block=True)
+    escaped = kill_token_holders(group.token)
+    if escaped:
+        log_note(group.log, f"[agent_loop] killed {escaped} process(es) of this run that outlived it "
+                            f"(setsid, daemon)")
+
+
+def cpu_seconds(pid):
+    """CPU seconds a live process has used (its threads and reaped children), or 0.0 if it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def cpu_clock():
@@ -108,14 +149,15 @@ def counted_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def other_work(before, seconds):
-    """CPU cores the machine spent on work that was not ours (nor our reaped children's) since cpu_clock()
-    gave `before`, averaged over `seconds`: the harness's own view of a busy machine, which a run cannot
-    talk down (what it started and left behind counts as other work). None where it cannot be measured."""
+def other_work(before, seconds, ours=0.0):
+    """CPU cores the machine spent on work that was not ours (nor our reaped children's, nor `ours` CPU seconds
+    of a child still running) since cpu_clock() gave `before`, averaged over `seconds`: the harness's own view
+    of a busy machine, which a run cannot talk down (what it started and left behind counts as other work).
+    None where it cannot be measured."""
     (busy0, own0), (busy1, own1) = before, cpu_clock()
     if busy0 is None or busy1 is None or seconds <= 0:
         return None
-    return max(0.0, (busy1 - busy0) - (own1 - own0)) / seconds
+    return max(0.0, (busy1 - busy0) - (own1 - own0) - ours) / seconds
 
 
 def exit_code(proc, block=False):
@@ -133,7 +175,10 @@ def exit_code(proc, block=False):
 
 
 def log_note(f, text):
-    """A line of the loop's own in a child's open log (text or binary), if it is a file."""
+    """A line of the loop's own in a child's open log (text or binary) or log file, if it has one."""
+    if isinstance(f, Path):
+        with open(f, "a") as log:
+            return log_note(log, text)
     if hasattr(f, "write"):
         f.write(f"\n{text}\n".encode() if "b" in getattr(f, "mode", "") else f"\n{text}\n")
         f.flush()

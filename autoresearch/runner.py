@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, now_iso, to_float
 from autoresearch.ledger import LEDGER_ENV
 from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
-from autoresearch.process import counted_cores, cpu_clock, other_work, run_group
+from autoresearch.process import (counted_cores, cpu_clock, cpu_seconds, end_group, other_work, run_group,
+                                  start_group, wait_group)
 from autoresearch.valwatch import DataWatch, cache_dir
 
 # training may overrun the budget by 2%, or by the step that crossed it, if longer: up to STEP_SLACK mean steps
@@ -101,38 +101,46 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     prepare.py) the evaluator on the model it handed over. on_spawn(pid) is called with each child's pid as
     soon as it runs (to record it for a resumed loop). compile_cache: the version's torch.compile cache."""
     env = child_env(config, seed, compile_cache)
-    handoff = None
+    handoff = evaluator = None
     if config.get("harness_eval"):
         handoff = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.pt2")
         handoff.unlink(missing_ok=True)
         env[HANDOFF_ENV] = str(handoff)
-    with open(log_path, "a") as log:
-        log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
-        log.flush()
-        offset = log.tell()
-        clock = cpu_clock()
-        with DataWatch(cache_dir(env)) as watch:
-            rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
-        other = other_work(clock, wall) if wall >= LOAD_WINDOW_S else None
-    with open(log_path, "rb") as f:
-        f.seek(offset)
-        output = f.read().decode(errors="replace")
-    if other is not None:  # after the output is read: the summary block stays train.py's own
+        evaluator = start_evaluator(config, seed, handoff, log_path, compile_cache)
+    try:
         with open(log_path, "a") as log:
-            log.write(f"[agent_loop] other work on the machine while train.py ran: {other:.2f} CPU cores "
-                      f"(of {counted_cores()}; /proc/stat less this run's own CPU time)\n")
-    error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff))
-    # under the hand-over train.py needs no val file; without it (an older tag) it evaluates itself
-    run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other,
-              load=None if other is None else other / counted_cores(), read_val=watch.opened if handoff else [])
-    run.notes += restore_written(watch.written, config)
-    if handoff and watch.opened is None:
-        run.notes.append("the validation files were not watched during this run (no inotify here)")
-    if handoff:
-        if not error:
-            evaluator_cache = Path(compile_cache) / "evaluator" if compile_cache else None
-            evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, evaluator_cache)
-        handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
+            log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
+            log.flush()
+            offset = log.tell()
+            clock, evaluator_cpu = cpu_clock(), evaluator and cpu_seconds(evaluator.proc.pid)
+            with DataWatch(cache_dir(env)) as watch:
+                rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout,
+                                     on_spawn=on_spawn)
+            # the evaluator's imports beside train.py are the harness's own work, not other work on the machine
+            ours = cpu_seconds(evaluator.proc.pid) - evaluator_cpu if evaluator else 0.0
+            other = other_work(clock, wall, ours) if wall >= LOAD_WINDOW_S else None
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            output = f.read().decode(errors="replace")
+        if other is not None:  # after the output is read: the summary block stays train.py's own
+            with open(log_path, "a") as log:
+                log.write(f"[agent_loop] other work on the machine while train.py ran: {other:.2f} CPU cores "
+                          f"(of {counted_cores()}; /proc/stat less this run's own CPU time)\n")
+        error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff))
+        # under the hand-over train.py needs no val file; without it (an older tag) it evaluates itself
+        run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, read_val=watch.opened
+                  if handoff else [], load=None if other is None else other / counted_cores())
+        run.notes += restore_written(watch.written, config)
+        if handoff and watch.opened is None:
+            run.notes.append("the validation files were not watched during this run (no inotify here)")
+        if handoff and not error:
+            evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn)
+    finally:
+        if evaluator:
+            end_group(evaluator)  # a no-op after an evaluation; else the end of its input, and of it
+            evaluator.log.unlink(missing_ok=True)
+        if handoff:
+            handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
     return run
 
 
@@ -161,28 +169,38 @@ def restore_written(written, config):
     return notes
 
 
-def evaluate_handoff(run, config, handoff, timeout, log_path, on_spawn, compile_cache=None):
-    """val_bpb of the handed-over model by the evaluator, in its own process; sets run.error when it refuses
-    the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(config.get("metric_hashes") or {}, f)
+def start_evaluator(config, seed, handoff, log_path, compile_cache=None):
+    """The evaluator of this run's hand-over (autoresearch/evaluator.py --wait), started beside train.py: it
+    imports while train.py starts and waits for evaluate_handoff's word. Its output goes to a file of its own
+    until then, so that nothing it prints can land inside train.py's."""
     # -I: no PYTHON* variables, and neither the current folder nor a script's is put first on sys.path, so a
     # module the run left in the repository (torch.py, numpy.py) cannot stand in for the real one
     bootstrap = (f"import sys; sys.path += [{os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
                  f"from autoresearch.evaluator import main; sys.exit(main())")
-    env = child_env(config, run.seed, compile_cache)
+    env = child_env(config, seed, Path(compile_cache) / "evaluator" if compile_cache else None)
+    out = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.evaluator")
+    with open(out, "wb") as f:
+        group = start_group([sys.executable, "-I", "-c", bootstrap, str(handoff), "--wait"], f, subprocess.STDOUT,
+                            env, stdin=subprocess.PIPE)
+    group.log = out
+    return group
+
+
+def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn):
+    """val_bpb of the handed-over model by the evaluator started beside train.py; sets run.error when it refuses
+    the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted."""
     data = evaluator_data(config)
-    cmd = [sys.executable, "-I", "-c", bootstrap, str(handoff)] + (
-        ["--expect", f.name] if config.get("metric_hashes") else []) + (["--data", str(data)] if data else [])
+    word = json.dumps({"expect": config.get("metric_hashes") or None, "data": str(data) if data else None})
+    try:
+        evaluator.proc.stdin.write(f"{word}\n".encode())
+        evaluator.proc.stdin.close()
+    except BrokenPipeError:  # it ended already: its output says why
+        pass
+    start = now_iso()
+    rc, _ = wait_group(evaluator, timeout, on_spawn)
+    lines = evaluator.log.read_bytes().decode(errors="replace").strip().splitlines()
     with open(log_path, "a") as log:
-        log.write(f"\n===== evaluator  {now_iso()} =====\n")
-        log.flush()
-        offset = log.tell()
-        rc, wall = run_group(cmd, log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
-    os.unlink(f.name)
-    with open(log_path, "rb") as log:
-        log.seek(offset)
-        lines = log.read().decode(errors="replace").strip().splitlines()
+        log.write(f"\n===== evaluator  {start} =====\n" + "".join(f"{line}\n" for line in lines))
     try:
         result = json.loads(lines[-1])
     except (IndexError, ValueError):

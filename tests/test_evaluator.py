@@ -67,9 +67,10 @@ def plain(smoke_cache, tmp_path_factory):
     return export(smoke_cache, tmp_path_factory.mktemp("plain"))
 
 
-def run(args, cache, **env):
+def run(args, cache, input=None, **env):
     full = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache), **env)
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=full, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=full, capture_output=True, text=True, timeout=300,
+                          input=input)
 
 
 def export(cache, tmp_path, variant="plain"):
@@ -128,3 +129,46 @@ def test_damaged_token_byte_counts_are_restored_before_the_metric_is_computed(ca
     assert any("token_bytes.npy" in line for line in result["restored"]), result
     code, again = evaluate(cache, path)  # the cache is whole again for the next run
     assert again["restored"] == [] and again["val_bpb"] == result["val_bpb"]
+
+
+def test_started_beside_train_py_it_evaluates_only_on_the_loops_word_and_with_the_hashes_in_it(cache, plain):
+    """--wait, as the loop starts it while train.py runs: silent at the end of input; on the word, the one-shot
+    evaluator's value, the metric's files checked against the hashes the word carries (no file a run could
+    have rewritten)."""
+    path, own = plain
+    wait = ["-m", "autoresearch.evaluator", str(path), "--wait"]
+    silent = run(wait, cache, input="")
+    assert silent.returncode == 0 and silent.stdout == "", silent.stderr[-2000:]
+    folder = cache / "prepared" / "synthetic" / "smoke"
+    hashes = json.loads((folder / ".pristine" / "hashes.json").read_text())
+    word = {"expect": hashes, "data": None}
+    done = run(wait, cache, input=json.dumps(word) + "\n")
+    assert done.returncode == 0 and json.loads(done.stdout.splitlines()[-1])["val_bpb"] == pytest.approx(own, rel=1e-6)
+    word["expect"] = dict(hashes, **{"token_bytes.npy": "0" * 64})  # a record no intact copy matches
+    refused = run(wait, cache, input=json.dumps(word) + "\n")
+    assert refused.returncode == 1 and "token_bytes.npy" in json.loads(refused.stdout.splitlines()[-1])["error"]
+
+
+def test_a_run_that_crashes_leaves_no_evaluator_behind(tmp_path, monkeypatch):
+    # the evaluator starts beside train.py and imports for seconds; a train.py that dies at once must not leave
+    # it waiting on the loop for the rest of the night
+    from autoresearch.runner import train_once
+    (tmp_path / "train.py").write_text("raise SystemExit('dies at once')\n")
+    monkeypatch.chdir(tmp_path)
+    run_ = train_once({"harness_eval": True, "time_budget": 15}, 60, 1, tmp_path / "run.log")
+    assert run_.error and "dies at once" in (tmp_path / "run.log").read_text()
+    assert evaluators_of(os.getpid()) == []
+    assert list(tmp_path.glob("*.evaluator")) == [] and list(tmp_path.glob("*.pt2")) == []
+
+
+def evaluators_of(parent):
+    """Pids of the evaluator processes (live or not yet reaped) that are children of `parent`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if ppid == str(parent) and b"autoresearch.evaluator" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, IndexError):  # ended meanwhile
+            pass
+    return found

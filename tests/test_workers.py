@@ -129,6 +129,9 @@ esac
         log = (lab / r["log"]).read_text()
         assert f"device cpu (cpu, {share} threads)" in log and "===== evaluator" in log, r["log"]
         assert float(r["val_bpb"]) > 0 and r["heldout_gap"]                # the harness's numbers, held-out too
+        # the evaluator imports beside train.py on the same core: the harness's own work, never "other work"
+        loads = [float(v) for v in (r["other_cores"] + "," + r["best_other_cores"]).split(",") if v]
+        assert loads and max(loads) < 0.1, r
     assert_all_at_best(lab, e)
 
 
