@@ -26,7 +26,7 @@ def test_gpu_check_dry_run_lists_every_step_without_a_gpu():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert steps[-4:] == ["prepare", "tests", "reference-run", "eval-agreement"], result.stdout
+    assert steps[-4:] == ["prepare", "tests", "eval-agreement", "reference-run"], result.stdout
 
 
 def test_bench_hub_reports_reads_and_pushes_per_second():
