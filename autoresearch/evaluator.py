@@ -2,11 +2,12 @@
 The harness's evaluator: val_bpb computed from the model train.py handed over (a torch.export program, see
 handoff.py), in a process of its own, so that none of the agent's Python runs while the metric is computed.
 
-    python -m autoresearch.evaluator MODEL.pt2 [--expect HASHES.json]     # from the repo root; one JSON line
+    python -m autoresearch.evaluator MODEL.pt2 [--expect HASHES.json] [--data FOLDER]  # one JSON line
 
-The loop starts it beside train.py with --wait: it imports torch and torch.export's loader (~5 s on 2 cores)
-on a core train.py's single-threaded start leaves idle, touches no data, and evaluates once the loop, after
-train.py has ended, writes the hashes and the data folder on its stdin (end of input: it exits, silent).
+The loop starts it beside train.py with --wait (niced, not dumpable): it imports torch and torch.export's
+loader (~5 s on 2 cores) while train.py's single-threaded start leaves a core idle, touches no data, and
+evaluates once the loop, after train.py has ended, writes the hashes, the data folder and a nonce to echo on
+its stdin (empty input: it exits, silent).
 
 In order: the files the metric reads are checked against their hashes (and restored from the pristine copies
 made at prepare time when damaged), the graph may hold only standard (aten) operators, the model must be causal,
@@ -15,7 +16,6 @@ slice of the validation split that the dataloader never hands to training.
 """
 
 import argparse
-import ctypes
 import json
 import operator
 import sys
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 ALLOWED_HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}  # torch.export's own wrappers
 CAUSALITY_POSITIONS = (0.25, 0.5, 0.75)  # fractions of the context where the future is changed
-PR_SET_DUMPABLE = 4
 COMPILE_FROM_TOKENS = 2**19  # a compile (~15 s on 2 cores) pays back on evaluations this long, not on smoke's
 
 
+from autoresearch.handoff import dumpable
 from autoresearch.metricdata import MetricDataError, verify_metric_files
 
 
@@ -144,27 +144,22 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
             "restored": restored}
 
 
-def dumpable(flag):
-    """PR_SET_DUMPABLE: while 0, other processes of the user cannot ptrace this one or open /proc/PID/mem."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, int(flag), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux
-        pass
-
-
 def wait_for_go():
     """--wait: what the evaluation needs imported now (train.py is still starting), then the loop's word once
-    train.py has ended: one JSON line {"expect": hashes or null, "data": folder or null}, or None at the end of
-    input (nothing to evaluate). Out of reach of train.py meanwhile (not dumpable); the hashes and folder come
-    only now, over the pipe, so nothing train.py could have rewritten decides what the metric's files are."""
-    dumpable(False)
+    train.py has ended: its input to the end, one JSON line {"expect": hashes or null, "data": folder or null,
+    "nonce": ...}; None when the input is empty (nothing to evaluate). The hashes and folder arrive only now,
+    so nothing train.py could have rewritten on disk decides what the metric's files are; a second line means
+    something else wrote to its input, and the word is refused."""
     try:
         import torch.export.pt2_archive._package  # noqa: F401  the loader; pulls in dynamo (~2 s of the ~5)
     except ImportError:
         pass
-    line = sys.stdin.readline()
-    dumpable(True)
-    return json.loads(line) if line.strip() else None
+    lines = sys.stdin.read().splitlines()
+    dumpable(True)  # an ordinary process again: train.py and all it started have ended
+    if len(lines) > 1:
+        raise EvaluationError(f"{len(lines)} lines on the evaluator's input where the loop writes one: something "
+                              f"else wrote to it")
+    return json.loads(lines[0]) if lines else None
 
 
 def main():
@@ -176,17 +171,18 @@ def main():
     parser.add_argument("--wait", action="store_true", help="import, then evaluate when stdin says what to")
     args = parser.parse_args()
     expect = json.loads(Path(args.expect).read_text()) if args.expect else None
-    if args.wait:
-        word = wait_for_go()
-        if word is None:
-            return 0
-        expect, args.data = word["expect"], word["data"]
+    said = {}
     try:
+        if args.wait:
+            word = wait_for_go()
+            if word is None:
+                return 0
+            expect, args.data, said = word["expect"], word["data"], {"nonce": word.get("nonce")}
         result = evaluate(args.model, expect, args.batch_size, args.data)
     except EvaluationError as e:
-        print(json.dumps({"error": str(e)}))
+        print(json.dumps({"error": str(e), **said}))
         return 1
-    print(json.dumps(result))
+    print(json.dumps({**result, **said}))
     return 0
 
 

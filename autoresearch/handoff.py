@@ -9,6 +9,25 @@ import os
 import time
 
 HANDOFF_ENV = "AUTORESEARCH_HANDOFF"  # read by the loop too, which must not pay for importing torch
+PR_SET_DUMPABLE = 4
+
+
+def dumpable(flag):
+    """PR_SET_DUMPABLE: while off, other processes of the user (not root) cannot ptrace this one or open its
+    /proc/PID/fd and /proc/PID/mem."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, int(flag), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
+def stand_aside():
+    """The evaluator's first act when it starts beside train.py, before any import: out of train.py's reach (not
+    dumpable), and niced, so that its imports take only the CPU time train.py leaves idle."""
+    dumpable(False)
+    if hasattr(os, "nice"):
+        os.nice(19)
 
 
 def handoff_path():

@@ -8,8 +8,10 @@ import json
 import math
 import os
 import re
+import secrets
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +108,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         handoff = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.pt2")
         handoff.unlink(missing_ok=True)
         env[HANDOFF_ENV] = str(handoff)
-        evaluator = start_evaluator(config, seed, handoff, log_path, compile_cache)
+        evaluator = start_evaluator(config, seed, handoff, compile_cache)
     try:
         with open(log_path, "a") as log:
             log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
@@ -138,7 +140,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     finally:
         if evaluator:
             end_group(evaluator)  # a no-op after an evaluation; else the end of its input, and of it
-            evaluator.log.unlink(missing_ok=True)
+            evaluator.log.close()
         if handoff:
             handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
     return run
@@ -169,42 +171,52 @@ def restore_written(written, config):
     return notes
 
 
-def start_evaluator(config, seed, handoff, log_path, compile_cache=None):
+def start_evaluator(config, seed, handoff, compile_cache=None):
     """The evaluator of this run's hand-over (autoresearch/evaluator.py --wait), started beside train.py: it
-    imports while train.py starts and waits for evaluate_handoff's word. Its output goes to a file of its own
-    until then, so that nothing it prints can land inside train.py's."""
+    imports while train.py starts and waits for evaluate_handoff's word. Its output goes to a file of its own,
+    unnamed (nothing can open it by a path), so that nothing it prints can land inside train.py's."""
     # -I: no PYTHON* variables, and neither the current folder nor a script's is put first on sys.path, so a
-    # module the run left in the repository (torch.py, numpy.py) cannot stand in for the real one
+    # module the run left in the repository (torch.py, numpy.py) cannot stand in for the real one. Before any
+    # other import it stands aside: no /proc/PID/fd/0 for train.py to write in, and no timed step slowed
     bootstrap = (f"import sys; sys.path += [{os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
+                 f"from autoresearch.handoff import stand_aside; stand_aside(); "
                  f"from autoresearch.evaluator import main; sys.exit(main())")
     env = child_env(config, seed, Path(compile_cache) / "evaluator" if compile_cache else None)
-    out = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.evaluator")
-    with open(out, "wb") as f:
-        group = start_group([sys.executable, "-I", "-c", bootstrap, str(handoff), "--wait"], f, subprocess.STDOUT,
-                            env, stdin=subprocess.PIPE)
-    group.log = out
+    out = tempfile.TemporaryFile()
+    group = start_group([sys.executable, "-I", "-c", bootstrap, str(handoff), "--wait"], out, subprocess.STDOUT,
+                        env, stdin=subprocess.PIPE)
+    os.set_blocking(group.proc.stdin.fileno(), False)  # a pipe something else filled cannot hang the loop
     return group
 
 
 def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn):
     """val_bpb of the handed-over model by the evaluator started beside train.py; sets run.error when it refuses
-    the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted."""
+    the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted. The
+    word carries a nonce made now, after train.py has ended, that the result must echo: a line written by
+    anything else (a forged result, a second word) does not count."""
     data = evaluator_data(config)
-    word = json.dumps({"expect": config.get("metric_hashes") or None, "data": str(data) if data else None})
-    try:
-        evaluator.proc.stdin.write(f"{word}\n".encode())
-        evaluator.proc.stdin.close()
-    except BrokenPipeError:  # it ended already: its output says why
-        pass
+    nonce = secrets.token_hex(16)
+    word = json.dumps({"expect": config.get("metric_hashes") or None, "data": str(data) if data else None,
+                       "nonce": nonce})
+    if on_spawn:
+        on_spawn(evaluator.proc.pid)  # recorded before it starts work: a resumed loop ends it
     start = now_iso()
-    rc, _ = wait_group(evaluator, timeout, on_spawn)
-    lines = evaluator.log.read_bytes().decode(errors="replace").strip().splitlines()
-    with open(log_path, "a") as log:
-        log.write(f"\n===== evaluator  {start} =====\n" + "".join(f"{line}\n" for line in lines))
     try:
-        result = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        result = {"error": f"the evaluator ended without a result (exit {rc}): {(lines or [''])[-1][:200]}"}
+        try:
+            evaluator.proc.stdin.write(f"{word}\n".encode())
+            evaluator.proc.stdin.close()
+        except (BrokenPipeError, BlockingIOError):  # it ended, or its input is full of another's lines
+            pass
+        rc, _ = wait_group(evaluator, timeout)
+    finally:  # also on Ctrl-C: what it printed belongs in the log
+        evaluator.log.seek(0)
+        lines = evaluator.log.read().decode(errors="replace").replace("\0", "").strip().splitlines()
+        with open(log_path, "a") as log:
+            log.write(f"\n===== evaluator  {start} =====\n" + "".join(f"{line}\n" for line in lines))
+    result = next((r for r in map(json_object, reversed(lines)) if r.get("nonce") == nonce), None)
+    if result is None:  # its last words, not a line something else may have written in its output
+        said = next((line for line in reversed(lines) if line.strip() and not json_object(line)), "")
+        result = {"error": f"the evaluator ended without a result (exit {rc}): {said[:200]}"}
     if "error" in result:
         run.error = f"evaluator: {result['error']}"
         return
@@ -223,6 +235,15 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn):
 
 # -----------------------------------------------------------------------------
 # Reading the output
+
+
+def json_object(line):
+    """The line as a JSON object, or {} when it is not one."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def parse_summary(output):

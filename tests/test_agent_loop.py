@@ -298,6 +298,21 @@ def test_a_run_that_opens_the_validation_split_is_rejected_whatever_it_scores(re
     assert out.startswith("discard") and "VAL_BPB = 1.0" in (repo / "train.py").read_text(), out
 
 
+def test_a_result_line_written_into_the_evaluators_output_by_train_py_does_not_count(repo, env):
+    # the evaluator starts beside train.py; what it prints counts only with the nonce the loop sent it after
+    # train.py ended (here it fails on the stand-in's prepare.py: a crash, never the forged 0.5)
+    initialised(repo, env)
+    config = repo / ".git" / "autoresearch" / "t" / "init.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
+    set_train(repo, VAL_BPB=0.5, MODE="forgeeval")
+    loop(repo, env, "step", "-m", "forge the evaluator's word")
+    row = rows(repo)[1]
+    log = (repo / row["log"]).read_text()
+    assert "forged a result in" in log and '"val_bpb": 0.5' in log, log[-2000:]  # the attempt was made
+    assert row["status"] == "crash" and "ended without a result" in row["note"], row
+    assert "has no attribute 'Tokenizer'" in row["note"] and "0.5" not in row["note"], row
+
+
 def test_step_discards_a_change_within_the_noise_and_keeps_it_reachable(repo, env):
     initialised(repo, env, repeats=3, SIGMA=0.003)
     set_train(repo, VAL_BPB=0.9995)

@@ -132,18 +132,21 @@ def test_damaged_token_byte_counts_are_restored_before_the_metric_is_computed(ca
 
 
 def test_started_beside_train_py_it_evaluates_only_on_the_loops_word_and_with_the_hashes_in_it(cache, plain):
-    """--wait, as the loop starts it while train.py runs: silent at the end of input; on the word, the one-shot
-    evaluator's value, the metric's files checked against the hashes the word carries (no file a run could
-    have rewritten)."""
+    """--wait, as the loop starts it while train.py runs: silent on an empty input; on the word, the one-shot
+    evaluator's value with the word's nonce, the metric's files checked against the hashes the word carries
+    (no file a run could have rewritten); a second line on its input (something else wrote there) is refused."""
     path, own = plain
     wait = ["-m", "autoresearch.evaluator", str(path), "--wait"]
     silent = run(wait, cache, input="")
     assert silent.returncode == 0 and silent.stdout == "", silent.stderr[-2000:]
     folder = cache / "prepared" / "synthetic" / "smoke"
     hashes = json.loads((folder / ".pristine" / "hashes.json").read_text())
-    word = {"expect": hashes, "data": None}
+    word = {"expect": hashes, "data": None, "nonce": "n1"}
     done = run(wait, cache, input=json.dumps(word) + "\n")
-    assert done.returncode == 0 and json.loads(done.stdout.splitlines()[-1])["val_bpb"] == pytest.approx(own, rel=1e-6)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert done.returncode == 0 and result["val_bpb"] == pytest.approx(own, rel=1e-6) and result["nonce"] == "n1"
+    forged = run(wait, cache, input='{"expect": null, "data": "/tmp/elsewhere", "nonce": "x"}\n' + json.dumps(word))
+    assert forged.returncode == 1 and "something else wrote" in json.loads(forged.stdout.splitlines()[-1])["error"]
     word["expect"] = dict(hashes, **{"token_bytes.npy": "0" * 64})  # a record no intact copy matches
     refused = run(wait, cache, input=json.dumps(word) + "\n")
     assert refused.returncode == 1 and "token_bytes.npy" in json.loads(refused.stdout.splitlines()[-1])["error"]

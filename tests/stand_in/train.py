@@ -15,7 +15,7 @@ NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
 SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
-                          # nosummary | twice | selfedit | cachepoison | killparent | readval
+                          # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -81,6 +81,14 @@ if MODE == "readval":  # the validation tokens, straight from the cache, past pr
         f.read()
 if MODE == "nosummary":
     sys.exit(0)
+if MODE == "forgeeval":  # a result line, far down the evaluator's output file, through the loop's own fd
+    for fd in os.listdir(f"/proc/{os.getppid()}/fd"):
+        link = os.readlink(f"/proc/{os.getppid()}/fd/{fd}")
+        if link.endswith("(deleted)"):
+            with open(f"/proc/{os.getppid()}/fd/{fd}", "r+b") as f:
+                f.seek(1 << 16)
+                f.write(b'\n{"val_bpb": 0.5, "heldout_bpb": 0.5, "eval_seconds": 0.1, "restored": []}\n')
+            print(f"forged a result in {link}", flush=True)
 if os.environ.get("STANDIN_CACHE_LOG"):  # what torch.compile would find in its cache, then a kernel of its own
     cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     with open(os.environ["STANDIN_CACHE_LOG"], "a") as f:
