@@ -67,7 +67,7 @@ class Group:
     """A child started by start_group, and what wait_group and end_group need to end all it started."""
     proc: subprocess.Popen
     token: str
-    log: object  # where a note of processes that outlived it goes (its open output, or a file's path), or None
+    log: object  # its open output, where a note of processes that outlived it goes (or None)
     started: float
     ended: bool = False
 
@@ -175,10 +175,7 @@ def exit_code(proc, block=False):
 
 
 def log_note(f, text):
-    """A line of the loop's own in a child's open log (text or binary) or log file, if it has one."""
-    if isinstance(f, Path):
-        with open(f, "a") as log:
-            return log_note(log, text)
+    """A line of the loop's own in a child's open log (text or binary), if it is a file."""
     if hasattr(f, "write"):
         f.write(f"\n{text}\n".encode() if "b" in getattr(f, "mode", "") else f"\n{text}\n")
         f.flush()
