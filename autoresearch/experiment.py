@@ -18,8 +18,8 @@ from autoresearch.gitrepo import blob_hash, changed_since, commit, git, head, sh
 from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, read_json, to_float
 from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_copies, measured_versions, one_line,
                                  render_results, restore_logs, write_atomic)
-from autoresearch.resume import save_and_reset, spare_name
 from autoresearch.process import counted_cores
+from autoresearch.resume import save_and_reset, spare_name
 from autoresearch.runner import Run, train_once
 from autoresearch.seal import (changed_modules, set_aside, symlinked_train, untracked_modules, write_times,
                                written_since)

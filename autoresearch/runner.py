@@ -114,7 +114,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
             log.flush()
             offset = log.tell()
-            clock, evaluator_cpu = cpu_clock(), evaluator and cpu_seconds(evaluator.proc.pid)
+            clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             with DataWatch(cache_dir(env)) as watch:
                 rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout,
                                      on_spawn=on_spawn)
