@@ -21,8 +21,8 @@ from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_cop
 from autoresearch.process import counted_cores
 from autoresearch.resume import save_and_reset, spare_name
 from autoresearch.runner import Run, train_once
-from autoresearch.seal import (changed_modules, set_aside, symlinked_train, untracked_modules, write_times,
-                               written_since)
+from autoresearch.seal import (changed_modules, set_aside, symlinked_train, tracked_bytecode, untracked_modules,
+                               write_times, written_since)
 from autoresearch.state import InFlight, say
 
 # program.md gives `step` a shell timeout of 15 minutes: a step starts no run that would end after this
@@ -230,20 +230,26 @@ def best_run(loop, sha, seed, log, flight):
 
 
 def sealed_run(loop, seed, log, flight, version):
-    """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back),
-    which untracked modules it created or changed, train.py itself if the run rewrote it (the next run
-    would be other code under the same commit), and files in another version's compile cache. A worker of
+    """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back; the
+    tracked modules' bytecode too, deleted), which untracked modules it created or changed (set aside beside
+    the log), train.py itself if the run rewrote it (the next run would be other code under the same commit),
+    files in another version's compile cache, and in the evaluator's (seal.HarnessFolder). A worker of
     `--executor ray` has the run made on a node of the cluster, which checks the same (rayexec.run_on_node)."""
     if getattr(loop.link, "remote", False):
         return loop.link.run_remote(loop, seed, log, version)
-    modules = untracked_modules()
-    times = write_times(modules)
+    modules, bytecode = untracked_modules(), tracked_bytecode()
+    times = write_times([*modules, *bytecode])
     code = Path(TRAIN).read_bytes()
     cache = loop.compile_cache(version)
     caches = loop.other_compile_caches(version)
-    run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache)
+    run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache)
     after = loop.other_compile_caches(version)
-    run.tampered = sorted(set(written_since(times)) | set(changed_modules(modules, untracked_modules()))
+    written, created = written_since(times), changed_modules(modules, untracked_modules())
+    # no later import may load what the run left: forged bytecode goes, new modules are set aside
+    for path in set(written) & set(bytecode):
+        Path(path).unlink(missing_ok=True)
+    set_aside(created, Path(log).with_name(f"{Path(log).stem}-set-aside"))
+    run.tampered = sorted(set(run.tampered) | set(written) | set(created)
                           | ({TRAIN} if not Path(TRAIN).is_file() or Path(TRAIN).read_bytes() != code else set())
                           | {p for p in set(caches) | set(after) if caches.get(p) != after.get(p)})
     return run
@@ -411,7 +417,7 @@ def run_baseline(loop, repeats):
         runs = []
         for i in range(repeats):
             seed = loop.config["base_seed"] + i
-            run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache)
+            run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache)
             print(f"baseline run {i + 1}/{repeats} seed {run.seed}: "
                   + (f"val_bpb={run.val:.6f}" if not run.error else f"crash {run.error}"), flush=True)
             if run.error:

@@ -98,17 +98,18 @@ def default_timeout(config):
     return max(2 * budget, budget + 120)
 
 
-def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=None):
+def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=None, evaluator_cache=None):
     """One `python train.py` with this seed, output appended to the experiment's log, then (with the real
     prepare.py) the evaluator on the model it handed over. on_spawn(pid) is called with each child's pid as
-    soon as it runs (to record it for a resumed loop). compile_cache: the version's torch.compile cache."""
+    soon as it runs (to record it for a resumed loop). compile_cache: the version's torch.compile cache;
+    evaluator_cache: the evaluator's (a seal.HarnessFolder)."""
     env = child_env(config, seed, compile_cache)
     handoff = evaluator = None
     if config.get("harness_eval"):
         handoff = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.pt2")
         handoff.unlink(missing_ok=True)
         env[HANDOFF_ENV] = str(handoff)
-        evaluator = start_evaluator(config, seed, handoff, compile_cache)
+        evaluator = start_evaluator(config, seed, handoff, evaluator_cache)
     try:
         with open(log_path, "a") as log:
             log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
@@ -136,7 +137,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         if handoff and watch.opened is None:
             run.notes.append("the validation files were not watched during this run (no inotify here)")
         if handoff and not error:
-            evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn)
+            evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, evaluator_cache)
     finally:
         if evaluator:
             end_group(evaluator)  # a no-op after an evaluation; else the end of its input, and of it
@@ -181,7 +182,7 @@ def start_evaluator(config, seed, handoff, compile_cache=None):
     bootstrap = (f"import sys; sys.path += [{os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
                  f"from autoresearch.handoff import stand_aside; stand_aside(); "
                  f"from autoresearch.evaluator import main; sys.exit(main())")
-    env = child_env(config, seed, Path(compile_cache) / "evaluator" if compile_cache else None)
+    env = child_env(config, seed, compile_cache.path if compile_cache else None)  # read only after the word
     out = tempfile.TemporaryFile()
     group = start_group([sys.executable, "-I", "-c", bootstrap, str(handoff), "--wait"], out, subprocess.STDOUT,
                         env, stdin=subprocess.PIPE)
@@ -189,11 +190,16 @@ def start_evaluator(config, seed, handoff, compile_cache=None):
     return group
 
 
-def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn):
+def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, compile_cache=None):
     """val_bpb of the handed-over model by the evaluator started beside train.py; sets run.error when it refuses
     the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted. The
     word carries a nonce made now, after train.py has ended, that the result must echo: a line written by
-    anything else (a forged result, a second word) does not count."""
+    anything else (a forged result, a second word) does not count. compile_cache (a seal.HarnessFolder): what
+    anything but the evaluator wrote in it is noted in run.tampered, and emptied out before the evaluator
+    reads it."""
+    if compile_cache:
+        run.tampered += compile_cache.written()
+        compile_cache.clean()
     data = evaluator_data(config)
     nonce = secrets.token_hex(16)
     word = json.dumps({"expect": config.get("metric_hashes") or None, "data": str(data) if data else None,
@@ -208,6 +214,8 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn):
         except (BrokenPipeError, BlockingIOError):  # it ended, or its input is full of another's lines
             pass
         rc, _ = wait_group(evaluator, timeout)
+        if compile_cache:
+            compile_cache.settle()
     finally:  # also on Ctrl-C: what it printed belongs in the log
         evaluator.log.seek(0)
         lines = evaluator.log.read().decode(errors="replace").replace("\0", "").strip().splitlines()

@@ -2,12 +2,19 @@
 The sealed repository, beyond the tracked files (gitrepo.changed_since hashes those, also when index flags hide
 an edit). Between the start and the end of an experiment:
 - train.py stays a regular file: a symlink could point at anything outside the repository;
-- the .py files git does not track (untracked or ignored, outside SKIP_DIRS), which train.py could import,
-  stay as they were: a changed one is moved aside (nothing is lost) and the experiment is rejected;
+- the importable files git does not track (untracked or ignored, outside SKIP_DIRS: .py, and .pyc and
+  extension modules, which import prefers to a .py of the same name), which train.py could import, stay as
+  they were: a changed one is moved aside (nothing is lost) and the experiment is rejected;
 - nothing but train.py is written while train.py runs, even when it is changed back before the run ends: every
-  write moves a file's ctime, and no process can set it back.
+  write moves a file's ctime, and no process can set it back. That includes the bytecode of the tracked
+  modules (compiled before the run, so that no honest import writes it): a rewritten .pyc would be loaded in
+  place of its .py by every later import, the loop's and the evaluator's.
 """
+import compileall
+import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +22,7 @@ from pathlib import Path
 from autoresearch.gitrepo import git
 from autoresearch.layout import TRAIN
 
+IMPORTABLE = tuple(importlib.machinery.all_suffixes())  # .py, .pyc, .so and its tagged forms
 SKIP_DIRS = {".git", ".venv", "venv", "logs", "worktrees", "__pycache__", ".pytest_cache", "node_modules"}
 
 
@@ -27,14 +35,14 @@ def outside_the_seal(folder, name):
 
 
 def untracked_modules():
-    """{path: sha256} of the .py files under the repository root that git does not track."""
+    """{path: sha256} of the importable files under the repository root that git does not track."""
     tracked = set(git("ls-files", "-z").split("\0"))
     found = {}
     for folder, dirs, files in os.walk("."):
         dirs[:] = [d for d in dirs if not outside_the_seal(folder, d)]
         for name in files:
             path = os.path.normpath(os.path.join(folder, name))
-            if name.endswith(".py") and path not in tracked:
+            if name.endswith(IMPORTABLE) and path not in tracked:
                 found[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else ""
     return found
 
@@ -56,8 +64,19 @@ def set_aside(paths, folder):
     return moved
 
 
+def tracked_bytecode():
+    """The __pycache__ files of the tracked modules, compiled now where missing or out of date (a no-op once
+    they are), so that a write of one while train.py runs is a forgery, not an import."""
+    found = []
+    for path in git("ls-files", "-z").split("\0"):
+        if path.endswith(".py") and path != TRAIN and Path(path).is_file():
+            compileall.compile_file(path, quiet=2)
+            found.append(importlib.util.cache_from_source(path))
+    return found
+
+
 def write_times(modules):
-    """{path: ctime_ns} of every tracked file but train.py, and of the untracked modules given."""
+    """{path: ctime_ns} of every tracked file but train.py, and of the untracked files given."""
     times = {}
     for path in [p for p in git("ls-files", "-z").split("\0") if p and p != TRAIN] + list(modules):
         try:
@@ -76,3 +95,38 @@ def written_since(times):
 
 def symlinked_train():
     return Path(TRAIN).is_symlink()
+
+
+class HarnessFolder:
+    """A folder only the harness writes (the evaluator's compile cache): the files it held when the harness
+    last wrote it, so that whatever anything else left there since (a "kernel" the evaluator would load and
+    run) is found, and never used. A loop that never saw it trusts none of it."""
+
+    def __init__(self, path):
+        self.path, self.seen = Path(path), None
+
+    def files(self):
+        return {str(p): p.lstat().st_ctime_ns for p in self.path.rglob("*")} if self.path.is_dir() else {}
+
+    def written(self):
+        """Files written or removed since settle() (none before this loop first settled it)."""
+        if self.seen is None:
+            return []
+        now = self.files()
+        return sorted(p for p in set(now) | set(self.seen) if now.get(p) != self.seen.get(p))
+
+    def clean(self):
+        """The folder, emptied unless it holds just what the harness left (a cache: nothing is lost)."""
+        if self.seen is None or self.written():
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def settle(self):
+        self.seen = self.files()
+
+
+@functools.cache
+def harness_folder(path):
+    """One HarnessFolder per folder in a process: every loop (and Ray task) in it shares what it saw."""
+    return HarnessFolder(path)

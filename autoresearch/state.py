@@ -20,9 +20,10 @@ from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, 
 from autoresearch.metricdata import seal_metric_files
 from autoresearch.ledger import best_row, ledger_dir, write_atomic
 from autoresearch.process import KILL_GRACE_S, Stop, counted_cores, proc_start_time
-from autoresearch.seal import untracked_modules
+from autoresearch.seal import harness_folder, untracked_modules
 
 DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_SEED overrides at init
+EVALUATOR_CACHE = "evaluator"                # the evaluator's folder among the versions' compile caches
 
 
 # -----------------------------------------------------------------------------
@@ -140,17 +141,23 @@ class Loop:
             staging.rename(folder)
         return folder
 
+    @property
+    def evaluator_cache(self):
+        """The evaluator's torch.compile cache, shared by every version (its graphs are the models'), which
+        the loop empties when anything but the evaluator wrote in it (seal.HarnessFolder)."""
+        return harness_folder(self.private_dir / "compile-cache" / EVALUATOR_CACHE)
+
     def other_compile_caches(self, version):
         """{path: ctime_ns} of every file in the compile caches of versions other than `version`: a run of one
-        version writes only in its own."""
+        version writes only in its own (the evaluator's is watched by evaluator_cache)."""
         root, own = self.private_dir / "compile-cache", version[:16]
         return {str(path): path.lstat().st_ctime_ns for folder in (root.iterdir() if root.is_dir() else ())
-                if folder.name != own for path in folder.rglob("*")}
+                if folder.name not in (own, EVALUATOR_CACHE) for path in folder.rglob("*")}
 
     def prune_compile_caches(self, keep=()):
         """Drop the compile caches of every version but the best's and `keep`'s (they run no more)."""
         root = self.private_dir / "compile-cache"
-        wanted = {v[:16] for v in ((self.best or {}).get("train_py") or "", *keep) if v}
+        wanted = {v[:16] for v in ((self.best or {}).get("train_py") or "", *keep) if v} | {EVALUATOR_CACHE}
         for folder in root.iterdir() if root.is_dir() else ():
             if folder.name not in wanted:
                 shutil.rmtree(folder, ignore_errors=True)

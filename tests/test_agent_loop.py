@@ -277,6 +277,20 @@ def test_a_run_that_writes_in_another_versions_compile_cache_is_rejected(repo, e
     assert note.startswith("rejected:") and "compile-cache" in note and "poisoned.py" in note, note
 
 
+def test_a_run_that_writes_in_the_evaluators_compile_cache_is_rejected_and_the_evaluator_never_reads_it(
+        repo, env, tmp_path):
+    initialised(repo, env)
+    config = repo / ".git" / "autoresearch" / "t" / "init.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
+    # the first experiment's evaluation leaves the cache as the harness knows it; the second poisons it
+    agent = (f"if [ -e {tmp_path / 'once'} ]; then sed -i 's/^MODE = \"ok\"/MODE = \"evalpoison\"/' train.py; "
+             f"else touch {tmp_path / 'once'}; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; fi; echo edit")
+    loop(repo, env, "run", "--agent", agent, "--max-experiments", "2")
+    note = rows(repo)[2]["note"]
+    assert note.startswith("rejected:") and "evaluator/poisoned.py" in note, note
+    assert not (repo / ".git" / "autoresearch" / "t" / "compile-cache" / "evaluator" / "poisoned.py").exists()
+
+
 def test_a_run_that_opens_the_validation_split_is_rejected_whatever_it_scores(repo, env):
     # the kernel's word (inotify), not the numbers: a train.py that trains on every val row, held-out slice
     # included, leaves no gap between them for the leak check to see

@@ -4,6 +4,7 @@ agents and train.py runs in real git repositories; each case is not kept, loses 
 import subprocess
 import sys
 import time
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,6 +25,33 @@ def test_a_change_to_an_untracked_module_that_train_py_imports_is_rejected_and_s
     assert not (repo / "helper.py").exists()  # set aside, not deleted:
     assert list((repo / "logs" / "t").glob("*-set-aside/helper.py"))
     assert "import helper" not in (repo / "train.py").read_text()
+
+
+def test_a_module_shadowed_by_forged_bytecode_or_an_extension_while_train_py_runs_is_rejected_and_never_loaded(
+        repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.5, MODE="shadow")
+    loop(repo, env, "step", "-m", "a prepare.py of my own")
+    pyc, extension = f"__pycache__/prepare.{sys.implementation.cache_tag}.pyc", f"prepare{EXTENSION_SUFFIXES[0]}"
+    row = rows(repo)[-1]
+    assert row["status"] == "discard" and row["note"].startswith("rejected:"), row
+    assert pyc in row["note"] and extension in row["note"], row["note"]
+    # the forged bytecode is gone and the extension set aside: the next import of prepare, the loop's or the
+    # evaluator's, is prepare.py's
+    assert not (repo / extension).exists() and list((repo / "logs" / "t").glob(f"*-set-aside/{extension}"))
+    imported = subprocess.run([sys.executable, "-c", "import prepare; print(hasattr(prepare, 'FORGED'))"],
+                              cwd=repo, env=env, capture_output=True, text=True)
+    assert imported.stdout.split() == ["False"], imported
+
+
+def test_an_extension_module_beside_the_repositorys_modules_is_rejected_and_set_aside(repo, env):
+    initialised(repo, env)
+    extension = f"helper{EXTENSION_SUFFIXES[0]}"
+    out = run_agent(repo, env, f"echo junk > {extension}; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py; "
+                               f"echo 'an extension module'")
+    row = rows(repo)[-1]
+    assert row["status"] == "discard" and f"untracked modules {extension}" in row["note"], out
+    assert not (repo / extension).exists() and list((repo / "logs" / "t").glob(f"*-set-aside/{extension}"))
 
 
 def test_a_train_py_that_is_a_symlink_is_rejected_and_replaced_by_the_best(repo, env, tmp_path):
