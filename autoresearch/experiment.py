@@ -49,6 +49,7 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
     if not strict and git("merge-base", "--is-ancestor", best, "HEAD", check=False) is None:
         git("reset", "-q", "--soft", best)  # the agent rewrote history (amend, rebase): keep its files only
     changed = changed_since(best)
+    tracked_bytecode(force=True)  # what the agent may have left in __pycache__ is no module of ours
     modules = changed_modules(loop.known_modules(), untracked_modules())
     why, fixes = broken_rules(changed, best, modules)
     if why and strict:
@@ -231,8 +232,8 @@ def best_run(loop, sha, seed, log, flight):
 
 def sealed_run(loop, seed, log, flight, version):
     """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back; the
-    tracked modules' bytecode too, deleted), which untracked modules it created or changed (set aside beside
-    the log), train.py itself if the run rewrote it (the next run would be other code under the same commit),
+    tracked modules' bytecode too, compiled again), which untracked modules it created or changed (set aside
+    beside the log), train.py itself if the run rewrote it (the next run would be other code under the same commit),
     files in another version's compile cache, and in the evaluator's (seal.HarnessFolder). A worker of
     `--executor ray` has the run made on a node of the cluster, which checks the same (rayexec.run_on_node)."""
     if getattr(loop.link, "remote", False):
@@ -245,9 +246,9 @@ def sealed_run(loop, seed, log, flight, version):
     run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache)
     after = loop.other_compile_caches(version)
     written, created = written_since(times), changed_modules(modules, untracked_modules())
-    # no later import may load what the run left: forged bytecode goes, new modules are set aside
-    for path in set(written) & set(bytecode):
-        Path(path).unlink(missing_ok=True)
+    # no later import may load what the run left: forged bytecode is compiled again, new modules set aside
+    if set(written) & set(bytecode):
+        tracked_bytecode(force=True)
     set_aside(created, Path(log).with_name(f"{Path(log).stem}-set-aside"))
     run.tampered = sorted(set(run.tampered) | set(written) | set(created)
                           | ({TRAIN} if not Path(TRAIN).is_file() or Path(TRAIN).read_bytes() != code else set())

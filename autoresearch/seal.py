@@ -8,7 +8,8 @@ an edit). Between the start and the end of an experiment:
 - nothing but train.py is written while train.py runs, even when it is changed back before the run ends: every
   write moves a file's ctime, and no process can set it back. That includes the bytecode of the tracked
   modules (compiled before the run, so that no honest import writes it): a rewritten .pyc would be loaded in
-  place of its .py by every later import, the loop's and the evaluator's.
+  place of its .py by every later import, the loop's and the evaluator's, so it is compiled again at once; and
+  so is all of it before each experiment, whatever the agent left there.
 """
 import compileall
 import functools
@@ -64,13 +65,14 @@ def set_aside(paths, folder):
     return moved
 
 
-def tracked_bytecode():
-    """The __pycache__ files of the tracked modules, compiled now where missing or out of date (a no-op once
-    they are), so that a write of one while train.py runs is a forgery, not an import."""
+def tracked_bytecode(force=False):
+    """The __pycache__ files of the tracked modules, compiled now where missing or out of date, so that no
+    honest import writes one while train.py runs; force: all compiled again from their sources, whatever
+    anything left there (a forged .pyc whose header matches its .py would be loaded in place of it)."""
     found = []
     for path in git("ls-files", "-z").split("\0"):
         if path.endswith(".py") and path != TRAIN and Path(path).is_file():
-            compileall.compile_file(path, quiet=2)
+            compileall.compile_file(path, quiet=2, force=force)
             found.append(importlib.util.cache_from_source(path))
     return found
 

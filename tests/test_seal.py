@@ -44,14 +44,24 @@ def test_a_module_shadowed_by_forged_bytecode_or_an_extension_while_train_py_run
     assert imported.stdout.split() == ["False"], imported
 
 
-def test_an_extension_module_beside_the_repositorys_modules_is_rejected_and_set_aside(repo, env):
+def test_bytecode_an_agent_forged_is_compiled_again_and_an_extension_module_it_added_is_set_aside(
+        repo, env, tmp_path):
     initialised(repo, env)
-    extension = f"helper{EXTENSION_SUFFIXES[0]}"
-    out = run_agent(repo, env, f"echo junk > {extension}; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py; "
-                               f"echo 'an extension module'")
+    extension, pyc = f"helper{EXTENSION_SUFFIXES[0]}", f"__pycache__/prepare.{sys.implementation.cache_tag}.pyc"
+    forge = tmp_path / "forge.py"  # what the stand-in's MODE "shadow" writes, as the agent
+    forge.write_text("import importlib.util, marshal, os\n"
+                     "s = os.stat('prepare.py')\n"
+                     "header = importlib.util.MAGIC_NUMBER + bytes(4) + int(s.st_mtime).to_bytes(4, 'little')"
+                     " + s.st_size.to_bytes(4, 'little')\n"
+                     "open(importlib.util.cache_from_source('prepare.py'), 'wb').write("
+                     "header + marshal.dumps(compile('FORGED = True', 'prepare.py', 'exec')))\n")
+    out = run_agent(repo, env, f"{sys.executable} {forge}; echo junk > {extension}; "
+                               f"sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.5/' train.py; echo 'modules of my own'")
     row = rows(repo)[-1]
     assert row["status"] == "discard" and f"untracked modules {extension}" in row["note"], out
     assert not (repo / extension).exists() and list((repo / "logs" / "t").glob(f"*-set-aside/{extension}"))
+    # the bytecode is compiled again from prepare.py before anything of the experiment imports it
+    assert b"FORGED" not in (repo / pyc).read_bytes()
 
 
 def test_a_train_py_that_is_a_symlink_is_rejected_and_replaced_by_the_best(repo, env, tmp_path):
