@@ -16,9 +16,12 @@ slice of the validation split that the dataloader never hands to training.
 """
 
 import argparse
+import getpass
 import json
 import operator
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 ALLOWED_HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}  # torch.export's own wrappers
 CAUSALITY_POSITIONS = (0.25, 0.5, 0.75)  # fractions of the context where the future is changed
+COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")  # where this evaluation's kernels go
 COMPILE_FROM_TOKENS = 2**19  # a compile (~15 s on 2 cores) pays back on evaluations this long, not on smoke's
 
 
@@ -144,12 +148,38 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
             "restored": restored}
 
 
+def code_written_since(since_ns):
+    """The files this process runs code from that were written after since_ns (ctime, which no process can set
+    back): the sources and extension modules it imported and the shared libraries mapped in, torch's included,
+    so that a run that edited one (the metric's cross-entropy, say) is caught. Bytecode aside: imports write it;
+    and the kernels this evaluation compiled into its own cache (the loop watches that folder, seal.py)."""
+    paths = {m.__file__ for m in list(sys.modules.values()) if isinstance(getattr(m, "__file__", None), str)}
+    try:
+        with open("/proc/self/maps") as maps:
+            paths |= {line.split(maxsplit=5)[5].strip() for line in maps if ".so" in line and "/" in line}
+    except OSError:  # not Linux: the imported modules only
+        pass
+    caches = [os.environ.get(k) or "" for k in COMPILE_CACHE_ENV]
+    caches[0] = caches[0] or os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")  # default
+    own = tuple(os.path.join(os.path.realpath(folder), "") for folder in caches if folder)
+    written = []
+    for path in sorted(paths):
+        if os.path.realpath(path).startswith(own):
+            continue
+        try:
+            if os.stat(path).st_ctime_ns > since_ns:
+                written.append(path)
+        except OSError:
+            pass
+    return written
+
+
 def wait_for_go():
     """--wait: what the evaluation needs imported now (train.py is still starting), then the loop's word once
     train.py has ended: its input to the end, one JSON line {"expect": hashes or null, "data": folder or null,
-    "nonce": ...}; None when the input is empty (nothing to evaluate). The hashes and folder arrive only now,
-    so nothing train.py could have rewritten on disk decides what the metric's files are; a second line means
-    something else wrote to its input, and the word is refused."""
+    "nonce": ..., "since": ns when train.py started}; None when the input is empty (nothing to evaluate). The
+    hashes and folder arrive only now, so that nothing train.py could have rewritten on disk decides what the
+    metric's files are; a second line means something else wrote to its input, and the word is refused."""
     try:
         import torch.export.pt2_archive._package  # noqa: F401  the loader; pulls in dynamo (~2 s of the ~5)
     except ImportError:
@@ -179,6 +209,8 @@ def main():
                 return 0
             expect, args.data, said = word["expect"], word["data"], {"nonce": word.get("nonce")}
         result = evaluate(args.model, expect, args.batch_size, args.data)
+        if args.wait:
+            result["code_written"] = code_written_since(word.get("since") or 0)
     except EvaluationError as e:
         print(json.dumps({"error": str(e), **said}))
         return 1

@@ -12,6 +12,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             log.flush()
             offset = log.tell()
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
+            started_ns = time.time_ns()
             with DataWatch(cache_dir(env)) as watch:
                 rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout,
                                      on_spawn=on_spawn)
@@ -137,7 +139,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         if handoff and watch.opened is None:
             run.notes.append("the validation files were not watched during this run (no inotify here)")
         if handoff and not error:
-            evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, evaluator_cache)
+            evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, evaluator_cache, started_ns)
     finally:
         if evaluator:
             end_group(evaluator)  # a no-op after an evaluation; else the end of its input, and of it
@@ -190,20 +192,21 @@ def start_evaluator(config, seed, handoff, compile_cache=None):
     return group
 
 
-def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, compile_cache=None):
+def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, compile_cache=None, since_ns=0):
     """val_bpb of the handed-over model by the evaluator started beside train.py; sets run.error when it refuses
     the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted. The
     word carries a nonce made now, after train.py has ended, that the result must echo: a line written by
     anything else (a forged result, a second word) does not count. compile_cache (a seal.HarnessFolder): what
     anything but the evaluator wrote in it is noted in run.tampered, and emptied out before the evaluator
-    reads it."""
+    reads it. since_ns: when train.py started; a file the evaluator ran code from that was written since (torch's
+    sources, say) is noted in run.tampered too."""
     if compile_cache:
         run.tampered += compile_cache.written()
         compile_cache.clean()
     data = evaluator_data(config)
     nonce = secrets.token_hex(16)
     word = json.dumps({"expect": config.get("metric_hashes") or None, "data": str(data) if data else None,
-                       "nonce": nonce})
+                       "nonce": nonce, "since": since_ns})
     if on_spawn:
         on_spawn(evaluator.proc.pid)  # recorded before it starts work: a resumed loop ends it
     start = now_iso()
@@ -228,6 +231,7 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, compil
     if "error" in result:
         run.error = f"evaluator: {result['error']}"
         return
+    run.tampered += result.get("code_written", [])
     printed = to_float(run.summary.get("val_bpb"))
     run.summary.pop("heldout_bpb", None)  # the evaluator's, or none: never one train.py printed
     run.summary.update(val_bpb=f"{result['val_bpb']:.6f}", eval_seconds=f"{result['eval_seconds']:.1f}")

@@ -175,3 +175,24 @@ def evaluators_of(parent):
         except (OSError, IndexError):  # ended meanwhile
             pass
     return found
+
+
+def test_a_run_that_writes_a_file_the_evaluator_runs_code_from_is_caught(cache, plain, tmp_path, monkeypatch):
+    # torch's own sources are outside the repository's seal; the evaluator names those it ran that were written
+    # while train.py ran. Here only the ctime of the metric's cross-entropy moves (a chmod to its own mode).
+    from autoresearch.runner import train_once
+    import torch.nn.functional
+    target = torch.nn.functional.__file__
+    (tmp_path / "train.py").write_text(textwrap.dedent(f"""
+        import os, shutil
+        shutil.copy({str(plain[0])!r}, os.environ["AUTORESEARCH_HANDOFF"])
+        os.chmod({target!r}, os.stat({target!r}).st_mode)
+        print("---\\ntraining_seconds: 1.0\\nnum_steps: 1\\nprofile: smoke")
+        """))
+    shutil.copy(REPO / "prepare.py", tmp_path / "prepare.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTORESEARCH_PROFILE", "smoke")
+    monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(cache))
+    run_ = train_once({"harness_eval": True, "time_budget": 15}, 120, 1, tmp_path / "run.log")
+    assert run_.error is None and run_.val == pytest.approx(plain[1], rel=1e-6), (tmp_path / "run.log").read_text()
+    assert run_.tampered == [target]
