@@ -20,6 +20,7 @@ import getpass
 import json
 import operator
 import os
+import re
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 ALLOWED_HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}  # torch.export's own wrappers
 CAUSALITY_POSITIONS = (0.25, 0.5, 0.75)  # fractions of the context where the future is changed
 COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")  # where this evaluation's kernels go
+SHARED_LIBRARY = re.compile(r"\.so(\.[0-9.]+)?$")  # libtorch_cpu.so, libgomp.so.1
 COMPILE_FROM_TOKENS = 2**19  # a compile (~15 s on 2 cores) pays back on evaluations this long, not on smoke's
 
 
@@ -156,7 +158,8 @@ def code_written_since(since_ns):
     paths = {m.__file__ for m in list(sys.modules.values()) if isinstance(getattr(m, "__file__", None), str)}
     try:
         with open("/proc/self/maps") as maps:
-            paths |= {line.split(maxsplit=5)[5].strip() for line in maps if ".so" in line and "/" in line}
+            mapped = [line.split(maxsplit=5) for line in maps]
+        paths |= {m[5].strip() for m in mapped if len(m) == 6 and SHARED_LIBRARY.search(m[5].strip())}
     except OSError:  # not Linux: the imported modules only
         pass
     caches = [os.environ.get(k) or "" for k in COMPILE_CACHE_ENV]

@@ -16,12 +16,14 @@ import functools
 import hashlib
 import importlib.machinery
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
 
 from autoresearch.gitrepo import git
-from autoresearch.layout import TRAIN
+from autoresearch.layout import TRAIN, read_json
+from autoresearch.ledger import write_atomic
 
 IMPORTABLE = tuple(importlib.machinery.all_suffixes())  # .py, .pyc, .so and its tagged forms
 SKIP_DIRS = {".git", ".venv", "venv", "logs", "worktrees", "__pycache__", ".pytest_cache", "node_modules"}
@@ -102,10 +104,16 @@ def symlinked_train():
 class HarnessFolder:
     """A folder only the harness writes (the evaluator's compile cache): the files it held when the harness
     last wrote it, so that whatever anything else left there since (a "kernel" the evaluator would load and
-    run) is found, and never used. A loop that never saw it trusts none of it."""
+    run) is found, and never used. The record (FOLDER.json) carries that over to the next loop process (each
+    `step` is one), read when it starts, before any train.py of it runs; without one it trusts none of it."""
 
     def __init__(self, path):
-        self.path, self.seen = Path(path), None
+        self.path = Path(path)
+        self.record = self.path.with_name(f"{self.path.name}.json")
+        try:
+            self.seen = read_json(self.record)
+        except ValueError:  # damaged: nothing is known
+            self.seen = None
 
     def files(self):
         return {str(p): p.lstat().st_ctime_ns for p in self.path.rglob("*")} if self.path.is_dir() else {}
@@ -126,6 +134,7 @@ class HarnessFolder:
 
     def settle(self):
         self.seen = self.files()
+        write_atomic(self.record, json.dumps(self.seen).encode())
 
 
 @functools.cache

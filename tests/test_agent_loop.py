@@ -278,14 +278,16 @@ def test_a_run_that_writes_in_another_versions_compile_cache_is_rejected(repo, e
 
 
 def test_a_run_that_writes_in_the_evaluators_compile_cache_is_rejected_and_the_evaluator_never_reads_it(
-        repo, env, tmp_path):
+        repo, env):
     initialised(repo, env)
     config = repo / ".git" / "autoresearch" / "t" / "init.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
-    # the first experiment's evaluation leaves the cache as the harness knows it; the second poisons it
-    agent = (f"if [ -e {tmp_path / 'once'} ]; then sed -i 's/^MODE = \"ok\"/MODE = \"evalpoison\"/' train.py; "
-             f"else touch {tmp_path / 'once'}; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; fi; echo edit")
-    loop(repo, env, "run", "--agent", agent, "--max-experiments", "2")
+    # the first step's evaluation leaves the cache as the harness knows it (recorded for the next step, a
+    # process of its own); the second step's run poisons it
+    set_train(repo, VAL_BPB=0.9)
+    loop(repo, env, "step", "-m", "an honest change")
+    set_train(repo, VAL_BPB=0.9, MODE="evalpoison")
+    loop(repo, env, "step", "-m", "a kernel for the evaluator")
     note = rows(repo)[2]["note"]
     assert note.startswith("rejected:") and "evaluator/poisoned.py" in note, note
     assert not (repo / ".git" / "autoresearch" / "t" / "compile-cache" / "evaluator" / "poisoned.py").exists()
