@@ -233,8 +233,8 @@ def best_run(loop, sha, seed, log, flight):
 def sealed_run(loop, seed, log, flight, version):
     """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back; the
     tracked modules' bytecode too, compiled again), which untracked modules it created or changed (set aside
-    beside the log), train.py itself if the run rewrote it (the next run would be other code under the same commit),
-    files in another version's compile cache, and in the evaluator's (seal.HarnessFolder). A worker of
+    beside the log), train.py itself if the run rewrote it (the next run would be other code under the same
+    commit), files in another version's compile cache, and in the evaluator's (seal.HarnessFolder). A worker of
     `--executor ray` has the run made on a node of the cluster, which checks the same (rayexec.run_on_node)."""
     if getattr(loop.link, "remote", False):
         return loop.link.run_remote(loop, seed, log, version)
