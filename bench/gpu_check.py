@@ -16,8 +16,10 @@ Stages, each reported and the rest still run when one fails: install what is mis
 .devdata/<corpus> for the reference profile; the CUDA, fake-CUDA and reference-path tests on the GPU (CI runs
 the reference-path tests on CPU) beside the bf16-vs-fp32 evaluation check; one full reference run (300 s),
 alone on the GPU. --budget bounds the whole check (a device call's limit); --logs keeps each step's full output.
-Measured on an H100 (2026-11-26, the agreement check then last): prepare 7 s, tests 91 s, agreement ~45 s,
-reference run 391 s (MFU 37.7% with flex attention, startup 66 s, eval 18 s).
+Measured on H100s (2026-11-26, two machines): prepare 7 s, tests beside the agreement check 91-108 s,
+reference run 391-403 s (MFU 37.1-37.7% with flex attention, startup 66-75 s, eval 18-21 s): ~520 s in all, so
+give it --budget 560 inside a 590 s device call. val_bpb on gutenberg-children (~12M training tokens, 25 epochs
+in 300 s) is ~3.0: it overfits that small corpus, so compare it only with itself, never with upstream's 0.998.
 """
 
 import argparse
@@ -111,7 +113,7 @@ def run_stage(stage, env, deadline, logs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
-    parser.add_argument("--budget", type=float, default=540, help="seconds for all steps (default 540); a step "
+    parser.add_argument("--budget", type=float, default=560, help="seconds for all steps (default 560); a step "
                         "still running then is killed and reported, later ones are skipped")
     parser.add_argument("--logs", type=Path, default=None, help="folder for each step's full output "
                         "(default: a temporary folder)")
@@ -155,8 +157,12 @@ def torch_line():
 
 
 def summary(results):
-    code, out = results.get("reference-run", (1, ""))
-    s = dict(re.findall(r"^(\w+):\s+(\S+)$", out.split("\n---\n")[-1], flags=re.M)) if code == 0 else {}
+    _, out = results.get("reference-run", (1, ""))
+    # read the block whenever the run printed it whole: killed at the deadline while exiting (H100, 2026-11-26:
+    # 6 s after its summary), the run's numbers still stand
+    block = out.split("\n---\n")[-1] if "\n---\n" in out else ""
+    s = dict(re.findall(r"^(\w+):\s+(\S+)$", block, flags=re.M))
+    s = s if "eval_seconds" in s else {}
     agreement = {}
     if results.get("eval-agreement", (1,))[0] == 0:
         agreement = json.loads(results["eval-agreement"][1].strip().splitlines()[-1])

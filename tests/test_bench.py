@@ -1,5 +1,6 @@
 """The bench/ scripts run: a short invocation of each on the smoke data (their numbers are not checked here)."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -27,6 +28,20 @@ def test_gpu_check_dry_run_lists_every_step_without_a_gpu():
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert steps[-4:] == ["prepare", "tests", "eval-agreement", "reference-run"], result.stdout
+
+
+def test_gpu_check_reports_a_reference_run_killed_at_its_deadline_after_printing_its_summary():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    block = "step 00001 | loss 8.7\n---\nval_bpb:          3.032650\ntraining_seconds: 300.1\n" \
+            "mfu_percent:      37.05\ntotal_tokens_M:   322.175\nstartup_seconds:  75.2\neval_seconds:     21.2\n"
+    report = gpu_check.summary({"reference-run": ("timed out", block)})
+    assert "reference-run timed out" in report
+    assert re.search(r"^mfu_percent: +37.05$", report, re.M) and re.search(r"^val_bpb: +3.032650$", report, re.M)
+    assert re.search(r"^tokens_per_s: +1,073,55\d$", report, re.M), report
+    cut = gpu_check.summary({"reference-run": ("timed out", block.split("startup_seconds")[0])})
+    assert re.search(r"^mfu_percent: +n/a$", cut, re.M), cut  # a block cut short is not read
 
 
 def test_bench_hub_reports_reads_and_pushes_per_second():
