@@ -79,6 +79,7 @@ def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, versi
     import ray
     from autoresearch.experiment import sealed_run
     from autoresearch.gitrepo import changed_since
+    from autoresearch.seal import harness_folder
     from autoresearch.state import Loop
     home = node_home(f"{tag}-w{worker}")
     was, shared = os.getcwd(), os.environ.pop(LEDGER_ENV, None)  # a node keeps its own records
@@ -87,6 +88,7 @@ def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, versi
         flight.end_leftover()
         node_checkout(home, bundle, sha, train_py)
         ledger_dir.cache_clear()  # Ray reuses its worker processes: this task's repository, not the last one's
+        harness_folder.cache_clear()  # and the evaluator cache's record as the last task settled it, wherever
         log = ledger_dir() / "run.log"
         log.unlink(missing_ok=True)
         loop = Loop(tag, config, [{"status": "keep", "train_py": best_version}], timeout)

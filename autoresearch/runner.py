@@ -106,10 +106,14 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     evaluator_cache: the evaluator's (a seal.HarnessFolder)."""
     env = child_env(config, seed, compile_cache)
     handoff = evaluator = None
+    checked = False  # the evaluator's cache was checked after train.py: what it holds from then on is ours
     if config.get("harness_eval"):
         handoff = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.pt2")
         handoff.unlink(missing_ok=True)
         env[HANDOFF_ENV] = str(handoff)
+        if evaluator_cache and evaluator_cache.written():  # left since the last run (between steps, or a run
+            evaluator_cache.clean()                         # cut short by Ctrl-C): never used, blamed on none
+            evaluator_cache.settle()
         evaluator = start_evaluator(config, seed, handoff, evaluator_cache)
     try:
         with open(log_path, "a") as log:
@@ -138,12 +142,18 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         run.notes += restore_written(watch.written, config)
         if handoff and watch.opened is None:
             run.notes.append("the validation files were not watched during this run (no inotify here)")
+        if evaluator_cache and handoff:  # crashed or not: a run that wrote there is rejected, and it is emptied
+            run.tampered += evaluator_cache.written()
+            evaluator_cache.clean()
+            checked = True
         if handoff and not error:
-            evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, evaluator_cache, started_ns)
+            evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, started_ns)
     finally:
         if evaluator:
             end_group(evaluator)  # a no-op after an evaluation; else the end of its input, and of it
             evaluator.log.close()
+        if checked:  # also on Ctrl-C during the evaluation: what the evaluator wrote is the harness's
+            evaluator_cache.settle()
         if handoff:
             handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
     return run
@@ -192,17 +202,12 @@ def start_evaluator(config, seed, handoff, compile_cache=None):
     return group
 
 
-def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, compile_cache=None, since_ns=0):
+def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, since_ns=0):
     """val_bpb of the handed-over model by the evaluator started beside train.py; sets run.error when it refuses
     the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted. The
     word carries a nonce made now, after train.py has ended, that the result must echo: a line written by
-    anything else (a forged result, a second word) does not count. compile_cache (a seal.HarnessFolder): what
-    anything but the evaluator wrote in it is noted in run.tampered, and emptied out before the evaluator
-    reads it. since_ns: when train.py started; a file the evaluator ran code from that was written since (torch's
-    sources, say) is noted in run.tampered too."""
-    if compile_cache:
-        run.tampered += compile_cache.written()
-        compile_cache.clean()
+    anything else (a forged result, a second word) does not count. since_ns: when train.py started; a file the
+    evaluator ran code from that was written since (torch's sources, say) is noted in run.tampered."""
     data = evaluator_data(config)
     nonce = secrets.token_hex(16)
     word = json.dumps({"expect": config.get("metric_hashes") or None, "data": str(data) if data else None,
@@ -217,8 +222,6 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, compil
         except (BrokenPipeError, BlockingIOError):  # it ended, or its input is full of another's lines
             pass
         rc, _ = wait_group(evaluator, timeout)
-        if compile_cache:
-            compile_cache.settle()
     finally:  # also on Ctrl-C: what it printed belongs in the log
         evaluator.log.seek(0)
         lines = evaluator.log.read().decode(errors="replace").replace("\0", "").strip().splitlines()

@@ -2,9 +2,9 @@
 The sealed repository, beyond the tracked files (gitrepo.changed_since hashes those, also when index flags hide
 an edit). Between the start and the end of an experiment:
 - train.py stays a regular file: a symlink could point at anything outside the repository;
-- the importable files git does not track (untracked or ignored, outside SKIP_DIRS: .py, and .pyc and
-  extension modules, which import prefers to a .py of the same name), which train.py could import, stay as
-  they were: a changed one is moved aside (nothing is lost) and the experiment is rejected;
+- the importable files git does not track (untracked or ignored, outside SKIP_DIRS: .py, sourceless .pyc,
+  and extension modules, which import prefers to a .py of the same name), which train.py could import, stay
+  as they were: a changed one is moved aside (nothing is lost) and the experiment is rejected;
 - nothing but train.py is written while train.py runs, even when it is changed back before the run ends: every
   write moves a file's ctime, and no process can set it back. That includes the bytecode of the tracked
   modules (compiled before the run, so that no honest import writes it): a rewritten .pyc would be loaded in
@@ -112,18 +112,23 @@ class HarnessFolder:
         self.record = self.path.with_name(f"{self.path.name}.json")
         try:
             self.seen = read_json(self.record)
-        except ValueError:  # damaged: nothing is known
+        except (ValueError, OSError):  # damaged or unreadable: nothing is known
+            self.seen = None
+        if not isinstance(self.seen, dict):
             self.seen = None
 
     def files(self):
-        return {str(p): p.lstat().st_ctime_ns for p in self.path.rglob("*")} if self.path.is_dir() else {}
+        """{path relative to the folder: ctime_ns} (relative: a repository moved elsewhere keeps its record)."""
+        if not self.path.is_dir():
+            return {}
+        return {str(p.relative_to(self.path)): p.lstat().st_ctime_ns for p in self.path.rglob("*")}
 
     def written(self):
         """Files written or removed since settle() (none before this loop first settled it)."""
         if self.seen is None:
             return []
         now = self.files()
-        return sorted(p for p in set(now) | set(self.seen) if now.get(p) != self.seen.get(p))
+        return sorted(str(self.path / p) for p in set(now) | set(self.seen) if now.get(p) != self.seen.get(p))
 
     def clean(self):
         """The folder, emptied unless it holds just what the harness left (a cache: nothing is lost)."""

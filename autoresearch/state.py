@@ -152,14 +152,14 @@ class Loop:
         version writes only in its own (the evaluator's is watched by evaluator_cache)."""
         root, own = self.private_dir / "compile-cache", version[:16]
         return {str(path): path.lstat().st_ctime_ns for folder in (root.iterdir() if root.is_dir() else ())
-                if folder.name not in (own, EVALUATOR_CACHE) for path in folder.rglob("*")}
+                if folder.is_dir() and folder.name not in (own, EVALUATOR_CACHE) for path in folder.rglob("*")}
 
     def prune_compile_caches(self, keep=()):
         """Drop the compile caches of every version but the best's and `keep`'s (they run no more)."""
         root = self.private_dir / "compile-cache"
         wanted = {v[:16] for v in ((self.best or {}).get("train_py") or "", *keep) if v} | {EVALUATOR_CACHE}
         for folder in root.iterdir() if root.is_dir() else ():
-            if folder.name not in wanted:
+            if folder.is_dir() and not folder.is_symlink() and folder.name not in wanted:  # not the record
                 shutil.rmtree(folder, ignore_errors=True)
 
     @property

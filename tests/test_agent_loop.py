@@ -293,6 +293,27 @@ def test_a_run_that_writes_in_the_evaluators_compile_cache_is_rejected_and_the_e
     assert not (repo / ".git" / "autoresearch" / "t" / "compile-cache" / "evaluator" / "poisoned.py").exists()
 
 
+def test_a_run_that_plants_in_the_evaluators_compile_cache_and_crashes_is_blamed_and_the_next_run_is_not(
+        repo, env):
+    initialised(repo, env)
+    config = repo / ".git" / "autoresearch" / "t" / "init.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
+    set_train(repo, VAL_BPB=0.9)
+    loop(repo, env, "step", "-m", "an honest change")
+    set_train(repo, VAL_BPB=0.9, MODE="evalpoisoncrash")  # no evaluation follows a crash: checked all the same
+    loop(repo, env, "step", "-m", "a kernel for the evaluator, then a crash")
+    planted = repo / ".git" / "autoresearch" / "t" / "compile-cache" / "evaluator" / "poisoned.py"
+    assert "evaluator/poisoned.py" in rows(repo)[2]["note"] and not planted.exists(), rows(repo)[2]
+    set_train(repo, VAL_BPB=0.91)
+    loop(repo, env, "step", "-m", "honest again")
+    assert "compile-cache" not in rows(repo)[3]["note"], rows(repo)[3]
+    # what an agent leaves there between steps is emptied out before the next run, blaming that run for none
+    planted.write_text("")
+    set_train(repo, VAL_BPB=0.92)
+    loop(repo, env, "step", "-m", "honest, after a plant between steps")
+    assert "compile-cache" not in rows(repo)[4]["note"] and not planted.exists(), rows(repo)[4]
+
+
 def test_a_run_that_opens_the_validation_split_is_rejected_whatever_it_scores(repo, env):
     # the kernel's word (inotify), not the numbers: a train.py that trains on every val row, held-out slice
     # included, leaves no gap between them for the leak check to see

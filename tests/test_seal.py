@@ -94,3 +94,20 @@ def test_git_hooks_never_run(repo, env, tmp_path):
     run_agent(repo, env, "sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.99/' train.py; echo change")
     assert rows(repo)[-1]["status"] == "keep"
     assert not (tmp_path / "hook-ran").exists()
+
+
+def test_the_evaluator_caches_record_holds_when_the_repository_moves_and_trusts_nothing_when_damaged(tmp_path):
+    from autoresearch.seal import HarnessFolder
+    cache = tmp_path / "a" / "compile-cache" / "evaluator"
+    (cache / "fx").mkdir(parents=True)
+    (cache / "fx" / "kernel.py").write_text("# the evaluator's")
+    HarnessFolder(cache).settle()
+    moved = tmp_path / "b"
+    (tmp_path / "a").rename(moved)  # a repository moved elsewhere: same files, no run blamed, nothing emptied
+    cache = moved / "compile-cache" / "evaluator"
+    assert HarnessFolder(cache).written() == []
+    (cache / "fx" / "kernel.py").write_text("# planted")
+    assert HarnessFolder(cache).written() == [str(cache / "fx" / "kernel.py")]
+    (cache.with_name("evaluator.json")).write_text("[1, 2]")  # not a record: nothing in the folder is trusted
+    damaged = HarnessFolder(cache)
+    assert damaged.written() == [] and not any(damaged.clean().iterdir())

@@ -16,7 +16,7 @@ SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
-                          # shadow | evalpoison
+                          # shadow | evalpoison | evalpoisoncrash
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -86,12 +86,14 @@ if MODE == "shadow":  # a prepare of its own where later imports look before pre
     with open(importlib.util.cache_from_source("prepare.py"), "wb") as f:
         f.write(header + marshal.dumps(compile("FORGED = True\n", "prepare.py", "exec")))
     open("prepare" + importlib.machinery.EXTENSION_SUFFIXES[0], "wb").close()
-if MODE == "evalpoison":  # leaves a "kernel" in the evaluator's compile cache (an older loop's: in its own)
+if MODE in ("evalpoison", "evalpoisoncrash"):  # a "kernel" in the evaluator's compile cache (crashing after)
     own = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     folder = os.path.join(os.path.dirname(own), "evaluator")
     folder = folder if os.path.isdir(folder) else os.path.join(own, "evaluator")
     os.makedirs(folder, exist_ok=True)
     open(os.path.join(folder, "poisoned.py"), "w").close()
+    if MODE == "evalpoisoncrash":
+        raise RuntimeError("crashed after planting (stand-in)")
 if MODE == "readval":  # the validation tokens, straight from the cache, past prepare.py's API
     with open(os.path.join(os.environ["AUTORESEARCH_CACHE_DIR"], "prepared", "synthetic", "smoke", "val.bin"),
               "rb") as f:
