@@ -16,7 +16,9 @@ slice of the validation split that the dataloader never hands to training.
 """
 
 import argparse
+import base64
 import getpass
+import hashlib
 import json
 import operator
 import os
@@ -154,7 +156,8 @@ def code_written_since(since_ns):
     """The files this process runs code from that were written after since_ns (ctime, which no process can set
     back): the sources and extension modules it imported and the shared libraries mapped in, torch's included,
     so that a run that edited one (the metric's cross-entropy, say) is caught. Bytecode aside: imports write it;
-    and the kernels this evaluation compiled into its own cache (the loop watches that folder, seal.py)."""
+    and the kernels this evaluation compiled into its own cache (the loop watches that folder, seal.py); and a
+    package's file whose bytes are still those its RECORD lists (another install linked it: as_installed)."""
     paths = {m.__file__ for m in list(sys.modules.values()) if isinstance(getattr(m, "__file__", None), str)}
     try:
         with open("/proc/self/maps") as maps:
@@ -163,18 +166,61 @@ def code_written_since(since_ns):
     except OSError:  # not Linux: the imported modules only
         pass
     caches = [os.environ.get(k) or "" for k in COMPILE_CACHE_ENV]
-    caches[0] = caches[0] or os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")  # default
+    caches[0] = caches[0] or inductor_default_cache()
     own = tuple(os.path.join(os.path.realpath(folder), "") for folder in caches if folder)
-    written = []
+    written, records = [], {}
     for path in sorted(paths):
         if os.path.realpath(path).startswith(own):
             continue
         try:
-            if os.stat(path).st_ctime_ns > since_ns:
+            if os.stat(path).st_ctime_ns > since_ns and not as_installed(path, since_ns, records):
                 written.append(path)
         except OSError:
             pass
     return written
+
+
+def as_installed(path, since_ns, records):
+    """Whether the file holds the bytes its package's RECORD lists, that RECORD unwritten since since_ns: a hard
+    link that another install (uv links packages from its cache) made or removed moves a file's ctime, never its
+    bytes. records: {site-packages folder: {path: hash}}, filled as needed."""
+    path = os.path.abspath(path)
+    site = next((str(p) for p in Path(path).parents if p.name in ("site-packages", "dist-packages")), None)
+    if site is None:
+        return False
+    if site not in records:
+        records[site] = {}
+        for record in Path(site).glob("*.dist-info/RECORD"):
+            try:
+                if record.stat().st_ctime_ns > since_ns:
+                    continue
+                for row in record.read_text(errors="replace").splitlines():
+                    name, _, rest = row.partition(",")
+                    if rest.startswith("sha256="):
+                        records[site][os.path.normpath(os.path.join(site, name))] = rest[7:].split(",")[0]
+            except OSError:
+                continue
+    listed = records[site].get(path)
+    if not listed:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() == listed
+
+
+def inductor_default_cache():
+    """Where inductor caches without TORCHINDUCTOR_CACHE_DIR: torch's own answer where it gives one."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        return default_cache_dir()
+    except ImportError:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # a uid with no name (some containers)
+            user = f"uid_{os.getuid()}"
+        return os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
 
 
 def wait_for_go():
@@ -212,8 +258,8 @@ def main():
                 return 0
             expect, args.data, said = word["expect"], word["data"], {"nonce": word.get("nonce")}
         result = evaluate(args.model, expect, args.batch_size, args.data)
-        if args.wait:
-            result["code_written"] = code_written_since(word.get("since") or 0)
+        if args.wait and word.get("since"):  # an older loop's word names no start: nothing to compare with
+            result["code_written"] = code_written_since(word["since"])
     except EvaluationError as e:
         print(json.dumps({"error": str(e), **said}))
         return 1

@@ -1,6 +1,7 @@
 """The harness's evaluator (autoresearch/evaluator.py) on real exported models: it reproduces train.py's val_bpb,
 and refuses what must not be scored. Each model is built and exported by a child process, as train.py would."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -177,22 +178,52 @@ def evaluators_of(parent):
     return found
 
 
-def test_a_run_that_writes_a_file_the_evaluator_runs_code_from_is_caught(cache, plain, tmp_path, monkeypatch):
-    # torch's own sources are outside the repository's seal; the evaluator names those it ran that were written
-    # while train.py ran. Here only the ctime of the metric's cross-entropy moves (a chmod to its own mode).
+def run_touching_torch(tmp_path, monkeypatch, cache, plain, touch):
+    """train_once of a train.py that hands over the plain model after running `touch` (code that moves a
+    torch file the evaluator runs code from, named `target` there)."""
     from autoresearch.runner import train_once
-    import torch.nn.functional
-    target = torch.nn.functional.__file__
     (tmp_path / "train.py").write_text(textwrap.dedent(f"""
         import os, shutil
         shutil.copy({str(plain[0])!r}, os.environ["AUTORESEARCH_HANDOFF"])
-        os.chmod({target!r}, os.stat({target!r}).st_mode)
-        print("---\\ntraining_seconds: 1.0\\nnum_steps: 1\\nprofile: smoke")
-        """))
+        target = {TORCH_TARGET!r}
+        """) + textwrap.dedent(touch) + 'print("---\\ntraining_seconds: 1.0\\nnum_steps: 1\\nprofile: smoke")\n')
     shutil.copy(REPO / "prepare.py", tmp_path / "prepare.py")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTORESEARCH_PROFILE", "smoke")
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(cache))
     run_ = train_once({"harness_eval": True, "time_budget": 15}, 120, 1, tmp_path / "run.log")
     assert run_.error is None and run_.val == pytest.approx(plain[1], rel=1e-6), (tmp_path / "run.log").read_text()
-    assert run_.tampered == [target]
+    return run_
+
+
+TORCH_TARGET = importlib.util.find_spec("torch.nn.functional").origin  # the metric's cross-entropy
+
+
+def test_a_run_that_rewrites_a_file_the_evaluator_runs_code_from_is_caught(cache, plain, tmp_path, monkeypatch):
+    # torch's own sources are outside the repository's seal; the evaluator names those it ran that were written
+    # while train.py ran. Here the run puts a copy with one comment more in place of the cross-entropy's module;
+    # the original file (its inode: uv may share it with other environments) is put back after the test.
+    backup = TORCH_TARGET + ".test-original"
+    os.link(TORCH_TARGET, backup)
+    try:
+        run_ = run_touching_torch(tmp_path, monkeypatch, cache, plain, """
+            with open(target, "rb") as f:
+                source = f.read()
+            with open(target + ".test-new", "wb") as f:
+                f.write(source + b"\\n# edited by a run\\n")
+            os.replace(target + ".test-new", target)
+            """)
+    finally:
+        os.replace(backup, TORCH_TARGET)
+    assert run_.tampered == [TORCH_TARGET]
+
+
+def test_a_hard_link_another_install_makes_to_torchs_files_during_a_run_is_not_a_write(cache, plain, tmp_path,
+                                                                                        monkeypatch):
+    # uv links packages from its cache into each environment it makes: the file's ctime moves, never its bytes,
+    # which its package's RECORD vouches for
+    run_ = run_touching_torch(tmp_path, monkeypatch, cache, plain, """
+        os.link(target, target + ".test-link")
+        os.unlink(target + ".test-link")
+        """)
+    assert run_.tampered == []
