@@ -20,6 +20,7 @@ import base64
 import getpass
 import hashlib
 import json
+import marshal
 import operator
 import os
 import re
@@ -155,10 +156,14 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
 def code_written_since(since_ns):
     """The files this process runs code from that were written after since_ns (ctime, which no process can set
     back): the sources and extension modules it imported and the shared libraries mapped in, torch's included,
-    so that a run that edited one (the metric's cross-entropy, say) is caught. Bytecode aside: imports write it;
-    and the kernels this evaluation compiled into its own cache (the loop watches that folder, seal.py); and a
-    package's file whose bytes are still those its RECORD lists (another install linked it: as_installed)."""
-    paths = {m.__file__ for m in list(sys.modules.values()) if isinstance(getattr(m, "__file__", None), str)}
+    so that a run that edited one (the metric's cross-entropy, say) is caught; and their bytecode, unless it is
+    what their source compiles to (compiled_from). Not: the kernels this evaluation compiled into its own cache
+    (the loop watches that folder, seal.py); a package's file whose bytes are still those its RECORD lists
+    (another install linked it: as_installed)."""
+    modules = [m for m in list(sys.modules.values()) if isinstance(getattr(m, "__file__", None), str)]
+    paths = {m.__file__ for m in modules}
+    bytecode = {m.__cached__: m.__file__ for m in modules
+                if m.__file__.endswith(".py") and isinstance(getattr(m, "__cached__", None), str)}
     try:
         with open("/proc/self/maps") as maps:
             mapped = [line.split(maxsplit=5) for line in maps]
@@ -177,7 +182,25 @@ def code_written_since(since_ns):
                 written.append(path)
         except OSError:
             pass
+    for cached, source in sorted(bytecode.items()):
+        try:
+            if os.stat(cached).st_ctime_ns > since_ns and not compiled_from(source, cached):
+                written.append(cached)
+        except OSError:
+            pass
     return written
+
+
+def compiled_from(source, cached):
+    """Whether the .pyc holds what compiling its source gives: bytecode an import wrote (the first import after
+    an install writes it), not code forged under a header that matches the source's (loaded in its place)."""
+    try:
+        with open(cached, "rb") as f:
+            code = marshal.loads(f.read()[16:])
+        with open(source, "rb") as f:
+            return code == compile(f.read(), source, "exec", dont_inherit=True, optimize=sys.flags.optimize)
+    except (OSError, ValueError, EOFError, TypeError, SyntaxError):
+        return False
 
 
 def as_installed(path, since_ns, records):

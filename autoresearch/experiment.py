@@ -21,7 +21,7 @@ from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_cop
 from autoresearch.process import counted_cores
 from autoresearch.resume import save_and_reset, spare_name
 from autoresearch.runner import Run, train_once
-from autoresearch.seal import (changed_modules, set_aside, symlinked_train, tracked_bytecode, untracked_modules,
+from autoresearch.seal import (changed_modules, set_aside, symlinked_train, module_bytecode, untracked_modules,
                                write_times, written_since)
 from autoresearch.state import InFlight, say
 
@@ -49,7 +49,7 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
     if not strict and git("merge-base", "--is-ancestor", best, "HEAD", check=False) is None:
         git("reset", "-q", "--soft", best)  # the agent rewrote history (amend, rebase): keep its files only
     changed = changed_since(best)
-    tracked_bytecode(force=True)  # what the agent may have left in __pycache__ is no module of ours
+    module_bytecode(force=True)  # what the agent may have left in __pycache__ is no module of ours
     modules = changed_modules(loop.known_modules(), untracked_modules())
     why, fixes = broken_rules(changed, best, modules)
     if why and strict:
@@ -232,13 +232,14 @@ def best_run(loop, sha, seed, log, flight):
 
 def sealed_run(loop, seed, log, flight, version):
     """train_once, noting in run.tampered what the run wrote besides train.py (even if it changed it back; the
-    tracked modules' bytecode too, compiled again), which untracked modules it created or changed (set aside
+    repository's modules' bytecode too, compiled again), which untracked modules it created or changed (set aside
     beside the log), train.py itself if the run rewrote it (the next run would be other code under the same
     commit), files in another version's compile cache, and in the evaluator's (seal.HarnessFolder). A worker of
     `--executor ray` has the run made on a node of the cluster, which checks the same (rayexec.run_on_node)."""
     if getattr(loop.link, "remote", False):
         return loop.link.run_remote(loop, seed, log, version)
-    modules, bytecode = untracked_modules(), tracked_bytecode()
+    # forced before every run (0.3 s): a resumed step's runs and a worker's too never load what was left there
+    modules, bytecode = untracked_modules(), module_bytecode(force=True)
     times = write_times([*modules, *bytecode])
     code = Path(TRAIN).read_bytes()
     cache = loop.compile_cache(version)
@@ -248,7 +249,7 @@ def sealed_run(loop, seed, log, flight, version):
     written, created = written_since(times), changed_modules(modules, untracked_modules())
     # no later import may load what the run left: forged bytecode is compiled again, new modules set aside
     if set(written) & set(bytecode):
-        tracked_bytecode(force=True)
+        module_bytecode(force=True)
     set_aside(created, Path(log).with_name(f"{Path(log).stem}-set-aside"))
     run.tampered = sorted(set(run.tampered) | set(written) | set(created)
                           | ({TRAIN} if not Path(TRAIN).is_file() or Path(TRAIN).read_bytes() != code else set())

@@ -218,6 +218,28 @@ def test_a_run_that_rewrites_a_file_the_evaluator_runs_code_from_is_caught(cache
     assert run_.tampered == [TORCH_TARGET]
 
 
+def test_a_run_that_forges_the_bytecode_of_a_module_the_evaluator_runs_is_caught(cache, plain, tmp_path,
+                                                                                 monkeypatch):
+    # a .pyc whose header matches its source's mtime and size is loaded in place of the source; here it holds
+    # other code (the original bytecode is put back after the test)
+    cached = importlib.util.cache_from_source(TORCH_TARGET)
+    backup = cached + ".test-original"
+    os.link(cached, backup)
+    try:
+        run_ = run_touching_torch(tmp_path, monkeypatch, cache, plain, """
+            import importlib.util, importlib._bootstrap_external as bootstrap
+            st = os.stat(target)
+            with open(target) as f:
+                code = compile(f.read() + "\\nFORGED = True\\n", target, "exec")
+            with open(target + ".test-pyc", "wb") as f:
+                f.write(bootstrap._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size))
+            os.replace(target + ".test-pyc", importlib.util.cache_from_source(target))
+            """)
+    finally:
+        os.replace(backup, cached)
+    assert run_.tampered == [cached]
+
+
 def test_a_hard_link_another_install_makes_to_torchs_files_during_a_run_is_not_a_write(cache, plain, tmp_path,
                                                                                         monkeypatch):
     # uv links packages from its cache into each environment it makes: the file's ctime moves, never its bytes,

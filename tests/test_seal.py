@@ -1,6 +1,9 @@
 """The sealed repository: an experiment may change train.py and nothing else, whatever it tries. Hostile stand-in
 agents and train.py runs in real git repositories; each case is not kept, loses nothing, and says what was caught."""
 
+import importlib.util
+import marshal
+import os
 import subprocess
 import sys
 import time
@@ -111,3 +114,23 @@ def test_the_evaluator_caches_record_holds_when_the_repository_moves_and_trusts_
     (cache.with_name("evaluator.json")).write_text("[1, 2]")  # not a record: nothing in the folder is trusted
     damaged = HarnessFolder(cache)
     assert damaged.written() == [] and not any(damaged.clean().iterdir())
+
+
+def test_the_bytecode_of_untracked_helper_modules_is_compiled_before_a_run_and_forged_bytecode_replaced(
+        tmp_path, monkeypatch):
+    from autoresearch.seal import module_bytecode
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    Path("tracked.py").write_text("A = 1\n")
+    subprocess.run(["git", "add", "tracked.py"], check=True)
+    Path("helper.py").write_text("B = 2\n")  # the user's own, never committed: train.py may import it
+    found = module_bytecode()
+    helper_pyc = importlib.util.cache_from_source("helper.py")
+    assert sorted(found) == sorted([importlib.util.cache_from_source("tracked.py"), helper_pyc])
+    assert Path(helper_pyc).is_file()  # no honest import writes it while train.py runs
+    s = os.stat("helper.py")
+    header = importlib.util.MAGIC_NUMBER + bytes(4) + int(s.st_mtime).to_bytes(4, "little") \
+        + s.st_size.to_bytes(4, "little")
+    Path(helper_pyc).write_bytes(header + marshal.dumps(compile("FORGED = True", "helper.py", "exec")))
+    module_bytecode(force=True)
+    assert b"FORGED" not in Path(helper_pyc).read_bytes()
