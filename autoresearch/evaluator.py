@@ -16,11 +16,8 @@ slice of the validation split that the dataloader never hands to training.
 """
 
 import argparse
-import base64
 import getpass
-import hashlib
 import json
-import marshal
 import operator
 import os
 import re
@@ -156,14 +153,14 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
 def code_written_since(since_ns):
     """The files this process runs code from that were written after since_ns (ctime, which no process can set
     back): the sources and extension modules it imported and the shared libraries mapped in, torch's included,
-    so that a run that edited one (the metric's cross-entropy, say) is caught; and their bytecode, unless it is
-    what their source compiles to (compiled_from). Not: the kernels this evaluation compiled into its own cache
-    (the loop watches that folder, seal.py); a package's file whose bytes are still those its RECORD lists
-    (another install linked it: as_installed)."""
+    so that a run that edited one (the metric's cross-entropy, say) is caught, also when it put the file back;
+    and their bytecode, which uv compiles at install (pyproject's compile-bytecode), so that no honest import
+    writes it. Not the kernels this evaluation compiled into its own cache (the loop watches that folder,
+    seal.py). uv installs copies (link-mode): a hard link another install made to a shared file would move
+    its ctime too."""
     modules = [m for m in list(sys.modules.values()) if isinstance(getattr(m, "__file__", None), str)]
     paths = {m.__file__ for m in modules}
-    bytecode = {m.__cached__: m.__file__ for m in modules
-                if m.__file__.endswith(".py") and isinstance(getattr(m, "__cached__", None), str)}
+    bytecode = {m.__cached__ for m in modules if isinstance(getattr(m, "__cached__", None), str)}
     try:
         with open("/proc/self/maps") as maps:
             mapped = [line.split(maxsplit=5) for line in maps]
@@ -173,64 +170,18 @@ def code_written_since(since_ns):
     caches = [os.environ.get(k) or "" for k in COMPILE_CACHE_ENV]
     caches[0] = caches[0] or inductor_default_cache()
     own = tuple(os.path.join(os.path.realpath(folder), "") for folder in caches if folder)
-    written, records = [], {}
-    for path in sorted(paths):
+    written = []
+    for path in sorted(paths | bytecode):
         if os.path.realpath(path).startswith(own):
             continue
         try:
-            if os.stat(path).st_ctime_ns > since_ns and not as_installed(path, since_ns, records):
+            if os.stat(path).st_ctime_ns > since_ns:
                 written.append(path)
-        except OSError:
+        except FileNotFoundError:  # bytecode never written (PYTHONDONTWRITEBYTECODE), a module made in memory
             pass
-    for cached, source in sorted(bytecode.items()):
-        try:
-            if os.stat(cached).st_ctime_ns > since_ns and not compiled_from(source, cached):
-                written.append(cached)
-        except OSError:
-            pass
+        except OSError:  # there, but kept from us (a chmod 000 moves its ctime too)
+            written.append(path)
     return written
-
-
-def compiled_from(source, cached):
-    """Whether the .pyc holds what compiling its source gives: bytecode an import wrote (the first import after
-    an install writes it), not code forged under a header that matches the source's (loaded in its place)."""
-    try:
-        with open(cached, "rb") as f:
-            code = marshal.loads(f.read()[16:])
-        with open(source, "rb") as f:
-            return code == compile(f.read(), source, "exec", dont_inherit=True, optimize=sys.flags.optimize)
-    except (OSError, ValueError, EOFError, TypeError, SyntaxError):
-        return False
-
-
-def as_installed(path, since_ns, records):
-    """Whether the file holds the bytes its package's RECORD lists, that RECORD unwritten since since_ns: a hard
-    link that another install (uv links packages from its cache) made or removed moves a file's ctime, never its
-    bytes. records: {site-packages folder: {path: hash}}, filled as needed."""
-    path = os.path.abspath(path)
-    site = next((str(p) for p in Path(path).parents if p.name in ("site-packages", "dist-packages")), None)
-    if site is None:
-        return False
-    if site not in records:
-        records[site] = {}
-        for record in Path(site).glob("*.dist-info/RECORD"):
-            try:
-                if record.stat().st_ctime_ns > since_ns:
-                    continue
-                for row in record.read_text(errors="replace").splitlines():
-                    name, _, rest = row.partition(",")
-                    if rest.startswith("sha256="):
-                        records[site][os.path.normpath(os.path.join(site, name))] = rest[7:].split(",")[0]
-            except OSError:
-                continue
-    listed = records[site].get(path)
-    if not listed:
-        return False
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() == listed
 
 
 def inductor_default_cache():
@@ -249,7 +200,8 @@ def inductor_default_cache():
 def wait_for_go():
     """--wait: what the evaluation needs imported now (train.py is still starting), then the loop's word once
     train.py has ended: its input to the end, one JSON line {"expect": hashes or null, "data": folder or null,
-    "nonce": ..., "since": ns when train.py started}; None when the input is empty (nothing to evaluate). The
+    "nonce": ..., "since": ns when train.py started, "check_only": true when train.py crashed (the code check
+    alone)}; None when the input is empty (nothing to evaluate). The
     hashes and folder arrive only now, so that nothing train.py could have rewritten on disk decides what the
     metric's files are; a second line means something else wrote to its input, and the word is refused."""
     try:
@@ -280,7 +232,9 @@ def main():
             if word is None:
                 return 0
             expect, args.data, said = word["expect"], word["data"], {"nonce": word.get("nonce")}
-        result = evaluate(args.model, expect, args.batch_size, args.data)
+        # a run that crashed has nothing to score, but what it wrote into the code this process runs still counts
+        result = {} if args.wait and word.get("check_only") else evaluate(args.model, expect, args.batch_size,
+                                                                           args.data)
         if args.wait and word.get("since"):  # an older loop's word names no start: nothing to compare with
             result["code_written"] = code_written_since(word["since"])
     except EvaluationError as e:

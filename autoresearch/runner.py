@@ -146,7 +146,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             run.tampered += evaluator_cache.written()
             evaluator_cache.clean()
             checked = True
-        if handoff and not error:
+        if handoff:  # a crashed run too: the evaluator then only checks the code it runs for the run's writes
             evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, started_ns)
     finally:
         if evaluator:
@@ -207,11 +207,13 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, since_
     the model. train.py's own val_bpb, if it printed one, is kept beside it and a disagreement is noted. The
     word carries a nonce made now, after train.py has ended, that the result must echo: a line written by
     anything else (a forged result, a second word) does not count. since_ns: when train.py started; a file the
-    evaluator ran code from that was written since (torch's sources, say) is noted in run.tampered."""
+    evaluator ran code from that was written since (torch's sources, say) is noted in run.tampered, also for a
+    run that crashed (run.error set: the evaluator then makes that check alone)."""
+    crashed = run.error is not None
     data = evaluator_data(config)
     nonce = secrets.token_hex(16)
     word = json.dumps({"expect": config.get("metric_hashes") or None, "data": str(data) if data else None,
-                       "nonce": nonce, "since": since_ns})
+                       "nonce": nonce, "since": since_ns, "check_only": crashed})
     if on_spawn:
         on_spawn(evaluator.proc.pid)  # recorded before it starts work: a resumed loop ends it
     start = now_iso()
@@ -232,9 +234,14 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, since_
         said = next((line for line in reversed(lines) if line.strip() and not json_object(line)), "")
         result = {"error": f"the evaluator ended without a result (exit {rc}): {said[:200]}"}
     if "error" in result:
-        run.error = f"evaluator: {result['error']}"
+        if crashed:  # the run's own error says more; the check could not be made
+            run.notes.append(f"the evaluator could not check the code it runs: {result['error'][:200]}")
+        else:
+            run.error = f"evaluator: {result['error']}"
         return
     run.tampered += result.get("code_written", [])
+    if crashed:
+        return
     printed = to_float(run.summary.get("val_bpb"))
     run.summary.pop("heldout_bpb", None)  # the evaluator's, or none: never one train.py printed
     run.summary.update(val_bpb=f"{result['val_bpb']:.6f}", eval_seconds=f"{result['eval_seconds']:.1f}")

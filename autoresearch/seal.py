@@ -6,10 +6,10 @@ an edit). Between the start and the end of an experiment:
   and extension modules, which import prefers to a .py of the same name), which train.py could import, stay
   as they were: a changed one is moved aside (nothing is lost) and the experiment is rejected;
 - nothing but train.py is written while train.py runs, even when it is changed back before the run ends: every
-  write moves a file's ctime, and no process can set it back. That includes the bytecode of the tracked
+  write moves a file's ctime, and no process can set it back. That includes the bytecode of the repository's
   modules (compiled before the run, so that no honest import writes it): a rewritten .pyc would be loaded in
   place of its .py by every later import, the loop's and the evaluator's, so it is compiled again at once; and
-  so is all of it before each experiment, whatever the agent left there.
+  so is all of it before each run, whatever the agent left there.
 """
 import compileall
 import functools
@@ -120,9 +120,13 @@ class HarnessFolder:
 
     def files(self):
         """{path relative to the folder: ctime_ns} (relative: a repository moved elsewhere keeps its record)."""
-        if not self.path.is_dir():
-            return {}
-        return {str(p.relative_to(self.path)): p.lstat().st_ctime_ns for p in self.path.rglob("*")}
+        found = {}
+        for p in self.path.rglob("*") if self.path.is_dir() else ():
+            try:
+                found[str(p.relative_to(self.path))] = p.lstat().st_ctime_ns
+            except FileNotFoundError:  # gone since the listing
+                pass
+        return found
 
     def written(self):
         """Files written or removed since settle() (none before this loop first settled it)."""

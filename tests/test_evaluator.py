@@ -1,6 +1,7 @@
 """The harness's evaluator (autoresearch/evaluator.py) on real exported models: it reproduces train.py's val_bpb,
 and refuses what must not be scored. Each model is built and exported by a child process, as train.py would."""
 
+import compileall
 import importlib.util
 import json
 import os
@@ -178,74 +179,96 @@ def evaluators_of(parent):
     return found
 
 
-def run_touching_torch(tmp_path, monkeypatch, cache, plain, touch):
+def run_touching_torch(tmp_path, monkeypatch, cache, plain, touch, crash=False):
     """train_once of a train.py that hands over the plain model after running `touch` (code that moves a
-    torch file the evaluator runs code from, named `target` there)."""
+    torch file the evaluator runs code from, named `target` there), then prints its summary (or crashes)."""
     from autoresearch.runner import train_once
+    end = 'raise SystemExit("crashed (test)")' if crash else \
+        'print("---\\ntraining_seconds: 1.0\\nnum_steps: 1\\nprofile: smoke")'
     (tmp_path / "train.py").write_text(textwrap.dedent(f"""
-        import os, shutil
+        import os, shutil, time
         shutil.copy({str(plain[0])!r}, os.environ["AUTORESEARCH_HANDOFF"])
         target = {TORCH_TARGET!r}
-        """) + textwrap.dedent(touch) + 'print("---\\ntraining_seconds: 1.0\\nnum_steps: 1\\nprofile: smoke")\n')
+        """) + textwrap.dedent(touch) + end + "\n")
     shutil.copy(REPO / "prepare.py", tmp_path / "prepare.py")
+    compileall.compile_file(tmp_path / "prepare.py", quiet=2)  # as the loop does before a run (seal.py)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTORESEARCH_PROFILE", "smoke")
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(cache))
     run_ = train_once({"harness_eval": True, "time_budget": 15}, 120, 1, tmp_path / "run.log")
-    assert run_.error is None and run_.val == pytest.approx(plain[1], rel=1e-6), (tmp_path / "run.log").read_text()
+    if not crash:
+        assert run_.error is None and run_.val == pytest.approx(plain[1], rel=1e-6), \
+            (tmp_path / "run.log").read_text()
     return run_
 
 
 TORCH_TARGET = importlib.util.find_spec("torch.nn.functional").origin  # the metric's cross-entropy
+# forged files put in place of the original and the original put back (by inode: uv may share it with other
+# environments), as an agent covering its tracks would; the test puts the original back too if the run did not
+PUT_BACK = """
+    for _ in range(20):  # while the evaluator imports it (it starts beside train.py)
+        time.sleep(0.1)
+    os.replace(original, path)
+    """
 
 
-def test_a_run_that_rewrites_a_file_the_evaluator_runs_code_from_is_caught(cache, plain, tmp_path, monkeypatch):
+def replaced_then_put_back(path, forged_bytes_code):
+    return textwrap.dedent(f"""
+        path, original = {path!r}, {path + ".test-original"!r}
+        """) + textwrap.dedent(forged_bytes_code) + textwrap.dedent("""
+        with open(path + ".test-new", "wb") as f:
+            f.write(forged)
+        os.replace(path + ".test-new", path)
+        """) + textwrap.dedent(PUT_BACK)
+
+
+def keeping_the_original(path):
+    backup = path + ".test-original"
+    os.link(path, backup)
+    return backup
+
+
+def test_a_run_that_swaps_in_a_file_the_evaluator_runs_code_from_and_puts_it_back_is_caught(cache, plain, tmp_path,
+                                                                                          monkeypatch):
     # torch's own sources are outside the repository's seal; the evaluator names those it ran that were written
-    # while train.py ran. Here the run puts a copy with one comment more in place of the cross-entropy's module;
-    # the original file (its inode: uv may share it with other environments) is put back after the test.
-    backup = TORCH_TARGET + ".test-original"
-    os.link(TORCH_TARGET, backup)
+    # while train.py ran, by ctime, which putting the original back moves again
+    cached = importlib.util.cache_from_source(TORCH_TARGET)  # rewritten by the imports of the forged source
+    backups = {TORCH_TARGET: keeping_the_original(TORCH_TARGET), cached: keeping_the_original(cached)}
     try:
-        run_ = run_touching_torch(tmp_path, monkeypatch, cache, plain, """
-            with open(target, "rb") as f:
-                source = f.read()
-            with open(target + ".test-new", "wb") as f:
-                f.write(source + b"\\n# edited by a run\\n")
-            os.replace(target + ".test-new", target)
-            """)
+        run_ = run_touching_torch(tmp_path, monkeypatch, cache, plain, replaced_then_put_back(TORCH_TARGET, """
+            with open(path, "rb") as f:
+                forged = f.read() + b"\\n# edited by a run\\n"
+            """))
     finally:
-        os.replace(backup, TORCH_TARGET)
-    assert run_.tampered == [TORCH_TARGET]
+        for path, backup in backups.items():
+            if os.path.exists(backup):
+                os.replace(backup, path)
+    assert TORCH_TARGET in run_.tampered and set(run_.tampered) <= {TORCH_TARGET, cached}, run_.tampered
 
 
 def test_a_run_that_forges_the_bytecode_of_a_module_the_evaluator_runs_is_caught(cache, plain, tmp_path,
                                                                                  monkeypatch):
-    # a .pyc whose header matches its source's mtime and size is loaded in place of the source; here it holds
-    # other code (the original bytecode is put back after the test)
+    # a .pyc whose header matches its source's mtime and size is loaded in place of the source
     cached = importlib.util.cache_from_source(TORCH_TARGET)
-    backup = cached + ".test-original"
-    os.link(cached, backup)
+    backup = keeping_the_original(cached)
     try:
-        run_ = run_touching_torch(tmp_path, monkeypatch, cache, plain, """
-            import importlib.util, importlib._bootstrap_external as bootstrap
+        run_ = run_touching_torch(tmp_path, monkeypatch, cache, plain, replaced_then_put_back(cached, f"""
+            import importlib._bootstrap_external as bootstrap
             st = os.stat(target)
             with open(target) as f:
                 code = compile(f.read() + "\\nFORGED = True\\n", target, "exec")
-            with open(target + ".test-pyc", "wb") as f:
-                f.write(bootstrap._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size))
-            os.replace(target + ".test-pyc", importlib.util.cache_from_source(target))
-            """)
+            forged = bootstrap._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size)
+            """))
     finally:
-        os.replace(backup, cached)
+        if os.path.exists(backup):
+            os.replace(backup, cached)
     assert run_.tampered == [cached]
 
 
-def test_a_hard_link_another_install_makes_to_torchs_files_during_a_run_is_not_a_write(cache, plain, tmp_path,
-                                                                                        monkeypatch):
-    # uv links packages from its cache into each environment it makes: the file's ctime moves, never its bytes,
-    # which its package's RECORD vouches for
+def test_a_run_that_writes_a_file_the_evaluator_runs_code_from_and_crashes_is_caught(cache, plain, tmp_path,
+                                                                                   monkeypatch):
+    # no model to score after a crash; the code the next runs' evaluators import is checked all the same
     run_ = run_touching_torch(tmp_path, monkeypatch, cache, plain, """
-        os.link(target, target + ".test-link")
-        os.unlink(target + ".test-link")
-        """)
-    assert run_.tampered == []
+        os.chmod(target, os.stat(target).st_mode)
+        """, crash=True)
+    assert run_.error and "crashed (test)" in run_.error and run_.tampered == [TORCH_TARGET], run_
