@@ -411,6 +411,7 @@ def run_baseline(loop, repeats):
     resumed but run again by init, so its running.json goes on a stop too."""
     started, sha = time.monotonic(), head()
     cache = loop.compile_cache(blob_hash(Path(TRAIN).read_bytes()))
+    module_bytecode(force=True)  # a fresh clone has none: else the evaluator's imports write it during a run
     log = str(loop.dir / f"000-{sha[:7]}.log")
     with open(log, "a") as f:
         f.write(f"baseline of {loop.branch}: {repeats} run(s) of commit {sha}\n")

@@ -191,7 +191,8 @@ def run_touching_torch(tmp_path, monkeypatch, cache, plain, touch, crash=False):
         target = {TORCH_TARGET!r}
         """) + textwrap.dedent(touch) + end + "\n")
     shutil.copy(REPO / "prepare.py", tmp_path / "prepare.py")
-    compileall.compile_file(tmp_path / "prepare.py", quiet=2)  # as the loop does before a run (seal.py)
+    for folder in (tmp_path, REPO / "autoresearch"):  # the evaluator's modules' bytecode, as the loop does
+        compileall.compile_dir(folder, quiet=2, maxlevels=0)   # before each run (seal.module_bytecode)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTORESEARCH_PROFILE", "smoke")
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(cache))
