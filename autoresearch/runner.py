@@ -154,6 +154,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             evaluator.log.close()
         if checked:  # also on Ctrl-C during the evaluation: what the evaluator wrote is the harness's
             evaluator_cache.settle()
+        elif evaluator_cache and handoff:
+            evaluator_cache.keep_record()
         if handoff:
             handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
     return run

@@ -144,7 +144,15 @@ class HarnessFolder:
 
     def settle(self):
         self.seen = self.files()
-        write_atomic(self.record, json.dumps(self.seen).encode())
+        self.keep_record()
+
+    def keep_record(self):
+        """The record as this process knows it, whatever a run wrote over it (a run cut short by Ctrl-C is never
+        checked: the next process then empties what it left, by this record)."""
+        if self.seen is None:
+            self.record.unlink(missing_ok=True)
+        else:
+            write_atomic(self.record, json.dumps(self.seen).encode())
 
 
 @functools.cache

@@ -134,3 +134,16 @@ def test_the_bytecode_of_untracked_helper_modules_is_compiled_before_a_run_and_f
     Path(helper_pyc).write_bytes(header + marshal.dumps(compile("FORGED = True", "helper.py", "exec")))
     module_bytecode(force=True)
     assert b"FORGED" not in Path(helper_pyc).read_bytes()
+
+
+def test_a_record_a_run_rewrote_is_put_back_so_the_next_process_empties_what_the_run_planted(tmp_path):
+    # what the loop does when a run is cut short (Ctrl-C) before the cache was checked
+    from autoresearch.seal import HarnessFolder
+    cache = tmp_path / "evaluator"
+    cache.mkdir()
+    harness = HarnessFolder(cache)
+    harness.settle()
+    (cache / "kernel.py").write_text("# planted")
+    HarnessFolder(cache).settle()  # the run's forged record, listing its plant
+    harness.keep_record()
+    assert HarnessFolder(cache).written() == [str(cache / "kernel.py")]
