@@ -277,41 +277,36 @@ def test_a_run_that_writes_in_another_versions_compile_cache_is_rejected(repo, e
     assert note.startswith("rejected:") and "compile-cache" in note and "poisoned.py" in note, note
 
 
-def test_a_run_that_writes_in_the_evaluators_compile_cache_is_rejected_and_the_evaluator_never_reads_it(
-        repo, env):
-    initialised(repo, env)
+def harness_evaluates(repo):
+    """The tag's runs hand their model to the harness's evaluator, as with the real prepare.py (the stand-in's
+    evaluation then fails: a crash row, unless a rejection comes first)."""
     config = repo / ".git" / "autoresearch" / "t" / "init.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
+
+
+def test_a_run_that_writes_in_the_evaluators_compile_cache_crashed_or_not_is_rejected_and_nothing_else_is(
+        repo, env):
+    initialised(repo, env)
+    harness_evaluates(repo)
     # the first step's evaluation leaves the cache as the harness knows it (recorded for the next step, a
-    # process of its own); the second step's run poisons it
+    # process of its own); the next steps' runs poison it, then also crash (no evaluation follows a crash)
     set_train(repo, VAL_BPB=0.9)
     loop(repo, env, "step", "-m", "an honest change")
-    set_train(repo, VAL_BPB=0.9, MODE="evalpoison")
-    loop(repo, env, "step", "-m", "a kernel for the evaluator")
-    note = rows(repo)[2]["note"]
-    assert note.startswith("rejected:") and "evaluator/poisoned.py" in note, note
-    assert not (repo / ".git" / "autoresearch" / "t" / "compile-cache" / "evaluator" / "poisoned.py").exists()
-
-
-def test_a_run_that_plants_in_the_evaluators_compile_cache_and_crashes_is_blamed_and_the_next_run_is_not(
-        repo, env):
-    initialised(repo, env)
-    config = repo / ".git" / "autoresearch" / "t" / "init.json"
-    config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
-    set_train(repo, VAL_BPB=0.9)
-    loop(repo, env, "step", "-m", "an honest change")
-    set_train(repo, VAL_BPB=0.9, MODE="evalpoisoncrash")  # no evaluation follows a crash: checked all the same
-    loop(repo, env, "step", "-m", "a kernel for the evaluator, then a crash")
     planted = repo / ".git" / "autoresearch" / "t" / "compile-cache" / "evaluator" / "poisoned.py"
-    assert "evaluator/poisoned.py" in rows(repo)[2]["note"] and not planted.exists(), rows(repo)[2]
+    for n, mode in ((2, "evalpoison"), (3, "evalpoisoncrash")):
+        set_train(repo, VAL_BPB=0.9, MODE=mode)
+        loop(repo, env, "step", "-m", f"a kernel for the evaluator ({mode})")
+        note = rows(repo)[n]["note"]
+        assert "evaluator/poisoned.py" in note and not planted.exists(), note
+    assert rows(repo)[2]["note"].startswith("rejected:")
     set_train(repo, VAL_BPB=0.91)
     loop(repo, env, "step", "-m", "honest again")
-    assert "compile-cache" not in rows(repo)[3]["note"], rows(repo)[3]
+    assert "compile-cache" not in rows(repo)[4]["note"], rows(repo)[4]
     # what an agent leaves there between steps is emptied out before the next run, blaming that run for none
     planted.write_text("")
     set_train(repo, VAL_BPB=0.92)
     loop(repo, env, "step", "-m", "honest, after a plant between steps")
-    assert "compile-cache" not in rows(repo)[4]["note"] and not planted.exists(), rows(repo)[4]
+    assert "compile-cache" not in rows(repo)[5]["note"] and not planted.exists(), rows(repo)[5]
 
 
 def test_a_run_that_opens_the_validation_split_is_rejected_whatever_it_scores(repo, env):
@@ -323,10 +318,7 @@ def test_a_run_that_opens_the_validation_split_is_rejected_whatever_it_scores(re
     split.mkdir(parents=True)
     (split / "val.bin").write_bytes(b"\0" * 4096)
     initialised(repo, env)  # the baseline does not open it: kept
-    # as with the real prepare.py: the harness evaluates (the stand-in then hands over nothing, a crash; the
-    # rejection says more, and comes first)
-    config = repo / ".git" / "autoresearch" / "t" / "init.json"
-    config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
+    harness_evaluates(repo)  # the rejection says more than the crash, and comes first
     set_train(repo, VAL_BPB=0.5, MODE="readval")
     out = loop(repo, env, "step", "-m", "train on all of val").stdout
     note = rows(repo)[1]["note"]
@@ -339,8 +331,7 @@ def test_a_result_line_written_into_the_evaluators_output_by_train_py_does_not_c
     # the evaluator starts beside train.py; what it prints counts only with the nonce the loop sent it after
     # train.py ended (here it fails on the stand-in's prepare.py: a crash, never the forged 0.5)
     initialised(repo, env)
-    config = repo / ".git" / "autoresearch" / "t" / "init.json"
-    config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
+    harness_evaluates(repo)
     set_train(repo, VAL_BPB=0.5, MODE="forgeeval")
     loop(repo, env, "step", "-m", "forge the evaluator's word")
     row = rows(repo)[1]
