@@ -32,6 +32,10 @@ RESULTS_CHANNEL = "results"
 class HubDown(Exception):
     """The hub did not answer, or not as it should: the loop goes on without it."""
 
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
 
 def credentials_path(url):
     name = re.sub(r"[^A-Za-z0-9.]+", "_", url.split("://", 1)[-1]).strip("_")
@@ -64,6 +68,10 @@ class HubClient:
             self.auth = {"Authorization": f"Bearer {self.credentials()['api_key']}"}
             self.data("GET", "/api/git/leaves")
         except HubDown as e:
+            if e.status == 401:  # a key saved for this address that the hub there does not know
+                raise LoopError(f"the hub at {self.url} cannot be used: it does not know the key saved in "
+                                f"{credentials_path(self.url)} (a new hub at that address, or the key was revoked)."
+                                f" Fix: delete that file to register again, or run without --hub") from None
             raise LoopError(f"the hub at {self.url} cannot be used: {e}. Fix: start one with `uv run agent_loop.py "
                             f"hub --listen HOST:PORT` or check the URL; or run without --hub") from None
 
@@ -77,7 +85,7 @@ class HubClient:
                 reason = r.json().get("error", r.text)
             except (ValueError, AttributeError):
                 reason = r.text
-            raise HubDown(f"{method} {path}: {r.status_code} {str(reason)[:200]}")
+            raise HubDown(f"{method} {path}: {r.status_code} {str(reason)[:200]}", r.status_code)
         return r
 
     def data(self, method, path, **kw):

@@ -377,6 +377,13 @@ def test_a_hub_killed_at_any_moment_of_a_push_restarts_consistent_and_takes_the_
 from test_agent_loop import env, initialised, loop, repo, rows  # noqa: E402,F401  (fixtures and helpers)
 
 
+@pytest.fixture
+def lab_env(env, tmp_path):
+    """A lab's environment with a home of its own: hub keys are saved per address, and an earlier test's hub
+    may have had this port."""
+    return dict(env, HOME=str(tmp_path / "home"))
+
+
 def test_two_labs_share_a_frontier_and_a_hub_claim_is_measured_before_it_is_kept(hub, repo, env, tmp_path):
     other = tmp_path / "other"  # lab B: a clone of lab A's repository, before either experimented
     subprocess.run(["git", "clone", "-q", str(repo), str(other)], check=True, env=env, capture_output=True)
@@ -405,11 +412,11 @@ def test_two_labs_share_a_frontier_and_a_hub_claim_is_measured_before_it_is_kept
     assert [c["hash"] for c in hub.get(f"/api/git/commits/{a_keep}/children", auth).json()] == [leaf["hash"]]
 
 
-def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, repo, env, tmp_path):
-    initialised(repo, env)
+def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, repo, lab_env, tmp_path):
+    initialised(repo, lab_env)
     auth = hub.register("boaster")
     boast = repo / ".." / "boast"
-    subprocess.run(["git", "clone", "-q", str(repo), str(boast)], check=True, env=env, capture_output=True)
+    subprocess.run(["git", "clone", "-q", str(repo), str(boast)], check=True, env=lab_env, capture_output=True)
     (boast / "train.py").write_text((boast / "train.py").read_text().replace("VAL_BPB = 1.0", "VAL_BPB = 1.1"))
     subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qam", "claims 0.5"], cwd=boast,
                    check=True)
@@ -418,9 +425,9 @@ def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, re
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=boast, capture_output=True, text=True).stdout.strip()
     hub.post("/api/results", auth, json={"commit": sha, "val_bpb": 0.5, "platform": "here", "status": "keep"})
     here = ("run", "--agent", "true", "--hub", hub.url, "--hub-platform", "here", "--max-experiments")
-    out = loop(repo, env, *here, "1", "--hub-trust", "alice,bob").stdout
+    out = loop(repo, lab_env, *here, "1", "--hub-trust", "alice,bob").stdout
     assert "hub: trying" not in out and len(rows(repo)) == 1, out  # not an agent we trust
-    out = loop(repo, env, *here, "2").stdout
+    out = loop(repo, lab_env, *here, "2").stdout
     statuses = [(r["status"], r["description"][:18]) for r in rows(repo)[1:]]
     assert statuses[0] == ("discard", "from the hub: " + sha[:4]), out  # measured here: 1.1, not 0.5
     assert out.count("hub: trying") == 1, out  # and never tried again
@@ -432,18 +439,29 @@ def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, re
     assert hub.post("/api/git/push", auth, data=(boast / "c.bundle").read_bytes()).status_code == 201
     honest = subprocess.run(["git", "rev-parse", "HEAD"], cwd=boast, capture_output=True, text=True).stdout.strip()
     hub.post("/api/results", auth, json={"commit": honest, "val_bpb": 0.95, "platform": "here", "status": "keep"})
-    loop(repo, env, *here, "1")
+    loop(repo, lab_env, *here, "1")
     assert rows(repo)[-1]["status"] == "keep" and rows(repo)[-1]["description"].startswith(
         f"from the hub: {honest[:7]}")
 
 
-def test_a_hub_that_goes_down_mid_run_never_stops_the_loop(hub, repo, env, tmp_path):
-    initialised(repo, env)
+def test_a_hub_that_goes_down_mid_run_never_stops_the_loop(hub, repo, lab_env, tmp_path):
+    initialised(repo, lab_env)
     agent = tmp_path / "agent.sh"  # the hub dies while the agent works; the experiment goes on without it
     agent.write_text(f"#!/bin/sh\nkill -9 {hub.proc.pid}\nsed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py\n")
     agent.chmod(0o755)
-    out = loop(repo, env, "run", "--agent", str(agent), "--hub", hub.url, "--max-experiments", "2").stdout
+    out = loop(repo, lab_env, "run", "--agent", str(agent), "--hub", hub.url, "--max-experiments", "2").stdout
     assert "the loop goes on without it" in out and [r["status"] for r in rows(repo)] == ["keep", "keep"], out
     hub.proc.wait()
-    down = loop(repo, env, "run", "--agent", "true", "--hub", hub.url, "--max-experiments", "1", check=False)
+    down = loop(repo, lab_env, "run", "--agent", "true", "--hub", hub.url, "--max-experiments", "1", check=False)
     assert down.returncode == 2 and f"the hub at {hub.url} cannot be used" in down.stderr  # but a bad start stops
+
+
+def test_a_key_saved_for_an_address_whose_hub_does_not_know_it_is_named_with_the_fix(hub, repo, lab_env):
+    initialised(repo, lab_env)
+    name = re.sub(r"[^A-Za-z0-9.]+", "_", hub.url.split("://", 1)[-1]).strip("_")
+    saved = Path(lab_env["HOME"]) / ".config" / "autoresearch" / "hubs" / f"{name}.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(json.dumps({"hub": hub.url, "id": "old", "api_key": "from-an-earlier-hub"}))
+    out = loop(repo, lab_env, "run", "--agent", "true", "--hub", hub.url, "--max-experiments", "1", check=False)
+    assert out.returncode == 2 and f"does not know the key saved in {saved}" in out.stderr, out.stderr
+    assert "delete that file to register again" in out.stderr
