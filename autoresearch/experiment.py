@@ -239,7 +239,8 @@ def sealed_run(loop, seed, log, flight, version):
     if getattr(loop.link, "remote", False):
         return loop.link.run_remote(loop, seed, log, version)
     # forced before every run (0.3 s): a resumed step's runs and a worker's too never load what was left there
-    modules, bytecode = untracked_modules(), module_bytecode(force=True)
+    modules = untracked_modules()
+    bytecode = module_bytecode(force=True, untracked=modules)
     times = write_times([*modules, *bytecode])
     code = Path(TRAIN).read_bytes()
     cache = loop.compile_cache(version)

@@ -106,14 +106,15 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     evaluator_cache: the evaluator's (a seal.HarnessFolder)."""
     env = child_env(config, seed, compile_cache)
     handoff = evaluator = None
+    watched = evaluator_cache if config.get("harness_eval") else None  # the folder the evaluator compiles in
     checked = False  # the evaluator's cache was checked after train.py: what it holds from then on is ours
     if config.get("harness_eval"):
         handoff = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.pt2")
         handoff.unlink(missing_ok=True)
         env[HANDOFF_ENV] = str(handoff)
-        if evaluator_cache and evaluator_cache.written():  # left since the last run (between steps, or a run
-            evaluator_cache.clean()                         # cut short by Ctrl-C): never used, blamed on none
-            evaluator_cache.settle()
+        if watched and watched.written():  # left since the last run (between steps, or by a run cut short
+            watched.clean()                # by Ctrl-C): never used, blamed on none
+            watched.settle()
         evaluator = start_evaluator(config, seed, handoff, evaluator_cache)
     try:
         with open(log_path, "a") as log:
@@ -142,9 +143,9 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         run.notes += restore_written(watch.written, config)
         if handoff and watch.opened is None:
             run.notes.append("the validation files were not watched during this run (no inotify here)")
-        if evaluator_cache and handoff:  # crashed or not: a run that wrote there is rejected, and it is emptied
-            run.tampered += evaluator_cache.written()
-            evaluator_cache.clean()
+        if watched:  # crashed or not: a run that wrote there is rejected, and it is emptied
+            run.tampered += watched.written()
+            watched.clean()
             checked = True
         if handoff:  # a crashed run too: the evaluator then only checks the code it runs for the run's writes
             evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, started_ns)
@@ -153,9 +154,9 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             end_group(evaluator)  # a no-op after an evaluation; else the end of its input, and of it
             evaluator.log.close()
         if checked:  # also on Ctrl-C during the evaluation: what the evaluator wrote is the harness's
-            evaluator_cache.settle()
-        elif evaluator_cache and handoff:
-            evaluator_cache.keep_record()
+            watched.settle()
+        elif watched:
+            watched.keep_record()
         if handoff:
             handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
     return run
@@ -212,7 +213,7 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, since_
     evaluator ran code from that was written since (torch's sources, say) is noted in run.tampered, also for a
     run that crashed (run.error set: the evaluator then makes that check alone)."""
     crashed = run.error is not None
-    data = evaluator_data(config)
+    data = None if crashed else evaluator_data(config)  # nothing to score: no copy to verify
     nonce = secrets.token_hex(16)
     word = json.dumps({"expect": config.get("metric_hashes") or None, "data": str(data) if data else None,
                        "nonce": nonce, "since": since_ns, "check_only": crashed})

@@ -67,13 +67,13 @@ def set_aside(paths, folder):
     return moved
 
 
-def module_bytecode(force=False):
-    """The __pycache__ files of the repository's modules (tracked, and the untracked ones inside the seal),
-    compiled now where missing or out of date, so that no honest import writes one while train.py runs; force:
-    all compiled again from their sources, whatever anything left there (a forged .pyc whose header matches
-    its .py would be loaded in place of it)."""
+def module_bytecode(force=False, untracked=None):
+    """The __pycache__ files of the repository's modules (tracked, and the untracked ones inside the seal:
+    untracked_modules(), or `untracked` when the caller has them), compiled now where missing or out of date, so
+    that no honest import writes one while train.py runs; force: all compiled again from their sources, whatever
+    anything left there (a forged .pyc whose header matches its .py would be loaded in place of it)."""
     found = []
-    for path in [*git("ls-files", "-z").split("\0"), *untracked_modules()]:
+    for path in [*git("ls-files", "-z").split("\0"), *(untracked_modules() if untracked is None else untracked)]:
         if path.endswith(".py") and path != TRAIN and Path(path).is_file():
             compileall.compile_file(path, quiet=2, force=force)
             found.append(importlib.util.cache_from_source(path))
