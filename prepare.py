@@ -48,7 +48,7 @@ PROFILES = {
     #            MAX_SEQ_LEN  TIME_BUDGET  EVAL_TOKENS   VOCAB_SIZE  TOKENIZER_MAX_CHARS  TRAIN_MAX_TOKENS
     "reference": (2048,       300,         40 * 524288,  8192,       2_000_000_000,       2_000_000_000),
     "cpu":       (256,        300,         2**19,        4096,       100_000_000,         50_000_000),
-    "smoke":     (128,        15,          2**15,        1024,       5_000_000,           5_000_000),
+    "smoke":     (128,        10,          2**15,        1024,       5_000_000,           5_000_000),
 }
 # Tokens one run reads in its budget, measured (reference: an H200, flex attention, 2026-11-26; cpu: 2 cores).
 # A train split much smaller than this is read many times over, and val_bpb then measures memorisation.

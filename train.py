@@ -422,7 +422,7 @@ elif PROFILE == "smoke":
     DEVICE_BATCH_SIZE = 16
     MUON_MOMENTUM_WARMUP_STEPS = 20
     WARMDOWN_RATIO = 0.5
-    COMPILE = False            # a compile costs more than a 15 s run could win back
+    COMPILE = False            # a compile costs more than a 10 s run could win back
 
 # ---------------------------------------------------------------------------
 # Setup: model, optimizer
