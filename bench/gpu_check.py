@@ -78,8 +78,9 @@ def plan():
     stages.append([("prepare", [sys.executable, "prepare.py", "--source", str(corpus or DATA / "<corpus>")])])
     # the agreement check (~45 s on an H100) beside the tests (~90 s), not after the run: in series, the whole
     # check outgrew a 10-minute device call by seconds (H100, 2026-11-26: the agreement was cut at 36 s)
-    stages.append([("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                              "cuda and not off_cuda", "tests/test_prepare.py", "tests/test_fake_cuda.py",
+    # in one test process: pyproject's addopts ask pytest-xdist for two, and a bare box may not have it
+    stages.append([("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                              "-k", "cuda and not off_cuda", "tests/test_prepare.py", "tests/test_fake_cuda.py",
                               "tests/test_train.py", "tests/test_reference_path.py"]),
                    ("eval-agreement", [sys.executable, "-c", EVAL_AGREEMENT])])
     stages.append([("reference-run", [sys.executable, "train.py"])])

@@ -16,6 +16,8 @@ from test_agent_loop import (AGENT_LOOP, clean_tracked, env, git, initialised, l
 sys.path.insert(0, str(AGENT_LOOP.parent))
 from autoresearch import process  # noqa: E402
 
+pytestmark = pytest.mark.whole_machine  # --workers 2 on CPU splits the cores: it needs two
+
 
 def agent_script(tmp_path, body):
     """A shell agent: body sees $N (the experiment number) and $MAIN (the main checkout); cwd is its worktree."""
