@@ -17,8 +17,8 @@ Measured 2026-11-26, 2 cores (AMD EPYC), quiet machine, 6 experiments per arm, a
     2     1         459 s   17                 2.83                  27.0 s
     3     2         325 s   24                 4.00                  13.5 s         19 ms per experiment
 Medians: 2 workers took 40% of 1 worker's wall time (218 s against 544 s), and 54% of its wall time per run.
-What limits it: on 2 cores each worker trains on one, so a run's fixed 15 s budget overlaps with the other's but
-its start-up and evaluation take longer alone on a core; and the runs an experiment needs (1.2 to 4.0 here)
+What limits it: on 2 cores each worker trains on one, so a run's fixed budget (15 s then) overlaps with the
+other's but its start-up and evaluation take longer alone on a core; and the runs an experiment needs (1.2 to 4.0 here)
 follow the keep rule's decisions, which differ from arm to arm, so 6 experiments give a wide spread: compare the
 wall per run. Before `init --workers` pinned the baseline's runs to a worker's share, the 2-worker arm needed
 4.17 runs per experiment against 2.67 (395 s against 424 s): each comparison waited for a re-run of the best at
