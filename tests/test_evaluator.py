@@ -18,41 +18,47 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from autoresearch.experiment import LEAK_TOLERANCE  # noqa: E402
 
-# builds a small GPT with train.py's code (seeded, two steps of training), exports it like train.py does under
-# the harness, and prints prepare.evaluate_bpb of the same model for comparison. VARIANT changes the model.
+# builds small GPTs with train.py's code (seeded, two steps of training), exports each as train.py does under
+# the harness (to the folder in argv[1]), and prints prepare.evaluate_bpb of each for comparison, one JSON line.
+# The variants change the model; all in one process, which imports torch once.
 BUILD = textwrap.dedent("""
-    import sys, torch, torch.nn.functional as F
+    import json, os, sys, torch, torch.nn.functional as F
     import prepare, train
-    from autoresearch.handoff import hand_over
-    variant = sys.argv[1]
-    torch.manual_seed(0)
+    from autoresearch.handoff import HANDOFF_ENV, hand_over
+
+    @torch.library.custom_op("hostile::same", mutates_args=())
+    def same(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+    same.register_fake(lambda x: torch.empty_like(x))
+
+    def peeking(q, k, v, w):  # sees the whole row: the future leaks into every position
+        q, k, v = (a.transpose(1, 2) for a in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    ATTEND = {"peeks": peeking, "custom_op": lambda q, k, v, w: same(train.sdpa_attention(q, k, v, w))}
     tok = prepare.Tokenizer.from_directory()
-    config = train.GPTConfig(sequence_len=prepare.MAX_SEQ_LEN, vocab_size=tok.get_vocab_size(), n_layer=2,
-                             n_embd=64, head_dim=32, window_pattern="L")
-    attend = train.sdpa_attention
-    if variant == "peeks":  # sees the whole row: the future leaks into every position
-        attend = lambda q, k, v, w: F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    if variant == "custom_op":
-        @torch.library.custom_op("hostile::same", mutates_args=())
-        def same(x: torch.Tensor) -> torch.Tensor:
-            return x.clone()
-        same.register_fake(lambda x: torch.empty_like(x))
-        attend = lambda q, k, v, w: same(train.sdpa_attention(q, k, v, w))
-    model = train.GPT(config, attend)
-    model.init_weights()
-    optimizer = train.make_optimizer(model, compiled=False, ortho_dtype=torch.float32)
-    split = "val" if variant == "val" else "train"  # "val": trained on the val rows, as no run may be
-    loader = prepare.make_dataloader(tok, 8, prepare.MAX_SEQ_LEN, split, device="cpu")
-    for _ in range({"custom_op": 0, "val": 150}.get(variant, 2)):  # the custom operator has no backward
-        x, y, _ = next(loader)
-        model(x, y).backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-    model.eval()
-    hand_over(model, prepare.MAX_SEQ_LEN, config.vocab_size, torch.device("cpu"))
-    print(prepare.evaluate_bpb(model, tok, 16))
+    own = {}
+    for variant in sys.argv[2:]:
+        torch.manual_seed(0)
+        config = train.GPTConfig(sequence_len=prepare.MAX_SEQ_LEN, vocab_size=tok.get_vocab_size(), n_layer=2,
+                                 n_embd=64, head_dim=32, window_pattern="L")
+        model = train.GPT(config, ATTEND.get(variant, train.sdpa_attention))
+        model.init_weights()
+        optimizer = train.make_optimizer(model, compiled=False, ortho_dtype=torch.float32)
+        split = "val" if variant == "val" else "train"  # "val": trained on the val rows, as no run may be
+        loader = prepare.make_dataloader(tok, 8, prepare.MAX_SEQ_LEN, split, device="cpu")
+        for _ in range({"custom_op": 0, "val": 150}.get(variant, 2)):  # the custom operator has no backward
+            x, y, _ = next(loader)
+            model(x, y).backward()
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+        model.eval()
+        os.environ[HANDOFF_ENV] = os.path.join(sys.argv[1], variant + ".pt2")
+        hand_over(model, prepare.MAX_SEQ_LEN, config.vocab_size, torch.device("cpu"))
+        own[variant] = prepare.evaluate_bpb(model, tok, 16)
+    print(json.dumps(own))
 """)
+VARIANTS = ("plain", "val", "peeks", "custom_op")
 
 
 @pytest.fixture
@@ -64,22 +70,24 @@ def cache(smoke_cache, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def plain(smoke_cache, tmp_path_factory):
-    """(model file, train.py's own val_bpb) of the plain model, exported once for the tests that only read it."""
-    return export(smoke_cache, tmp_path_factory.mktemp("plain"))
+def exported(smoke_cache, tmp_path_factory):
+    """{variant: (model file, train.py's own val_bpb)}, exported once for the tests, which only read them."""
+    folder = tmp_path_factory.mktemp("exported")
+    built = run(["-c", BUILD, str(folder), *VARIANTS], smoke_cache)
+    assert built.returncode == 0, built.stderr[-3000:]
+    own = json.loads(built.stdout.strip().splitlines()[-1])
+    return {variant: (folder / f"{variant}.pt2", own[variant]) for variant in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def plain(exported):
+    return exported["plain"]
 
 
 def run(args, cache, input=None, **env):
     full = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache), **env)
     return subprocess.run([sys.executable, *args], cwd=REPO, env=full, capture_output=True, text=True, timeout=300,
                           input=input)
-
-
-def export(cache, tmp_path, variant="plain"):
-    path = tmp_path / f"{variant}.pt2"
-    built = run(["-c", BUILD, variant], cache, AUTORESEARCH_HANDOFF=str(path))
-    assert built.returncode == 0, built.stderr[-3000:]
-    return path, float(built.stdout.strip().splitlines()[-1])
 
 
 def evaluate(cache, path):
@@ -96,22 +104,22 @@ def test_evaluator_gives_the_val_bpb_train_py_computes(cache, plain):
     assert abs(result["val_bpb"] / result["heldout_bpb"] - 1) < 0.05  # an honest model scores both slices alike
 
 
-def test_a_model_trained_on_the_val_rows_scores_them_far_better_than_the_heldout_slice(cache, tmp_path):
-    path, _ = export(cache, tmp_path, "val")
+def test_a_model_trained_on_the_val_rows_scores_them_far_better_than_the_heldout_slice(cache, exported):
+    path, _ = exported["val"]
     code, result = evaluate(cache, path)
     assert code == 0, result
     # the loop rejects a ratio more than LEAK_TOLERANCE below the best's: honest models score ~1 here (above)
     assert result["val_bpb"] / result["heldout_bpb"] < 1 - LEAK_TOLERANCE, result
 
 
-def test_evaluator_refuses_a_model_that_sees_later_tokens(cache, tmp_path):
-    path, own = export(cache, tmp_path, "peeks")
+def test_evaluator_refuses_a_model_that_sees_later_tokens(cache, exported):
+    path, _ = exported["peeks"]
     code, result = evaluate(cache, path)
     assert code == 1 and "not causal" in result["error"], result
 
 
-def test_evaluator_refuses_an_operator_it_does_not_know(cache, tmp_path):
-    path, _ = export(cache, tmp_path, "custom_op")
+def test_evaluator_refuses_an_operator_it_does_not_know(cache, exported):
+    path, _ = exported["custom_op"]
     code, result = evaluate(cache, path)
     assert code == 1 and ("hostile::same" in result["error"] or "cannot be loaded" in result["error"]), result
 
