@@ -23,7 +23,7 @@ from autoresearch.resume import save_and_reset, spare_name
 from autoresearch.runner import Run, train_once
 from autoresearch.seal import (changed_modules, set_aside, symlinked_train, module_bytecode, untracked_modules,
                                write_times, written_since)
-from autoresearch.state import InFlight, say
+from autoresearch.state import InFlight, environment_changes, say
 
 # program.md gives `step` a shell timeout of 15 minutes: a step starts no run that would end after this
 # (AUTORESEARCH_STEP_LIMIT_S overrides, for a shorter shell timeout)
@@ -52,6 +52,10 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
     module_bytecode(force=True)  # what the agent may have left in __pycache__ is no module of ours
     modules = changed_modules(loop.known_modules(), untracked_modules())
     why, fixes = broken_rules(changed, best, modules)
+    drift = environment_changes(loop.config)
+    if drift:  # torch, say, is not the one the best was measured with: no run now compares with the best's
+        why.append(f"the Python environment changed since init ({drift})")
+        fixes.append("put it back with `uv sync --locked` (or start a new tag with `init` in the new one)")
     if why and strict:
         if head() != best:
             fixes.insert(0, f"`git reset --soft {best[:7]}` (undoes the commits, keeps the changes)")

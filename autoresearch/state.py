@@ -4,6 +4,7 @@ The loop's state for one tag: the Loop (this tag's rows of results.tsv, the conf
 tag, the experiment in flight (logs/TAG/running.json) and the loop's own record (logs/TAG/loop.log).
 """
 import fcntl
+import importlib.metadata
 import json
 import shutil
 import os
@@ -235,7 +236,33 @@ def pinned_config(prepare, tag, repeats):
     return {"tag": tag, "profile": prepare.PROFILE, "dataset": prepare.DATASET,
             "cache_dir": str(prepare.CACHE_DIR), "time_budget": prepare.TIME_BUDGET, "max_seq_len": prepare.MAX_SEQ_LEN,
             "base_seed": int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED)), "repeats": repeats,
-            "harness_eval": harness_eval, "metric_hashes": hashes, "created": now_iso()}
+            "harness_eval": harness_eval, "metric_hashes": hashes, "packages": installed_packages(),
+            "created": now_iso()}
+
+
+def installed_packages():
+    """{distribution: version} of the Python that runs the loop and train.py, pinned at init: a package installed,
+    removed or upgraded later (`uv pip install` by an agent between steps, an upgrade by hand) is then seen."""
+    found = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(name.lower(), dist.version)  # the first on sys.path is the one imported
+    return found
+
+
+def environment_changes(config):
+    """What changed in installed_packages() since init, as one phrase; None when nothing did (or the tag was made
+    before init pinned them)."""
+    pinned = config.get("packages")
+    if pinned is None:
+        return None
+    now = installed_packages()
+    changes = ([f"+{name} {now[name]}" for name in sorted(now.keys() - pinned.keys())]
+               + [f"-{name} {pinned[name]}" for name in sorted(pinned.keys() - now.keys())]
+               + [f"{name} {pinned[name]} -> {now[name]}" for name in sorted(now.keys() & pinned.keys())
+                  if now[name] != pinned[name]])
+    return ", ".join(changes) or None
 
 
 def config_path(tag):

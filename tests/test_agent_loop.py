@@ -555,6 +555,19 @@ def test_step_refuses_changes_outside_train_py_and_leaves_them(repo, env):
     assert len(rows(repo)) == 1
 
 
+def test_a_package_installed_after_init_stops_the_step_and_names_the_fix(repo, env, tmp_path):
+    initialised(repo, env)
+    site = tmp_path / "site"  # what `uv pip install sneaky` adds, on a path the loop's Python reads
+    (site / "sneaky-1.0.dist-info").mkdir(parents=True)
+    (site / "sneaky-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: sneaky\nVersion: 1.0\n")
+    set_train(repo, VAL_BPB=0.9)
+    p = loop(repo, dict(env, PYTHONPATH=str(site)), "step", "-m", "faster, with a new package", check=False)
+    assert p.returncode != 0 and "Python environment changed since init (+sneaky 1.0)" in p.stderr, p.stderr
+    assert "uv sync --locked" in p.stderr and len(rows(repo)) == 1  # nothing was run
+    loop(repo, env, "step", "-m", "the same, in the environment of init")
+    assert len(rows(repo)) == 2 and "environment" not in rows(repo)[1]["note"]
+
+
 def test_run_refuses_a_dirty_tree_and_keeps_the_users_change(repo, env):
     initialised(repo, env)
     (repo / "README.md").write_text("my unsaved notes\n")
