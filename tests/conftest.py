@@ -47,12 +47,13 @@ def import_train(profile):
 # each pinned to its own half of the cores. The harness counts other work on the cores a process may run on
 # (process.cpu_clock), so a run in one test process never sees the other's tests as a busy machine; a run's
 # budget is wall-clock, so the real training runs take as long on one core as on two. Tests marked
-# whole_machine (workers that split the cores between them) get every core, run last, and the other process
-# waits meanwhile: they hold the lock below exclusively until their process ends.
+# whole_machine (workers that split the cores between them) run last, with every core, while the other process
+# waits: each test holds a lock (shared, or exclusive for whole_machine) over its setup and teardown at every
+# scope, module and session fixtures included.
 
 ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... in a test process of pytest-xdist
-HOLD = pytest.StashKey[dict]()  # this test process's exclusive hold on the machine, once it has one
+HOLD = pytest.StashKey[dict]()  # this test process's hold on the machine: {"shared" or "whole": the open lock}
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest without xdist (bench/gpu_check.py's) runs one process
@@ -61,61 +62,61 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def half_of_the_cores():
+    """This test process's share of the cores; all of them when `-n` asked for more processes than cores."""
     count, index = int(os.environ["PYTEST_XDIST_WORKER_COUNT"]), int(WORKER.removeprefix("gw"))
     share = len(ALL_CORES) // count
+    if share == 0:
+        return ALL_CORES
     return ALL_CORES[index * share:] if index == count - 1 else ALL_CORES[index * share:(index + 1) * share]
 
 
+def pinned():
+    return bool(WORKER and ALL_CORES)
+
+
 def pytest_configure(config):
-    if WORKER and ALL_CORES:
+    if pinned():
         os.sched_setaffinity(0, half_of_the_cores())
+
+
+def whole_machine(item):
+    return item.get_closest_marker("whole_machine") is not None
 
 
 def pytest_collection_modifyitems(items):
     """Tests marked long first, so that none of them ends the session alone; whole_machine tests last."""
-    def phase(item):
-        return 2 if item.get_closest_marker("whole_machine") else 0 if item.get_closest_marker("long") else 1
-    items.sort(key=phase)  # stable: files stay together, in their order
+    items.sort(key=lambda item: 2 if whole_machine(item) else 0 if item.get_closest_marker("long") else 1)
 
 
-@pytest.fixture(scope="session")
-def cores_lock(tmp_path_factory):
-    """The lock file both test processes open: in their common temporary folder (each has a folder of its own
-    in it)."""
-    return tmp_path_factory.getbasetemp().parent / "cores.lock"
+def lock_path(config):
+    """In the folder both test processes share: xdist gives each a temporary folder of its own in it."""
+    return Path(config.option.basetemp).parent / "cores.lock"
 
 
-@pytest.fixture(autouse=True)
-def cores_of_this_test(request, cores_lock):
-    """A shared hold on the machine for each test, an exclusive one for the whole_machine tests (to the end of
-    this process's session). A waiting exclusive hold takes `.intent` first, so that no new shared hold passes
-    it."""
-    if not WORKER or not ALL_CORES:
-        yield
-        return
-    whole = request.node.get_closest_marker("whole_machine") is not None
-    held = request.config.stash.setdefault(HOLD, {})
-    if "whole" in held:  # this process holds the machine already
-        yield
-        return
-    with open(cores_lock.with_suffix(".intent"), "a") as intent:
-        fcntl.flock(intent, fcntl.LOCK_EX)
-        lock = open(cores_lock, "a")
-        fcntl.flock(lock, fcntl.LOCK_EX if whole else fcntl.LOCK_SH)
-    if whole:
-        held["whole"] = lock  # kept to the end of this process's session: whole_machine tests are its last
-        os.sched_setaffinity(0, ALL_CORES)
-        yield
-        return
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A shared hold on the machine for each test, an exclusive one for whole_machine tests, kept from one to the
+    next (the other process waits) and given back, with this process's own cores, after the last. A waiting
+    exclusive hold takes `.intent` first, so that no new shared hold passes it. xdist runs a test only once it
+    knows the next one (or that there is none), so no hold is kept while this process waits for work."""
+    if not pinned():
+        return (yield)
+    held = item.config.stash.setdefault(HOLD, {})
+    whole = whole_machine(item)
+    if not (whole and "whole" in held):
+        path = lock_path(item.config)
+        with open(path.with_suffix(".intent"), "a") as intent:
+            fcntl.flock(intent, fcntl.LOCK_EX)
+            lock = open(path, "a")
+            fcntl.flock(lock, fcntl.LOCK_EX if whole else fcntl.LOCK_SH)
+        held["whole" if whole else "shared"] = lock
+        if whole:
+            os.sched_setaffinity(0, ALL_CORES)
     try:
-        yield
+        return (yield)
     finally:
-        lock.close()
-
-
-def pytest_sessionfinish(session):
-    """The exclusive hold ends with this process's tests: the process itself lives on until the other one's
-    have ended (xdist closes them together), and the other one waits for the hold."""
-    whole = session.config.stash.get(HOLD, {}).pop("whole", None)
-    if whole:
-        whole.close()
+        if "shared" in held:
+            held.pop("shared").close()
+        elif nextitem is None or not whole_machine(nextitem):
+            os.sched_setaffinity(0, half_of_the_cores())
+            held.pop("whole").close()
