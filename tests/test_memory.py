@@ -16,7 +16,7 @@ import json, os, resource, sys, tempfile
 os.environ.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=tempfile.mkdtemp())
 import torch, train
 from autoresearch.memory import estimate_training_memory, flash_like_attention
-torch.set_num_threads(len(os.sched_getaffinity(0)))  # as train.py: no more threads than cores
+torch.set_num_threads(2)
 B, T, d, depth, V = (int(a) for a in sys.argv[1:6])
 config = train.GPTConfig(sequence_len=T, vocab_size=V, n_layer=depth, n_embd=d, head_dim=64, window_pattern="L")
 counted = estimate_training_memory(lambda: train.GPT(config, flash_like_attention), B, T, V, "cpu", None).peak
