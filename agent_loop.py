@@ -133,15 +133,10 @@ def cmd_run(args):
     check_clean(loop)
     pin_cores(loop.config)
     proposer = make_proposer(args.agent, args.seed, args.agent_timeout)
-    hub = None
-    if args.hub:
-        from autoresearch.hubclient import HubClient, HubFirst  # requests: only a hub's client needs it
-        trust = set(filter(None, args.hub_trust.split(","))) if args.hub_trust else None
-        hub = HubClient(args.hub, loop, args.hub_platform, trust)
+    hub = open_hub(loop, args)
+    if hub:
+        from autoresearch.hubclient import HubFirst
         proposer = HubFirst(hub, proposer)
-        say(loop, f"hub: {hub.url} as platform {hub.platform}; better commits of "
-                  + (", ".join(sorted(trust)) if trust else "any agent on the hub (--hub-trust limits that)")
-                  + " are tried here")
     t0, done, failures = time.monotonic(), 0, 0
     noise = loop.noise()
     sigma = f"{noise.sigma:.4f} (df {noise.df})" if noise.df else "unknown (no version has run twice yet)"
@@ -190,14 +185,25 @@ def parallel(args):
     return bool(args.gpus) or args.workers not in (None, "1") or args.executor == "ray"
 
 
+def open_hub(loop, args):
+    """run --hub URL: the hub's client (registered on first use), or None without --hub."""
+    if not args.hub:
+        return None
+    from autoresearch.hubclient import HubClient  # requests: only a hub's client needs it
+    trust = set(filter(None, args.hub_trust.split(","))) if args.hub_trust else None
+    hub = HubClient(args.hub, loop, args.hub_platform, trust)
+    say(loop, f"hub: {hub.url} as platform {hub.platform}; better commits of "
+              + (", ".join(sorted(trust)) if trust else "any agent on the hub (--hub-trust limits that)")
+              + " are tried here")
+    return hub
+
+
 def run_parallel(loop, args):
-    if args.hub:
-        raise LoopError("--hub works with the single loop only, for now. Fix: leave out --workers/--gpus, or "
-                        "run one `run --hub` per machine")
+    hub = open_hub(loop, args)
     say(loop, f"run on {loop.branch} with workers: agent {args.agent!r}, best val_bpb={loop.best_val:.6f} "
               f"({loop.next_n() - 1} experiments so far), timeout {loop.timeout:.0f} s")
     try:
-        lines, gave_up = run_workers(loop, args)
+        lines, gave_up = run_workers(loop, args, hub)
     except (KeyboardInterrupt, Stop):
         stop_cleanly(loop)
     for line in lines:

@@ -4,10 +4,13 @@ The loop as a hub's client (`run --hub URL`; autoresearch/hub.py is the other en
 After each experiment its result goes to #results in agenthub's text format (the hub files it in its results
 table, status included), and a keep is pushed as a bundle. Before each experiment, the hub's best commit for
 this platform, when it beats the local best, becomes the next proposal: the loop's own runs and keep rule
-decide whether it becomes the best here (a claim on the hub is a hint, not a fact). A hub that goes down
-during the night never stops the loop: it says so and goes on (one that cannot be reached at the start does).
-Adopting a commit runs code that another agent pushed: --hub-trust limits whose.
+decide whether it becomes the best here (a claim on the hub is a hint, not a fact). With --workers, the
+coordinator posts and pushes, and each worker adopts (one record of tried commits: each is tried once, by one
+worker). A hub that goes down during the night never stops the loop: it says so and goes on (one that cannot
+be reached at the start does). Adopting a commit runs code that another agent pushed: --hub-trust limits whose.
 """
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -21,7 +24,7 @@ import requests
 
 from autoresearch.gitrepo import git, identity
 from autoresearch.layout import TRAIN, LoopError, read_json
-from autoresearch.ledger import measured_versions, one_line, write_atomic
+from autoresearch.ledger import ledger_dir, measured_versions, one_line, write_atomic
 from autoresearch.proposers import Proposal
 from autoresearch.state import say
 
@@ -63,7 +66,8 @@ class HubClient:
     def __init__(self, url, loop, platform=None, trust=None):
         self.url, self.loop, self.trust = url.rstrip("/"), loop, trust
         self.platform = platform or platform_name(loop.config)
-        self.state_path = loop.private_dir / "hub.json"  # tried commits, last push: out of the agent's reach
+        # tried commits and the last push, out of the agent's reach; one file for the tag, its workers included
+        self.state_path = ledger_dir() / loop.tag / "hub.json"
         try:
             self.auth = {"Authorization": f"Bearer {self.credentials()['api_key']}"}
             self.data("GET", "/api/git/leaves")
@@ -118,8 +122,14 @@ class HubClient:
     def state(self):
         return read_json(self.state_path) or {"tried": [], "pushed": None}
 
-    def save(self, state):
-        write_atomic(self.state_path, json.dumps(state).encode())
+    @contextlib.contextmanager
+    def changing_state(self):
+        """hub.json to change in place, under a lock: workers adopt while their coordinator pushes."""
+        with open(self.state_path.with_suffix(".lock"), "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            state = self.state()
+            yield state
+            write_atomic(self.state_path, json.dumps(state).encode())
 
     # -- after an experiment -----------------------------------------------------------------------------------
 
@@ -138,7 +148,7 @@ class HubClient:
 
     def push(self):
         state = self.state()
-        head = git("rev-parse", "HEAD")
+        head = git("rev-parse", f"refs/heads/{self.loop.branch}")  # a coordinator's checkout may be elsewhere
         if head == state["pushed"]:
             return
         since = state["pushed"] if state["pushed"] and git("merge-base", "--is-ancestor", state["pushed"], "HEAD",
@@ -152,7 +162,8 @@ class HubClient:
                     break
             else:
                 raise HubDown(f"push refused: {r.text[:200]}")
-        self.save(dict(state, pushed=head))
+        with self.changing_state() as state:
+            state["pushed"] = head
         say(self.loop, f"hub: pushed {self.loop.branch} at {head[:7]} ({len(r.json()['hashes'])} new commits)")
 
     # -- before an experiment ----------------------------------------------------------------------------------
@@ -169,21 +180,28 @@ class HubClient:
 
     def adopt(self):
         """The hub's best claim (see candidate) as the working tree's train.py, committed on the best, or None.
-        Each hub commit is tried once."""
+        Each hub commit is tried once, by one worker."""
+        sha = None
         try:
             claim = self.candidate()
             if claim is None:
                 return None
             sha = claim["commit_full"]
+            with self.changing_state() as state:
+                taken = sha in state["tried"]  # by another worker, meanwhile
+                state["tried"] += [] if taken else [sha]
+            if taken:
+                return None
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "in.bundle").write_bytes(self.call("GET", f"/api/git/fetch/{sha}").content)
                 fetched = git("fetch", "-q", "--no-tags", str(Path(tmp) / "in.bundle"),
-                              f"refs/commits/{sha}:refs/hub/{sha}", check=False)
+                              f"refs/commits/{sha}:refs/hub/{sha}", check=False)  # or a bundle that never will be
         except HubDown as e:
+            if sha:  # tried again once the hub answers
+                with self.changing_state() as state:
+                    state["tried"] = [t for t in state["tried"] if t != sha]
             say(self.loop, f"hub: {e}; the loop goes on without it")
             return None
-        state = self.state()
-        self.save(dict(state, tried=state["tried"] + [sha]))  # fetched, or a bundle that never will be
         blob = git("rev-parse", f"{sha}:{TRAIN}", check=False) if fetched is not None else None
         if blob is None or blob[:12] in measured_versions(self.loop.rows):
             return None  # unusable, no train.py there, or a version measured here already (our own push, say)

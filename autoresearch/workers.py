@@ -184,7 +184,7 @@ def worker_main(options):
         loop = Loop(o["tag"], load_config(o["tag"]), [], o["timeout"], o["min_delta"], worker=o["worker"],
                     root=o["root"], link=link)
         lock(loop.dir)
-        proposer = make_proposer(o["agent"], o["seed"], o["agent_timeout"])
+        proposer = hub_first(loop, o.get("hub"), make_proposer(o["agent"], o["seed"], o["agent_timeout"]))
         while True:
             go = link.ask({"op": "next"})
             if go.get("stop"):
@@ -195,6 +195,20 @@ def worker_main(options):
                 return 0
     except (KeyboardInterrupt, Stop):
         return 130
+
+
+def hub_first(loop, hub, proposer):
+    """The proposer behind the coordinator's hub (run --hub): the hub's better commits are tried first. A hub
+    this worker cannot use is said, and the worker goes on without it."""
+    if not hub:
+        return proposer
+    from autoresearch.hubclient import HubClient, HubFirst  # requests: only a hub's client needs it
+    try:
+        client = HubClient(hub["url"], loop, hub["platform"], None if hub["trust"] is None else set(hub["trust"]))
+    except LoopError as e:
+        say(loop, f"hub: {e}; this worker goes on without it")
+        return proposer
+    return HubFirst(client, proposer)
 
 
 def one_experiment(loop, proposer, n, link):
@@ -277,8 +291,8 @@ class Worker:
 class Coordinator:
     """The one writer of a parallel run: see the module's docstring."""
 
-    def __init__(self, loop, args, devices, executor=None):
-        self.loop, self.args, self.root, self.executor = loop, args, os.getcwd(), executor
+    def __init__(self, loop, args, devices, executor=None, hub=None):
+        self.loop, self.args, self.root, self.executor, self.hub = loop, args, os.getcwd(), executor, hub
         self.messages = queue.Queue()
         self.workers = [Worker(i, d, Path(self.root) / WORKTREES_DIR / f"{loop.tag}-w{i}")
                         for i, d in enumerate(devices, 1)]
@@ -305,7 +319,9 @@ class Coordinator:
         options = dict(tag=self.loop.tag, worker=w.number, root=self.root, fds=[from_coordinator, to_coordinator],
                        parent=os.getpid(), cpus=w.device.cpus, agent=self.args.agent, seed=self.args.seed,
                        agent_timeout=self.args.agent_timeout, timeout=self.loop.timeout,
-                       min_delta=self.loop.min_delta, remote=self.executor is not None)
+                       min_delta=self.loop.min_delta, remote=self.executor is not None,
+                       hub=self.hub and dict(url=self.hub.url, platform=self.hub.platform,
+                                             trust=None if self.hub.trust is None else sorted(self.hub.trust)))
         w.proc = subprocess.Popen([sys.executable, "-I", "-u", "-c", BOOT, json.dumps(options)], cwd=w.path,
                                   env={**os.environ, **w.device.env}, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -383,7 +399,11 @@ class Coordinator:
         if op == "claim":
             return self.answer(w, {"twin": self.claim(w, message)})
         if op == "row":
-            return self.answer(w, self.record(w, message))
+            recorded = self.record(w, message)
+            self.answer(w, recorded)
+            if self.hub:  # after the answer: a slow hub holds the worker back no longer than it must
+                self.hub.publish(recorded["row"])
+            return None
         if op == "train":  # a run on Ray: answered when its task ends
             w.waiting = message["id"]
             self.executor.submit(w.number, message, self.loop.config, self.loop.timeout,
@@ -542,12 +562,12 @@ def echo(number, pipe):
         sys.stderr.flush()
 
 
-def run_workers(loop, args):
-    """run --workers N / --gpus (--executor ray): the coordinator's life. Returns the per-worker summary lines,
-    and whether every worker gave up (its agent kept failing, or it kept dying)."""
+def run_workers(loop, args, hub=None):
+    """run --workers N / --gpus (--executor ray): the coordinator's life, with a hub's client or None. Returns
+    the per-worker summary lines, and whether every worker gave up (its agent kept failing, or it kept dying)."""
     if args.executor != "ray":
         devices = plan_devices(args.workers, args.gpus, loop.config.get("cores_per_run"))
-        coordinator = Coordinator(loop, args, devices)
+        coordinator = Coordinator(loop, args, devices, hub=hub)
         coordinator.run()
         return coordinator.summary(), all(w.gave_up for w in coordinator.workers)
     if args.gpus:
@@ -559,7 +579,7 @@ def run_workers(loop, args):
         nodes = executor.check_nodes(loop.best_commit, loop.config)
         say(loop, f"Ray: {executor.where}, {nodes} node(s); each run asks for {executor.label}")
         coordinator = Coordinator(loop, args, [Device(f"runs on Ray, {executor.label}")] * executor.workers,
-                                  executor)
+                                  executor, hub)
         coordinator.run()
         return coordinator.summary(), all(w.gave_up for w in coordinator.workers)
     finally:

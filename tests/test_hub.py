@@ -465,3 +465,36 @@ def test_a_key_saved_for_an_address_whose_hub_does_not_know_it_is_named_with_the
     out = loop(repo, lab_env, "run", "--agent", "true", "--hub", hub.url, "--max-experiments", "1", check=False)
     assert out.returncode == 2 and f"does not know the key saved in {saved}" in out.stderr, out.stderr
     assert "delete that file to register again" in out.stderr
+
+
+def test_workers_post_every_row_push_their_keeps_and_try_a_hub_commit_on_one_worker_only(
+        hub, repo, lab_env, tmp_path):
+    initialised(repo, lab_env)
+    alice = tmp_path / "alice"  # another lab's keep on the hub, better than this lab's baseline
+    subprocess.run(["git", "clone", "-q", str(repo), str(alice)], check=True, env=lab_env, capture_output=True)
+    (alice / "train.py").write_text((alice / "train.py").read_text().replace("VAL_BPB = 1.0", "VAL_BPB = 0.9"))
+    subprocess.run(["git", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qam", "better"], cwd=alice,
+                   check=True)
+    subprocess.run(["git", "bundle", "create", "-q", "a.bundle", "HEAD"], cwd=alice, check=True)
+    auth = hub.register("alice")
+    assert hub.post("/api/git/push", auth, data=(alice / "a.bundle").read_bytes()).status_code == 201
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=alice, capture_output=True, text=True).stdout.strip()
+    hub.post("/api/results", auth, json={"commit": sha, "val_bpb": 0.9, "platform": "here", "status": "keep"})
+    worse = tmp_path / "worse.sh"  # this lab's own agent: a worse train.py each time, never the same one
+    worse.write_text("#!/bin/sh\nsed -i \"s/^VAL_BPB = .*/VAL_BPB = 1.$AUTORESEARCH_EXPERIMENT/\" train.py\n")
+    worse.chmod(0o755)
+    gpus = dict(lab_env, CUDA_VISIBLE_DEVICES="0,1")  # a worker each, on the stand-in: no cores to split
+    p = loop(repo, gpus, "run", "--agent", str(worse), "--workers", "2", "--hub", hub.url, "--hub-platform", "here",
+             "--max-experiments", "4")
+    out = p.stdout + p.stderr
+    mine = rows(repo)[1:]
+    adopted = [r for r in mine if r["description"].startswith(f"from the hub: {sha[:7]}")]
+    assert len(mine) == 4 and len(adopted) == 1 and adopted[0]["status"] == "keep", out  # tried on one worker
+    assert out.count(f"hub: trying {sha[:7]}") == 1, out
+    saved = json.loads(next((tmp_path / "home/.config/autoresearch/hubs").iterdir()).read_text())
+    posted = [r for r in hub.get("/api/results", auth, params={"limit": "100"}).json()
+              if r["agent_id"] == saved["id"]]
+    assert sorted(r["status"] for r in posted) == sorted(r["status"] for r in mine), out  # every row, once
+    keep = git(repo, "rev-parse", "autoresearch/t")
+    assert [c["hash"] for c in hub.get(f"/api/git/commits/{sha}/children", auth).json()] == [keep], out
+    assert "hub: pushed autoresearch/t" in out

@@ -293,8 +293,6 @@ def test_workers_refuse_what_they_cannot_do_and_say_the_fix(repo, env):
     assert too_many.returncode == 2 and f"Fix: `--workers {cores}`" in too_many.stderr
     zero = loop(repo, env, "run", "--agent", "mutate", "--workers", "0", check=False)
     assert zero.returncode == 2 and "give a number of workers from 1, or auto" in zero.stderr
-    hub = loop(repo, env, "run", "--agent", "mutate", "--workers", "2", "--hub", "http://127.0.0.1:9", check=False)
-    assert hub.returncode == 2 and "--hub works with the single loop only" in hub.stderr
     auto = loop(repo, env, "run", "--agent", "mutate", "--workers", "auto", check=False)
     assert auto.returncode == 2 and "none is visible" in auto.stderr
     assert len(rows(repo)) == 1 and not (repo / "worktrees").exists()
