@@ -16,7 +16,14 @@ from test_agent_loop import (AGENT_LOOP, clean_tracked, env, git, initialised, l
 sys.path.insert(0, str(AGENT_LOOP.parent))
 from autoresearch import process  # noqa: E402
 
-pytestmark = pytest.mark.whole_machine  # --workers 2 on CPU splits the cores: it needs two
+# --workers 2 on CPU splits the cores: tests that do are whole_machine (the suite's other process waits). The
+# tests of coordination give each worker a (fake) GPU instead: the stand-in never uses it, and they share.
+
+
+@pytest.fixture
+def gpus(env):
+    """The test environment with two GPUs visible (made up): a worker on each, no share of the cores needed."""
+    return dict(env, CUDA_VISIBLE_DEVICES="0,1")
 
 
 def agent_script(tmp_path, body):
@@ -52,30 +59,30 @@ def assert_all_at_best(repo, env):
 # -----------------------------------------------------------------------------
 
 
-def test_two_workers_share_one_ledger_one_best_and_never_repeat_a_seed_or_a_version(repo, env):
-    initialised(repo, env, repeats=2, SHAPED=True, SLEEP=0.2)
-    out = loop(repo, env, "run", "--agent", "mutate", "--workers", "2", "--max-experiments", "6").stdout
+def test_two_workers_share_one_ledger_one_best_and_never_repeat_a_seed_or_a_version(repo, gpus):
+    initialised(repo, gpus, repeats=2, SHAPED=True, SLEEP=0.2)
+    out = loop(repo, gpus, "run", "--agent", "mutate", "--workers", "2", "--max-experiments", "6").stdout
     exps = rows(repo)[1:]
     assert {r["worker"] for r in exps} == {"1", "2"}, out             # both worked, in one ledger
     assert len({r["n"] for r in exps}) == len(exps) and len({r["train_py"] for r in exps}) == len(exps)
     seeds = [s for r in rows(repo) for c in ("seeds", "best_seeds") for s in r[c].split(",") if s]
     assert len(seeds) == len(set(seeds))                               # no seed used twice, across workers
-    assert "worker w1: cpus" in out and "w2 (cpus" in out and "per experiment (ledger, git, answers)" in out
-    assert_all_at_best(repo, env)
+    assert "worker w1: gpu 0" in out and "w2 (gpu 1" in out and "per experiment (ledger, git, answers)" in out
+    assert_all_at_best(repo, gpus)
     keeps = [r["commit"] for r in rows(repo) if r["status"] == "keep"]
-    chain = git(repo, env, "log", "--first-parent", "--format=%h", "--abbrev=7").split()
+    chain = git(repo, gpus, "log", "--first-parent", "--format=%h", "--abbrev=7").split()
     assert all(k in chain for k in keeps)                              # every keep is on the branch
     for r in exps:
         if r["status"] != "keep":
-            git(repo, env, "rev-parse", f"refs/autoresearch/t/discarded/{r['n']}")  # discarded, not lost
-    report = json.loads(loop(repo, env, "report", "--json").stdout)
+            git(repo, gpus, "rev-parse", f"refs/autoresearch/t/discarded/{r['n']}")  # discarded, not lost
+    report = json.loads(loop(repo, gpus, "report", "--json").stdout)
     assert sorted(report["workers"]) == ["1", "2"]
     assert sum(w["experiments"] for w in report["workers"].values()) == len(exps)
 
 
 def test_a_keep_on_one_worker_is_the_base_of_the_next_and_an_overtaken_keep_is_tried_again_on_top(
-        repo, env, tmp_path):
-    initialised(repo, env, repeats=2, SHAPED=True, SLEEP=0.3)
+        repo, gpus, tmp_path):
+    initialised(repo, gpus, repeats=2, SHAPED=True, SLEEP=0.3)
     # #1 improves at once. #2 waits for #1's keep, then improves another line (judged against the baseline, its
     # base) and runs slowly; #3 and #4 change nothing that counts; #5 takes long, so that #6 goes to #2's worker
     agent = agent_script(tmp_path, f"""
@@ -87,22 +94,23 @@ case $N in
   *) {edit("ADAM_BETAS", "(0.8, 0.9$N)")}; echo "betas $N";;
 esac
 """)
-    out = loop(repo, env, "run", "--agent", agent, "--workers", "2", "--max-experiments", "6", timeout=120).stdout
+    out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "6", timeout=120).stdout
     r = by_n(repo)
     assert 1 in r and r[1]["status"] == "keep", out
-    c1 = git(repo, env, "rev-parse", r[1]["commit"])
+    c1 = git(repo, gpus, "rev-parse", r[1]["commit"])
     assert f"parent best {c1[:7]}" in (repo / r[3]["log"]).read_text()  # the next experiment starts from #1
     assert r[2]["status"] == "discard" and r[2]["note"].startswith("superseded: better than its base"), out
     assert r[6]["description"] == "warmdown 0.6 (again, on top of the new best)" and r[6]["status"] == "keep"
-    assert git(repo, env, "rev-parse", f"{r[6]['commit']}^") == c1
-    assert git(repo, env, "rev-parse", "--short=7", "HEAD") == r[6]["commit"]
+    assert git(repo, gpus, "rev-parse", f"{r[6]['commit']}^") == c1
+    assert git(repo, gpus, "rev-parse", "--short=7", "HEAD") == r[6]["commit"]
     source = (repo / "train.py").read_text()
     assert "MATRIX_LR = 0.03" in source and "WARMDOWN_RATIO = 0.6" in source  # both changes
     prompt = next((repo / "logs" / "t").glob("w*/004-prompt.md")).read_text()
     assert "Running now on the other workers" in prompt and "warmdown 0.6" in prompt  # #2, still training
-    assert_all_at_best(repo, env)
+    assert_all_at_best(repo, gpus)
 
 
+@pytest.mark.whole_machine
 def test_two_workers_train_the_real_train_py_each_on_its_share_and_the_harness_evaluates_every_run(
         smoke_cache, tmp_path):
     from test_readme import fresh_clone
@@ -137,36 +145,36 @@ esac
     assert_all_at_best(lab, e)
 
 
-def test_a_train_py_in_flight_on_another_worker_or_measured_is_not_run_again(repo, env, tmp_path):
-    initialised(repo, env, SLEEP=0.5)
+def test_a_train_py_in_flight_on_another_worker_or_measured_is_not_run_again(repo, gpus, tmp_path):
+    initialised(repo, gpus, SLEEP=0.5)
     agent = agent_script(tmp_path, f'{edit("VAL_BPB", "1.5")}; echo "same idea"\n')
-    out = loop(repo, env, "run", "--agent", agent, "--workers", "2", "--max-experiments", "3").stdout
+    out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "3").stdout
     exps = rows(repo)[1:]
     assert len(exps) == 1 and exps[0]["status"] == "discard", out
     assert out.count("skip identical to #") == 2 and ("running on w" in out or "discard val_bpb" in out), out
-    assert_all_at_best(repo, env)
+    assert_all_at_best(repo, gpus)
 
 
-def test_each_worktree_is_sealed_as_the_checkout_is(repo, env, tmp_path):
-    initialised(repo, env)
+def test_each_worktree_is_sealed_as_the_checkout_is(repo, gpus, tmp_path):
+    initialised(repo, gpus)
     agent = agent_script(tmp_path, f"""
 case $N in
   1) echo "# mine" >> prepare.py; {edit("VAL_BPB", "0.9")}; echo "better, with help";;
   *) {edit("VAL_BPB", "1.2")}; echo "worse";;
 esac
 """)
-    out = loop(repo, env, "run", "--agent", agent, "--workers", "2", "--max-experiments", "2").stdout
+    out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "2").stdout
     r = by_n(repo)
     assert r[1]["status"] == "discard" and r[1]["note"].startswith("rejected: changed prepare.py"), out
-    assert "# mine" in git(repo, env, "show", "refs/autoresearch/t/discarded/1:prepare.py")   # saved, not lost
+    assert "# mine" in git(repo, gpus, "show", "refs/autoresearch/t/discarded/1:prepare.py")   # saved, not lost
     assert r[2]["status"] == "discard" and "# mine" not in (repo / "prepare.py").read_text()
-    assert_all_at_best(repo, env)
+    assert_all_at_best(repo, gpus)
 
 
-def test_kill_9_of_the_coordinator_stops_every_worker_and_the_next_run_resumes_them_all(repo, env):
-    initialised(repo, env, SLEEP=3.0)
+def test_kill_9_of_the_coordinator_stops_every_worker_and_the_next_run_resumes_them_all(repo, gpus):
+    initialised(repo, gpus, SLEEP=3.0)
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--workers", "2"],
-                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=repo, env=gpus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     running = [repo / "logs" / "t" / f"w{i}" / "running.json" for i in (1, 2)]
 
     def both_training():
@@ -182,10 +190,10 @@ def test_kill_9_of_the_coordinator_stops_every_worker_and_the_next_run_resumes_t
     finished = rows(repo)
     assert len(finished) == 1                                            # no experiment had finished
     shutil.rmtree(repo / "worktrees" / "t-w2")                          # even a worktree deleted by hand
-    out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0").stdout  # any later command
+    out = loop(repo, gpus, "run", "--agent", "mutate", "--max-experiments", "0").stdout  # any later command
     interrupted = [r for r in rows(repo) if r["note"].startswith("interrupted: the loop was killed")]
     assert sorted(int(r["n"]) for r in interrupted) == sorted(s["n"] for s in states), out
-    out = loop(repo, env, "run", "--agent", "mutate", "--workers", "2", "--max-experiments", "2").stdout
+    out = loop(repo, gpus, "run", "--agent", "mutate", "--workers", "2", "--max-experiments", "2").stdout
     after = rows(repo)
     later = [int(r["n"]) for r in after[1:] if r not in interrupted]
     assert len(later) == 2 and min(later) > max(s["n"] for s in states)  # numbers never reused
@@ -193,24 +201,24 @@ def test_kill_9_of_the_coordinator_stops_every_worker_and_the_next_run_resumes_t
     seeds = [x for r in after for c in ("seeds", "best_seeds") for x in r[c].split(",") if x]
     assert len(seeds) == len(set(seeds))                               # the killed runs' seeds too
     for s in states:
-        git(repo, env, "rev-parse", f"refs/autoresearch/t/discarded/{s['n']}")
+        git(repo, gpus, "rev-parse", f"refs/autoresearch/t/discarded/{s['n']}")
     assert not any(p.exists() for p in running)
-    assert_all_at_best(repo, env)
+    assert_all_at_best(repo, gpus)
 
 
-def test_kill_9_of_the_coordinator_also_ends_the_agents_of_its_workers(repo, env, tmp_path):
-    initialised(repo, env)
+def test_kill_9_of_the_coordinator_also_ends_the_agents_of_its_workers(repo, gpus, tmp_path):
+    initialised(repo, gpus)
     agent = agent_script(tmp_path, f"echo $$ > {tmp_path}/agent-$N.pid\nsleep 300\n")
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", agent, "--workers", "2"], cwd=repo,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=gpus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pids = [tmp_path / "agent-1.pid", tmp_path / "agent-2.pid"]
     assert wait_for(lambda: all(p.exists() and p.read_text().strip() for p in pids), 60)
     proc.kill()
     proc.wait()
     assert wait_for(lambda: all(pid_gone(int(p.read_text())) for p in pids), 20)   # no agent edits on alone
-    loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0")
+    loop(repo, gpus, "run", "--agent", "mutate", "--max-experiments", "0")
     assert len(rows(repo)) == 1 and not list((repo / "logs" / "t").glob("w*/running.json"))
-    assert_all_at_best(repo, env)
+    assert_all_at_best(repo, gpus)
 
 
 def test_each_gpu_worker_sees_only_its_gpu(repo, env):
@@ -228,28 +236,28 @@ def test_each_gpu_worker_sees_only_its_gpu(repo, env):
     assert fewer.returncode == 2 and "2 GPU(s) visible, one per worker. Fix: `--workers 2`" in fewer.stderr
 
 
-def test_a_workers_timeout_kills_its_train_py_and_children_and_the_other_worker_goes_on(repo, env, tmp_path):
-    initialised(repo, env)
+def test_a_workers_timeout_kills_its_train_py_and_children_and_the_other_worker_goes_on(repo, gpus, tmp_path):
+    initialised(repo, gpus)
     agent = agent_script(tmp_path, f"""
 case $N in
   1) {edit("MODE", '"hang"')}; echo "hangs";;
   *) {edit("VAL_BPB", "1.5")}; echo "worse";;
 esac
 """)
-    out = loop(repo, dict(env, STANDIN_CHILD_PID=str(tmp_path / "child.pid")), "run", "--agent", agent,
+    out = loop(repo, dict(gpus, STANDIN_CHILD_PID=str(tmp_path / "child.pid")), "run", "--agent", agent,
                "--workers", "2", "--max-experiments", "3", "--timeout", "3").stdout
     r = by_n(repo)
     assert len(r) >= 3 and r[1]["status"] == "crash", out
     assert r[1]["note"].startswith("crash: timeout: killed with its whole process"), out
     assert wait_for(lambda: pid_gone(int((tmp_path / "child.pid").read_text())), 15)  # train.py's child too
     assert [r[n]["status"] for n in sorted(r)[2:]] == ["discard"] * (len(r) - 2), out  # the other one went on
-    assert_all_at_best(repo, env)
+    assert_all_at_best(repo, gpus)
 
 
-def test_a_worker_that_dies_gets_a_crash_row_and_is_started_again(repo, env):
-    initialised(repo, env, SLEEP=2.0)
+def test_a_worker_that_dies_gets_a_crash_row_and_is_started_again(repo, gpus):
+    initialised(repo, gpus, SLEEP=2.0)
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--workers", "2",
-                             "--max-experiments", "4"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                             "--max-experiments", "4"], cwd=repo, env=gpus, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     running = repo / "logs" / "t" / "w1" / "running.json"
 
@@ -268,9 +276,10 @@ def test_a_worker_that_dies_gets_a_crash_row_and_is_started_again(repo, env):
                                                                                    "died"), out
     assert f"w1 exited with code -9 without being told to stop during #{state['n']}" in out
     assert len(r) == 1 + 4 and sum(x["worker"] == "1" for x in r.values()) >= 2, out  # w1 worked on after
-    assert_all_at_best(repo, env)
+    assert_all_at_best(repo, gpus)
 
 
+@pytest.mark.whole_machine
 def test_a_tag_initialised_for_cpu_workers_runs_everything_on_a_workers_share_of_the_cores(repo, env):
     share = len(os.sched_getaffinity(0)) // 2
     p = initialised(repo, env, SHAPED=True)
@@ -307,6 +316,7 @@ def ray_env(env, tmp_path):
     return dict(env, AUTORESEARCH_RAY_HOME=str(tmp_path / "nodes"))
 
 
+@pytest.mark.whole_machine
 def test_ray_executor_runs_every_run_as_a_task_and_records_it_here(repo, env, tmp_path):
     pytest.importorskip("ray")
     initialised(repo, env, repeats=2, SHAPED=True)
@@ -323,6 +333,7 @@ def test_ray_executor_runs_every_run_as_a_task_and_records_it_here(repo, env, tm
     assert_all_at_best(repo, env)
 
 
+@pytest.mark.whole_machine
 def test_a_ray_task_that_dies_with_its_node_is_a_crash_row_and_the_loop_goes_on(repo, env, tmp_path):
     pytest.importorskip("ray")
     initialised(repo, env)
@@ -340,6 +351,7 @@ esac
     assert_all_at_best(repo, env)
 
 
+@pytest.mark.whole_machine
 def test_ray_refuses_to_start_on_a_node_without_the_data_and_names_the_fix(repo, env, tmp_path):
     pytest.importorskip("ray")
     initialised(repo, env)
