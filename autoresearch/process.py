@@ -1,9 +1,12 @@
 """
 Child processes (train.py, an agent command) in their own process group, so that a timeout, Ctrl-C or the
 end of a run kills them and everything they started, and never anything else; ending a child that outlived
-a killed loop; processes that left the group (setsid, a double fork) found by a token in their environment;
-and SIGTERM, which the loop handles like Ctrl-C.
+a killed loop; processes that left the group (setsid, a double fork) found by a token in their environment,
+or, having dropped it, below the loop, which adopts its orphaned descendants (Linux's child subreaper); and
+SIGTERM, which the loop handles like Ctrl-C.
 """
+import contextlib
+import ctypes
 import math
 import os
 import resource
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KILL_GRACE_S = 10                            # SIGTERM, then SIGKILL this much later
+PR_SET_CHILD_SUBREAPER = 36                  # prctl(2)
+LIVE_SESSIONS = set()                        # the groups started here and not ended yet (their leaders' pids)
 
 
 class Stop(BaseException):
@@ -30,13 +35,18 @@ def raise_stop(signum, frame):
 # Process groups
 
 
-def proc_start_time(pid):
-    """Start time of a live (non-zombie) process, to tell our old child from a reused pid (Linux)."""
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command's name (state, ppid, pgrp, session, ...), or None."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return None if fields[0] == "Z" else fields[19]
+
+
+def proc_start_time(pid):
+    """Start time of a live (non-zombie) process, to tell our old child from a reused pid (Linux)."""
+    fields = proc_stat(pid)
+    return None if not fields or fields[0] == "Z" else fields[19]
 
 
 def kill_group(pgid, alive):
@@ -69,6 +79,7 @@ class Group:
     token: str
     log: object  # its open output, where a note of processes that outlived it goes (or None)
     started: float
+    born: int = 0  # the child's start time in clock ticks (/proc): all it started came later
     ended: bool = False
 
 
@@ -76,13 +87,16 @@ def start_group(cmd, stdout, stderr, env, stdin=subprocess.DEVNULL, shell=False)
     """cmd started in a new session (its own process group), for wait_group or end_group."""
     start = time.monotonic()
     token = new_run_token()
+    adopt_orphans()
     try:
         proc = subprocess.Popen(cmd, shell=shell, stdin=stdin, stdout=stdout, stderr=stderr,
                                 env={**env, RUN_TOKEN_ENV: token}, start_new_session=True)
     except BaseException:  # Ctrl-C inside Popen, after the fork: the child runs, and only its token names it
         kill_token_holders(token)
         raise
-    return Group(proc, token, stdout if stderr == subprocess.STDOUT else stderr, start)
+    LIVE_SESSIONS.add(proc.pid)
+    born = int((proc_stat(proc.pid) or [0] * 20)[19])  # not reaped before end_group: readable, even a zombie
+    return Group(proc, token, stdout if stderr == subprocess.STDOUT else stderr, start, born)
 
 
 def wait_group(group, timeout, on_spawn=None):
@@ -109,10 +123,63 @@ def end_group(group):
         group.proc.stdin.close()
     kill_group(group.proc.pid, lambda: exit_code(group.proc) is None)
     exit_code(group.proc, block=True)
-    escaped = kill_token_holders(group.token)
+    LIVE_SESSIONS.discard(group.proc.pid)
+    escaped = kill_token_holders(group.token) | end_strays(group)
     if escaped:
-        log_note(group.log, f"[agent_loop] killed {escaped} process(es) of this run that outlived it "
+        log_note(group.log, f"[agent_loop] killed {len(escaped)} process(es) of this run that outlived it "
                             f"(setsid, daemon)")
+
+
+# -----------------------------------------------------------------------------
+# What left the group and dropped its token: below the loop all the same
+
+
+def adopt_orphans():
+    """This process becomes the reaper of its orphaned descendants (prctl's child subreaper, Linux): whatever a
+    run starts stays below the loop, whichever session and environment it moves to, where end_strays finds it
+    (an orphan would otherwise go to init, out of sight). Off Linux, nothing."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def processes_below(pid):
+    """{pid: /proc stat fields} of every process below pid, zombies included (Linux; elsewhere none)."""
+    table, children = {}, {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit() and (fields := proc_stat(entry.name)):
+            table[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = table[child]
+            todo.append(child)
+    return found
+
+
+def end_strays(group):
+    """SIGKILL what the group started that left it (setsid, a double fork, a cleared environment): every process
+    below this one, started since the group's child, in a session that is neither this process's (its own git
+    commands) nor a live group's (the evaluator beside train.py); and reap the orphans adopted here. The pids
+    of those found running outside the group's process group."""
+    me, sessions, escaped = os.getpid(), {os.getsid(0)} | LIVE_SESSIONS, set()
+    for _ in range(20):
+        strays = {pid: f for pid, f in processes_below(me).items() if int(f[3]) not in sessions
+                  and (int(f[19]) >= group.born or (f[0] == "Z" and int(f[1]) == me))}
+        if not strays:
+            break
+        for pid, f in strays.items():
+            if f[0] != "Z":
+                escaped |= {pid} if int(f[2]) != group.proc.pid else set()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            if int(f[1]) == me:  # adopted here: reaped here, or it stays a zombie
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    return escaped
 
 
 def cpu_seconds(pid):
@@ -206,7 +273,7 @@ def processes_with_token(token):
 
 def kill_token_holders(token):
     """SIGKILL every process that still carries the run's token (a daemon that escaped its process group);
-    returns how many there were. Repeated until none is left: a dying parent may fork once more."""
+    returns their pids. Repeated until none is left: a dying parent may fork once more."""
     killed = set()
     for _ in range(20):
         pids = [pid for pid in processes_with_token(token) if pid not in killed or proc_start_time(pid)]
@@ -219,7 +286,7 @@ def kill_token_holders(token):
             except (ProcessLookupError, PermissionError):
                 pass
         time.sleep(0.05)
-    return len(killed)
+    return killed
 
 
 def kill_leftover(state):

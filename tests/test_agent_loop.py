@@ -794,6 +794,26 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     assert not running.exists() and clean_tracked(repo, env)
 
 
+def test_a_process_that_left_the_runs_group_and_dropped_its_token_ends_with_the_run(repo, env, tmp_path):
+    initialised(repo, env)
+    set_train(repo, MODE="vanish", VAL_BPB=1.5)  # its child: a new session, an empty environment
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "vanish")
+    loop(repo, dict(env, STANDIN_CHILD_PID=str(tmp_path / "child.pid")), "step", "-m", "vanish")
+    assert pid_gone(int((tmp_path / "child.pid").read_text()))  # when step returns, not later
+    assert "killed 1 process(es) of this run that outlived it" in (repo / rows(repo)[-1]["log"]).read_text()
+
+
+def test_a_process_an_agent_left_behind_without_its_token_ends_with_the_agent_call(repo, env, tmp_path):
+    initialised(repo, env)
+    agent = tmp_path / "agent.sh"
+    agent.write_text(f"#!/bin/sh\nsetsid env -i sh -c 'echo $$ > {tmp_path}/left.pid; exec sleep 600' &\n"
+                     f"sleep 0.5\nsed -i 's/^VAL_BPB = .*/VAL_BPB = 1.5/' train.py\n")
+    agent.chmod(0o755)
+    loop(repo, env, "run", "--agent", str(agent), "--max-experiments", "1")
+    assert pid_gone(int((tmp_path / "left.pid").read_text()))
+    assert rows(repo)[-1]["status"] == "discard"
+
+
 def test_a_stale_running_json_never_kills_a_process_that_is_not_ours(repo, env, tmp_path):
     initialised(repo, env)
     # someone else's process (a group leader, as a shell job is) now holds the pid that running.json names:

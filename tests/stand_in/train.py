@@ -16,7 +16,7 @@ SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
-                          # shadow | evalpoison | evalpoisoncrash
+                          # shadow | evalpoison | evalpoisoncrash | vanish
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -71,6 +71,10 @@ if MODE == "daemon":  # leaves its process group and writes a keep row after the
     forged = "forged\\t0.100000\\t0.0\\tkeep\\tforged by a daemon\\n"
     subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(2); open('results.tsv', 'a').write('{forged}')"],
                      start_new_session=True)
+if MODE == "vanish":  # leaves its process group and its token behind (a new session, a cleared environment)
+    subprocess.Popen([sys.executable, "-c", f"import os, time; open({os.environ['STANDIN_CHILD_PID']!r}, 'w')"
+                      f".write(str(os.getpid())); time.sleep(600)"], start_new_session=True, env={})
+    time.sleep(0.5)
 if MODE == "cachepoison":  # leaves a "kernel" in every other version's compile cache
     own = os.path.abspath(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     for other in os.listdir(os.path.dirname(own)):
