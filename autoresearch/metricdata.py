@@ -64,13 +64,14 @@ def verify_metric_files(directory, expected=None):
 
 def evaluation_copy(prepared, expect):
     """The folder the evaluator reads the metric's files from: a sealed copy (of those in prepared/.pristine) in
-    the system's temp folder, named by their hashes, outside the repository and the cache; the cache's own val
-    files are watched while train.py runs (valwatch), and an evaluator of another run reading them then would
-    look like that run. None (the evaluator reads the cache) without recorded hashes or an intact pristine
-    copy."""
+    the system's temp folder, outside the repository and the cache, named by their hashes and by the checkout
+    (the current folder). The cache's val files and this copy are watched while train.py runs (valwatch): an
+    evaluator of another run reading them then would look like that run, so each checkout (a worker's
+    worktree) has a copy of its own. None (the evaluator reads the cache) without recorded hashes or an intact
+    pristine copy."""
     if not (expect and prepared):
         return None
-    key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([expect, os.getcwd()], sort_keys=True).encode()).hexdigest()[:16]
     final = Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}" / "metric" / key
     if (final / PRISTINE / "hashes.json").exists():
         try:

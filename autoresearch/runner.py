@@ -121,9 +121,10 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
             log.flush()
             offset = log.tell()
+            copy = evaluator_data(config) if handoff else None  # watched too: the evaluator reads it later
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             started_ns = time.time_ns()
-            with DataWatch(cache_dir(env)) as watch:
+            with DataWatch(cache_dir(env), copy) as watch:
                 rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout,
                                      on_spawn=on_spawn)
             # the evaluator's imports beside train.py are the harness's own work, not other work on the machine

@@ -1,9 +1,10 @@
 """
 What a run did to the data its number is measured on, by the kernel's word (Linux inotify): which files of the
 validation split it opened (their tokens and offsets, the pristine copies beside them, the raw val shards they
-came from, for every dataset and profile in the cache), and which of the metric's files it wrote. Under the
-harness train.py has no reason to open any of them (the evaluator scores the model it hands over, from a copy
-of its own), so a run that did looked at, or trained on, the text it is judged on. Elsewhere nothing is watched.
+came from, for every dataset and profile in the cache, and the evaluator's own copy for this checkout), and which
+of the metric's files it wrote. Under the harness train.py has no reason to open any of them (the evaluator
+scores the model it hands over, from that copy, after train.py ended), so a run that did looked at, or trained
+on, the text it is judged on. Elsewhere nothing is watched.
 """
 import ctypes
 import ctypes.util
@@ -24,11 +25,11 @@ def cache_dir(env):
     return Path(env.get("AUTORESEARCH_CACHE_DIR") or "~/.cache/autoresearch").expanduser()
 
 
-def watched_files(cache):
-    """{path: mask}: every val split's files in the cache (opened: IN_OPEN) and the metric's other files
-    (written: IN_MODIFY and friends)."""
+def watched_files(cache, copy=None):
+    """{path: mask}: every val split's files in the cache and in the evaluator's copy (opened: IN_OPEN) and the
+    metric's other files (written: IN_MODIFY and friends)."""
     files = {}
-    for prepared in cache.glob("prepared/*/*"):
+    for prepared in [*cache.glob("prepared/*/*"), *([Path(copy)] if copy else [])]:
         for folder in (prepared, prepared / PRISTINE):
             for name in METRIC_FILES:
                 if (folder / name).is_file():
@@ -43,11 +44,12 @@ def watched_files(cache):
 
 
 class DataWatch:
-    """with DataWatch(cache) as w: ...; then w.opened (val files opened) and w.written (metric files written),
-    each a sorted list of paths, or None where inotify is not available."""
+    """with DataWatch(cache, copy) as w: ...; then w.opened (val files opened) and w.written (metric files
+    written), each a sorted list of paths, or None where inotify is not available. copy: the evaluator's copy
+    of the metric's files (metricdata.evaluation_copy), or None."""
 
-    def __init__(self, cache):
-        self.cache, self.fd, self.paths, self.opened, self.written = cache, None, {}, None, None
+    def __init__(self, cache, copy=None):
+        self.cache, self.copy, self.fd, self.paths, self.opened, self.written = cache, copy, None, {}, None, None
 
     def __enter__(self):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -57,7 +59,7 @@ class DataWatch:
         if fd < 0:
             return self
         self.fd = fd
-        for path, mask in watched_files(self.cache).items():
+        for path, mask in watched_files(self.cache, self.copy).items():
             wd = libc.inotify_add_watch(fd, str(path).encode(), mask)
             if wd >= 0:
                 self.paths[wd] = (path, mask)
