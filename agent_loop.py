@@ -30,7 +30,7 @@ from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, 
 from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
 from autoresearch.ledger import best_row, ensure_results_header, tag_rows
-from autoresearch.preflight import check_clean, check_position, setup_problems
+from autoresearch.preflight import check_clean, check_position, setup_problems, shared_environment
 from autoresearch.process import Stop, raise_stop
 from autoresearch.proposers import make_proposer
 from autoresearch.report import default_results_path, format_report, pending_of, plot, rows_of_run, summarize
@@ -86,6 +86,8 @@ def cmd_init(args):
     config = pin_config(tag, args.repeats, cores_per_run=share)
     pin_cores(config)
     ensure_results_header()
+    if warning := shared_environment():
+        print(warning, file=sys.stderr)
     loop = Loop(tag, config, [], args.timeout or default_timeout(config))
     print(f"{'resuming' if resume else 'created'} branch {branch} at {head()[:7]}; profile {config['profile']}, "
           f"dataset {config['dataset']}, budget {config['time_budget']} s, timeout {loop.timeout:.0f} s"

@@ -3,6 +3,8 @@ What must hold before the loop touches anything, each failure told with the comm
 setup checks, the loop's outputs kept out of git, and before each experiment the branch at the best commit
 (with nothing uncommitted, for `run`), so that whatever differs later was written by the proposer.
 """
+import importlib.util
+import os
 from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, current_branch, git, head, tree_status
@@ -18,6 +20,20 @@ def tracked_outputs():
     return (f"{', '.join(tracked)} tracked by git, but agent_loop.py writes them during every experiment. "
             f"Fix: `git rm -r -q --cached {' '.join(tracked)} && git commit -m 'untrack experiment outputs'`"
             if tracked else None)
+
+
+def shared_environment():
+    """A warning, or None: torch in this environment has hard links, as uv makes into its cache (an
+    environment made before pyproject's link-mode = "copy"). Another install that links the same files moves
+    their ctime, and the evaluator then rejects honest runs as having written torch."""
+    spec = importlib.util.find_spec("torch")
+    try:
+        links = os.stat(spec.origin).st_nlink if spec and spec.origin else 1
+    except OSError:
+        return None
+    return (f"warning: {spec.origin} has {links} hard links (this environment shares its files with uv's "
+            f"cache): another install that links them moves their ctime, and the evaluator would reject honest "
+            f"runs as having written torch. Fix: `uv sync --reinstall` (copies of its own)") if links > 1 else None
 
 
 # -----------------------------------------------------------------------------

@@ -6,13 +6,14 @@ tag's loop, which always begins with that.
 """
 import os
 import signal
+import sys
 from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, commit, current_branch, git, git_root, head, short, tree_status
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, WORKTREES_DIR, LoopError, now_iso
 from autoresearch.ledger import (INTERRUPTED, append_row, keep_copies, ledger_dir, ledger_path, render_results,
                                  restore_logs, tag_rows)
-from autoresearch.preflight import tracked_outputs
+from autoresearch.preflight import shared_environment, tracked_outputs
 from autoresearch.process import kill_leftover
 from autoresearch.runner import default_timeout, evaluator_data
 from autoresearch.state import InFlight, Loop, load_config, lock, say, take_lock
@@ -194,6 +195,8 @@ def open_loop(timeout=None, min_delta=0.0):
     catch_up(loop)
     if config.get("harness_eval"):  # the evaluator's own copy, made before any run is watched (valwatch)
         evaluator_data(config)
+    if warning := shared_environment():
+        print(warning, file=sys.stderr)
     return loop
 
 

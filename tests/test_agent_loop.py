@@ -814,6 +814,20 @@ def test_a_process_an_agent_left_behind_without_its_token_ends_with_the_agent_ca
     assert rows(repo)[-1]["status"] == "discard"
 
 
+def test_an_environment_hard_linked_to_uvs_cache_is_named_with_the_fix(repo, env, tmp_path):
+    # torch's files shared with another install (uv's default hard links): its ctime moves under the evaluator
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    os.link(fake / "__init__.py", tmp_path / "uv-cache-copy.py")
+    shared = dict(env, PYTHONPATH=str(tmp_path / "site"))
+    init = loop(repo, shared, "init", "--tag", "t", "--repeats", "1")
+    step = loop(repo, shared, "step", "-m", "same")
+    for p in (init, step):
+        assert f"{fake / '__init__.py'} has 2 hard links" in p.stderr and "Fix: `uv sync --reinstall`" in p.stderr
+    assert "hard links" not in loop(repo, env, "step", "-m", "same again").stderr  # copies: nothing said
+
+
 def test_a_stale_running_json_never_kills_a_process_that_is_not_ours(repo, env, tmp_path):
     initialised(repo, env)
     # someone else's process (a group leader, as a shell job is) now holds the pid that running.json names:
