@@ -62,16 +62,15 @@ def verify_metric_files(directory, expected=None):
     return restored
 
 
-def evaluation_copy(prepared, expect):
+def evaluation_copy(prepared, expect, owner=""):
     """The folder the evaluator reads the metric's files from: a sealed copy (of those in prepared/.pristine) in
-    the system's temp folder, outside the repository and the cache, named by their hashes and by the checkout
-    (the current folder). The cache's val files and this copy are watched while train.py runs (valwatch): an
-    evaluator of another run reading them then would look like that run, so each checkout (a worker's
-    worktree) has a copy of its own. None (the evaluator reads the cache) without recorded hashes or an intact
-    pristine copy."""
+    the system's temp folder, outside the repository and the cache, named by their hashes and by its owner (a
+    loop's ledger). The cache's val files are watched while train.py runs (valwatch), and so is a single
+    loop's copy: an evaluator of another run reading them then would look like that run, so each loop has a
+    copy of its own. None (the evaluator reads the cache) without recorded hashes or an intact pristine copy."""
     if not (expect and prepared):
         return None
-    key = hashlib.sha256(json.dumps([expect, os.getcwd()], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([expect, owner], sort_keys=True).encode()).hexdigest()[:16]
     final = Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}" / "metric" / key
     if (final / PRISTINE / "hashes.json").exists():
         try:

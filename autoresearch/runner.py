@@ -18,7 +18,7 @@ from pathlib import Path
 
 from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, now_iso, to_float
-from autoresearch.ledger import LEDGER_ENV
+from autoresearch.ledger import LEDGER_ENV, ledger_dir
 from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
 from autoresearch.process import (counted_cores, cpu_clock, cpu_seconds, end_group, other_work, run_group,
                                   start_group, wait_group)
@@ -121,7 +121,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
             log.flush()
             offset = log.tell()
-            copy = evaluator_data(config) if handoff else None  # watched too: the evaluator reads it later
+            # the evaluator's copy is watched too, unless other workers' evaluators read it during this run
+            copy = evaluator_data(config) if handoff and LEDGER_ENV not in os.environ else None
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             started_ns = time.time_ns()
             with DataWatch(cache_dir(env), copy) as watch:
@@ -171,8 +172,10 @@ def metric_folder(config):
 
 
 def evaluator_data(config):
-    """The folder the evaluator reads the metric files from (metricdata.evaluation_copy), or None: the cache."""
-    return evaluation_copy(metric_folder(config), config.get("metric_hashes"))
+    """The folder the evaluator reads the metric files from (metricdata.evaluation_copy), or None: the cache.
+    One per ledger: a single loop's own, or the one the workers of a `run --workers` share (made by open_loop
+    before they start, so that no worker reads the cache to make one while another trains)."""
+    return evaluation_copy(metric_folder(config), config.get("metric_hashes"), str(ledger_dir()))
 
 
 def restore_written(written, config):

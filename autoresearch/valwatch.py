@@ -1,7 +1,7 @@
 """
 What a run did to the data its number is measured on, by the kernel's word (Linux inotify): which files of the
 validation split it opened (their tokens and offsets, the pristine copies beside them, the raw val shards they
-came from, for every dataset and profile in the cache, and the evaluator's own copy for this checkout), and which
+came from, for every dataset and profile in the cache, and a single loop's evaluator's own copy), and which
 of the metric's files it wrote. Under the harness train.py has no reason to open any of them (the evaluator
 scores the model it hands over, from that copy, after train.py ended), so a run that did looked at, or trained
 on, the text it is judged on. Elsewhere nothing is watched.

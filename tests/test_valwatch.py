@@ -1,5 +1,5 @@
 """What a run does to the data its number is measured on (autoresearch/valwatch.py), by the kernel's word, and
-the evaluator's own copy of that data (metricdata.evaluation_copy), one per checkout, watched too."""
+the evaluator's own copy of that data (metricdata.evaluation_copy), one per loop, watched too."""
 import os
 import subprocess
 import sys
@@ -71,18 +71,15 @@ def test_the_evaluator_s_copy_is_sealed_named_by_the_hashes_and_made_once(tmp_pa
     assert evaluation_copy(prepared, dict(hashes, **{"val.bin": "0" * 64})) is None
 
 
-def test_the_evaluator_s_copy_is_watched_and_each_checkout_has_its_own(tmp_path, monkeypatch):
+def test_the_evaluator_s_copy_is_watched_and_each_loop_has_its_own(tmp_path):
     cache, prepared, _ = fake_cache(tmp_path)
     hashes = seal_metric_files(prepared)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    monkeypatch.chdir(tmp_path / "a")
-    copy = evaluation_copy(prepared, hashes)
+    copy = evaluation_copy(prepared, hashes, owner=str(tmp_path / "a" / ".git" / "autoresearch"))
     with DataWatch(cache, copy) as watch:  # train.py, reading the validation tokens where the evaluator will
         in_child(f"open({str(copy / 'val.bin')!r}, 'rb').read(); open({str(copy / 'meta.json')!r}).read()")
     assert watch.opened == [str(copy / "val.bin")]
-    monkeypatch.chdir(tmp_path / "b")  # a worker's worktree: its evaluator reads a copy that a's run never sees
-    other = evaluation_copy(prepared, hashes)
+    # another loop's (another clone's, a demo's worktree's): its evaluator reads a copy that this run never sees
+    other = evaluation_copy(prepared, hashes, owner=str(tmp_path / "b" / ".git" / "autoresearch"))
     assert other != copy and seal_metric_files(other) == hashes
     with DataWatch(cache, copy) as watch:
         in_child(f"open({str(other / 'val.bin')!r}, 'rb').read()")
