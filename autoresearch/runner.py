@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch.handoff import HANDOFF_ENV
-from autoresearch.layout import TRAIN, now_iso, to_float
+from autoresearch.layout import TRAIN, LoopError, now_iso, to_float
 from autoresearch.ledger import LEDGER_ENV, ledger_dir
 from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
 from autoresearch.process import (counted_cores, cpu_clock, cpu_seconds, end_group, other_work, run_group,
@@ -175,7 +175,11 @@ def evaluator_data(config):
     """The folder the evaluator reads the metric files from (metricdata.evaluation_copy), or None: the cache.
     One per ledger: a single loop's own, or the one the workers of a `run --workers` share (made by open_loop
     before they start, so that no worker reads the cache to make one while another trains)."""
-    return evaluation_copy(metric_folder(config), config.get("metric_hashes"), str(ledger_dir()))
+    try:
+        owner = str(ledger_dir())
+    except LoopError:  # a run outside a repository (bench/, tests): the folder it runs in
+        owner = os.getcwd()
+    return evaluation_copy(metric_folder(config), config.get("metric_hashes"), owner)
 
 
 def restore_written(written, config):

@@ -237,6 +237,16 @@ def keeping_the_original(path):
     return backup
 
 
+def put_back(backup, path):
+    """The original in its place again, and no backup left (a rename onto another link of the same file, as
+    when the run put it back already, does nothing)."""
+    if os.path.exists(backup):
+        if os.path.exists(path) and os.path.samefile(backup, path):
+            os.unlink(backup)
+        else:
+            os.replace(backup, path)
+
+
 def test_a_run_that_swaps_in_a_file_the_evaluator_runs_code_from_and_puts_it_back_is_caught(cache, plain, tmp_path,
                                                                                           monkeypatch):
     # torch's own sources are outside the repository's seal; the evaluator names those it ran that were written
@@ -250,8 +260,7 @@ def test_a_run_that_swaps_in_a_file_the_evaluator_runs_code_from_and_puts_it_bac
             """))
     finally:
         for path, backup in backups.items():
-            if os.path.exists(backup):
-                os.replace(backup, path)
+            put_back(backup, path)
     assert TORCH_TARGET in run_.tampered and set(run_.tampered) <= {TORCH_TARGET, cached}, run_.tampered
 
 
@@ -269,8 +278,7 @@ def test_a_run_that_forges_the_bytecode_of_a_module_the_evaluator_runs_is_caught
             forged = bootstrap._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size)
             """))
     finally:
-        if os.path.exists(backup):
-            os.replace(backup, cached)
+        put_back(backup, cached)
     assert run_.tampered == [cached]
 
 
