@@ -141,7 +141,7 @@ def cmd_run(args):
         proposer = HubFirst(hub, proposer)
     t0, done, failures = time.monotonic(), 0, 0
     noise = loop.noise()
-    sigma = f"{noise.sigma:.4f} (df {noise.df})" if noise.df else "unknown (no version has run twice yet)"
+    sigma = f"{noise.sigma:.4f} (df {noise.df})" if noise.df else "unknown (no version has two comparable runs yet)"
     say(loop, f"run on {loop.branch}: agent {args.agent!r}, best val_bpb={loop.best_val:.6f} "
               f"({len(loop.rows) - 1} experiments so far), noise sigma {sigma}, timeout {loop.timeout:.0f} s")
     try:

@@ -410,5 +410,10 @@ def outcome_line(status, val, note, log, previous_best, evidence, best):
         return f"{status} {note.removeprefix('crash: ')} log={log}"
     if unmeasured(note) == REJECTED or not evidence:
         return f"{status} {note} log={log}"
-    return (f"{status} val_bpb={val:.6f} delta={val - previous_best:+.4f} ({evidence['cand_runs']} run(s) vs "
-            f"{evidence['best_runs']} of the best, p={evidence['p']:.4f}) best={best:.6f} log={log}")
+    delta = val - previous_best
+    # the decision compares like with like (runs at the same speed, on a machine as busy): say so where that
+    # turns the plain difference of the means around
+    judged = (f", judged {evidence['diff']:+.4f} against the best's comparable runs"
+              if isinstance(evidence.get("diff"), (int, float)) and evidence["diff"] * delta < 0 else "")
+    return (f"{status} val_bpb={val:.6f} delta={delta:+.4f} ({evidence['cand_runs']} run(s) vs "
+            f"{evidence['best_runs']} of the best{judged}, p={evidence['p']:.4f}) best={best:.6f} log={log}")

@@ -221,12 +221,15 @@ def format_report(s, path, recent=0):
              f"improvement {s['improvement']:.6f}{pct}"
              f"  ({s['best']['description']}){mean_of(s['best'])}",
              f"keeps {s['keeps']}{rate}, discards {s['discards']}, crashes {s['crashes']}"]
-    if s["noise_sigma"] is not None:
-        lines.append(f"noise sigma       {s['noise_sigma']:.6f}  from {len(s['baseline']['runs'])} baseline runs")
     noise = s.get("noise")
-    if noise and noise["from"] == POOLED and noise["df"] == 0:  # no version has run twice yet
-        lines.append(f"noise sigma       unknown: no version has run twice yet (decisions used the floor "
-                     f"{noise['sigma']:.6f})")
+    unknown = noise and noise["from"] == POOLED and noise["df"] == 0  # what the decisions had to go on
+    if s["noise_sigma"] is not None and not unknown:
+        lines.append(f"noise sigma       {s['noise_sigma']:.6f}  from {len(s['baseline']['runs'])} baseline runs")
+    if unknown:  # the baseline's runs may differ in speed or load: a spread that is not the code's noise
+        spread = (f"; the baseline's {len(s['baseline']['runs'])} runs, all together, spread "
+                  f"{s['noise_sigma']:.6f}" if s["noise_sigma"] is not None else "")
+        lines.append(f"noise sigma       unknown: no version has two comparable runs yet (same speed, quiet "
+                     f"machine; decisions used the floor {noise['sigma']:.6f}){spread}")
     elif noise and noise["from"] == POOLED:  # one from the baseline runs alone is the line above
         lines.append(f"noise sigma       {noise['sigma']:.6f}  (df {noise['df']}, {noise['from']})")
     if s.get("workers"):

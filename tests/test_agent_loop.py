@@ -752,7 +752,7 @@ def test_hours_limit_lets_the_running_experiment_finish_and_starts_no_other(repo
 def test_mutate_loop_runs_distinct_experiments_and_leaves_the_best(repo, env):
     initialised(repo, env, SHAPED=True)
     out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "4").stdout
-    assert "noise sigma unknown (no version has run twice yet)" in out.split("\n")[0]  # 1 baseline run
+    assert "noise sigma unknown (no version has two comparable runs yet)" in out.split("\n")[0]  # 1 baseline run
     lines = [line for line in out.split("\n") if line.startswith("#")]
     assert len(lines) == 4 and all(re.search(r" \| [A-Z_]+ .+ -> .+$", line) for line in lines), out
     exps = rows(repo)[1:]

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from autoresearch.decide import (Noise, Obs, next_step, parse_evidence, format_evidence, pooled_noise,  # noqa: E402
-                                 run_until_decided, speed_band, t_cdf, t_quantile, version_runs)
+from autoresearch.decide import (Noise, Obs, next_step, outcome_line, parse_evidence, format_evidence,  # noqa: E402
+                                 pooled_noise, run_until_decided, speed_band, t_cdf, t_quantile, version_runs)
 
 SIGMA = 0.01
 FLOOR = 0.0005
@@ -284,3 +284,14 @@ def test_min_delta_is_part_of_the_test_not_only_of_the_screen():
     cand, fresh = [Obs(0.985, 1e5), Obs(0.986, 1e5)], [Obs(1.0, 1e5)]
     assert next_step(best, cand, fresh, Noise(0.002, 20)).action == "keep"
     assert next_step(best, cand, fresh, Noise(0.002, 20), min_delta=0.02).action != "keep"
+
+
+def test_the_outcome_line_says_when_the_judged_difference_turns_the_plain_one_around():
+    # seen in the demo: the mean of all the best's runs (a slow first one included) made the candidate look
+    # better; against the best's run at its speed it was worse, and was discarded
+    judged = dict(cand_runs=1, best_runs=2, diff=0.003561, p=0.97293)
+    line = outcome_line("discard", 0.420547, "discard: not better", "l.log", 0.429246, judged, 0.429246)
+    assert "delta=-0.0087 (1 run(s) vs 2 of the best, judged +0.0036 against the best's comparable runs, " \
+           "p=0.9729)" in line, line
+    plain = outcome_line("discard", 0.44, "discard: not better", "l.log", 0.43, dict(judged, diff=0.01), 0.43)
+    assert "delta=+0.0100 (1 run(s) vs 2 of the best, p=0.9729)" in plain, plain

@@ -155,7 +155,9 @@ def test_report_reads_upstreams_five_columns(tmp_path):
 def test_noise_with_no_repeated_run_yet_is_reported_as_unknown(tmp_path):
     rows = [dict(r, evidence=r.get("evidence", "").replace("df=9", "df=0").replace("df=1", "df=0")) for r in ROWS]
     text = report.format_report(summary(tmp_path, rows), "results.tsv")
-    assert "noise sigma       unknown: no version has run twice yet" in text and "(df 0" not in text
+    assert "noise sigma       unknown: no version has two comparable runs yet" in text, text
+    assert "(df 0" not in text and "from 4 baseline runs" not in text  # one line, not two that disagree
+    assert "floor 0.004100); the baseline's 4 runs, all together, spread 0.001708" in text, text
 
 
 def test_a_parallel_rows_re_runs_of_an_earlier_best_count_for_that_version_not_the_newer_best(tmp_path):
