@@ -151,7 +151,7 @@ class HubClient:
         head = git("rev-parse", f"refs/heads/{self.loop.branch}")  # a coordinator's checkout may be elsewhere
         if head == state["pushed"]:
             return
-        since = state["pushed"] if state["pushed"] and git("merge-base", "--is-ancestor", state["pushed"], "HEAD",
+        since = state["pushed"] if state["pushed"] and git("merge-base", "--is-ancestor", state["pushed"], head,
                                                            check=False) is not None else None
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "push.bundle"
