@@ -32,6 +32,7 @@ Data, training and evaluation:
     device.py      what differs between CUDA, MPS and CPU when measuring a run: FLOP/s, sync, memory
     download.py    the default climbmix dataset: parallel, resumable, verified shard download
     evaluator.py   val_bpb of the model train.py handed over, computed in a process of its own
+    installed.py   the evaluator's code outside the repository (torch...) as at the tag's first evaluation
     fa3.py         loading Flash Attention 3 from the kernels hub (CUDA, Hopper), with a network probe
     handoff.py     the hand-over of a trained model (torch.export) from train.py to the evaluator
     memory.py      peak memory of a training step, counted on fake tensors before anything is allocated

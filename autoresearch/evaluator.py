@@ -150,14 +150,11 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
             "restored": restored}
 
 
-def code_written_since(since_ns):
-    """The files this process runs code from that were written after since_ns (ctime, which no process can set
-    back): the sources and extension modules it imported and the shared libraries mapped in, torch's included,
-    so that a run that edited one (the metric's cross-entropy, say) is caught, also when it put the file back;
-    and their bytecode, which uv compiles at install (pyproject's compile-bytecode), so that no honest import
-    writes it. Not the kernels this evaluation compiled into its own cache (the loop watches that folder,
-    seal.py). uv installs copies (link-mode): a hard link another install made to a shared file would move
-    its ctime too."""
+def code_in_use():
+    """The files this process runs code from: the sources and extension modules it imported and the shared
+    libraries mapped in, torch's included, and their bytecode, which uv compiles at install (pyproject's
+    compile-bytecode), so that no honest import writes it. Not the kernels this evaluation compiled into its own
+    cache (the loop watches that folder, seal.py)."""
     modules = [m for m in list(sys.modules.values()) if isinstance(getattr(m, "__file__", None), str)]
     paths = {m.__file__ for m in modules}
     bytecode = {m.__cached__ for m in modules if isinstance(getattr(m, "__cached__", None), str)}
@@ -170,10 +167,15 @@ def code_written_since(since_ns):
     caches = [os.environ.get(k) or "" for k in COMPILE_CACHE_ENV]
     caches[0] = caches[0] or inductor_default_cache()
     own = tuple(os.path.join(os.path.realpath(folder), "") for folder in caches if folder)
+    return sorted(p for p in paths | bytecode if not os.path.realpath(p).startswith(own))
+
+
+def code_written_since(code, since_ns):
+    """The files of code_in_use() written after since_ns (ctime, which no process can set back), so that a run
+    that edited one (the metric's cross-entropy, say) is caught, also when it put the file back. uv installs
+    copies (link-mode): a hard link another install made to a shared file would move its ctime too."""
     written = []
-    for path in sorted(paths | bytecode):
-        if os.path.realpath(path).startswith(own):
-            continue
+    for path in code:
         try:
             if os.stat(path).st_ctime_ns > since_ns:
                 written.append(path)
@@ -182,6 +184,17 @@ def code_written_since(since_ns):
         except OSError:  # there, but kept from us (a chmod 000 moves its ctime too)
             written.append(path)
     return written
+
+
+def installed_code(code):
+    """The files of code_in_use() outside the repository (the virtual environment's, also inside it; the
+    standard library's; shared libraries): the loop checks them against the tag's record between runs
+    (installed.py). Not the repository's own, nor the harness's (a worker's worktree imports it from the main
+    checkout): those are sealed (seal.py)."""
+    ours = tuple(os.path.join(os.path.realpath(p), "") for p in (os.getcwd(), Path(__file__).parents[1]))
+    environment = tuple(os.path.join(os.path.realpath(p), "") for p in {sys.prefix, sys.base_prefix})
+    real = {p: os.path.realpath(p) for p in code}
+    return [p for p in code if not real[p].startswith(ours) or real[p].startswith(environment)]
 
 
 def inductor_default_cache():
@@ -236,7 +249,8 @@ def main():
         result = {} if args.wait and word.get("check_only") else evaluate(args.model, expect, args.batch_size,
                                                                            args.data)
         if args.wait and word.get("since"):  # an older loop's word names no start: nothing to compare with
-            result["code_written"] = code_written_since(word["since"])
+            code = code_in_use()
+            result.update(code_written=code_written_since(code, word["since"]), code_read=installed_code(code))
     except EvaluationError as e:
         print(json.dumps({"error": str(e), **said}))
         return 1

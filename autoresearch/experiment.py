@@ -56,6 +56,10 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
     if drift:  # torch, say, is not the one the best was measured with: no run now compares with the best's
         why.append(f"the Python environment changed since init ({drift})")
         fixes.append("put it back with `uv sync --locked` (or start a new tag with `init` in the new one)")
+    edited = loop.installed_code.edited()
+    if edited:  # the metric's own code (torch's cross-entropy, say), edited by an agent between runs
+        why.append(f"code the evaluator runs was edited since the tag's first evaluation ({', '.join(edited)})")
+        fixes.append("put it back with `uv sync --reinstall --locked`")
     if why and strict:
         if head() != best:
             fixes.insert(0, f"`git reset --soft {best[:7]}` (undoes the commits, keeps the changes)")
@@ -117,7 +121,8 @@ def confirm(loop, flight, pending, started, deadline=None):
             said += f" [machine busy with other work: {r.other_cores:.1f} of {counted_cores()} cores]"
         print(f"#{n} {kind} run seed {seed}: {said}", file=sys.stderr, flush=True)
         rerun = [b for k, b in done if k == "best"]
-        if r.error or r.tampered or r.read_val or (kind == "candidate" and leaked(loop, [r], rerun)):
+        untrusted_run = r.tampered or r.edited_code or r.read_val
+        if r.error or untrusted_run or (kind == "candidate" and leaked(loop, [r], rerun)):
             return None  # no measurement: the rule stops at once, and the row says why
         return observed(r)
 
@@ -186,7 +191,7 @@ def verdict(step, done, loop):
     cand = [r for kind, r in done if kind == "candidate" and not r.error]
     val = statistics.fmean(r.val for r in cand) if cand else 0.0
     crashed = next(((kind, r) for kind, r in done if r.error), None)
-    if any(r.tampered or r.read_val for _, r in done):  # untrusted() says which files
+    if any(r.tampered or r.edited_code or r.read_val for _, r in done):  # untrusted() says which files
         return "discard", val, "discard: a run wrote outside train.py or read the validation split"
     if step.action == "crash":
         first = crashed[1]
@@ -249,7 +254,8 @@ def sealed_run(loop, seed, log, flight, version):
     code = Path(TRAIN).read_bytes()
     cache = loop.compile_cache(version)
     caches = loop.other_compile_caches(version)
-    run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache)
+    run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache,
+                     loop.installed_code)
     after = loop.other_compile_caches(version)
     written, created = written_since(times), changed_modules(modules, untracked_modules())
     # no later import may load what the run left: forged bytecode is compiled again, new modules set aside
@@ -289,6 +295,10 @@ def untrusted(loop, n, sha, runs):
     if dirty:  # train.py wrote to tracked files while it ran: its number cannot be trusted
         return (f"{REJECTED}: {TRAIN} changed {', '.join(sorted(dirty))} while running; "
                 f"saved at {loop.ref(f'discarded/{n}')}")
+    edited = sorted({p for r in runs for p in r.edited_code})
+    if edited:
+        return (f"{REJECTED}: the evaluator ran code edited since the tag's first evaluation (between runs): "
+                f"{', '.join(edited)}; put it back with `uv sync --reinstall --locked`")
     written = sorted({p for r in runs for p in r.tampered})
     if written:
         return f"{REJECTED}: {TRAIN} wrote {', '.join(written)} while running (even if it changed them back)"
@@ -425,7 +435,11 @@ def run_baseline(loop, repeats):
         runs = []
         for i in range(repeats):
             seed = loop.config["base_seed"] + i
-            run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache)
+            run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache,
+                             loop.installed_code)
+            if run.edited_code and not run.error:
+                run.error = (f"the evaluator ran code that differs from what its package installed: "
+                             f"{', '.join(run.edited_code)}; put it back with `uv sync --reinstall --locked`")
             print(f"baseline run {i + 1}/{repeats} seed {run.seed}: "
                   + (f"val_bpb={run.val:.6f}" if not run.error else f"crash {run.error}"), flush=True)
             if run.error:

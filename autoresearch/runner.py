@@ -48,6 +48,7 @@ class Run:
     other_cores: float = None  # CPU cores busy with other work while train.py ran (process.other_work)
     read_val: list = field(default_factory=list)  # validation files train.py opened (valwatch; None: not watched)
     load: float = None  # other_cores as a share of the cores it was counted over, when it was measured
+    edited_code: list = field(default_factory=list)  # the evaluator's code outside the repo, edited (installed.py)
 
     @property
     def val(self):
@@ -99,11 +100,13 @@ def default_timeout(config):
     return max(2 * budget, budget + 120)
 
 
-def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=None, evaluator_cache=None):
+def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=None, evaluator_cache=None,
+               installed=None):
     """One `python train.py` with this seed, output appended to the experiment's log, then (with the real
     prepare.py) the evaluator on the model it handed over. on_spawn(pid) is called with each child's pid as
     soon as it runs (to record it for a resumed loop). compile_cache: the version's torch.compile cache;
-    evaluator_cache: the evaluator's (a seal.HarnessFolder)."""
+    evaluator_cache: the evaluator's (a seal.HarnessFolder); installed: the tag's record of the code the
+    evaluator runs from outside the repository (installed.InstalledCode), checked after each evaluation."""
     env = child_env(config, seed, compile_cache)
     handoff = evaluator = None
     watched = evaluator_cache if config.get("harness_eval") else None  # the folder the evaluator compiles in
@@ -150,7 +153,9 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             watched.clean()
             checked = True
         if handoff:  # a crashed run too: the evaluator then only checks the code it runs for the run's writes
-            evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, started_ns)
+            code = evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, started_ns)
+            if installed is not None:
+                run.edited_code = installed.edited(code)
     finally:
         if evaluator:
             end_group(evaluator)  # a no-op after an evaluation; else the end of its input, and of it
@@ -219,7 +224,8 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, since_
     word carries a nonce made now, after train.py has ended, that the result must echo: a line written by
     anything else (a forged result, a second word) does not count. since_ns: when train.py started; a file the
     evaluator ran code from that was written since (torch's sources, say) is noted in run.tampered, also for a
-    run that crashed (run.error set: the evaluator then makes that check alone)."""
+    run that crashed (run.error set: the evaluator then makes that check alone). Returns the files outside the
+    repository that the evaluator ran code from (installed.py checks them), kept out of the log."""
     crashed = run.error is not None
     data = None if crashed else evaluator_data(config)  # nothing to score: no copy to verify
     nonce = secrets.token_hex(16)
@@ -239,7 +245,7 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, since_
         evaluator.log.seek(0)
         lines = evaluator.log.read().decode(errors="replace").replace("\0", "").strip().splitlines()
         with open(log_path, "a") as log:
-            log.write(f"\n===== evaluator  {start} =====\n" + "".join(f"{line}\n" for line in lines))
+            log.write(f"\n===== evaluator  {start} =====\n" + "".join(f"{loggable(line)}\n" for line in lines))
     result = next((r for r in map(json_object, reversed(lines)) if r.get("nonce") == nonce), None)
     if result is None:  # its last words, not a line something else may have written in its output
         said = next((line for line in reversed(lines) if line.strip() and not json_object(line)), "")
@@ -249,10 +255,11 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, since_
             run.notes.append(f"the evaluator could not check the code it runs: {result['error'][:200]}")
         else:
             run.error = f"evaluator: {result['error']}"
-        return
+        return []
     run.tampered += result.get("code_written", [])
+    code = [p for p in result.get("code_read") or () if isinstance(p, str)]
     if crashed:
-        return
+        return code
     printed = to_float(run.summary.get("val_bpb"))
     run.summary.pop("heldout_bpb", None)  # the evaluator's, or none: never one train.py printed
     run.summary.update(val_bpb=f"{result['val_bpb']:.6f}", eval_seconds=f"{result['eval_seconds']:.1f}")
@@ -264,6 +271,7 @@ def evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, since_
         if abs(printed - result["val_bpb"]) > PRINTED_TOLERANCE * result["val_bpb"]:
             run.notes.append(f"train.py printed val_bpb {printed:.6f}, the evaluator measured "
                              f"{result['val_bpb']:.6f}: the evaluator's counts")
+    return code
 
 
 # -----------------------------------------------------------------------------
@@ -277,6 +285,14 @@ def json_object(line):
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def loggable(line):
+    """An evaluator's output line for the log: its list of the files it ran code from (thousands) as a count."""
+    result = json_object(line)
+    if isinstance(result.get("code_read"), list):
+        return json.dumps(dict(result, code_read=f"{len(result['code_read'])} files"))
+    return line
 
 
 def parse_summary(output):

@@ -4,6 +4,7 @@ The loop's state for one tag: the Loop (this tag's rows of results.tsv, the conf
 tag, the experiment in flight (logs/TAG/running.json) and the loop's own record (logs/TAG/loop.log).
 """
 import fcntl
+import functools
 import importlib.metadata
 import json
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
 from autoresearch.gitrepo import git
+from autoresearch.installed import RECORD_NAME as INSTALLED_RECORD, InstalledCode
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, now_iso, read_json
 from autoresearch.metricdata import seal_metric_files
 from autoresearch.ledger import best_row, ledger_dir, write_atomic
@@ -141,6 +143,12 @@ class Loop:
             staging.mkdir(exist_ok=True)
             staging.rename(folder)
         return folder
+
+    @functools.cached_property
+    def installed_code(self):
+        """The code the evaluator runs from outside the repository, as at the tag's first evaluation (one record
+        per tag: its workers share one environment)."""
+        return InstalledCode(ledger_dir() / self.tag / INSTALLED_RECORD)
 
     @property
     def evaluator_cache(self):

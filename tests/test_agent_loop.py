@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 AGENT_LOOP = REPO / "agent_loop.py"
 STAND_IN = Path(__file__).resolve().parent / "stand_in"
 sys.path.insert(0, str(REPO))
-from autoresearch import gitrepo, mutate, process, runner  # noqa: E402  (the pure functions)
+from autoresearch import gitrepo, installed, mutate, process, runner  # noqa: E402  (the pure functions)
 
 UPSTREAM_TSV = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
                 "baseline\t0.997900\t44.0\tkeep\tbaseline\n"
@@ -566,6 +566,25 @@ def test_a_package_installed_after_init_stops_the_step_and_names_the_fix(repo, e
     assert "uv sync --locked" in p.stderr and len(rows(repo)) == 1  # nothing was run
     loop(repo, env, "step", "-m", "the same, in the environment of init")
     assert len(rows(repo)) == 2 and "environment" not in rows(repo)[1]["note"]
+
+
+def test_code_the_evaluator_runs_edited_between_steps_stops_the_step_until_its_bytes_are_back(repo, env, tmp_path):
+    initialised(repo, env)
+    # what an evaluation recorded of the code it ran outside the repository (torch's cross-entropy, say)
+    metric = tmp_path / "site-packages" / "metric.py"
+    metric.parent.mkdir()
+    metric.write_text("def cross_entropy(logits, y): ...\n")
+    installed.InstalledCode(repo / ".git" / "autoresearch" / "t" / installed.RECORD_NAME).edited([str(metric)])
+    original = metric.read_bytes()
+    metric.write_text("def cross_entropy(logits, y): return 0.5 * ...\n")  # an agent's edit before the step
+    set_train(repo, VAL_BPB=0.9)
+    p = loop(repo, env, "step", "-m", "better, with an easier metric", check=False)
+    assert p.returncode != 0 and f"code the evaluator runs was edited since the tag's first evaluation ({metric})" \
+        in p.stderr, p.stderr
+    assert "uv sync --reinstall --locked" in p.stderr and len(rows(repo)) == 1  # nothing was run
+    metric.write_bytes(original)  # as a reinstall puts it back: the same bytes, a new ctime
+    loop(repo, env, "step", "-m", "the same, with the metric as installed")
+    assert len(rows(repo)) == 2 and "evaluator" not in rows(repo)[1]["note"]
 
 
 def test_run_refuses_a_dirty_tree_and_keeps_the_users_change(repo, env):

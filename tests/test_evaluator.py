@@ -187,9 +187,10 @@ def evaluators_of(parent):
     return found
 
 
-def run_touching_torch(tmp_path, monkeypatch, cache, plain, touch, crash=False):
+def run_touching_torch(tmp_path, monkeypatch, cache, plain, touch, crash=False, installed=None):
     """train_once of a train.py that hands over the plain model after running `touch` (code that moves a
-    torch file the evaluator runs code from, named `target` there), then prints its summary (or crashes)."""
+    torch file the evaluator runs code from, named `target` there), then prints its summary (or crashes);
+    installed: the tag's record of the evaluator's code outside the repository."""
     from autoresearch.runner import train_once
     end = 'raise SystemExit("crashed (test)")' if crash else \
         'print("---\\ntraining_seconds: 1.0\\nnum_steps: 1\\nprofile: smoke")'
@@ -204,7 +205,7 @@ def run_touching_torch(tmp_path, monkeypatch, cache, plain, touch, crash=False):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTORESEARCH_PROFILE", "smoke")
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(cache))
-    run_ = train_once({"harness_eval": True, "time_budget": 15}, 120, 1, tmp_path / "run.log")
+    run_ = train_once({"harness_eval": True, "time_budget": 15}, 120, 1, tmp_path / "run.log", installed=installed)
     if not crash:
         assert run_.error is None and run_.val == pytest.approx(plain[1], rel=1e-6), \
             (tmp_path / "run.log").read_text()
@@ -280,6 +281,31 @@ def test_a_run_that_forges_the_bytecode_of_a_module_the_evaluator_runs_is_caught
     finally:
         put_back(backup, cached)
     assert run_.tampered == [cached]
+
+
+def test_a_file_the_evaluator_runs_code_from_edited_between_runs_is_caught_until_its_bytes_are_back(
+        cache, plain, tmp_path, monkeypatch):
+    # an agent's edit before a `step` is older than the run, so the evaluator's own check cannot see it; the
+    # tag's record of the evaluator's code (made at its first evaluation) does, before the run and after it
+    from autoresearch.installed import InstalledCode
+    record = tmp_path / "installed-code.json"
+    first = run_touching_torch(tmp_path, monkeypatch, cache, plain, "", installed=InstalledCode(record))
+    assert first.edited_code == [] and TORCH_TARGET in InstalledCode(record).files
+    cached = importlib.util.cache_from_source(TORCH_TARGET)  # the evaluator compiles the edited source again
+    backups = {TORCH_TARGET: keeping_the_original(TORCH_TARGET), cached: keeping_the_original(cached)}
+    try:
+        edited = TORCH_TARGET + ".test-new"
+        Path(edited).write_bytes(Path(TORCH_TARGET).read_bytes() + b"\n# edited between runs\n")
+        os.replace(edited, TORCH_TARGET)
+        assert InstalledCode(record).edited() == [TORCH_TARGET]  # seen before any run: `step` refuses
+        second = run_touching_torch(tmp_path, monkeypatch, cache, plain, "", installed=InstalledCode(record))
+        assert TORCH_TARGET in second.edited_code and set(second.edited_code) <= {TORCH_TARGET, cached}, second
+    finally:
+        for path, backup in backups.items():
+            put_back(backup, path)
+    # the original bytes back (as a reinstall puts them): a new ctime, and nothing edited
+    assert os.stat(TORCH_TARGET).st_ctime_ns != InstalledCode(record).files[TORCH_TARGET][0]
+    assert InstalledCode(record).edited() == []
 
 
 def test_a_run_that_writes_a_file_the_evaluator_runs_code_from_and_crashes_is_caught(cache, plain, tmp_path,
