@@ -658,3 +658,7 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # everything is printed and handed over: skip the interpreter's teardown of torch (~1.2 s on 2 cores)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -17,6 +17,7 @@ slice of the validation split that the dataloader never hands to training.
 
 import argparse
 import getpass
+import importlib
 import json
 import operator
 import os
@@ -35,6 +36,11 @@ CAUSALITY_POSITIONS = (0.25, 0.5, 0.75)  # fractions of the context where the fu
 COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")  # where this evaluation's kernels go
 SHARED_LIBRARY = re.compile(r"\.so(\.[0-9.]+)?$")  # libtorch_cpu.so, libgomp.so.1
 COMPILE_FROM_TOKENS = 2**19  # a compile (~15 s on 2 cores) pays back on evaluations this long, not on smoke's
+# imported beside train.py (--wait): torch.export's loader (it pulls in dynamo, ~2 s of the ~5), and what loading
+# a program imports the first time (aot_autograd, networkx, sympy's tensors: ~0.6 s more, else paid after the run)
+PRELOADED = ("torch.export.pt2_archive._package", "torch.export._trace", "torch.export._unlift",
+             "torch._inductor.sizevars", "torch.fx.experimental.validator", "torch.utils.serialization",
+             "sympy.tensor.tensor")
 
 
 from autoresearch.handoff import dumpable
@@ -217,10 +223,11 @@ def wait_for_go():
     alone)}; None when the input is empty (nothing to evaluate). The
     hashes and folder arrive only now, so that nothing train.py could have rewritten on disk decides what the
     metric's files are; a second line means something else wrote to its input, and the word is refused."""
-    try:
-        import torch.export.pt2_archive._package  # noqa: F401  the loader; pulls in dynamo (~2 s of the ~5)
-    except ImportError:
-        pass
+    for module in PRELOADED:
+        try:
+            importlib.import_module(module)
+        except ImportError:  # another torch version: imported when loading, as without this
+            pass
     lines = sys.stdin.read().splitlines()
     dumpable(True)  # an ordinary process again: train.py and all it started have ended
     if len(lines) > 1:
@@ -258,5 +265,14 @@ def main():
     return 0
 
 
+def run_and_exit():
+    """main(), then an exit that skips the interpreter's teardown of torch (~1.2 s on 2 cores, paid on every
+    run): the result is printed, and nothing else is left to write."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -209,7 +209,7 @@ def start_evaluator(config, seed, handoff, compile_cache=None):
     # other import it stands aside: no /proc/PID/fd/0 for train.py to write in, and no timed step slowed
     bootstrap = (f"import sys; sys.path += [{os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
                  f"from autoresearch.handoff import stand_aside; stand_aside(); "
-                 f"from autoresearch.evaluator import main; sys.exit(main())")
+                 f"from autoresearch.evaluator import run_and_exit; run_and_exit()")
     env = child_env(config, seed, compile_cache.path if compile_cache else None)  # read only after the word
     out = tempfile.TemporaryFile()
     group = start_group([sys.executable, "-I", "-c", bootstrap, str(handoff), "--wait"], out, subprocess.STDOUT,
