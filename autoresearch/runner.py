@@ -124,8 +124,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
             log.flush()
             offset = log.tell()
-            # the evaluator's copy is watched too, unless other workers' evaluators read it during this run
-            copy = evaluator_data(config) if handoff and LEDGER_ENV not in os.environ else None
+            copy = evaluator_data(config) if handoff else None  # the evaluator's copy is watched too
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             started_ns = time.time_ns()
             with DataWatch(cache_dir(env), copy) as watch:
@@ -176,14 +175,17 @@ def metric_folder(config):
     return cache_dir(env) / "prepared" / dataset / profile if dataset and profile else None
 
 
-def evaluator_data(config):
+def evaluator_data(config, checkout=None):
     """The folder the evaluator reads the metric files from (metricdata.evaluation_copy), or None: the cache.
-    One per ledger: a single loop's own, or the one the workers of a `run --workers` share (made by open_loop
-    before they start, so that no worker reads the cache to make one while another trains)."""
+    One per loop, watched while its runs train: a single loop's own, and for each worker of a `run --workers`
+    one per worktree (checkout; default the current folder), made by the coordinator before the workers start,
+    so that no worker reads the cache to make one while another trains."""
     try:
         owner = str(ledger_dir())
     except LoopError:  # a run outside a repository (bench/, tests): the folder it runs in
         owner = os.getcwd()
+    if LEDGER_ENV in os.environ:  # a worker's: other workers' evaluators read theirs while this one trains
+        owner += "|" + os.path.realpath(checkout or os.getcwd())
     return evaluation_copy(metric_folder(config), config.get("metric_hashes"), owner)
 
 

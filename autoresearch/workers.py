@@ -29,7 +29,7 @@ from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir
 from autoresearch.experiment import run_experiment
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
 from autoresearch.proposers import Proposal, make_proposer
-from autoresearch.runner import PACKAGE_ROOT
+from autoresearch.runner import PACKAGE_ROOT, evaluator_data
 from autoresearch.resume import STOPPED, reconcile_worker, save_and_reset, save_failed_proposal, spare_name
 from autoresearch.state import InFlight, Loop, first_free_seed, load_config, lock, say
 
@@ -357,6 +357,8 @@ class Coordinator:
         ensure_ignored(f"{WORKTREES_DIR}/")
         for w in self.workers:
             self.prepare(w)
+            if self.loop.config.get("harness_eval") and self.executor is None:
+                evaluator_data(self.loop.config, w.path)  # its evaluator's copy, before any worker trains
         # after the experiments left in flight have their rows: no number or seed is used twice
         self.next_n = self.first_n = self.loop.next_n()
         self.next_seed = first_free_seed(self.loop.rows, self.loop.config["base_seed"])

@@ -9,7 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from autoresearch.ledger import LEDGER_ENV  # noqa: E402
 from autoresearch.metricdata import evaluation_copy, seal_metric_files  # noqa: E402
+from autoresearch.runner import evaluator_data  # noqa: E402
 from autoresearch.valwatch import DataWatch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self").exists(), reason="inotify is Linux's")
@@ -83,4 +85,20 @@ def test_the_evaluator_s_copy_is_watched_and_each_loop_has_its_own(tmp_path):
     assert other != copy and seal_metric_files(other) == hashes
     with DataWatch(cache, copy) as watch:
         in_child(f"open({str(other / 'val.bin')!r}, 'rb').read()")
+    assert watch.opened == []
+
+
+def test_each_worker_reads_a_copy_of_its_own_which_its_coordinator_made_before_any_run(tmp_path, monkeypatch):
+    # other workers' evaluators read theirs while this worker trains: its own copy can then be watched
+    cache, prepared, _ = fake_cache(tmp_path)
+    config = dict(cache_dir=str(cache), dataset="synthetic", profile="smoke", metric_hashes=seal_metric_files(prepared))
+    monkeypatch.setenv(LEDGER_ENV, str(tmp_path / "lab" / ".git" / "autoresearch"))  # as a coordinator sets it
+    worktrees = [tmp_path / "lab" / "worktrees" / f"t-w{i}" for i in (1, 2)]
+    made = [evaluator_data(config, w) for w in worktrees]  # by the coordinator
+    assert made[0] != made[1] and all(seal_metric_files(m) == config["metric_hashes"] for m in made)
+    worktrees[0].mkdir(parents=True)
+    monkeypatch.chdir(worktrees[0])
+    assert evaluator_data(config) == made[0]  # what worker 1's runs read and watch
+    with DataWatch(cache, made[0]) as watch:
+        in_child(f"open({str(made[1] / 'val.bin')!r}, 'rb').read()")  # the other worker's evaluator
     assert watch.opened == []

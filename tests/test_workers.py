@@ -135,6 +135,9 @@ esac
                timeout=600).stdout
     exps = rows(lab)[1:]
     assert sorted(r["worker"] for r in exps) == ["1", "2"] and all(r["status"] == "discard" for r in exps), out
+    # each worker's evaluator reads a copy of its own, watched while that worker trains: no false alarm (a copy
+    # made from the cache while the other worker trains would be one)
+    assert not [r["note"] for r in exps if r["note"].startswith("rejected")], out
     for r in rows(lab):
         log = (lab / r["log"]).read_text()
         assert f"device cpu (cpu, {share} threads)" in log and "===== evaluator" in log, r["log"]
