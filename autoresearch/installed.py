@@ -13,12 +13,12 @@ hashed only when it has no entry there (bytecode, the standard library): the tag
 """
 import base64
 import csv
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
+from autoresearch.cachefiles import sha256_of
 from autoresearch.layout import read_json
 
 RECORD_NAME = "installed-code.json"
@@ -26,8 +26,7 @@ RECORD_NAME = "installed-code.json"
 
 def digest(path):
     """sha256 of the file in RECORD's form (sha256=<urlsafe base64, unpadded>)."""
-    with open(path, "rb") as f:
-        raw = hashlib.file_digest(f, "sha256").digest()
+    raw = bytes.fromhex(sha256_of(path))
     return "sha256=" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
