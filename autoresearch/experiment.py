@@ -15,6 +15,7 @@ from pathlib import Path
 
 from autoresearch.decide import BUSY_LOAD, Obs, format_evidence, outcome_line, run_until_decided
 from autoresearch.gitrepo import blob_hash, changed_since, commit, git, head, short, tree_status
+from autoresearch.installed import FIX as INSTALLED_FIX
 from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, read_json, to_float
 from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_copies, measured_versions, one_line,
                                  render_results, restore_logs, write_atomic)
@@ -59,7 +60,7 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
     edited = loop.installed_code.edited()
     if edited:  # the metric's own code (torch's cross-entropy, say), edited by an agent between runs
         why.append(f"code the evaluator runs was edited since the tag's first evaluation ({', '.join(edited)})")
-        fixes.append("put it back with `uv sync --reinstall --locked`")
+        fixes.append(INSTALLED_FIX)
     if why and strict:
         if head() != best:
             fixes.insert(0, f"`git reset --soft {best[:7]}` (undoes the commits, keeps the changes)")
@@ -298,7 +299,7 @@ def untrusted(loop, n, sha, runs):
     edited = sorted({p for r in runs for p in r.edited_code})
     if edited:
         return (f"{REJECTED}: the evaluator ran code edited since the tag's first evaluation (between runs): "
-                f"{', '.join(edited)}; put it back with `uv sync --reinstall --locked`")
+                f"{', '.join(edited)}; {INSTALLED_FIX}")
     written = sorted({p for r in runs for p in r.tampered})
     if written:
         return f"{REJECTED}: {TRAIN} wrote {', '.join(written)} while running (even if it changed them back)"
@@ -439,7 +440,7 @@ def run_baseline(loop, repeats):
                              loop.installed_code)
             if run.edited_code and not run.error:
                 run.error = (f"the evaluator ran code that differs from what its package installed: "
-                             f"{', '.join(run.edited_code)}; put it back with `uv sync --reinstall --locked`")
+                             f"{', '.join(run.edited_code)}; {INSTALLED_FIX}")
             print(f"baseline run {i + 1}/{repeats} seed {run.seed}: "
                   + (f"val_bpb={run.val:.6f}" if not run.error else f"crash {run.error}"), flush=True)
             if run.error:

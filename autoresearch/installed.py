@@ -22,6 +22,7 @@ from autoresearch.cachefiles import sha256_of
 from autoresearch.layout import read_json
 
 RECORD_NAME = "installed-code.json"
+FIX = "put it back with `uv sync --reinstall --locked`"  # the same bytes again: the record accepts them
 
 
 def digest(path):
@@ -89,14 +90,15 @@ class InstalledCode:
                     self.files[path], changed = [ctime, listed[0]], True
                     continue
                 expected = listed[0] if listed else None
+            if expected is None and self.created is not None and ctime > self.created:
+                found.append(path)  # unlisted, and written since the record began: nothing to compare with
+                continue
             try:
                 actual = digest(path)
             except OSError:  # there, but kept from us
                 found.append(path)
                 continue
-            if expected is None and self.created is not None and ctime > self.created:
-                found.append(path)  # unlisted, and written since the record began: nothing to compare with
-            elif expected is not None and actual != expected:
+            if expected is not None and actual != expected:
                 found.append(path)
             else:
                 self.files[path], changed = [ctime, actual], True
