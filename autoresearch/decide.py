@@ -10,8 +10,8 @@ of an unchanged one: a busy run counts for the change only beside a run of the b
 The noise (sigma) is pooled over every version's repeated runs, so it keeps improving all night.
 
 The constants were set with bench/bench_decide.py (numbers in its docstring: identical code kept < 5% of the
-time, quiet or under switching load; a 2-sigma improvement ~75% on a quiet machine, ~55-63% under load with
-the load measured, ~50% without, where the target is 80%); rerun it after changing them.
+time, quiet or under switching load; a 2-sigma improvement 79-83% on a quiet machine, ~58-65% under load with
+the load measured, ~46-54% without, where the target is 80%); rerun it after changing them.
 """
 import math
 import statistics
@@ -21,9 +21,9 @@ from autoresearch.ledger import REJECTED, unmeasured
 
 SIGMA_FLOOR = 0.0005       # relative to the best's val_bpb: a sigma from few runs can come out near 0
 SPEED_TOL = 0.10           # runs within 10% of their code's usual tokens/s ran on the same machine
-SCREEN_Z = 0.5             # the first run must be this many standard errors better than the best's mean
+SCREEN_Z = 0.25            # the first run must be this many standard errors better than the best's mean
 KEEP_P = 0.04             # one-sided p of the whole evidence (the screen's selection included in the rate)
-KEEP_P_FEW_DF = 0.015      # ... while the noise rests on fewer than TRUSTED_DF degrees of freedom (the night's
+KEEP_P_FEW_DF = 0.01       # ... while the noise rests on fewer than TRUSTED_DF degrees of freedom (the night's
 TRUSTED_DF = 10            # start): a sigma from a few runs is often too small, and four looks add up
 GIVE_UP_Z = -0.7          # after a pair, an estimate this weak (in standard errors) stops the confirmation
 MAX_PAIRS = 4

@@ -32,6 +32,29 @@ def keep_rate(effect, experiments, seed):
     return kept / experiments, statistics.fmean(cost)
 
 
+def nights_keep_rate(effect, experiments, seed, night=60):
+    """As keep_rate, but as a night goes: each candidate `effect` sigmas from the current best, which after a
+    keep is the candidate that just won its own confirmation (its runs selected as lucky), and every version's
+    runs feed the noise. Nights of `night` experiments, each from a 3-run baseline."""
+    rng = random.Random(seed)
+    kept, cost = 0, []
+    for start in range(0, experiments, night):
+        mean, best_runs, others = 1.0, runs_of(rng, 1.0, n=3), []
+        for _ in range(min(night, experiments - start)):
+            cand_mean = mean + effect * SIGMA
+            step, cand, fresh = run_until_decided(
+                best_runs, others, lambda kind: runs_of(rng, cand_mean if kind == "candidate" else mean)[0], FLOOR)
+            cost.append(len(cand) + len(fresh))
+            if step.action == "keep":
+                kept += 1
+                others.append(best_runs + fresh)
+                mean, best_runs = cand_mean, cand
+            else:
+                others.append(cand)
+                best_runs = best_runs + fresh
+    return kept / experiments, statistics.fmean(cost)
+
+
 # -----------------------------------------------------------------------------
 # Rates
 
@@ -39,7 +62,14 @@ def keep_rate(effect, experiments, seed):
 def test_identical_code_is_kept_less_than_5_percent_of_the_time():
     rate, cost = keep_rate(0.0, 400, seed=1)
     assert rate < 0.05, rate
-    assert cost < 2.5, cost
+    # a best of 3 runs only (a night's start, its worst case): the screen lets ~40% of identical code through
+    # to a pair or more, the price of keeping 2-sigma gains 80% of the time (bench/bench_decide.py)
+    assert cost < 2.8, cost
+
+
+def test_a_real_improvement_of_2_sigma_is_kept_80_percent_of_the_time_though_each_best_won_its_own_test():
+    rate, cost = nights_keep_rate(-2.0, 600, seed=1)
+    assert rate >= 0.8, (rate, cost)
 
 
 def test_a_real_improvement_of_3_sigma_is_kept():
