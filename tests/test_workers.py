@@ -111,8 +111,9 @@ esac
 
 
 @pytest.mark.whole_machine
-def test_two_workers_train_the_real_train_py_each_on_its_share_and_the_harness_evaluates_every_run(
+def test_two_workers_train_the_real_train_py_on_their_shares_and_the_harness_evaluates_each_run_a_hub_claim_too(
         smoke_cache, tmp_path):
+    from test_hub import Hub
     from test_readme import fresh_clone
     lab = fresh_clone(tmp_path)
     cache = tmp_path / "cache"
@@ -120,9 +121,24 @@ def test_two_workers_train_the_real_train_py_each_on_its_share_and_the_harness_e
     (tmp_path / "gitconfig").write_text("")
     e = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
     e.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache),
-             GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"))
+             GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"), HOME=str(tmp_path / "home"))
     share = len(os.sched_getaffinity(0)) // 2
     loop(lab, e, "init", "--tag", "real", "--repeats", "1", "--workers", "2", timeout=600)
+    # another lab's commit on a hub, claimed far better than anything here: one worker's experiment is that
+    # train.py, trained and evaluated here (a claim is a hint), and every row goes to the hub with this
+    # machine's platform; the other worker's is the agent's
+    hub = Hub(tmp_path / "hub-data")
+    other = tmp_path / "other"
+    subprocess.run(["git", "clone", "-q", str(lab), str(other)], check=True, capture_output=True)
+    subprocess.run(["sed", "-i", "s/^MATRIX_LR = 0.04 /MATRIX_LR = 0.02 /", "train.py"], cwd=other, check=True)
+    subprocess.run(["git", "-c", "user.name=o", "-c", "user.email=o@o", "commit", "-qam", "matrix lr 0.02"],
+                   cwd=other, check=True)
+    subprocess.run(["git", "bundle", "create", "-q", "o.bundle", "HEAD"], cwd=other, check=True)
+    auth = hub.register("other-lab")
+    assert hub.post("/api/git/push", auth, data=(other / "o.bundle").read_bytes()).status_code == 201
+    claim = subprocess.run(["git", "rev-parse", "HEAD"], cwd=other, capture_output=True, text=True).stdout.strip()
+    platform = f"cpu{len(os.sched_getaffinity(0))}.smoke.synthetic"
+    hub.post("/api/results", auth, json={"commit": claim, "val_bpb": 0.01, "platform": platform, "status": "keep"})
     # a learning rate each (the speed stays: no probe of the best), and --min-delta 1: no change can look that
     # much better, so each is judged on its first run: two real runs side by side, not a long confirmation
     agent = agent_script(tmp_path, f"""
@@ -131,10 +147,18 @@ case $N in
   *) {edit("MATRIX_LR", "0.05")}; echo "matrix lr 0.05";;
 esac
 """)
-    out = loop(lab, e, "run", "--agent", agent, "--workers", "2", "--max-experiments", "2", "--min-delta", "1",
-               timeout=600).stdout
+    try:
+        out = loop(lab, e, "run", "--agent", agent, "--workers", "2", "--max-experiments", "2", "--min-delta", "1",
+                   "--hub", hub.url, timeout=600).stdout
+        posted = hub.get("/api/results", auth, params={"limit": "100"}).json()
+    finally:
+        hub.proc.kill()
+        hub.proc.wait()
     exps = rows(lab)[1:]
     assert sorted(r["worker"] for r in exps) == ["1", "2"] and all(r["status"] == "discard" for r in exps), out
+    assert sum(r["description"].startswith(f"from the hub: {claim[:7]} of other-lab") for r in exps) == 1, out
+    assert sorted((p["status"], p["platform"], p["val_bpb"]) for p in posted if p["agent_id"] != "other-lab") \
+        == sorted(("discard", platform, float(r["val_bpb"])) for r in exps), posted
     # each worker's evaluator reads a copy of its own, watched while that worker trains: no false alarm (a copy
     # made from the cache while the other worker trains would be one)
     assert not [r["note"] for r in exps if r["note"].startswith("rejected")], out
