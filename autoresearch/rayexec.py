@@ -27,7 +27,7 @@ from autoresearch.gitrepo import git
 from autoresearch.layout import TRAIN, LoopError, read_json
 from autoresearch.ledger import LEDGER_ENV, ledger_dir, write_atomic
 from autoresearch.process import KILL_GRACE_S, kill_leftover, proc_start_time
-from autoresearch.runner import PACKAGE_ROOT, child_env
+from autoresearch.runner import PACKAGE_ROOT, child_env, evaluator_data
 
 RAY_HOME_ENV = "AUTORESEARCH_RAY_HOME"
 GRACE_S = 300               # beyond the run's own timeout, before a task's silence counts as a dead node
@@ -105,12 +105,15 @@ def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, versi
             os.environ[LEDGER_ENV] = shared
 
 
-def check_node(bundle, sha, config):
+def check_node(bundle, sha, config, tag, workers):
     """What stops this node from running experiments: prepare.check_ready() of the commit's prepare.py, with
-    the profile, dataset and cache folder pinned at init. In a checkout of the node's own (homes may be shared)."""
+    the profile, dataset and cache folder pinned at init. In a checkout of the node's own (homes may be shared).
+    Then each worker's evaluator copy here (run_on_node's ledger, by worker): made by the worker's first run
+    on this node, from the cache, it would be a read of the validation split while another worker trains here."""
     import ray
     node = ray.get_runtime_context().get_node_id()
     home = node_home(f"check-{node}")
+    ledgers = [(node_home(f"{tag}-w{w}") / ".git").resolve() / "autoresearch" for w in range(1, workers + 1)]
     was = os.getcwd()
     try:
         node_checkout(home, bundle, sha)
@@ -120,6 +123,9 @@ def check_node(bundle, sha, config):
         lines = p.stdout.strip().splitlines()
         problems = (json.loads(lines[-1]) if p.returncode == 0 and lines else
                     [f"prepare.check_ready() failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"])
+        if config.get("harness_eval") and not problems:
+            for ledger in ledgers:
+                evaluator_data(config, ledger=ledger)
     finally:
         os.chdir(was)
     return ray.util.get_node_ip_address(), problems
@@ -167,14 +173,14 @@ class RayExecutor:
         self.runs = ray.remote(max_retries=0)(run_on_node)
         self.in_flight = {}  # worker number -> ObjectRef
 
-    def check_nodes(self, sha, config):
+    def check_nodes(self, sha, config, tag):
         """Every alive node prepared for this tag's profile and dataset, else LoopError naming the nodes."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         check = self.ray.remote(max_retries=0)(check_node)
         bundle = bundle_of_head()
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         refs = [check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(bundle, sha, config) for n in nodes]
+                .remote(bundle, sha, config, tag, self.workers) for n in nodes]
         try:
             bad = [(ip, problems) for ip, problems in self.ray.get(refs, timeout=900) if problems]
         except self.ray.exceptions.RayError as e:

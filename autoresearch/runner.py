@@ -175,16 +175,17 @@ def metric_folder(config):
     return cache_dir(env) / "prepared" / dataset / profile if dataset and profile else None
 
 
-def evaluator_data(config, checkout=None):
+def evaluator_data(config, checkout=None, ledger=None):
     """The folder the evaluator reads the metric files from (metricdata.evaluation_copy), or None: the cache.
     One per loop, watched while its runs train: a single loop's own, and for each worker of a `run --workers`
     one per worktree (checkout; default the current folder), made by the coordinator before the workers start,
-    so that no worker reads the cache to make one while another trains."""
+    so that no worker reads the cache to make one while another trains. ledger: that of a checkout this process
+    is not in (a Ray node's for a worker, made before any run there: rayexec.check_node)."""
     try:
-        owner = str(ledger_dir())
+        owner = str(ledger or ledger_dir())
     except LoopError:  # a run outside a repository (bench/, tests): the folder it runs in
         owner = os.getcwd()
-    if LEDGER_ENV in os.environ:  # a worker's: other workers' evaluators read theirs while this one trains
+    if LEDGER_ENV in os.environ and ledger is None:  # a worker's: other workers' evaluators read theirs meanwhile
         owner += "|" + os.path.realpath(checkout or os.getcwd())
     return evaluation_copy(metric_folder(config), config.get("metric_hashes"), owner)
 

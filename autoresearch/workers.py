@@ -578,7 +578,7 @@ def run_workers(loop, args, hub=None):
     from autoresearch.rayexec import RayExecutor
     executor = RayExecutor(args.address, args.workers or "auto")
     try:
-        nodes = executor.check_nodes(loop.best_commit, loop.config)
+        nodes = executor.check_nodes(loop.best_commit, loop.config, loop.tag)
         say(loop, f"Ray: {executor.where}, {nodes} node(s); each run asks for {executor.label}")
         coordinator = Coordinator(loop, args, [Device(f"runs on Ray, {executor.label}")] * executor.workers,
                                   executor, hub)

@@ -390,6 +390,35 @@ def test_ray_refuses_to_start_on_a_node_without_the_data_and_names_the_fix(repo,
     assert len(rows(repo)) == 1
 
 
+def test_ray_makes_each_workers_evaluator_copy_on_every_node_before_any_run(smoke_cache, tmp_path):
+    # made by a worker's first run instead, from the cache, it would be a read of the validation split while
+    # another worker's run trains on that node: a false rejection of that run
+    pytest.importorskip("ray")
+    import hashlib
+    import tempfile
+    from test_readme import fresh_clone
+    lab = fresh_clone(tmp_path)
+    shutil.copytree(smoke_cache, tmp_path / "cache")
+    (tmp_path / "gitconfig").write_text("")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
+    e.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(tmp_path / "cache"),
+             GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"), AUTORESEARCH_RAY_HOME=str(tmp_path / "nodes"))
+    loop(lab, e, "init", "--tag", "real", "--repeats", "1", timeout=600)
+    hashes = json.loads((lab / ".git" / "autoresearch" / "real" / "init.json").read_text())["metric_hashes"]
+
+    def copy_of(worker):  # metricdata.evaluation_copy's folder for the ledger of the worker's checkout on a node
+        ledger = (tmp_path / "nodes" / f"real-w{worker}" / ".git").resolve() / "autoresearch"
+        key = hashlib.sha256(json.dumps([hashes, str(ledger)], sort_keys=True).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}" / "metric" / key
+
+    assert not copy_of(1).exists() and not copy_of(2).exists()
+    out = loop(lab, e, "run", "--agent", "mutate", "--workers", "2", "--executor", "ray", "--max-experiments", "0",
+               timeout=240).stdout
+    assert "1 node(s)" in out and len(rows(lab)) == 1, out
+    for worker in (1, 2):
+        assert (copy_of(worker) / "val.bin").is_file() and (copy_of(worker) / ".pristine" / "hashes.json").is_file()
+
+
 def test_launch_recipes_parse_and_call_only_what_the_cli_has():
     import re
     import shlex
