@@ -77,6 +77,8 @@ def reconcile(loop, reason=KILLED, restart=True):
         if state is None:
             return
         kill_leftover(state)
+        if reason == KILLED:  # what the run left in the evaluator's cache, its record included, was never checked
+            loop.evaluator_cache.forget()
         if state.get("baseline"):  # init runs the baseline again
             return
         if state.get("running_best"):  # the best's train.py stood in for the candidate's during a pair
@@ -133,6 +135,8 @@ def reconcile_worker(loop, number, reason=KILLED):
                 wl.rows = tag_rows(loop.tag)
                 if state and state.get("phase") == "train" and state.get("commit"):
                     kill_leftover(state)
+                    if reason == KILLED:
+                        wl.evaluator_cache.forget()
                     if not any(r.get("n") == str(state["n"]) for r in wl.rows):
                         append_row(interrupted_row(wl, state, reason))
                     git("update-ref", wl.ref(f"discarded/{state['n']}"), state["commit"])

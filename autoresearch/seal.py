@@ -146,6 +146,12 @@ class HarnessFolder:
         self.seen = self.files()
         self.keep_record()
 
+    def forget(self):
+        """The record is not known to be the harness's (a loop killed while a run trained: the run may have
+        rewritten it, and no check followed): the folder is emptied before the next evaluation reads it."""
+        self.seen = None
+        self.keep_record()
+
     def keep_record(self):
         """The record as this process knows it, whatever a run wrote over it (a run cut short by Ctrl-C is never
         checked: the next process then empties what it left, by this record)."""

@@ -309,6 +309,23 @@ def test_a_run_that_writes_in_the_evaluators_compile_cache_crashed_or_not_is_rej
     assert "compile-cache" not in rows(repo)[5]["note"] and not planted.exists(), rows(repo)[5]
 
 
+def test_a_run_that_forges_the_evaluator_caches_record_and_kills_the_loop_gets_its_kernel_emptied_out(
+        repo, env):
+    initialised(repo, env)
+    harness_evaluates(repo)
+    set_train(repo, VAL_BPB=0.9)
+    loop(repo, env, "step", "-m", "an honest change")  # the cache and its record, as the harness left them
+    set_train(repo, VAL_BPB=0.9, MODE="evalforge")     # plants a kernel, vouches for it, kills the step
+    killed = loop(repo, env, "step", "-m", "a kernel, and the record that vouches for it", check=False)
+    assert killed.returncode == -signal.SIGKILL, killed
+    planted = repo / ".git" / "autoresearch" / "t" / "compile-cache" / "evaluator" / "poisoned.py"
+    assert planted.exists()
+    set_train(repo, VAL_BPB=0.92, MODE="ok")
+    loop(repo, env, "step", "-m", "honest, after the kill")
+    assert rows(repo)[2]["note"].startswith("interrupted"), rows(repo)[2]
+    assert not planted.exists()  # emptied before the evaluator could load it: the record was not the harness's
+
+
 def test_a_run_that_opens_the_validation_split_is_rejected_whatever_it_scores(repo, env):
     # the kernel's word (inotify), not the numbers: a train.py that trains on every val row, held-out slice
     # included, leaves no gap between them for the leak check to see

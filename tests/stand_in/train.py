@@ -1,5 +1,6 @@
 """Stand-in train.py for the agent_loop tests: prints the summary block (or the failure) that the
 constants below ask for, like the real one, in well under a second."""
+import json
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
-                          # shadow | evalpoison | evalpoisoncrash | vanish
+                          # shadow | evalpoison | evalpoisoncrash | evalforge | vanish
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -90,7 +91,7 @@ if MODE == "shadow":  # a prepare of its own where later imports look before pre
     with open(importlib.util.cache_from_source("prepare.py"), "wb") as f:
         f.write(header + marshal.dumps(compile("FORGED = True\n", "prepare.py", "exec")))
     open("prepare" + importlib.machinery.EXTENSION_SUFFIXES[0], "wb").close()
-if MODE in ("evalpoison", "evalpoisoncrash"):  # a "kernel" in the evaluator's compile cache (crashing after)
+if MODE in ("evalpoison", "evalpoisoncrash", "evalforge"):  # a "kernel" in the evaluator's compile cache
     own = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     folder = os.path.join(os.path.dirname(own), "evaluator")
     folder = folder if os.path.isdir(folder) else os.path.join(own, "evaluator")
@@ -98,6 +99,14 @@ if MODE in ("evalpoison", "evalpoisoncrash"):  # a "kernel" in the evaluator's c
     open(os.path.join(folder, "poisoned.py"), "w").close()
     if MODE == "evalpoisoncrash":
         raise RuntimeError("crashed after planting (stand-in)")
+    if MODE == "evalforge":  # the harness's record of the folder vouches for it too, and the loop dies unchecked
+        with open(folder + ".json") as f:
+            record = json.load(f)
+        record["poisoned.py"] = os.lstat(os.path.join(folder, "poisoned.py")).st_ctime_ns
+        with open(folder + ".json", "w") as f:
+            json.dump(record, f)
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(5)
 if MODE == "readval":  # the validation tokens, straight from the cache, past prepare.py's API
     with open(os.path.join(os.environ["AUTORESEARCH_CACHE_DIR"], "prepared", "synthetic", "smoke", "val.bin"),
               "rb") as f:
