@@ -69,8 +69,11 @@ class NodeFlight:
         write_atomic(self.path, json.dumps({"pgid": pid, "started": proc_start_time(pid)}).encode())
 
     def end_leftover(self):
-        kill_leftover(read_json(self.path) or {})
+        """End what a killed task left training here; True if there was one."""
+        state = read_json(self.path)
+        kill_leftover(state or {})
         self.path.unlink(missing_ok=True)
+        return bool(state)
 
 
 def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, version, best_version):
@@ -85,13 +88,15 @@ def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, versi
     was, shared = os.getcwd(), os.environ.pop(LEDGER_ENV, None)  # a node keeps its own records
     flight = NodeFlight(home)
     try:
-        flight.end_leftover()
+        killed = flight.end_leftover()
         node_checkout(home, bundle, sha, train_py)
         ledger_dir.cache_clear()  # Ray reuses its worker processes: this task's repository, not the last one's
         harness_folder.cache_clear()  # and the evaluator cache's record as the last task settled it, wherever
         log = ledger_dir() / "run.log"
         log.unlink(missing_ok=True)
         loop = Loop(tag, config, [{"status": "keep", "train_py": best_version}], timeout)
+        if killed:  # that run may have rewritten the evaluator cache's record: emptied before the next evaluation
+            loop.evaluator_cache.forget()
         run = sealed_run(loop, seed, str(log), flight, version)
         flight.path.unlink(missing_ok=True)
         run.tampered = sorted(set(run.tampered) | (changed_since("HEAD") - {TRAIN}))
