@@ -197,6 +197,7 @@ def open_hub(loop, args):
     say(loop, f"hub: {hub.url} as platform {hub.platform}; better commits of "
               + (", ".join(sorted(trust)) if trust else "any agent on the hub (--hub-trust limits that)")
               + " are tried here")
+    hub.publish()  # what the hub has not had yet: the baseline, a night run without --hub or while it was down
     return hub
 
 

@@ -2,7 +2,8 @@
 The loop as a hub's client (`run --hub URL`; autoresearch/hub.py is the other end). Credentials live in
 ~/.config/autoresearch/hubs/<host_port>.json (registered on first use, mode 600), as program_hub.md keeps them.
 After each experiment its result goes to #results in agenthub's text format (the hub files it in its results
-table, status included), and a keep is pushed as a bundle. Before each experiment, the hub's best commit for
+table, status included), and a keep is pushed as a bundle; so do, at the start and after an outage, the rows
+the hub has not had yet (the baseline, those of a night without --hub or while the hub was down). Before each experiment, the hub's best commit for
 this platform, when it beats the local best, becomes the next proposal: the loop's own runs and keep rule
 decide whether it becomes the best here (a claim on the hub is a hint, not a fact). With --workers, the
 coordinator posts and pushes, and each worker adopts (one record of tried commits: each is tried once, by one
@@ -24,7 +25,7 @@ import requests
 
 from autoresearch.gitrepo import git, identity
 from autoresearch.layout import TRAIN, LoopError, read_json
-from autoresearch.ledger import ledger_dir, measured_versions, one_line, write_atomic
+from autoresearch.ledger import ledger_dir, measured_versions, one_line, tag_rows, write_atomic
 from autoresearch.proposers import Proposal
 from autoresearch.state import say
 
@@ -66,8 +67,9 @@ class HubClient:
     def __init__(self, url, loop, platform=None, trust=None):
         self.url, self.loop, self.trust = url.rstrip("/"), loop, trust
         self.platform = platform or platform_name(loop.config)
-        # tried commits and the last push, out of the agent's reach; one file for the tag, its workers included
-        self.state_path = ledger_dir() / loop.tag / "hub.json"
+        # tried commits, posted rows and the last push, out of the agent's reach; one file for the tag (its workers
+        # included) and this hub: another hub has had none of them
+        self.state_path = ledger_dir() / loop.tag / f"hub-{credentials_path(self.url).stem}.json"
         try:
             self.auth = {"Authorization": f"Bearer {self.credentials()['api_key']}"}
             self.data("GET", "/api/git/leaves")
@@ -120,11 +122,11 @@ class HubClient:
         raise HubDown("every id tried was taken")
 
     def state(self):
-        return read_json(self.state_path) or {"tried": [], "pushed": None}
+        return read_json(self.state_path) or {"tried": [], "pushed": None, "posted": []}
 
     @contextlib.contextmanager
     def changing_state(self):
-        """hub.json to change in place, under a lock: workers adopt while their coordinator pushes."""
+        """The hub state file to change in place, under a lock: workers adopt while their coordinator pushes."""
         with open(self.state_path.with_suffix(".lock"), "a") as held:
             fcntl.flock(held, fcntl.LOCK_EX)
             state = self.state()
@@ -133,18 +135,28 @@ class HubClient:
 
     # -- after an experiment -----------------------------------------------------------------------------------
 
-    def publish(self, row):
-        """Post a finished experiment's row; push the branch when it was kept."""
+    def publish(self, row=None):
+        """Post every row of the tag the hub has not had yet (the baseline, those of a night before --hub or
+        while the hub was down), then this finished experiment's; push the branch when one was kept."""
+        rows = tag_rows(self.loop.tag)
+        if row is not None and row.get("n") not in {r.get("n") for r in rows}:
+            rows.append(row)
         try:
-            sha = git("rev-parse", row["commit"])
-            val, memory = float(row["val_bpb"]), float(row.get("memory_gb") or 0)
-            self.call("POST", f"/api/channels/{RESULTS_CHANNEL}/posts", json={
-                "content": f"commit:{sha[:7]} platform:{self.platform} val_bpb:{val:.6f} vram_gb:{memory:.1f} | "
-                           f"{row['status']}: {row['description']}"})
-            if row["status"] == "keep":
+            posted = set(self.state().get("posted", []))
+            waiting = [r for r in rows if r.get("n") not in posted]
+            for r in waiting:
+                val, memory = float(r["val_bpb"]), float(r.get("memory_gb") or 0)
+                self.call("POST", f"/api/channels/{RESULTS_CHANNEL}/posts", json={
+                    "content": f"commit:{r['commit'][:7]} platform:{self.platform} val_bpb:{val:.6f} "
+                               f"vram_gb:{memory:.1f} | {r['status']}: {r['description']}"})
+                with self.changing_state() as state:
+                    state["posted"] = state.get("posted", []) + [r.get("n")]
+            if any(r["status"] == "keep" for r in waiting):
                 self.push()
+            if len(waiting) > 1:
+                say(self.loop, f"hub: posted {len(waiting)} results")
         except (HubDown, LoopError) as e:
-            say(self.loop, f"hub: {e}; the loop goes on without it")
+            say(self.loop, f"hub: {e}; the loop goes on without it (what is not posted yet will be, later)")
 
     def push(self):
         state = self.state()

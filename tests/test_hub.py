@@ -30,8 +30,8 @@ class Hub:
         self.data, self.flags = data, flags
         self.start()
 
-    def start(self):
-        port = free_port()
+    def start(self, port=None):
+        port = port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen([sys.executable, str(REPO / "agent_loop.py"), "hub", "--listen",
                                       f"127.0.0.1:{port}", "--data", str(self.data), *self.flags],
@@ -404,8 +404,9 @@ def test_two_labs_share_a_frontier_and_a_hub_claim_is_measured_before_it_is_kept
     assert float(adopted["val_bpb"]) == 0.9 and "VAL_BPB = 0.9" in (other / "train.py").read_text()
     saved = json.loads(next((tmp_path / "home-b/.config/autoresearch/hubs").iterdir()).read_text())
     auth = {"Authorization": f"Bearer {saved['api_key']}"}
-    results = hub.get("/api/results", auth).json()
-    assert sorted(r["status"] for r in results) == ["keep", "keep"], hub.get("/api/channels/results/posts", auth).text
+    results = hub.get("/api/results", auth).json()  # each lab's baseline, A's keep and B's adoption of it
+    assert sorted((r["agent_id"] == saved["id"], r["status"]) for r in results) == [(False, "keep")] * 2 + [
+        (True, "keep")] * 2, hub.get("/api/channels/results/posts", auth).text
     assert len({r["agent_id"] for r in results}) == 2
     (leaf,) = hub.get("/api/git/leaves", auth).json()  # B's keep builds on A's: A's is no longer a leaf
     assert leaf["agent_id"] == saved["id"] and leaf["message"] == adopted["description"]
@@ -454,6 +455,16 @@ def test_a_hub_that_goes_down_mid_run_never_stops_the_loop(hub, repo, lab_env, t
     hub.proc.wait()
     down = loop(repo, lab_env, "run", "--agent", "true", "--hub", hub.url, "--max-experiments", "1", check=False)
     assert down.returncode == 2 and f"the hub at {hub.url} cannot be used" in down.stderr  # but a bad start stops
+    # back up (its data kept): the next run posts what the hub missed, once, and pushes the keeps
+    hub.start(port=int(hub.url.rsplit(":", 1)[1]))
+    out = loop(repo, lab_env, "run", "--agent", "true", "--hub", hub.url, "--max-experiments", "0").stdout
+    saved = json.loads(next((Path(lab_env["HOME"]) / ".config/autoresearch/hubs").iterdir()).read_text())
+    auth = {"Authorization": f"Bearer {saved['api_key']}"}
+    posts = hub.get("/api/channels/results/posts", auth, params={"limit": "100"}).json()
+    assert sorted(p["content"].rsplit("| ", 1)[1] for p in posts) == sorted(
+        f"{r['status']}: {r['description']}" for r in rows(repo)), out  # the baseline and both keeps, once each
+    best = git(repo, "rev-parse", "autoresearch/t")
+    assert [c["hash"] for c in hub.get("/api/git/leaves", auth).json()] == [best], out
 
 
 def test_a_key_saved_for_an_address_whose_hub_does_not_know_it_is_named_with_the_fix(hub, repo, lab_env):
@@ -494,7 +505,7 @@ def test_workers_post_every_row_push_their_keeps_and_try_a_hub_commit_on_one_wor
     saved = json.loads(next((tmp_path / "home/.config/autoresearch/hubs").iterdir()).read_text())
     posted = [r for r in hub.get("/api/results", auth, params={"limit": "100"}).json()
               if r["agent_id"] == saved["id"]]
-    assert sorted(r["status"] for r in posted) == sorted(r["status"] for r in mine), out  # every row, once
+    assert sorted(r["status"] for r in posted) == sorted(r["status"] for r in rows(repo)), out  # all, once
     keep = git(repo, "rev-parse", "autoresearch/t")
     assert [c["hash"] for c in hub.get(f"/api/git/commits/{sha}/children", auth).json()] == [keep], out
     assert "hub: pushed autoresearch/t" in out
