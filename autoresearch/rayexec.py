@@ -150,6 +150,10 @@ class RayExecutor:
 
     def __init__(self, address, workers):
         """Connect (or start a local Ray, without an address); workers: a number, or auto (one per GPU)."""
+        # Under `uv run`, Ray would ship the project as a working_dir and build a virtual environment of its own
+        # from it for each session (GBs of torch in /tmp/ray, minutes): every node already has the project's
+        # environment (`uv sync --group ray`), and runs get only this package (py_modules below)
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
         try:
             import ray
         except ImportError:
