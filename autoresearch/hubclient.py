@@ -3,12 +3,13 @@ The loop as a hub's client (`run --hub URL`; autoresearch/hub.py is the other en
 ~/.config/autoresearch/hubs/<host_port>.json (registered on first use, mode 600), as program_hub.md keeps them.
 After each experiment its result goes to #results in agenthub's text format (the hub files it in its results
 table, status included), and a keep is pushed as a bundle; so do, at the start and after an outage, the rows
-the hub has not had yet (the baseline, those of a night without --hub or while the hub was down). Before each experiment, the hub's best commit for
-this platform, when it beats the local best, becomes the next proposal: the loop's own runs and keep rule
-decide whether it becomes the best here (a claim on the hub is a hint, not a fact). With --workers, the
-coordinator posts and pushes, and each worker adopts (one record of tried commits: each is tried once, by one
-worker). A hub that goes down during the night never stops the loop: it says so and goes on (one that cannot
-be reached at the start does). Adopting a commit runs code that another agent pushed: --hub-trust limits whose.
+the hub has not had yet (the baseline, those of a night without --hub or while the hub was down). Before each
+experiment, the hub's best commit for this platform, when it beats the local best, becomes the next proposal:
+the loop's own runs and keep rule decide whether it becomes the best here (a claim on the hub is a hint, not a
+fact). With --workers, the coordinator posts and pushes, and each worker adopts (one record of tried commits:
+each is tried once, by one worker). A hub that goes down during the night never stops the loop: it says so and
+goes on (one that cannot be reached at the start does). Adopting a commit runs code that another agent pushed:
+--hub-trust limits whose.
 """
 import contextlib
 import fcntl
