@@ -10,8 +10,10 @@ or the prepared folders given with --prepared.
 """
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,7 @@ def main():
     directories = args.prepared
     if not directories:
         cache = Path(tempfile.mkdtemp(prefix="bench-dataloader-"))
+        atexit.register(shutil.rmtree, cache, True)  # two prepared datasets per call: not left in /tmp
         directories = []
         if GUTENBERG.exists():
             prepare_into(cache, args.profile, ["--source", str(GUTENBERG)])

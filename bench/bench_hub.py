@@ -8,6 +8,7 @@ shared root, each a new leaf), with the latency spread.
 """
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -131,6 +132,8 @@ def main():
               f"{args.pushes + 1} commits on the hub")
     finally:
         proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
