@@ -428,6 +428,12 @@ def run_baseline(loop, repeats):
     started, sha = time.monotonic(), head()
     cache = loop.compile_cache(blob_hash(Path(TRAIN).read_bytes()))
     module_bytecode(force=True)  # a fresh clone has none: else the evaluator's imports write it during a run
+    edited = loop.installed_code.edited()  # this tag's record, or an earlier tag's under the same uv.lock
+    if edited:
+        print(f"code the evaluator runs differs from what earlier evaluations ran under this uv.lock: "
+              f"{', '.join(edited)}; nothing was run. Fix: {INSTALLED_FIX}, then run "
+              f"`uv run agent_loop.py init --tag {loop.tag}` again", file=sys.stderr)
+        return 1
     log = str(loop.dir / f"000-{sha[:7]}.log")
     with open(log, "a") as f:
         f.write(f"baseline of {loop.branch}: {repeats} run(s) of commit {sha}\n")

@@ -5,14 +5,20 @@ seen: an agent that edits torch's cross-entropy before a `step` would change the
 own check (evaluator.code_written_since) sees only what was written while train.py ran.
 
 A record per tag (.git/autoresearch/TAG/installed-code.json) holds each file's ctime and sha256. A file whose
-ctime moved since is read again: the same bytes pass (a reinstall of the same packages), other bytes are an
-edit. A file met for the first time is checked against its package's RECORD (pip and uv list every installed
+ctime moved since is read again: the same bytes pass (a reinstall of the same packages; for bytecode, the
+same code under a new source mtime), other bytes are an edit. A file met for the first time is checked against its package's RECORD (pip and uv list every installed
 file's sha256 there; an install writes RECORD after the files, so a file changed later is newer than it) and
 hashed only when it has no entry there (bytecode, the standard library): the tag's first evaluation reads
 ~100 MB, not the ~4 GB of torch's libraries.
+
+A new tag starts from the newest earlier tag's record made under the same uv.lock: a file that tag's evaluations
+ran must still have those bytes, so an agent's edit made during an earlier night (its RECORD line edited too) is
+not taken as installed by the next `init`. A new uv.lock (an upgrade) starts a record of its own.
 """
 import base64
 import csv
+import functools
+import hashlib
 import json
 import os
 import time
@@ -25,10 +31,26 @@ RECORD_NAME = "installed-code.json"
 FIX = "put it back with `uv sync --reinstall --locked`"  # the same bytes again: the record accepts them
 
 
-def digest(path):
-    """sha256 of the file in RECORD's form (sha256=<urlsafe base64, unpadded>)."""
-    raw = bytes.fromhex(sha256_of(path))
+def record_form(raw):
+    """A sha256 as RECORD writes it: sha256=<urlsafe base64, unpadded>."""
     return "sha256=" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def digests(path):
+    """The file's sha256 in RECORD's form; for bytecode, first the sha256 with the source's mtime and size in
+    its header zeroed: a reinstall of the same package compiles the same code under a new mtime (and Python
+    ignores a .pyc whose header does not match its source). The first one is what a record keeps."""
+    whole = digest(path)
+    if not path.endswith(".pyc"):
+        return [whole]
+    data = bytearray(Path(path).read_bytes())
+    if len(data) >= 16 and int.from_bytes(data[4:8], "little") == 0:  # flags 0: checked by timestamp
+        data[8:16] = bytes(8)
+    return [record_form(hashlib.sha256(data).digest()), whole]
+
+
+def digest(path):
+    return record_form(bytes.fromhex(sha256_of(path)))
 
 
 def package_records(site):
@@ -46,20 +68,35 @@ def package_records(site):
     return found
 
 
+def saved_record(path):
+    """A tag's record as saved, or {} (none yet, or damaged: then started again, as for a new tag)."""
+    try:
+        saved = read_json(path)
+    except (ValueError, OSError):
+        saved = None
+    return saved if isinstance(saved, dict) else {}
+
+
 class InstalledCode:
     """What the evaluator ran code from outside the repository, by path: [ctime_ns, sha256]; `created`: when
     the record was first written (None: not yet, and then every file found is taken as it is)."""
 
-    def __init__(self, path):
-        self.path = Path(path)
-        saved = None
-        try:
-            saved = read_json(self.path)
-        except (ValueError, OSError):  # damaged: started again, as for a new tag
-            pass
-        saved = saved if isinstance(saved, dict) else {}
+    def __init__(self, path, lock=None):
+        """lock: the sha256 of the uv.lock the environment was installed from (None: no uv.lock)."""
+        self.path, self.lock = Path(path), lock
+        saved = saved_record(self.path)
         self.files, self.created = saved.get("files") or {}, saved.get("created")
         self._records = {}
+
+    @functools.cached_property
+    def earlier(self):
+        """{path: [ctime_ns, sha256]} of the newest other tag's record under the same uv.lock, while this tag
+        has none of its own yet (then its first evaluation is checked against it); else {}."""
+        if self.created is not None:
+            return {}
+        others = [saved_record(p) for p in self.path.parent.parent.glob(f"*/{self.path.name}") if p != self.path]
+        same = [r for r in others if r.get("lock") == self.lock and r.get("files") and r.get("created")]
+        return max(same, key=lambda r: r["created"])["files"] if same else {}
 
     def listed(self, path):
         """(sha256, RECORD's ctime) of an installed package's file, or None (not in a site-packages' RECORD)."""
@@ -75,13 +112,17 @@ class InstalledCode:
         """The files among `paths` (default: all recorded) whose bytes differ from what the record or their
         package's RECORD says, or that appeared, unlisted, after the record was made. The rest are recorded."""
         found, changed = [], False
-        for path in sorted(self.files if paths is None else set(paths)):
+        for path in sorted(set(self.files) | set(self.earlier) if paths is None else set(paths)):
             try:
                 ctime = os.stat(path).st_ctime_ns
             except OSError:  # gone: nothing runs from it
                 continue
-            entry = self.files.get(path)
-            if entry and entry[0] == ctime:
+            own = self.files.get(path)
+            if own and own[0] == ctime:
+                continue
+            entry = own or self.earlier.get(path)
+            if entry and entry[0] == ctime:  # untouched since an earlier tag's evaluation ran it
+                self.files[path], changed = list(entry), True
                 continue
             expected = entry[1] if entry else None
             if expected is None:
@@ -94,14 +135,14 @@ class InstalledCode:
                 found.append(path)  # unlisted, and written since the record began: nothing to compare with
                 continue
             try:
-                actual = digest(path)
+                actual = digests(path)
             except OSError:  # there, but kept from us
                 found.append(path)
                 continue
-            if expected is not None and actual != expected:
+            if expected is not None and expected not in actual:
                 found.append(path)
             else:
-                self.files[path], changed = [ctime, actual], True
+                self.files[path], changed = [ctime, actual[0]], True
         if changed:
             self.save()
         return found
@@ -111,5 +152,5 @@ class InstalledCode:
             self.created = time.time_ns()
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # workers of a tag share the record
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"created": self.created, "files": self.files}))
+        tmp.write_text(json.dumps({"created": self.created, "lock": self.lock, "files": self.files}))
         os.replace(tmp, self.path)

@@ -11,6 +11,7 @@ from pathlib import Path
 # Names
 
 TRAIN, PREPARE, PROGRAM = "train.py", "prepare.py", "program.md"
+UV_LOCK = "uv.lock"                         # the environment's packages, by version and hash
 RESULTS = "results.tsv"                     # in the repo root, ignored by git
 LOGS_DIR = "logs"                           # logs/TAG/NNN-sha.log, plus the loop's state files
 WORKTREES_DIR = "worktrees"                 # demo checkouts

@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoresearch.cachefiles import sha256_of
 from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
 from autoresearch.gitrepo import git
 from autoresearch.installed import RECORD_NAME as INSTALLED_RECORD, InstalledCode
-from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, LoopError, now_iso, read_json
+from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, UV_LOCK, LoopError, now_iso, read_json
 from autoresearch.metricdata import seal_metric_files
 from autoresearch.ledger import best_row, ledger_dir, write_atomic
 from autoresearch.process import KILL_GRACE_S, Stop, counted_cores, proc_start_time
@@ -147,8 +148,9 @@ class Loop:
     @functools.cached_property
     def installed_code(self):
         """The code the evaluator runs from outside the repository, as at the tag's first evaluation (one record
-        per tag: its workers share one environment)."""
-        return InstalledCode(ledger_dir() / self.tag / INSTALLED_RECORD)
+        per tag: its workers share one environment), keyed by the uv.lock it was installed from."""
+        lock = sha256_of(UV_LOCK) if os.path.exists(UV_LOCK) else None
+        return InstalledCode(ledger_dir() / self.tag / INSTALLED_RECORD, lock)
 
     @property
     def evaluator_cache(self):

@@ -604,6 +604,25 @@ def test_code_the_evaluator_runs_edited_between_steps_stops_the_step_until_its_b
     assert len(rows(repo)) == 2 and "evaluator" not in rows(repo)[1]["note"]
 
 
+def test_code_an_earlier_tags_evaluations_ran_edited_between_tags_stops_the_next_init(repo, env, tmp_path):
+    initialised(repo, env)
+    ledger = repo / ".git" / "autoresearch"
+    metric = tmp_path / "site-packages" / "metric.py"  # what tag t's evaluations ran (torch's cross-entropy, say)
+    metric.parent.mkdir()
+    metric.write_text("def cross_entropy(logits, y): ...\n")
+    installed.InstalledCode(ledger / "t" / installed.RECORD_NAME).edited([str(metric)])
+    original = metric.read_bytes()
+    metric.write_text("def cross_entropy(logits, y): return 0.5 * ...\n")  # edited during t's night
+    p = loop(repo, env, "init", "--tag", "t2", check=False)
+    assert p.returncode != 0 and str(metric) in p.stderr and "uv sync --reinstall --locked" in p.stderr, p.stderr
+    assert "nothing was run" in p.stderr and [r["tag"] for r in rows(repo)] == ["t"]
+    # the record of another uv.lock (an upgrade between tags) does not apply: that tag starts its own
+    assert installed.InstalledCode(ledger / "t3" / installed.RECORD_NAME, lock="0" * 64).edited([str(metric)]) == []
+    metric.write_bytes(original)  # as a reinstall puts it back: the same bytes, a new ctime
+    loop(repo, env, "init", "--tag", "t2")
+    assert [r["tag"] for r in rows(repo)] == ["t", "t2"]
+
+
 def test_run_refuses_a_dirty_tree_and_keeps_the_users_change(repo, env):
     initialised(repo, env)
     (repo / "README.md").write_text("my unsaved notes\n")
