@@ -1,9 +1,11 @@
 """Shared fixtures: a cache with the synthetic dataset prepared for the smoke profile, made once per session;
-and import_train, train.py as another profile sets it. Also how the suite shares the machine: two test processes
-(pytest-xdist), each on its own half of the cores, and a last phase for the tests that need every core."""
+user_env, a new user's environment around a copy of it; and import_train, train.py as another profile sets
+it. Also how the suite shares the machine: two test processes (pytest-xdist), each on its own half of the
+cores, and a last phase for the tests that need every core."""
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,18 @@ def smoke_cache(tmp_path_factory):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return cache
+
+
+def user_env(folder, smoke_cache, **extra):
+    """The environment of a new user whose lab lives in `folder`: no git identity, no AUTORESEARCH_ settings but
+    the smoke profile and a cache of its own (a copy of smoke_cache, made in folder), plus `extra`."""
+    folder = Path(folder)
+    shutil.copytree(smoke_cache, folder / "cache")
+    (folder / "gitconfig").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
+    env.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(folder / "cache"),
+               GIT_CONFIG_GLOBAL=str(folder / "gitconfig"), **extra)
+    return env
 
 
 def import_train(profile):

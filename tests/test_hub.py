@@ -4,7 +4,6 @@ real git bundles, and program_hub.md's own curl commands."""
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import sqlite3
@@ -375,6 +374,7 @@ def test_a_hub_killed_at_any_moment_of_a_push_restarts_consistent_and_takes_the_
 # ---------------------------------------------------------------------------
 # The loop as a client: two labs, one frontier (the stand-in train.py of the agent_loop tests)
 
+from conftest import user_env  # noqa: E402
 from test_agent_loop import env, initialised, loop, repo, rows  # noqa: E402,F401  (fixtures and helpers)
 
 
@@ -534,13 +534,7 @@ def test_two_labs_training_the_real_train_py_share_a_frontier_and_each_measures_
     subprocess.run(["git", "clone", "-q", str(a), str(b)], check=True, capture_output=True)
     (a / "train.py").write_text(fixed)
     subprocess.run([*commit, "learning rates x100"], cwd=a, check=True)
-    (tmp_path / "gitconfig").write_text("")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
-    base.update(AUTORESEARCH_PROFILE="smoke", GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"))
-    envs = {}
-    for name in ("a", "b"):
-        shutil.copytree(smoke_cache, tmp_path / name / "cache")
-        envs[name] = dict(base, AUTORESEARCH_CACHE_DIR=str(tmp_path / name / "cache"), HOME=str(tmp_path / name))
+    envs = {name: user_env(tmp_path / name, smoke_cache, HOME=str(tmp_path / name)) for name in ("a", "b")}
 
     # lab A: its baseline, posted and pushed when it first meets the hub
     loop(a, envs["a"], "init", "--tag", "real", "--repeats", "1", timeout=600)

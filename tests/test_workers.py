@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import user_env
 from test_agent_loop import (AGENT_LOOP, clean_tracked, env, git, initialised, loop, pid_gone, repo,  # noqa: F401
                              rows, set_train, wait_for)
 
@@ -116,12 +117,7 @@ def test_two_workers_train_the_real_train_py_on_their_shares_and_the_harness_eva
     from test_hub import Hub
     from test_readme import fresh_clone
     lab = fresh_clone(tmp_path)
-    cache = tmp_path / "cache"
-    shutil.copytree(smoke_cache, cache)
-    (tmp_path / "gitconfig").write_text("")
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
-    e.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache),
-             GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"), HOME=str(tmp_path / "home"))
+    e = user_env(tmp_path, smoke_cache, HOME=str(tmp_path / "home"))
     share = len(os.sched_getaffinity(0)) // 2
     loop(lab, e, "init", "--tag", "real", "--repeats", "1", "--workers", "2", timeout=600)
     # another lab's commit on a hub, claimed far better than anything here: one worker's experiment is that
@@ -399,11 +395,7 @@ def test_ray_makes_each_workers_evaluator_copy_on_every_node_before_any_run(smok
     import tempfile
     from test_readme import fresh_clone
     lab = fresh_clone(tmp_path)
-    shutil.copytree(smoke_cache, tmp_path / "cache")
-    (tmp_path / "gitconfig").write_text("")
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
-    e.update(AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(tmp_path / "cache"),
-             GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"), AUTORESEARCH_RAY_HOME=str(tmp_path / "nodes"))
+    e = user_env(tmp_path, smoke_cache, AUTORESEARCH_RAY_HOME=str(tmp_path / "nodes"))
     loop(lab, e, "init", "--tag", "real", "--repeats", "1", timeout=600)
     hashes = json.loads((lab / ".git" / "autoresearch" / "real" / "init.json").read_text())["metric_hashes"]
 
