@@ -95,7 +95,8 @@ class InstalledCode:
         if self.created is not None:
             return {}
         others = [saved_record(p) for p in self.path.parent.parent.glob(f"*/{self.path.name}") if p != self.path]
-        same = [r for r in others if r.get("lock") == self.lock and r.get("files") and r.get("created")]
+        same = [r for r in others if r.get("lock") == self.lock and isinstance(r.get("files"), dict)
+                and r["files"] and isinstance(r.get("created"), int)]
         return max(same, key=lambda r: r["created"])["files"] if same else {}
 
     def listed(self, path):
