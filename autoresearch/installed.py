@@ -6,10 +6,11 @@ own check (evaluator.code_written_since) sees only what was written while train.
 
 A record per tag (.git/autoresearch/TAG/installed-code.json) holds each file's ctime and sha256. A file whose
 ctime moved since is read again: the same bytes pass (a reinstall of the same packages; for bytecode, the
-same code under a new source mtime), other bytes are an edit. A file met for the first time is checked against its package's RECORD (pip and uv list every installed
-file's sha256 there; an install writes RECORD after the files, so a file changed later is newer than it) and
-hashed only when it has no entry there (bytecode, the standard library): the tag's first evaluation reads
-~100 MB, not the ~4 GB of torch's libraries.
+same code under a new source mtime), other bytes are an edit. A file met for the first time is checked
+against its package's RECORD (pip and uv list every installed file's sha256 there; an install writes RECORD
+after the files, so a file changed later is newer than it) and hashed only when it has no entry there
+(bytecode, the standard library): the tag's first evaluation reads ~100 MB, not the ~4 GB of torch's
+libraries.
 
 A new tag starts from the newest earlier tag's record made under the same uv.lock: a file that tag's evaluations
 ran must still have those bytes, so an agent's edit made during an earlier night (its RECORD line edited too) is
@@ -40,12 +41,13 @@ def digests(path):
     """The file's sha256 in RECORD's form; for bytecode, first the sha256 with the source's mtime and size in
     its header zeroed: a reinstall of the same package compiles the same code under a new mtime (and Python
     ignores a .pyc whose header does not match its source). The first one is what a record keeps."""
-    whole = digest(path)
     if not path.endswith(".pyc"):
-        return [whole]
+        return [digest(path)]
     data = bytearray(Path(path).read_bytes())
-    if len(data) >= 16 and int.from_bytes(data[4:8], "little") == 0:  # flags 0: checked by timestamp
-        data[8:16] = bytes(8)
+    whole = record_form(hashlib.sha256(data).digest())
+    if len(data) < 16 or int.from_bytes(data[4:8], "little") != 0:  # flags 0: checked by timestamp
+        return [whole]
+    data[8:16] = bytes(8)
     return [record_form(hashlib.sha256(data).digest()), whole]
 
 
