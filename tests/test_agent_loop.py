@@ -277,6 +277,20 @@ def test_a_run_that_writes_in_another_versions_compile_cache_is_rejected(repo, e
     assert note.startswith("rejected:") and "compile-cache" in note and "poisoned.py" in note, note
 
 
+def test_a_new_tag_starts_from_the_compiled_code_an_earlier_tag_ran_of_its_train_py_and_of_no_other(repo, env):
+    initialised(repo, env)
+    caches = repo / ".git" / "autoresearch"
+    (version,) = (caches / "t" / "compile-cache").glob("[0-9a-f]*")
+    (version / "kernel.so").write_text("compiled by tag t")
+    loop(repo, env, "init", "--tag", "u", "--repeats", "1")  # the same train.py: its first run compiles warm
+    assert (caches / "u" / "compile-cache" / version.name / "kernel.so").read_text() == "compiled by tag t"
+    set_train(repo, VAL_BPB=0.97)
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "other code")
+    loop(repo, env, "init", "--tag", "w", "--repeats", "1")  # kernels are never another version's
+    (other,) = (caches / "w" / "compile-cache").glob("[0-9a-f]*")
+    assert other.name != version.name and not list(other.iterdir())
+
+
 def harness_evaluates(repo):
     """The tag's runs hand their model to the harness's evaluator, as with the real prepare.py (the stand-in's
     evaluation then fails: a crash row, unless a rejection comes first)."""
