@@ -277,17 +277,22 @@ def test_a_run_that_writes_in_another_versions_compile_cache_is_rejected(repo, e
     assert note.startswith("rejected:") and "compile-cache" in note and "poisoned.py" in note, note
 
 
+def versions(tag_dir):
+    """A tag's compile caches of train.py versions (not the evaluator's)."""
+    return [p for p in (tag_dir / "compile-cache").iterdir() if p.is_dir() and re.fullmatch("[0-9a-f]+", p.name)]
+
+
 def test_a_new_tag_starts_from_the_compiled_code_an_earlier_tag_ran_of_its_train_py_and_of_no_other(repo, env):
     initialised(repo, env)
     caches = repo / ".git" / "autoresearch"
-    (version,) = (caches / "t" / "compile-cache").glob("[0-9a-f]*")
+    (version,) = versions(caches / "t")
     (version / "kernel.so").write_text("compiled by tag t")
     loop(repo, env, "init", "--tag", "u", "--repeats", "1")  # the same train.py: its first run compiles warm
     assert (caches / "u" / "compile-cache" / version.name / "kernel.so").read_text() == "compiled by tag t"
     set_train(repo, VAL_BPB=0.97)
     git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "other code")
     loop(repo, env, "init", "--tag", "w", "--repeats", "1")  # kernels are never another version's
-    (other,) = (caches / "w" / "compile-cache").glob("[0-9a-f]*")
+    (other,) = versions(caches / "w")
     assert other.name != version.name and not list(other.iterdir())
 
 
