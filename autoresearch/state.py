@@ -131,9 +131,9 @@ class Loop:
     def compile_cache(self, version):
         """torch.compile's cache folder (inductor's and triton's) for runs of the train.py whose blob hash is
         `version`: a version of its own, so that no run can slow down or change another version's compiled
-        code. Seeded from the same version's cache in another tag or worker (a new night of the code an earlier
-        one ended on: its first run compiles warm: 13.9 s of start-up instead of 52.8 s on the cpu profile), else from the best's, so that
-        a change that leaves the graphs alone compiles warm."""
+        code. Seeded from the same version's cache in another tag or worker (a new night of the code an
+        earlier one ended on starts warm: 13.9 s of start-up instead of 52.8 s on the cpu profile), else from
+        the best's, so that a change that leaves the graphs alone compiles warm."""
         root = self.private_dir / "compile-cache"
         folder = root / version[:16]
         best = root / ((self.best or {}).get("train_py") or "")[:16]
