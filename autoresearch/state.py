@@ -142,7 +142,9 @@ class Loop:
             staging = root / f".{version[:16]}.partial"
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                seed = newest_cache_of(version[:16], but=root) or (best.is_dir() and best != root and best)
+                seed = newest_cache_of(version[:16], but=root)
+                if seed is None and best != root and best.is_dir():
+                    seed = best
                 if seed:
                     shutil.copytree(seed, staging, symlinks=True)
             except (OSError, shutil.Error):  # pruned or written meanwhile by another loop: it compiles cold
