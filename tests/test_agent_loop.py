@@ -296,10 +296,10 @@ def test_a_new_tag_starts_from_the_compiled_code_an_earlier_tag_ran_of_its_train
     assert other.name != version.name and not list(other.iterdir())
 
 
-def harness_evaluates(repo):
+def harness_evaluates(repo, tag="t"):
     """The tag's runs hand their model to the harness's evaluator, as with the real prepare.py (the stand-in's
     evaluation then fails: a crash row, unless a rejection comes first)."""
-    config = repo / ".git" / "autoresearch" / "t" / "init.json"
+    config = repo / ".git" / "autoresearch" / tag / "init.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
 
 
@@ -326,6 +326,30 @@ def test_a_run_that_writes_in_the_evaluators_compile_cache_crashed_or_not_is_rej
     set_train(repo, VAL_BPB=0.92)
     loop(repo, env, "step", "-m", "honest, after a plant between steps")
     assert "compile-cache" not in rows(repo)[5]["note"] and not planted.exists(), rows(repo)[5]
+
+
+def test_a_new_tags_first_evaluation_starts_from_the_evaluator_cache_another_tag_left_and_never_a_planted_one(
+        repo, env):
+    from autoresearch.seal import HarnessFolder
+    ledger = repo / ".git" / "autoresearch"
+    initialised(repo, env)
+    harness_evaluates(repo)
+    set_train(repo, VAL_BPB=0.9)
+    loop(repo, env, "step", "-m", "an honest change")  # t's evaluator cache and its record, as its harness left them
+    for tag, text in (("t", "compiled by t's evaluator"), ("v", "compiled by v's evaluator")):
+        cache = ledger / tag / "compile-cache" / "evaluator"  # the real evaluator's kernels, as the stand-in has none
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "kernel.py").write_text(text)
+        HarnessFolder(cache).settle()
+        time.sleep(0.05)  # v's record is the newer: tried first
+    (ledger / "v" / "compile-cache" / "evaluator" / "kernel.py").write_text("planted after v's harness recorded it")
+    loop(repo, env, "init", "--tag", "u", "--repeats", "1")
+    harness_evaluates(repo, "u")
+    set_train(repo, VAL_BPB=0.91)
+    loop(repo, env, "step", "-m", "u's first evaluated run")
+    seeded = ledger / "u" / "compile-cache" / "evaluator"
+    assert (seeded / "kernel.py").read_text() == "compiled by t's evaluator"
+    assert HarnessFolder(seeded).written() == []  # and recorded as the harness's own for u's next run
 
 
 def test_a_run_that_forges_the_evaluator_caches_record_and_kills_the_loop_gets_its_kernel_emptied_out(
