@@ -106,13 +106,10 @@ class HarnessFolder:
     """A folder only the harness writes (the evaluator's compile cache): the files it held when the harness
     last wrote it, so that whatever anything else left there since (a "kernel" the evaluator would load and
     run) is found, and never used. The record (FOLDER.json) carries that over to the next loop process (each
-    `step` is one), read when it starts, before any train.py of it runs; without one it trusts none of it.
-    kin(path), when given, names the same harness's folders of other loops (other tags): an emptied folder
-    starts from a copy of one of them that holds just what its own harness left (seed_from)."""
+    `step` is one), read when it starts, before any train.py of it runs; without one it trusts none of it."""
 
-    def __init__(self, path, kin=None):
+    def __init__(self, path):
         self.path = Path(path)
-        self.kin = kin
         self.record = self.path.with_name(f"{self.path.name}.json")
         try:
             self.seen = read_json(self.record)
@@ -142,32 +139,8 @@ class HarnessFolder:
         """The folder, emptied unless it holds just what the harness left (a cache: nothing is lost)."""
         if self.seen is None or self.written():
             shutil.rmtree(self.path, ignore_errors=True)
-            self.seed_from(self.kin(self.path) if self.kin else ())
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path
-
-    def seed_from(self, folders):
-        """Fill the (absent) folder with a copy of the first of `folders` that holds just what its own harness
-        left, by its own record, before and after the copy (nothing written meanwhile comes along); the folder
-        it came from, or None. A cache: a compile starts warm instead of cold, and nothing else changes."""
-        staging = self.path.with_name(f".{self.path.name}.partial")
-        for folder in folders:
-            other = HarnessFolder(folder)
-            if not other.seen or other.written():
-                continue
-            shutil.rmtree(staging, ignore_errors=True)
-            try:
-                shutil.copytree(other.path, staging, symlinks=True)
-            except (OSError, shutil.Error):  # emptied or written meanwhile by its own loop
-                shutil.rmtree(staging, ignore_errors=True)
-                continue
-            copied = {str(p.relative_to(staging)) for p in staging.rglob("*")}
-            if other.written() or copied != set(other.seen):
-                shutil.rmtree(staging, ignore_errors=True)
-                continue
-            staging.rename(self.path)
-            return folder
-        return None
 
     def settle(self):
         self.seen = self.files()
@@ -189,6 +162,6 @@ class HarnessFolder:
 
 
 @functools.cache
-def harness_folder(path, kin=None):
+def harness_folder(path):
     """One HarnessFolder per folder in a process: every loop (and Ray task) in it shares what it saw."""
-    return HarnessFolder(path, kin)
+    return HarnessFolder(path)

@@ -28,6 +28,7 @@ from autoresearch.seal import harness_folder, untracked_modules
 
 DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_SEED overrides at init
 EVALUATOR_CACHE = "evaluator"                # the evaluator's folder among the versions' compile caches
+AOTAUTOGRAD_CACHE = "aotautograd"            # AOTAutograd's entries in a version's (inductor's cache layout)
 
 
 # -----------------------------------------------------------------------------
@@ -132,8 +133,10 @@ class Loop:
         """torch.compile's cache folder (inductor's and triton's) for runs of the train.py whose blob hash is
         `version`: a version of its own, so that no run can slow down or change another version's compiled
         code. Seeded from the same version's cache in another tag or worker (a new night of the code an
-        earlier one ended on starts warm: 13.9 s of start-up instead of 52.8 s on the cpu profile), else from
-        the best's, so that a change that leaves the graphs alone compiles warm."""
+        earlier one ended on starts warm: 8.3 s of start-up instead of 52.1 s on the cpu profile), else from
+        the best's, so that a change that leaves the graphs alone compiles warm, less its AOTAutograd entries
+        (AOTAUTOGRAD_CACHE): their key covers a custom autograd.Function's body as traced, not the helpers it
+        calls by name, so another version's could run code this one changed."""
         root = self.private_dir / "compile-cache"
         folder = root / version[:16]
         best = root / ((self.best or {}).get("train_py") or "")[:16]
@@ -142,11 +145,11 @@ class Loop:
             staging = root / f".{version[:16]}.partial"
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                seed = newest_cache_of(version[:16], but=root)
+                seed, skip = newest_cache_of(version[:16], but=root), None
                 if seed is None and best != root and best.is_dir():
-                    seed = best
+                    seed, skip = best, shutil.ignore_patterns(AOTAUTOGRAD_CACHE)
                 if seed:
-                    shutil.copytree(seed, staging, symlinks=True)
+                    shutil.copytree(seed, staging, symlinks=True, ignore=skip)
             except (OSError, shutil.Error):  # pruned or written meanwhile by another loop: it compiles cold
                 shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(exist_ok=True)
@@ -164,7 +167,7 @@ class Loop:
     def evaluator_cache(self):
         """The evaluator's torch.compile cache, shared by every version (its graphs are the models'), which
         the loop empties when anything but the evaluator wrote in it (seal.HarnessFolder)."""
-        return harness_folder(self.private_dir / "compile-cache" / EVALUATOR_CACHE, kin=evaluator_caches)
+        return harness_folder(self.private_dir / "compile-cache" / EVALUATOR_CACHE)
 
     def other_compile_caches(self, version):
         """{path: ctime_ns} of every file in the compile caches of versions other than `version`: a run of one
@@ -192,21 +195,6 @@ def newest_cache_of(name, but):
     found = [p for pattern in ("*", "*/w*") for p in ledger_dir().glob(f"{pattern}/compile-cache/{name}")
              if p.parent != but and p.is_dir()]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
-
-
-def evaluator_caches(but):
-    """The evaluator's compile caches of the other tags and workers, the most recently recorded first: a tag's
-    first evaluation starts from one of them (seal.HarnessFolder.seed_from checks it), warm instead of cold
-    (~22 s of each new night's first run on the cpu profile, ~9 s on an H100)."""
-    recorded = {}
-    for pattern in ("*", "*/w*"):
-        for folder in ledger_dir().glob(f"{pattern}/compile-cache/{EVALUATOR_CACHE}"):
-            try:
-                recorded[folder] = folder.with_name(f"{folder.name}.json").stat().st_mtime
-            except FileNotFoundError:  # no record: nothing in it is trusted
-                pass
-    recorded.pop(but, None)
-    return sorted(recorded, key=recorded.get, reverse=True)
 
 
 def first_free_seed(rows, base):

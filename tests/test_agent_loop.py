@@ -215,13 +215,15 @@ def test_step_keeps_a_real_improvement_after_a_confirming_pair_and_prints_one_li
 def test_each_version_compiles_in_a_cache_of_its_own_seeded_from_the_best(repo, env, tmp_path):
     env = dict(env, STANDIN_CACHE_LOG=str(tmp_path / "cache.log"))
     initialised(repo, env)
+    (baseline,) = versions(repo / ".git" / "autoresearch" / "t")
+    (baseline / "aotautograd" / "key").mkdir(parents=True)  # AOTAutograd's entries: never another version's
     set_train(repo, VAL_BPB=0.99)
     loop(repo, env, "step", "-m", "lower the loss")
     seen = [line.split(" ") for line in (tmp_path / "cache.log").read_text().splitlines()]
     assert [(val, found) for val, _, found in seen] == [
         ("1.0", ""),              # the baseline compiles cold
-        ("0.99", "by-1.0"),       # the candidate finds the best's kernels: a warm start
-        ("1.0", "by-1.0"),        # the best's re-run never finds what the candidate wrote
+        ("0.99", "by-1.0"),       # the candidate finds the best's kernels (a warm start), not its AOT entries
+        ("1.0", "aotautograd,by-1.0"),  # the best's re-run never finds what the candidate wrote
         ("0.99", "by-0.99,by-1.0")]
     assert seen[0][1] == seen[2][1] != seen[1][1] == seen[3][1]
     assert Path(seen[3][1]).is_dir() and not Path(seen[0][1]).exists()  # the old best's cache is gone
@@ -287,8 +289,10 @@ def test_a_new_tag_starts_from_the_compiled_code_an_earlier_tag_ran_of_its_train
     caches = repo / ".git" / "autoresearch"
     (version,) = versions(caches / "t")
     (version / "kernel.so").write_text("compiled by tag t")
+    (version / "aotautograd" / "key").mkdir(parents=True)  # the same train.py's own: taken too
     loop(repo, env, "init", "--tag", "u", "--repeats", "1")  # the same train.py: its first run compiles warm
     assert (caches / "u" / "compile-cache" / version.name / "kernel.so").read_text() == "compiled by tag t"
+    assert (caches / "u" / "compile-cache" / version.name / "aotautograd" / "key").is_dir()
     set_train(repo, VAL_BPB=0.97)
     git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "other code")
     loop(repo, env, "init", "--tag", "w", "--repeats", "1")  # kernels are never another version's
@@ -296,10 +300,10 @@ def test_a_new_tag_starts_from_the_compiled_code_an_earlier_tag_ran_of_its_train
     assert other.name != version.name and not list(other.iterdir())
 
 
-def harness_evaluates(repo, tag="t"):
+def harness_evaluates(repo):
     """The tag's runs hand their model to the harness's evaluator, as with the real prepare.py (the stand-in's
     evaluation then fails: a crash row, unless a rejection comes first)."""
-    config = repo / ".git" / "autoresearch" / tag / "init.json"
+    config = repo / ".git" / "autoresearch" / "t" / "init.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
 
 
@@ -326,30 +330,6 @@ def test_a_run_that_writes_in_the_evaluators_compile_cache_crashed_or_not_is_rej
     set_train(repo, VAL_BPB=0.92)
     loop(repo, env, "step", "-m", "honest, after a plant between steps")
     assert "compile-cache" not in rows(repo)[5]["note"] and not planted.exists(), rows(repo)[5]
-
-
-def test_a_new_tags_first_evaluation_starts_from_the_evaluator_cache_another_tag_left_and_never_a_planted_one(
-        repo, env):
-    from autoresearch.seal import HarnessFolder
-    ledger = repo / ".git" / "autoresearch"
-    initialised(repo, env)
-    harness_evaluates(repo)
-    set_train(repo, VAL_BPB=0.9)
-    loop(repo, env, "step", "-m", "an honest change")  # t's evaluator cache and its record, as its harness left them
-    for tag, text in (("t", "compiled by t's evaluator"), ("v", "compiled by v's evaluator")):
-        cache = ledger / tag / "compile-cache" / "evaluator"  # the real evaluator's kernels, as the stand-in has none
-        cache.mkdir(parents=True, exist_ok=True)
-        (cache / "kernel.py").write_text(text)
-        HarnessFolder(cache).settle()
-        time.sleep(0.05)  # v's record is the newer: tried first
-    (ledger / "v" / "compile-cache" / "evaluator" / "kernel.py").write_text("planted after v's harness recorded it")
-    loop(repo, env, "init", "--tag", "u", "--repeats", "1")
-    harness_evaluates(repo, "u")
-    set_train(repo, VAL_BPB=0.91)
-    loop(repo, env, "step", "-m", "u's first evaluated run")
-    seeded = ledger / "u" / "compile-cache" / "evaluator"
-    assert (seeded / "kernel.py").read_text() == "compiled by t's evaluator"
-    assert HarnessFolder(seeded).written() == []  # and recorded as the harness's own for u's next run
 
 
 def test_a_run_that_forges_the_evaluator_caches_record_and_kills_the_loop_gets_its_kernel_emptied_out(

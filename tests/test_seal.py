@@ -147,24 +147,3 @@ def test_a_record_a_run_rewrote_is_put_back_so_the_next_process_empties_what_the
     HarnessFolder(cache).settle()  # the run's forged record, listing its plant
     harness.keep_record()
     assert HarnessFolder(cache).written() == [str(cache / "kernel.py")]
-
-
-def test_an_emptied_evaluator_cache_starts_from_another_loops_that_holds_just_what_its_harness_left(tmp_path):
-    from autoresearch.seal import HarnessFolder
-    trusted, forged, fresh = (tmp_path / tag / "compile-cache" / "evaluator" for tag in ("t", "v", "u"))
-    for folder in (trusted, forged):
-        (folder / "fx").mkdir(parents=True)
-        (folder / "fx" / "kernel.py").write_text(f"# compiled by {folder.parts[-3]}'s evaluator")
-        HarnessFolder(folder).settle()
-    (forged / "fx" / "kernel.py").write_text("# planted after its harness recorded it")
-    unrecorded = tmp_path / "w" / "compile-cache" / "evaluator"
-    unrecorded.mkdir(parents=True)
-    (unrecorded / "kernel.py").write_text("# nothing vouches for it")
-    new = HarnessFolder(fresh, kin=lambda path: [unrecorded, forged, trusted])
-    assert new.seed_from(new.kin(fresh)) == trusted and not new.written()  # nothing recorded here yet
-    assert (fresh / "fx" / "kernel.py").read_text() == "# compiled by t's evaluator"
-    assert HarnessFolder(trusted).written() == []  # the source is left as it was
-    (fresh / "fx" / "kernel.py").write_text("# planted in the copy")  # before its harness ever recorded it
-    assert new.clean() == fresh and (fresh / "fx" / "kernel.py").read_text() == "# compiled by t's evaluator"
-    only_forged = HarnessFolder(tmp_path / "x" / "evaluator", kin=lambda path: [forged, unrecorded])
-    assert not any(only_forged.clean().iterdir())
