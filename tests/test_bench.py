@@ -27,7 +27,7 @@ def test_gpu_check_dry_run_lists_every_step_without_a_gpu():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert steps[-4:] == ["prepare", "tests", "eval-agreement", "reference-run"], result.stdout
+    assert steps[-5:] == ["prepare", "tests", "eval-agreement", "reference-run", "warm-run"], result.stdout
 
 
 def test_gpu_check_reports_a_reference_run_killed_at_its_deadline_after_printing_its_summary():
@@ -42,6 +42,26 @@ def test_gpu_check_reports_a_reference_run_killed_at_its_deadline_after_printing
     assert re.search(r"^tokens_per_s: +1,073,55\d$", report, re.M), report
     cut = gpu_check.summary({"reference-run": ("timed out", block.split("startup_seconds")[0])})
     assert re.search(r"^mfu_percent: +n/a$", cut, re.M), cut  # a block cut short is not read
+
+
+def test_gpu_check_warm_run_reports_its_start_up_evaluation_and_aot_cache_decisions(smoke_cache):
+    # the script the GPU runs after the reference run, run here on the smoke profile (which does not compile:
+    # no cache decisions to log); AOTAutograd's log lines as torch writes them, read by the same summary
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    env = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(smoke_cache))
+    env.pop("AUTORESEARCH_DATASET", None)
+    warm = subprocess.run([sys.executable, "-c", gpu_check.WARM_RUN], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert warm.returncode == 0, warm.stdout[-2000:] + warm.stderr[-2000:]
+    assert re.search(r"^training_seconds: +[3-9]\.\d$", warm.stdout, re.M), warm.stdout[-1500:]  # its 3 s budget
+    logged = "AOTAutograd cache hit for key a1\nBypassing autograd cache due to: Unsupported call_function\n"
+    report = gpu_check.summary({"warm-run": (0, logged + warm.stdout)})
+    startup = re.search(r"^startup_seconds: +(\S+)$", warm.stdout, re.M).group(1)
+    assert re.search(rf"^warm_startup_s: +{re.escape(startup)}$", report, re.M), report
+    assert re.search(r"^warm_eval_s: +\d+\.\d$", report, re.M), report
+    assert re.search(r"^aot_cache: +hit 1, miss 0, bypass 1$", report, re.M), report
 
 
 def test_bench_hub_reports_reads_and_pushes_per_second():
