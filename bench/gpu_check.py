@@ -21,8 +21,9 @@ full output.
 Measured on H100s (2026-11-26/27, three machines): prepare 7 s, tests beside the agreement check 91-108 s,
 reference run 390-403 s (MFU 37.1-37.7% with flex attention, startup 66-75 s, eval 18-21 s), and the warm run
 ~30 s (start-up 14 s, eval 9 s, on 2026-11-27 with an 8 s budget): ~530 s in all, so give it --budget 560
-inside a 590 s device call; the warm run is skipped when less than WARM_RUN_MIN_S are left. val_bpb on gutenberg-children (~12M training tokens, 25 epochs
-in 300 s) is ~3.0: it overfits that small corpus, so compare it only with itself, never with upstream's 0.998.
+inside a 590 s device call; the warm run is skipped when less than WARM_RUN_MIN_S are left. val_bpb on
+gutenberg-children (~12M training tokens, 25 epochs in 300 s) is ~3.0: it overfits that small corpus, so
+compare it only with itself, never with upstream's 0.998.
 """
 
 import argparse
