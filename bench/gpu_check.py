@@ -71,7 +71,7 @@ WARM_RUN_MIN_S = 45
 # later runs of a version see; AOTAutograd's cache decisions logged (a "Bypassing" line costs every warm start)
 WARM_RUN = """
 import logging, train
-logging.getLogger("torch._functorch._aot_autograd.autograd_cache").setLevel(logging.INFO)  # torch's handler prints
+logging.getLogger("torch._functorch._aot_autograd.autograd_cache").setLevel(logging.INFO)  # torch prints it
 train.TIME_BUDGET = 3
 train.main()
 """
