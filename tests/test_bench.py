@@ -22,6 +22,14 @@ def test_bench_dataloader_measures_a_prepared_folder(smoke_cache):
     assert len(rates) == 2 and all("M tokens/s" in line for line in rates), result.stdout
 
 
+def load_gpu_check():
+    """bench/gpu_check.py as a module (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
 def test_gpu_check_dry_run_lists_every_step_without_a_gpu():
     result = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
@@ -31,9 +39,7 @@ def test_gpu_check_dry_run_lists_every_step_without_a_gpu():
 
 
 def test_gpu_check_reports_a_reference_run_killed_at_its_deadline_after_printing_its_summary():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     block = "step 00001 | loss 8.7\n---\nval_bpb:          3.032650\ntraining_seconds: 300.1\n" \
             "mfu_percent:      37.05\ntotal_tokens_M:   322.175\nstartup_seconds:  75.2\neval_seconds:     21.2\n"
     report = gpu_check.summary({"reference-run": ("timed out", block)})
@@ -47,9 +53,7 @@ def test_gpu_check_reports_a_reference_run_killed_at_its_deadline_after_printing
 def test_gpu_check_warm_run_reports_its_start_up_evaluation_and_aot_cache_decisions(smoke_cache):
     # the script the GPU runs after the reference run, run here on the smoke profile (which does not compile:
     # no cache decisions to log); AOTAutograd's log lines as torch writes them, read by the same summary
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     env = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(smoke_cache))
     env.pop("AUTORESEARCH_DATASET", None)
     warm = subprocess.run([sys.executable, "-c", gpu_check.WARM_RUN], cwd=REPO, env=env, capture_output=True,
