@@ -6,6 +6,7 @@ decide here and in the loop (decide.run_until_decided).
 
     uv run bench/bench_decide.py                        # smoke and cpu, 1500 experiments of each kind
     uv run bench/bench_decide.py --profile smoke --experiments 300 --quiet-machine
+    uv run bench/bench_decide.py --demo 4000            # runs (and minutes) the README's demo takes
 
 Each profile's numbers: sigma = run-to-run noise of val_bpb on a quiet machine, measured with
 bench/bench_train.py --repeats on tinystories-sample, 2 cores (smoke: 6 runs, sigma 0.022, steps 131-159;
@@ -44,6 +45,9 @@ quiet machine, ~2.4-2.5 under load (target ~1.6).
   of a changed machine, never of an unchanged one (a GPU shared with another job is invisible to it): trusting
   a quiet reading to skip the probe cost 5 points of power on a quiet smoke machine and let a slower, worse
   change through 1.7-2.3% of the time under load, so it is not done.
+The README's demo (--demo 4000, 2026-11-27): a 1-run baseline and 3 experiments take a median of 8-10 runs and
+4-17 to 4-21 in nine demos of ten (by the mix assumed and the load), ~1.5 to 8 minutes at 23 s a run. Seen on
+2 cores that day: 19 runs in 445 s; in the suite (one core each): 8 to 19 runs, 177 to 574 s.
 """
 import argparse
 import random
@@ -62,6 +66,8 @@ SWITCH = 0.15            # chance per run that the load goes on (or off): stretc
 LOAD_NOISE = 0.03        # sd of the measured share of cores other work took
 NIGHT = 60               # experiments per simulated night (each night starts with a 3-run baseline)
 BASELINE_RUNS = 3
+DEMO_EXPERIMENTS = 3     # agent_loop.py demo: `init --repeats 1`, then `run --agent mutate --max-experiments 3`
+DEMO_RUN_S = 23          # wall per smoke run under the harness, 2 cores (19 runs in 445 s, 2026-11-27)
 
 
 class Machine:
@@ -84,12 +90,12 @@ class Machine:
         return Obs(val, tps, load=None if self.blind else share)
 
 
-def night(rng, p, effects, quiet, blind):
+def night(rng, p, effects, quiet, blind, baseline_runs=BASELINE_RUNS):
     """One night: a baseline, then one experiment per effect (in sigmas, against the current best; a tuple
     (effect, speed) for code that also changes speed). Returns [(effect, kept, runs)]."""
     machine = Machine(rng, p, quiet, blind)
     best = (p["val"], 1.0)
-    best_runs = [machine.run(best) for _ in range(BASELINE_RUNS)]
+    best_runs = [machine.run(best) for _ in range(baseline_runs)]
     others, out = [], []
     for effect in effects:
         effect, speed = effect if isinstance(effect, tuple) else (effect, 1.0)
@@ -114,6 +120,22 @@ def scenario(rng, p, make_effect, experiments, quiet, blind):
     return results[:experiments]
 
 
+def night_mix(r):
+    """40% identical code, 40% worse by 1-6 sigma, 20% better by 2 sigma."""
+    return r.choice([0.0, 0.0, r.uniform(1, 6), r.uniform(1, 6), -2.0])
+
+
+def demo_runs(rng, demos, make_effect, quiet):
+    """Runs of train.py in each of `demos` simulated `agent_loop.py demo`s (smoke profile), sorted: a baseline of
+    one run (`init --repeats 1`), then DEMO_EXPERIMENTS experiments whose effects make_effect draws."""
+    totals = []
+    for _ in range(demos):
+        effects = [make_effect(rng) for _ in range(DEMO_EXPERIMENTS)]
+        totals.append(1 + sum(runs for _, _, runs in night(rng, PROFILES["smoke"], effects, quiet, blind=False,
+                                                           baseline_runs=1)))
+    return sorted(totals)
+
+
 def summary(results):
     keeps = sum(k for _, k, _ in results)
     runs = [r for _, _, r in results]
@@ -133,7 +155,22 @@ def main():
     parser.add_argument("--quiet-machine", action="store_true", help="no load at all")
     parser.add_argument("--blind", action="store_true",
                         help="the harness does not measure the machine's load (as off Linux): speed alone tells")
+    parser.add_argument("--demo", type=int, metavar="N",
+                        help="instead: how many runs (and minutes) N simulated demos take, quiet machine or not")
     args = parser.parse_args()
+    if args.demo:
+        # mutate's proposals are small nudges of one hyperparameter: their effects on smoke are not measured, so
+        # three assumptions, from "nothing changes" to changes within a sigma either way (the longest demos)
+        mixes = [("identical code", lambda r: 0.0), ("a night's mix", night_mix),
+                 ("nudges within 1 sigma", lambda r: r.uniform(-1, 1))]
+        for title, make in mixes:
+            for quiet in (True, False):
+                runs = demo_runs(random.Random(args.seed), args.demo, make, quiet)
+                lo, mid, hi = (runs[min(len(runs) - 1, int(q * len(runs)))] for q in (0.05, 0.5, 0.95))
+                minutes = f"{lo * DEMO_RUN_S / 60:.1f} to {hi * DEMO_RUN_S / 60:.1f} minutes at {DEMO_RUN_S} s"
+                print(f"demo, {title:<21} {'quiet machine ' if quiet else 'load switching'}  runs of train.py: "
+                      f"median {mid:2d}, nine demos of ten {lo}-{hi} ({minutes}), max {runs[-1]} of {args.demo}")
+        return
     for name in args.profile or sorted(PROFILES):
         p = PROFILES[name]
         print(f"profile {name}: sigma {p['sigma']}, load up to +{p['load_val']} val_bpb and "
@@ -146,7 +183,7 @@ def main():
             ("worse by 2 sigma", lambda r: 2.0),
             ("slower code (-15% tokens/s), worse by 3 sigma", lambda r: (3.0, 0.85)),
             ("a night's mix: 40% identical, 40% worse by 1-6 sigma, 20% better by 2 sigma",
-             lambda r: r.choice([0.0, 0.0, r.uniform(1, 6), r.uniform(1, 6), -2.0])),
+             night_mix),
         ]
         for i, (title, make) in enumerate(scenarios):
             rng = random.Random(args.seed * 1000 + i)

@@ -77,3 +77,17 @@ def test_bench_hub_reports_reads_and_pushes_per_second():
     assert [what for what, _ in rates] == ["pushes", "GET /api/git/leaves", "GET /api/git/commits",
                                            "GET /api/results", "GET /api/channels/results/posts"], result.stdout
     assert all(float(rate) > 0 for _, rate in rates) and "5 commits on the hub" in result.stdout
+
+
+def test_bench_decide_simulates_nights_and_the_readme_demo():
+    night = subprocess.run([sys.executable, "bench/bench_decide.py", "--profile", "smoke", "--experiments", "40",
+                            "--quiet-machine"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert night.returncode == 0, night.stdout + night.stderr
+    kept = re.findall(r"kept +([\d.]+)%  runs/experiment ([\d.]+)", night.stdout)
+    assert len(kept) == 6 and all(float(runs) >= 1 for _, runs in kept), night.stdout
+    demo = subprocess.run([sys.executable, "bench/bench_decide.py", "--demo", "50"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    # a baseline and 3 experiments: 4 runs at the least, each experiment's first run
+    spans = re.findall(r"nine demos of ten (\d+)-(\d+) \(([\d.]+) to ([\d.]+) minutes", demo.stdout)
+    assert len(spans) == 6 and all(4 <= int(lo) <= int(hi) for lo, hi, _, _ in spans), demo.stdout
