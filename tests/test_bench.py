@@ -91,3 +91,13 @@ def test_bench_decide_simulates_nights_and_the_readme_demo():
     # a baseline and 3 experiments: 4 runs at the least, each experiment's first run
     spans = re.findall(r"nine demos of ten (\d+)-(\d+) \(([\d.]+) to ([\d.]+) minutes", demo.stdout)
     assert len(spans) == 6 and all(4 <= int(lo) <= int(hi) for lo, hi, _, _ in spans), demo.stdout
+
+
+def test_bench_workers_times_an_arm_of_the_real_loop():
+    # one arm of one worker, no experiment: the clone, data, baseline run and report the arms are made of
+    result = subprocess.run([sys.executable, "bench/bench_workers.py", "--experiments", "0", "--arms", "1",
+                             "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "init for 1 worker(s): 1 baseline runs" in result.stdout, result.stdout
+    assert re.search(r"^arm 0 \(1 worker\): \d+ s for 0 experiments, 0 runs of train\.py", result.stdout, re.M)
+    assert re.search(r"^1 worker\(s\): wall min \d+ / median \d+ / max \d+ s;", result.stdout, re.M), result.stdout
