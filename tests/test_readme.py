@@ -1,6 +1,7 @@
 """The README's quick start is executable documentation: these tests run it, so it cannot drift from the code."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -129,3 +130,24 @@ def test_results_example_has_the_columns_agent_loop_writes_and_reports(tmp_path)
     assert s["noise_sigma"] == 0.000208
     # improvement 0.969733 - 0.965800 = 0.003933, which is 0.406% of the baseline
     assert s["improvement"] == 0.003933 and s["improvement_percent"] == 0.406
+
+
+def test_results_example_notes_say_what_todays_keep_rule_computes_from_their_runs():
+    # the example is what a reader learns the rule from: its evidence, p and bars must be today's, not an old rule's
+    sys.path.insert(0, str(REPO))
+    from autoresearch import decide
+    judged = [r for r in tsv_rows(REPO / "results.tsv.example") if r["evidence"]]
+    assert judged
+    for row in judged:
+        ev = decide.parse_evidence(row["evidence"])
+        variance = ev["sigma"] ** 2 * (1 / ev["cand_runs"] + 1 / ev["best_runs"])
+        again = decide.evidence(ev["cand_runs"], ev["best_runs"], ev["diff"], variance,
+                                decide.Noise(ev["sigma"], ev["df"]), ev["pairs"])
+        assert again == ev, row["n"]
+        assert f"p={ev['p']:.4f}" in row["note"] and f"{ev['diff']:+.6f}" in row["note"], row["note"]
+        if row["status"] == "keep":
+            bar = decide.KEEP_P if ev["df"] >= decide.TRUSTED_DF else decide.KEEP_P_FEW_DF
+            assert ev["p"] < bar and f"< {bar} " in row["note"], row["note"]
+        elif ev["cand_runs"] == 1:
+            z = ev["diff"] / math.sqrt(variance)
+            assert z > -decide.SCREEN_Z and f"(z {z:+.2f}, needs < {-decide.SCREEN_Z})" in row["note"], row["note"]
