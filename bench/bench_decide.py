@@ -45,6 +45,13 @@ quiet machine, ~2.4-2.5 under load (target ~1.6).
   of a changed machine, never of an unchanged one (a GPU shared with another job is invisible to it): trusting
   a quiet reading to skip the probe cost 5 points of power on a quiet smoke machine and let a slower, worse
   change through 1.7-2.3% of the time under load, so it is not done.
+Tried on this model and not adopted (2026-11-27, 3 seeds x 1000, same seeds as today's rule), since each buys
+runs with power:
+- pairs run candidate first, and a pair whose candidate half no longer favours it (z > 0) gives up before
+  the best's half: 0.03-0.2 fewer runs, but 5 points fewer real gains kept in the cpu mix and up to 6.2% of
+  identical code kept in a loaded mix;
+- a give-up bar tightening by 0.3 z per pair: 0.03-0.12 fewer runs in the mix, 1-3 points less 2-sigma power
+  (6 fewer real gains kept in the smoke quiet mix); by 0.5 z per pair: 0.1-0.2 fewer runs, 2-5 points less.
 The README's demo (--demo 4000, 2026-11-27): a 1-run baseline and 3 experiments take a median of 8-10 runs and
 4-17 to 4-21 in nine demos of ten (by the mix assumed and the load), ~1.5 to 8 minutes at 23 s a run. Seen on
 2 cores that day: 19 runs in 445 s; in the suite (one core each): 8 to 19 runs, 177 to 574 s.
