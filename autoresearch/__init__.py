@@ -7,7 +7,7 @@ The experiment loop (agent_loop.py is its command line):
     ledger.py      results.tsv: columns, reading, crash-safe appends, the best row, unmeasured rows
     process.py     children in their own process group: timeouts, kills, leftovers; SIGTERM as a stop
     seal.py        the sealed repository beyond tracked files: untracked importable files, ctimes, bytecode,
-                   train.py a regular file; the harness's folders (the evaluator's compile cache)
+                   train.py a regular file; the harness's folders (the evaluator's compile cache); the ledger's
     runner.py      one train.py run: environment, time limit, log, summary block, crash verdict
     valwatch.py    which val files a run opened and which metric files it wrote, by inotify
     decide.py      the keep rule: first run, then pairs with the best, a sequential test; speed, noise

@@ -22,6 +22,7 @@ from autoresearch.ledger import LEDGER_ENV, ledger_dir
 from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
 from autoresearch.process import (counted_cores, cpu_clock, cpu_seconds, end_group, other_work, run_group,
                                   start_group, wait_group)
+from autoresearch.seal import LedgerSeal
 from autoresearch.valwatch import DataWatch, cache_dir
 
 # training may overrun the budget by 2%, or by the step that crossed it, if longer: up to STEP_SLACK mean steps
@@ -125,11 +126,15 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             log.flush()
             offset = log.tell()
             copy = evaluator_data(config) if handoff else None  # the evaluator's copy is watched too
+            ledger = ledger_seal(compile_cache, evaluator_cache)
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             started_ns = time.time_ns()
             with DataWatch(cache_dir(env), copy) as watch:
                 rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout,
                                      on_spawn=on_spawn)
+            # before anything reads the ledger again (the evaluator's record of its code is kept there)
+            aside = Path(log_path).with_name(f"{Path(log_path).stem}-set-aside")
+            wrote_ledger, put_back = ledger.put_back(aside) if ledger else ([], [])
             # the evaluator's imports beside train.py are the harness's own work, not other work on the machine
             ours = cpu_seconds(evaluator.proc.pid) - evaluator_cpu if evaluator else 0.0
             other = other_work(clock, wall, ours) if wall >= LOAD_WINDOW_S else None
@@ -144,7 +149,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         # under the hand-over train.py needs no val file; without it (an older tag) it evaluates itself
         run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, read_val=watch.opened
                   if handoff else [], load=None if other is None else other / counted_cores())
-        run.notes += restore_written(watch.written, config)
+        run.notes += restore_written(watch.written, config) + put_back
+        run.tampered += [os.path.relpath(p) if Path(p).is_relative_to(Path.cwd()) else p for p in wrote_ledger]
         if handoff and watch.opened is None:
             run.notes.append("the validation files were not watched during this run (no inotify here)")
         if watched:  # crashed or not: a run that wrote there is rejected, and it is emptied
@@ -166,6 +172,18 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         if handoff:
             handoff.unlink(missing_ok=True)  # hundreds of MB at the reference size
     return run
+
+
+def ledger_seal(compile_cache, evaluator_cache):
+    """The ledger's seal for one run (seal.LedgerSeal), or None: for a worker of `run --workers` (the coordinator
+    and the other workers write the shared ledger while it trains) and outside a repository (bench/, tests)."""
+    if LEDGER_ENV in os.environ:
+        return None
+    try:
+        folder = ledger_dir()
+    except LoopError:
+        return None
+    return LedgerSeal(folder, [compile_cache, evaluator_cache.path if evaluator_cache else None])
 
 
 def metric_folder(config):

@@ -9,7 +9,8 @@ an edit). Between the start and the end of an experiment:
   write moves a file's ctime, and no process can set it back. That includes the bytecode of the repository's
   modules (compiled before the run, so that no honest import writes it): a rewritten .pyc would be loaded in
   place of its .py by every later import, the loop's and the evaluator's, so it is compiled again at once; and
-  so is all of it before each run, whatever the agent left there.
+  so is all of it before each run, whatever the agent left there;
+- nothing in the ledger folder under .git/ either (LedgerSeal), which is put back as it was.
 """
 import compileall
 import functools
@@ -165,3 +166,82 @@ class HarnessFolder:
 def harness_folder(path):
     """One HarnessFolder per folder in a process: every loop (and Ray task) in it shares what it saw."""
     return HarnessFolder(path)
+
+
+# -----------------------------------------------------------------------------
+# The ledger while train.py runs: under .git/, so the seal of the checkout above does not cover it
+
+CACHES = "compile-cache"  # a tag's (or worker's) torch.compile caches: kept by ctime only, never by their bytes
+
+
+def ledger_files(folder, skip=()):
+    """{path: ctime_ns} of the files under the ledger folder, but those in the folders `skip`."""
+    skip = {os.path.realpath(s) for s in skip if s}
+    found = {}
+    for top, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(top, d))]  # listed, not followed
+        dirs[:] = [d for d in dirs if d not in links and os.path.realpath(os.path.join(top, d)) not in skip]
+        for name in files + links:
+            path = os.path.join(top, name)
+            try:
+                found[path] = os.lstat(path).st_ctime_ns
+            except FileNotFoundError:  # gone since the listing
+                pass
+    return found
+
+
+class LedgerSeal:
+    """The ledger folder (.git/autoresearch: rows, pinned config, patches, log copies, the caches of every
+    version and tag) as it was before train.py started, so that whatever the run wrote there is found (by
+    ctime, which no process can set back: also a file changed and changed back) and put back once it ends:
+    records from the bytes kept here, a file the run added moved aside, a compile cache it wrote in removed
+    (the code compiles again). skip: the folders the run itself writes (its version's compile cache) or
+    that another check owns (the evaluator's, seal.HarnessFolder)."""
+
+    def __init__(self, folder, skip=()):
+        self.folder, self.skip = Path(folder), skip
+        self.times = ledger_files(folder, skip)
+        self.kept = {}
+        for path in self.times:
+            if CACHES not in Path(path).relative_to(self.folder).parts:
+                try:
+                    self.kept[path] = Path(path).read_bytes()
+                except OSError:  # unreadable: found if written, but not put back
+                    pass
+
+    def written(self):
+        now = ledger_files(self.folder, self.skip)
+        return sorted(p for p in set(self.times) | set(now) if self.times.get(p) != now.get(p))
+
+    def put_back(self, aside):
+        """Undo what the run wrote; returns (the paths it wrote, the lines that say what was done)."""
+        written, lines = self.written(), []
+        if not written:
+            return [], []
+        added, caches = [], set()
+        for path in written:
+            parts = Path(path).relative_to(self.folder).parts
+            if CACHES in parts:  # the version's folder in it: a cache, emptied rather than trusted
+                caches.add(self.folder.joinpath(*parts[:parts.index(CACHES) + 2]))
+            elif path in self.kept:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, self.kept[path])
+            elif path not in self.times and os.path.lexists(path):
+                target = Path(aside) / Path(path).relative_to(self.folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(path, target)
+                added.append(path)
+        for cache in sorted(caches):
+            shutil.rmtree(cache, ignore_errors=True) if cache.is_dir() else cache.unlink(missing_ok=True)
+        put_back = [p for p in written if p in self.kept]
+        if put_back:
+            lines.append(f"the ledger files the run wrote are put back as they were before it ({len(put_back)})")
+        if added:
+            lines.append(f"files the run added to the ledger moved to {aside}")
+        if caches:
+            lines.append(f"compile caches the run wrote in emptied: {', '.join(c.name for c in sorted(caches))}")
+        unreadable = [p for p in written if p in self.times and p not in self.kept
+                      and CACHES not in Path(p).relative_to(self.folder).parts]
+        if unreadable:
+            lines.append(f"could not be put back (unreadable before the run): {', '.join(unreadable)}")
+        return written, lines

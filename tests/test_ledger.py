@@ -68,6 +68,34 @@ def test_a_run_that_edits_prepare_py_and_changes_it_back_is_rejected(repo, env):
     assert row["status"] == "discard" and "wrote prepare.py while running" in row["note"], row
 
 
+def test_a_run_that_writes_the_records_under_git_is_rejected_and_they_are_put_back(repo, env):
+    initialised(repo, env)
+    ledger = repo / ".git" / "autoresearch"
+    pinned, before = (ledger / "t" / "init.json").read_bytes(), (ledger / "results.tsv").read_text()
+    commit_train(repo, env, "rewrite the records", MODE="ledger", VAL_BPB=0.5)
+    loop(repo, env, "step", "-m", "rewrite the records")
+    row = rows(repo)[-1]
+    assert row["status"] == "discard" and row["note"].startswith("rejected:"), row
+    kernel = "u/compile-cache/0123456789abcdef/kernel.py"  # another tag's: the best's code there, say
+    for written in ("results.tsv", "t/init.json", "t/planted.json", kernel):
+        assert f".git/autoresearch/{written}" in row["note"], (written, row["note"])
+    # put back: no forged row, the pinned budget, the plant kept aside (nothing lost), the kernel gone
+    assert all("forged" not in path.read_text() for path in (ledger / "results.tsv", repo / "results.tsv"))
+    assert (ledger / "results.tsv").read_text().startswith(before)
+    assert (ledger / "t" / "init.json").read_bytes() == pinned
+    assert not (ledger / "t" / "planted.json").exists()
+    assert list((repo / "logs").glob("t/*-set-aside/t/planted.json"))
+    assert not (ledger / "u" / "compile-cache" / "0123456789abcdef").exists()
+    # a record rewritten and put back byte for byte is caught too (its ctime moved); honest runs go on as before
+    commit_train(repo, env, "and back", MODE="ledgerback", VAL_BPB=0.5)
+    loop(repo, env, "step", "-m", "and back")
+    note = rows(repo)[-1]["note"]
+    assert note.startswith("rejected:") and ".git/autoresearch/results.tsv" in note, note
+    commit_train(repo, env, "honest", MODE="ok", VAL_BPB=0.9)
+    assert loop(repo, env, "step", "-m", "honest").stdout.startswith("keep")
+    assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard", "keep"]
+
+
 def test_two_different_summary_blocks_are_not_kept(repo, env):
     initialised(repo, env)
     commit_train(repo, env, "two stories", MODE="twice", VAL_BPB=0.9)

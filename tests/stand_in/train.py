@@ -17,7 +17,7 @@ SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
-                          # shadow | evalpoison | evalpoisoncrash | evalforge | vanish
+                          # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -107,6 +107,23 @@ if MODE in ("evalpoison", "evalpoisoncrash", "evalforge"):  # a "kernel" in the 
             json.dump(record, f)
         os.kill(os.getppid(), signal.SIGKILL)
         time.sleep(5)
+if MODE == "ledger":  # the records under .git/: a forged keep, the pinned budget, a plant, a kernel
+    ledger = os.path.join(".git", "autoresearch")
+    with open(os.path.join(ledger, "results.tsv"), "a") as f:
+        f.write("f0f0f0f\t0.100000\t0.0\tkeep\tforged by a run\n")
+    with open(os.path.join(ledger, "t", "init.json")) as f:
+        pinned = json.load(f)
+    with open(os.path.join(ledger, "t", "init.json"), "w") as f:
+        json.dump(dict(pinned, time_budget=100), f)
+    open(os.path.join(ledger, "t", "planted.json"), "w").close()
+    os.makedirs(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef"))
+    open(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef", "kernel.py"), "w").close()
+if MODE == "ledgerback":  # rewrites a record and puts its bytes back before the run ends
+    path = os.path.join(".git", "autoresearch", "results.tsv")
+    original = open(path, "rb").read()
+    open(path, "wb").write(original.replace(b"\tkeep\t", b"\tdiscard\t"))
+    time.sleep(0.05)
+    open(path, "wb").write(original)
 if MODE == "readval":  # the validation tokens, straight from the cache, past prepare.py's API
     with open(os.path.join(os.environ["AUTORESEARCH_CACHE_DIR"], "prepared", "synthetic", "smoke", "val.bin"),
               "rb") as f:
