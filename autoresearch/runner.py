@@ -126,7 +126,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             log.flush()
             offset = log.tell()
             copy = evaluator_data(config) if handoff else None  # the evaluator's copy is watched too
-            ledger = ledger_seal(compile_cache, evaluator_cache)
+            ledger = ledger_seal([compile_cache, evaluator_cache.path if evaluator_cache else None, log_path,
+                                  handoff])
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             started_ns = time.time_ns()
             with DataWatch(cache_dir(env), copy) as watch:
@@ -174,16 +175,17 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     return run
 
 
-def ledger_seal(compile_cache, evaluator_cache):
-    """The ledger's seal for one run (seal.LedgerSeal), or None: for a worker of `run --workers` (the coordinator
-    and the other workers write the shared ledger while it trains) and outside a repository (bench/, tests)."""
+def ledger_seal(skip):
+    """The ledger's seal for one run (seal.LedgerSeal; skip: what the run writes there), or None: for a worker of
+    `run --workers` (the coordinator and the other workers write the shared ledger while it trains) and outside
+    a repository (bench/, tests)."""
     if LEDGER_ENV in os.environ:
         return None
     try:
         folder = ledger_dir()
     except LoopError:
         return None
-    return LedgerSeal(folder, [compile_cache, evaluator_cache.path if evaluator_cache else None])
+    return LedgerSeal(folder, skip)
 
 
 def metric_folder(config):

@@ -175,14 +175,16 @@ CACHES = "compile-cache"  # a tag's (or worker's) torch.compile caches: kept by 
 
 
 def ledger_files(folder, skip=()):
-    """{path: ctime_ns} of the files under the ledger folder, but those in the folders `skip`."""
+    """{path: ctime_ns} of the files under the ledger folder, but the files and folders in `skip`."""
     skip = {os.path.realpath(s) for s in skip if s}
     found = {}
-    for top, dirs, files in os.walk(folder):
-        links = [d for d in dirs if os.path.islink(os.path.join(top, d))]  # listed, not followed
-        dirs[:] = [d for d in dirs if d not in links and os.path.realpath(os.path.join(top, d)) not in skip]
+    for top, dirs, files in os.walk(os.path.realpath(folder)):  # real paths below it: links are not followed
+        links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
+        dirs[:] = [d for d in dirs if d not in links and os.path.join(top, d) not in skip]
         for name in files + links:
             path = os.path.join(top, name)
+            if path in skip:
+                continue
             try:
                 found[path] = os.lstat(path).st_ctime_ns
             except FileNotFoundError:  # gone since the listing
@@ -195,11 +197,12 @@ class LedgerSeal:
     version and tag) as it was before train.py started, so that whatever the run wrote there is found (by
     ctime, which no process can set back: also a file changed and changed back) and put back once it ends:
     records from the bytes kept here, a file the run added moved aside, a compile cache it wrote in removed
-    (the code compiles again). skip: the folders the run itself writes (its version's compile cache) or
-    that another check owns (the evaluator's, seal.HarnessFolder)."""
+    (the code compiles again). skip: what the run itself writes (its version's compile cache; on a Ray node,
+    where the ledger holds them, its log and hand-over) or another check owns (the evaluator's cache,
+    seal.HarnessFolder)."""
 
     def __init__(self, folder, skip=()):
-        self.folder, self.skip = Path(folder), skip
+        self.folder, self.skip = Path(os.path.realpath(folder)), skip
         self.times = ledger_files(folder, skip)
         self.kept = {}
         for path in self.times:

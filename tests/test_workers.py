@@ -348,6 +348,8 @@ def test_ray_executor_runs_every_run_as_a_task_and_records_it_here(repo, env, tm
     assert "Ray: a local Ray on this machine, 1 node(s); each run asks for 1 CPU(s)" in out, out
     exps = rows(repo)[1:]
     assert len(exps) == 4 and {r["worker"] for r in exps} == {"1", "2"}, out
+    # the node's ledger holds the run's log and hand-over: its seal (seal.LedgerSeal) lets the run write those
+    assert not [r["note"] for r in exps if r["note"].startswith("rejected")], out
     seeds = [s for r in rows(repo) for c in ("seeds", "best_seeds") for s in r[c].split(",") if s]
     assert len(seeds) == len(set(seeds))
     log = (repo / exps[0]["log"]).read_text()
