@@ -29,7 +29,7 @@ from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_bas
 from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head
 from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
-from autoresearch.ledger import best_row, ensure_results_header, tag_rows
+from autoresearch.ledger import OneWriter, best_row, ensure_results_header, tag_rows
 from autoresearch.preflight import check_clean, check_position, setup_problems, shared_environment
 from autoresearch.process import Stop, raise_stop
 from autoresearch.proposers import make_proposer
@@ -139,7 +139,7 @@ def cmd_run(args):
     if hub:
         from autoresearch.hubclient import HubFirst
         proposer = HubFirst(hub, proposer)
-    t0, done, failures = time.monotonic(), 0, 0
+    t0, done, failures, writer = time.monotonic(), 0, 0, OneWriter()
     noise = loop.noise()
     sigma = f"{noise.sigma:.4f} (df {noise.df})" if noise.df else "unknown (no version has two comparable runs yet)"
     say(loop, f"run on {loop.branch}: agent {args.agent!r}, best val_bpb={loop.best_val:.6f} "
@@ -167,9 +167,13 @@ def cmd_run(args):
                         return 1
                     continue
                 failures = 0
+                edited = writer.put_back()  # by the agent: the loop's rows are its own, and so stay the file's
+                if edited:
+                    say(loop, f"#{n} note: {edited}")
                 # the loop's overhead is counted from here: the proposer's time is not the loop's
                 line = run_experiment(loop, flight, proposal.description, time.monotonic(), strict=False,
                                       untracked_new=proposal.untracked)
+                writer.wrote()
             say(loop, f"#{n} {line} | {proposal.description}")
             if hub and loop.rows[-1].get("n") == str(n):
                 hub.publish(loop.rows[-1])

@@ -189,6 +189,32 @@ def append_row(row):
     render_results()
 
 
+class OneWriter:
+    """The ledger as this process, its one writer while it runs (`run`, or the coordinator of `run --workers`),
+    last left it: whatever else wrote it meanwhile (an agent between experiments, a worker's run or agent, whose
+    own writes the ledger's seal of a single loop's run does not cover: seal.LedgerSeal) is put back before the
+    next row is written or read, the edited file kept beside it as results.tsv.edited."""
+
+    def __init__(self):
+        self.wrote()
+
+    def wrote(self):
+        self.known = ledger_path().read_bytes() if ledger_path().exists() else None
+
+    def put_back(self):
+        """The line that says what was put back, or None when the ledger is as this process left it."""
+        current = ledger_path().read_bytes() if ledger_path().exists() else None
+        if current == self.known or self.known is None:
+            return None
+        edited = ledger_path().with_name("results.tsv.edited")
+        if current is not None:
+            write_atomic(edited, current)
+        write_atomic(ledger_path(), self.known)
+        render_results()
+        return (f"the ledger ({ledger_path()}) was written by something other than this loop since its last row: "
+                f"put back as the loop left it" + (f"; the edited file is kept at {edited}" if current else ""))
+
+
 def ensure_results_header():
     """A ledger with the header; one made before the ledger existed starts from the old results.tsv, and one
     with an older header gets today's columns (its rows keep their values)."""

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git
 from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
-from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, render_results,
-                                 tag_rows, write_atomic)
+from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, OneWriter, append_row, ledger_dir, measured_versions,
+                                 render_results, tag_rows, write_atomic)
 from autoresearch.experiment import run_experiment
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
 from autoresearch.proposers import Proposal, make_proposer
@@ -362,6 +362,7 @@ class Coordinator:
         # after the experiments left in flight have their rows: no number or seed is used twice
         self.next_n = self.first_n = self.loop.next_n()
         self.next_seed = first_free_seed(self.loop.rows, self.loop.config["base_seed"])
+        self.writer = OneWriter()
         for w in self.workers:
             say(self.loop, f"worker w{w.number}: {w.device.label}, worktree {w.path.relative_to(self.root)}")
             self.start(w)
@@ -384,6 +385,8 @@ class Coordinator:
         if message is None:
             return self.ended(w)
         op = message["op"]
+        if op in ("next", "row"):  # before a worker reads the rows (to judge) or one is added
+            self.check_ledger()
         if op == "next":
             why = self.why_stop(w)
             if why:
@@ -436,6 +439,12 @@ class Coordinator:
             return say(self.loop, f"w{w.number}: the proposer has nothing new left to try")
         raise LoopError(f"worker w{w.number} sent an unknown message: {message}")
 
+    def check_ledger(self):
+        """What else wrote the ledger since this coordinator last did (a worker's run or agent), put back."""
+        edited = self.writer.put_back()
+        if edited:
+            say(self.loop, f"note: {edited}")
+
     def why_stop(self, w):
         """Why this worker gets no new experiment, or None."""
         a = self.args
@@ -479,6 +488,7 @@ class Coordinator:
         if os.path.isabs(row.get("log", "")):
             row["log"] = os.path.relpath(row["log"], self.root)
         append_row(row)
+        self.writer.wrote()
         self.loop.rows.append(row)
         if row["status"] == "keep":
             self.move_branch(row, message["sha"], base)
@@ -511,7 +521,9 @@ class Coordinator:
         w.deaths += 1
         say(self.loop, f"w{w.number} exited with code {rc} without being told to stop"
                        + (f" during #{w.task['n']}" if w.task else ""))
+        self.check_ledger()  # before reconcile reads the rows again
         reconcile_worker(self.loop, w.number, DIED)
+        self.writer.wrote()
         w.task = None
         if w.deaths >= MAX_RESTARTS:
             w.finished = w.gave_up = True

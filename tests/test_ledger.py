@@ -96,6 +96,25 @@ def test_a_run_that_writes_the_records_under_git_is_rejected_and_they_are_put_ba
     assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard", "keep"]
 
 
+def forge_keep_row(ledger):
+    """A shell command that appends a keep row of val_bpb 0.1 for tag t, every column filled, to this ledger."""
+    code = ("import sys; path = sys.argv[1]; header = open(path).readline().rstrip().split('\\t'); "
+            "row = dict.fromkeys(header, '1'); row.update(commit='f0f0f0f', val_bpb='0.100000', status='keep', "
+            "description='forged', tag='t', note='forged'); "
+            "open(path, 'a').write('\\t'.join(row[c] for c in header) + '\\n')")
+    return f"{sys.executable} -c \"{code}\" {ledger}"
+
+
+def test_a_row_an_agent_forges_in_the_ledger_during_run_is_put_back_before_the_next_row(repo, env):
+    initialised(repo, env)
+    ledger = repo / ".git" / "autoresearch" / "results.tsv"
+    agent = f"{forge_keep_row(ledger)}; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo better"
+    out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
+    assert "was written by something other than this loop" in out, out
+    assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "baseline"), ("keep", "better")]
+    assert "forged" not in ledger.read_text() and "forged" in (ledger.parent / "results.tsv.edited").read_text()
+
+
 def test_two_different_summary_blocks_are_not_kept(repo, env):
     initialised(repo, env)
     commit_train(repo, env, "two stories", MODE="twice", VAL_BPB=0.9)

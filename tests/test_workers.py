@@ -81,6 +81,26 @@ def test_two_workers_share_one_ledger_one_best_and_never_repeat_a_seed_or_a_vers
     assert sum(w["experiments"] for w in report["workers"].values()) == len(exps)
 
 
+def test_a_row_forged_in_the_shared_ledger_by_a_workers_agent_is_put_back_before_any_worker_reads_it(
+        repo, gpus, tmp_path):
+    from test_ledger import forge_keep_row
+    initialised(repo, gpus)
+    ledger = repo / ".git" / "autoresearch" / "results.tsv"
+    agent = agent_script(tmp_path, f"""
+case $N in
+  1) {forge_keep_row(ledger)}; {edit("VAL_BPB", "1.51")};;
+  2) {edit("VAL_BPB", "1.52")};;
+  *) {edit("VAL_BPB", "1.53")};;
+esac
+echo "worse $N"
+""")
+    out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "3").stdout
+    assert "was written by something other than this loop" in out, out
+    assert "forged" not in ledger.read_text() and "forged" in (ledger.parent / "results.tsv.edited").read_text()
+    assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard", "discard"], out
+    assert_all_at_best(repo, gpus)
+
+
 def test_a_keep_on_one_worker_is_the_base_of_the_next_and_an_overtaken_keep_is_tried_again_on_top(
         repo, gpus, tmp_path):
     initialised(repo, gpus, repeats=2, SHAPED=True, SLEEP=0.3)
