@@ -154,6 +154,7 @@ def cmd_run(args):
             with InFlight(loop) as flight:
                 flight.mark(n=n, phase="propose")  # from here on, a stop saves what the proposer wrote
                 proposal = proposer.propose(loop, n, flight)
+                check_ledger(loop, writer, n)  # what the agent wrote there: the loop's rows stay the file's
                 if proposal is None:
                     break
                 if proposal.error:
@@ -167,9 +168,6 @@ def cmd_run(args):
                         return 1
                     continue
                 failures = 0
-                edited = writer.put_back()  # by the agent: the loop's rows are its own, and so stay the file's
-                if edited:
-                    say(loop, f"#{n} note: {edited}")
                 # the loop's overhead is counted from here: the proposer's time is not the loop's
                 line = run_experiment(loop, flight, proposal.description, time.monotonic(), strict=False,
                                       untracked_new=proposal.untracked)
@@ -180,10 +178,19 @@ def cmd_run(args):
             if proposal.untracked:
                 say(loop, f"#{n} note: the agent created untracked files (left in place): "
                           f"{', '.join(sorted(proposal.untracked))}")
-    except (KeyboardInterrupt, Stop):
+    except (KeyboardInterrupt, Stop):  # not checked: a row the loop wrote may not be known as its own yet
         stop_cleanly(loop)
+    else:
+        check_ledger(loop, writer, None)
     say_done(loop)
     return 0
+
+
+def check_ledger(loop, writer, n):
+    """What else wrote the ledger since the loop last did (ledger.OneWriter), put back, with a line."""
+    edited = writer.put_back()
+    if edited:
+        say(loop, f"{f'#{n} ' if n is not None else ''}note: {edited}")
 
 
 def parallel(args):

@@ -12,6 +12,7 @@ import functools
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from autoresearch.gitrepo import git
@@ -176,7 +177,7 @@ def end_last_line(path):
 
 def append_row(row):
     """One os.write of a whole line to the ledger, then fsync: after any kill a row is fully there or
-    absent. Then results.tsv is rendered from the ledger."""
+    absent. Then results.tsv is rendered from the ledger. Returns the bytes written."""
     ensure_results_header()
     line = "\t".join(one_line(row.get(c, "")) for c in COLUMNS) + "\n"
     end_last_line(ledger_path())
@@ -187,28 +188,42 @@ def append_row(row):
     finally:
         os.close(fd)
     render_results()
+    return line.encode()
 
 
 class OneWriter:
     """The ledger as this process, its one writer while it runs (`run`, or the coordinator of `run --workers`),
     last left it: whatever else wrote it meanwhile (an agent between experiments, a worker's run or agent, whose
     own writes the ledger's seal of a single loop's run does not cover: seal.LedgerSeal) is put back before the
-    next row is written or read, the edited file kept beside it as results.tsv.edited."""
+    next row is written or read, the edited file kept beside it (results.tsv.edited-TIME)."""
 
     def __init__(self):
         self.wrote()
 
     def wrote(self):
+        """After this process wrote rows by other means (reconcile): the file as it is now is its own."""
         self.known = ledger_path().read_bytes() if ledger_path().exists() else None
+
+    def append(self, row):
+        """append_row, the new bytes known as written, not read back: a write by another process between the
+        two would be taken for the loop's own."""
+        header = ("\t".join(COLUMNS) + "\n").encode()
+        line = append_row(row)
+        if self.known is not None and self.known.startswith(header) and self.known.endswith(b"\n"):
+            self.known += line
+        else:  # a new ledger, or one whose header append_row brought up to date
+            self.wrote()
 
     def put_back(self):
         """The line that says what was put back, or None when the ledger is as this process left it."""
-        current = ledger_path().read_bytes() if ledger_path().exists() else None
+        current = ledger_path().read_bytes() if ledger_path().is_file() else None
         if current == self.known or self.known is None:
             return None
-        edited = ledger_path().with_name("results.tsv.edited")
+        edited = ledger_path().with_name(f"results.tsv.edited-{time.strftime('%Y%m%dT%H%M%S')}")
         if current is not None:
             write_atomic(edited, current)
+        elif os.path.lexists(ledger_path()):
+            shutil.move(ledger_path(), edited)  # a folder or a link in its place: kept too
         write_atomic(ledger_path(), self.known)
         render_results()
         return (f"the ledger ({ledger_path()}) was written by something other than this loop since its last row: "

@@ -130,12 +130,13 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
                                   handoff])
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             started_ns = time.time_ns()
-            with DataWatch(cache_dir(env), copy) as watch:
-                rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout,
-                                     on_spawn=on_spawn)
-            # before anything reads the ledger again (the evaluator's record of its code is kept there)
-            aside = Path(log_path).with_name(f"{Path(log_path).stem}-set-aside")
-            wrote_ledger, put_back = ledger.put_back(aside) if ledger else ([], [])
+            try:
+                with DataWatch(cache_dir(env), copy) as watch:
+                    rc, wall = run_group([sys.executable, TRAIN], log, subprocess.STDOUT, env, timeout,
+                                         on_spawn=on_spawn)
+            finally:  # before anything reads the ledger again; also when the run stopped the loop (a SIGTERM)
+                aside = Path(log_path).with_name(f"{Path(log_path).stem}-set-aside")
+                wrote_ledger, put_back = ledger.put_back(aside) if ledger else ([], [])
             # the evaluator's imports beside train.py are the harness's own work, not other work on the machine
             ours = cpu_seconds(evaluator.proc.pid) - evaluator_cpu if evaluator else 0.0
             other = other_work(clock, wall, ours) if wall >= LOAD_WINDOW_S else None

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from autoresearch.gitrepo import git
@@ -172,13 +173,17 @@ def harness_folder(path):
 # The ledger while train.py runs: under .git/, so the seal of the checkout above does not cover it
 
 CACHES = "compile-cache"  # a tag's (or worker's) torch.compile caches: kept by ctime only, never by their bytes
+KEEP_MAX = 64 << 20  # a record larger than this is watched, not kept (the loop writes none near it)
 
 
 def ledger_files(folder, skip=()):
-    """{path: ctime_ns} of the files under the ledger folder, but the files and folders in `skip`."""
+    """{path: ctime_ns} of the files and links under the ledger folder (not followed), but the files and folders
+    in `skip`; {} when the folder is no longer a folder (a run swapped in a link)."""
     skip = {os.path.realpath(s) for s in skip if s}
     found = {}
-    for top, dirs, files in os.walk(os.path.realpath(folder)):  # real paths below it: links are not followed
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return found
+    for top, dirs, files in os.walk(folder):
         links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
         dirs[:] = [d for d in dirs if d not in links and os.path.join(top, d) not in skip]
         for name in files + links:
@@ -192,6 +197,30 @@ def ledger_files(folder, skip=()):
     return found
 
 
+def regular_file_bytes(path, limit):
+    """The bytes of a regular file up to `limit` long, else None (a link, a fifo, a device: not followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        return f.read() if stat.S_ISREG(info.st_mode) and info.st_size <= limit else None
+
+
+def clear_the_way(path, folder):
+    """Whatever stands where a file of the ledger must be written again: a link or a file in place of one of
+    its folders, a folder in place of it or of its temporary file (ledger.write_atomic)."""
+    for parent in reversed(Path(path).relative_to(folder).parents[:-1]):
+        place = folder / parent
+        if os.path.islink(place) or (os.path.lexists(place) and not place.is_dir()):
+            os.unlink(place)
+    for place in (f"{path}.tmp", path):
+        if os.path.isdir(place) and not os.path.islink(place):
+            shutil.rmtree(place)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 class LedgerSeal:
     """The ledger folder (.git/autoresearch: rows, pinned config, patches, log copies, the caches of every
     version and tag) as it was before train.py started, so that whatever the run wrote there is found (by
@@ -203,48 +232,64 @@ class LedgerSeal:
 
     def __init__(self, folder, skip=()):
         self.folder, self.skip = Path(os.path.realpath(folder)), skip
-        self.times = ledger_files(folder, skip)
+        self.times = ledger_files(self.folder, skip)
         self.kept = {}
         for path in self.times:
-            if CACHES not in Path(path).relative_to(self.folder).parts:
-                try:
-                    self.kept[path] = Path(path).read_bytes()
-                except OSError:  # unreadable: found if written, but not put back
-                    pass
+            data = None if self.cache_of(path) else regular_file_bytes(path, KEEP_MAX)
+            if data is not None:
+                self.kept[path] = data
+
+    def cache_of(self, path):
+        """The compile cache (a version's folder in compile-cache/) that holds this path, or None."""
+        parts = Path(path).relative_to(self.folder).parts
+        return self.folder.joinpath(*parts[:parts.index(CACHES) + 2]) if CACHES in parts[:-1] else None
 
     def written(self):
+        swapped = os.path.islink(self.folder) or not self.folder.is_dir()
         now = ledger_files(self.folder, self.skip)
-        return sorted(p for p in set(self.times) | set(now) if self.times.get(p) != now.get(p))
+        return swapped, sorted(p for p in set(self.times) | set(now) if self.times.get(p) != now.get(p))
 
     def put_back(self, aside):
-        """Undo what the run wrote; returns (the paths it wrote, the lines that say what was done)."""
-        written, lines = self.written(), []
-        if not written:
-            return [], []
-        added, caches = [], set()
+        """Undo what the run wrote; returns (the paths it wrote, the lines that say what was done). Each file on
+        its own: one that cannot be put back is named, and the others still are."""
+        swapped, written = self.written()
+        lines, added, failed, caches = [], [], {}, set()
+        if swapped:  # moved away and replaced: made again from the records kept (caches are lost)
+            lines.append(f"the ledger folder {self.folder} was replaced while the run trained: made again")
+            written = sorted(set(written) | {str(self.folder)})
+            if os.path.lexists(self.folder):
+                os.unlink(self.folder)
+            self.folder.mkdir()
         for path in written:
-            parts = Path(path).relative_to(self.folder).parts
-            if CACHES in parts:  # the version's folder in it: a cache, emptied rather than trusted
-                caches.add(self.folder.joinpath(*parts[:parts.index(CACHES) + 2]))
-            elif path in self.kept:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, self.kept[path])
-            elif path not in self.times and os.path.lexists(path):
-                target = Path(aside) / Path(path).relative_to(self.folder)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(path, target)
-                added.append(path)
+            try:
+                if path == str(self.folder):
+                    continue
+                if self.cache_of(path):  # emptied rather than trusted
+                    caches.add(self.cache_of(path))
+                elif path in self.kept:
+                    clear_the_way(path, self.folder)
+                    write_atomic(path, self.kept[path])
+                elif path not in self.times and os.path.lexists(path):
+                    target = Path(aside) / Path(path).relative_to(self.folder)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(path, target)
+                    added.append(path)
+                elif path in self.times:
+                    failed[path] = f"not kept: not a regular file, or over {KEEP_MAX >> 20} MB"
+            except OSError as e:
+                failed[path] = e.strerror or str(e)
         for cache in sorted(caches):
-            shutil.rmtree(cache, ignore_errors=True) if cache.is_dir() else cache.unlink(missing_ok=True)
-        put_back = [p for p in written if p in self.kept]
+            if os.path.islink(cache) or (os.path.lexists(cache) and not cache.is_dir()):
+                os.unlink(cache)
+            else:
+                shutil.rmtree(cache, ignore_errors=True)
+        put_back = [p for p in written if p in self.kept and p not in failed]
         if put_back:
             lines.append(f"the ledger files the run wrote are put back as they were before it ({len(put_back)})")
         if added:
             lines.append(f"files the run added to the ledger moved to {aside}")
         if caches:
             lines.append(f"compile caches the run wrote in emptied: {', '.join(c.name for c in sorted(caches))}")
-        unreadable = [p for p in written if p in self.times and p not in self.kept
-                      and CACHES not in Path(p).relative_to(self.folder).parts]
-        if unreadable:
-            lines.append(f"could not be put back (unreadable before the run): {', '.join(unreadable)}")
+        if failed:
+            lines.append("could not be put back: " + ", ".join(f"{p} ({why})" for p, why in failed.items()))
         return written, lines

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git
 from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
-from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, OneWriter, append_row, ledger_dir, measured_versions,
+from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, OneWriter, ledger_dir, measured_versions,
                                  render_results, tag_rows, write_atomic)
 from autoresearch.experiment import run_experiment
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
@@ -487,8 +487,7 @@ class Coordinator:
             write_atomic(self.retries_path, json.dumps(self.retries).encode())
         if os.path.isabs(row.get("log", "")):
             row["log"] = os.path.relpath(row["log"], self.root)
-        append_row(row)
-        self.writer.wrote()
+        self.writer.append(row)
         self.loop.rows.append(row)
         if row["status"] == "keep":
             self.move_branch(row, message["sha"], base)

@@ -91,9 +91,16 @@ def test_a_run_that_writes_the_records_under_git_is_rejected_and_they_are_put_ba
     loop(repo, env, "step", "-m", "and back")
     note = rows(repo)[-1]["note"]
     assert note.startswith("rejected:") and ".git/autoresearch/results.tsv" in note, note
+    # the folder swapped for a link to a forged one: made again, from the records kept
+    commit_train(repo, env, "swap", MODE="ledgerswap", VAL_BPB=0.5)
+    loop(repo, env, "step", "-m", "swap")
+    assert not ledger.is_symlink() and (ledger / "t" / "init.json").read_bytes() == pinned
+    note = rows(repo)[-1]["note"]
+    assert note.startswith("rejected:") and "was replaced while the run trained" in note, note
     commit_train(repo, env, "honest", MODE="ok", VAL_BPB=0.9)
     assert loop(repo, env, "step", "-m", "honest").stdout.startswith("keep")
-    assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard", "keep"]
+    assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard", "discard", "keep"]
+    assert "forged" not in (ledger / "results.tsv").read_text()
 
 
 def forge_keep_row(ledger):
@@ -112,7 +119,8 @@ def test_a_row_an_agent_forges_in_the_ledger_during_run_is_put_back_before_the_n
     out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
     assert "was written by something other than this loop" in out, out
     assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "baseline"), ("keep", "better")]
-    assert "forged" not in ledger.read_text() and "forged" in (ledger.parent / "results.tsv.edited").read_text()
+    (edited,) = ledger.parent.glob("results.tsv.edited-*")  # kept, not lost
+    assert "forged" not in ledger.read_text() and "forged" in edited.read_text()
 
 
 def test_two_different_summary_blocks_are_not_kept(repo, env):

@@ -96,7 +96,8 @@ echo "worse $N"
 """)
     out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "3").stdout
     assert "was written by something other than this loop" in out, out
-    assert "forged" not in ledger.read_text() and "forged" in (ledger.parent / "results.tsv.edited").read_text()
+    (edited,) = ledger.parent.glob("results.tsv.edited-*")  # kept, not lost
+    assert "forged" not in ledger.read_text() and "forged" in edited.read_text()
     assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard", "discard"], out
     assert_all_at_best(repo, gpus)
 

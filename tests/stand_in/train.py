@@ -17,7 +17,8 @@ SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
-                          # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback
+                          # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
+                          # ledgerswap
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -116,8 +117,15 @@ if MODE == "ledger":  # the records under .git/: a forged keep, the pinned budge
     with open(os.path.join(ledger, "t", "init.json"), "w") as f:
         json.dump(dict(pinned, time_budget=100), f)
     open(os.path.join(ledger, "t", "planted.json"), "w").close()
+    os.makedirs(os.path.join(ledger, "t", "init.json.tmp"))  # in the way of the loop's atomic write
     os.makedirs(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef"))
     open(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef", "kernel.py"), "w").close()
+if MODE == "ledgerswap":  # the whole folder moved away, a link to a forged one in its place
+    os.rename(os.path.join(".git", "autoresearch"), os.path.join(".git", "moved"))
+    os.makedirs(os.path.join(".git", "forged"))
+    with open(os.path.join(".git", "forged", "results.tsv"), "w") as f:
+        f.write("forged\n")
+    os.symlink("forged", os.path.join(".git", "autoresearch"))
 if MODE == "ledgerback":  # rewrites a record and puts its bytes back before the run ends
     path = os.path.join(".git", "autoresearch", "results.tsv")
     original = open(path, "rb").read()
