@@ -29,7 +29,7 @@ from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_bas
 from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head
 from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
-from autoresearch.ledger import OneWriter, best_row, ensure_results_header, tag_rows
+from autoresearch.ledger import best_row, ensure_results_header, put_back, tag_rows
 from autoresearch.preflight import check_clean, check_position, setup_problems, shared_environment
 from autoresearch.process import Stop, raise_stop
 from autoresearch.proposers import make_proposer
@@ -139,7 +139,7 @@ def cmd_run(args):
     if hub:
         from autoresearch.hubclient import HubFirst
         proposer = HubFirst(hub, proposer)
-    t0, done, failures, writer = time.monotonic(), 0, 0, OneWriter()
+    t0, done, failures = time.monotonic(), 0, 0
     noise = loop.noise()
     sigma = f"{noise.sigma:.4f} (df {noise.df})" if noise.df else "unknown (no version has two comparable runs yet)"
     say(loop, f"run on {loop.branch}: agent {args.agent!r}, best val_bpb={loop.best_val:.6f} "
@@ -154,7 +154,7 @@ def cmd_run(args):
             with InFlight(loop) as flight:
                 flight.mark(n=n, phase="propose")  # from here on, a stop saves what the proposer wrote
                 proposal = proposer.propose(loop, n, flight)
-                check_ledger(loop, writer, n)  # what the agent wrote there: the loop's rows stay the file's
+                check_ledger(loop, n)  # what the agent wrote there: the loop's rows stay the file's
                 if proposal is None:
                     break
                 if proposal.error:
@@ -171,24 +171,23 @@ def cmd_run(args):
                 # the loop's overhead is counted from here: the proposer's time is not the loop's
                 line = run_experiment(loop, flight, proposal.description, time.monotonic(), strict=False,
                                       untracked_new=proposal.untracked)
-                writer.wrote()
             say(loop, f"#{n} {line} | {proposal.description}")
             if hub and loop.rows[-1].get("n") == str(n):
                 hub.publish(loop.rows[-1])
             if proposal.untracked:
                 say(loop, f"#{n} note: the agent created untracked files (left in place): "
                           f"{', '.join(sorted(proposal.untracked))}")
-    except (KeyboardInterrupt, Stop):  # not checked: a row the loop wrote may not be known as its own yet
+    except (KeyboardInterrupt, Stop):  # the ledger is checked by the next command (resume.repair_records)
         stop_cleanly(loop)
     else:
-        check_ledger(loop, writer, None)
+        check_ledger(loop, None)
     say_done(loop)
     return 0
 
 
-def check_ledger(loop, writer, n):
-    """What else wrote the ledger since the loop last did (ledger.OneWriter), put back, with a line."""
-    edited = writer.put_back()
+def check_ledger(loop, n):
+    """What else wrote the ledger since the loop last did (ledger.put_back), put back, with a line."""
+    edited = put_back()
     if edited:
         say(loop, f"{f'#{n} ' if n is not None else ''}note: {edited}")
 

@@ -7,11 +7,19 @@ The authoritative copy (the ledger) lives under the git directory, .git/autorese
 neither an agent's edits, `git add -f` + reset, nor `git clean` reach; results.tsv in the checkout is a
 rendering of it, rewritten whenever it differs. Each experiment's log and commit (as a patch) are kept beside
 it, so a deleted log comes back and a discarded experiment survives the deletion of its ref and `git gc`.
+The loop is the ledger's one writer: the bytes it last wrote are kept outside the repository, and whatever else
+wrote the ledger since (an agent between two `step`s or experiments, a worker's run) is put back before the
+next row is read or written.
 """
 import functools
+import hashlib
+import json
 import os
+import pwd
+import secrets
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,67 +185,133 @@ def end_last_line(path):
 
 def append_row(row):
     """One os.write of a whole line to the ledger, then fsync: after any kill a row is fully there or
-    absent. Then results.tsv is rendered from the ledger. Returns the bytes written."""
+    absent. The ledger's record (below) gets the line first, as written, not read back (a write by another
+    process in between would be taken for the loop's), so that a kill between the two leaves a row the next
+    process completes, not one it takes for an edit. Then results.tsv is rendered from the ledger."""
     ensure_results_header()
-    line = "\t".join(one_line(row.get(c, "")) for c in COLUMNS) + "\n"
+    line = ("\t".join(one_line(row.get(c, "")) for c in COLUMNS) + "\n").encode()
     end_last_line(ledger_path())
+    known = last_written()
+    if known is None:  # no record yet: a ledger from before records, or a home that cannot keep one
+        known = ledger_path().read_bytes()
+    remember(known + line)
     fd = os.open(ledger_path(), os.O_WRONLY | os.O_APPEND)
     try:
-        os.write(fd, line.encode())
+        os.write(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
     render_results()
-    return line.encode()
+    return line
 
 
-class OneWriter:
-    """The ledger as this process, its one writer while it runs (`run`, or the coordinator of `run --workers`),
-    last left it: whatever else wrote it meanwhile (an agent between experiments, a worker's run or agent, whose
-    own writes the ledger's seal of a single loop's run does not cover: seal.LedgerSeal) is put back before the
-    next row is written or read, the edited file kept beside it (results.tsv.edited-TIME)."""
+# -----------------------------------------------------------------------------
+# The loop as the ledger's one writer. The ledger's bytes as the loop last wrote them are kept outside the
+# repository, where neither an agent nor a run casually reaches, and in one place whatever the environment
+# says: two `step`s (or a restarted `run`) may see different HOME, XDG or TMPDIR values, and a record found by
+# one and not the other would put back rows the loop wrote.
 
-    def __init__(self):
-        self.wrote()
+LEDGER_ID = "autoresearch-ledger-id"  # in the git directory, beside the ledger's folder (not in it)
 
-    def wrote(self):
-        """After this process wrote rows by other means (reconcile): the file as it is now is its own."""
-        self.known = ledger_path().read_bytes() if ledger_path().exists() else None
 
-    def append(self, row):
-        """append_row, the new bytes known as written, not read back: a write by another process between the
-        two would be taken for the loop's own."""
-        header = ("\t".join(COLUMNS) + "\n").encode()
-        line = append_row(row)
-        if self.known is not None and self.known.startswith(header) and self.known.endswith(b"\n"):
-            self.known += line
-        else:  # a new ledger, or one whose header append_row brought up to date
-            self.wrote()
+def record_folder():
+    try:
+        home = Path(pwd.getpwuid(os.getuid()).pw_dir)  # the system's, not $HOME
+    except KeyError:  # a user the system does not know (a container's)
+        home = Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}"
+    return home / ".local" / "state" / "autoresearch" / "ledgers"
 
-    def put_back(self):
-        """The line that says what was put back, or None when the ledger is as this process left it."""
-        current = ledger_path().read_bytes() if ledger_path().is_file() else None
-        if current == self.known or self.known is None:
+
+def record_file():
+    return record_folder() / hashlib.sha256(str(ledger_dir()).encode()).hexdigest()[:24]
+
+
+def repository_identity(make=False):
+    """The random name the loop gave this ledger's repository, or None: a new clone (or worktree) at the same
+    path has another, so a record of the old one is not taken for its own. Kept outside the ledger's folder, so
+    that a deleted ledger is still known as this repository's and put back."""
+    path = ledger_dir().parent / LEDGER_ID
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        if not make:
             return None
-        edited = ledger_path().with_name(f"results.tsv.edited-{time.strftime('%Y%m%dT%H%M%S')}")
-        if current is not None:
-            write_atomic(edited, current)
-        elif os.path.lexists(ledger_path()):
-            shutil.move(ledger_path(), edited)  # a folder or a link in its place: kept too
-        write_atomic(ledger_path(), self.known)
+        write_atomic(path, secrets.token_hex(8).encode())
+        return path.read_text().strip()
+
+
+def last_written():
+    """The ledger's bytes as the loop last wrote them, or None when there is no record of them."""
+    try:
+        head, _, data = record_file().read_bytes().partition(b"\n")
+        meta = json.loads(head)
+    except (OSError, ValueError):
+        return None
+    identity = repository_identity()
+    return data if identity and isinstance(meta, dict) and meta.get("repository") == identity else None
+
+
+def remember(data):
+    """Record these bytes as the ledger the loop wrote. A home that cannot keep the record costs the check
+    between two processes of the loop, never a row."""
+    path = record_file()
+    try:
+        if not path.exists():
+            forget_gone_repositories()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"ledger": str(ledger_path()), "repository": repository_identity(make=True)}
+        write_atomic(path, json.dumps(meta).encode() + b"\n" + data)
+    except OSError as e:
+        print(f"warning: cannot keep the ledger's record in {path.parent} ({e.strerror}): an edit of the ledger "
+              f"between two runs of the loop goes unnoticed", file=sys.stderr)
+
+
+def forget_gone_repositories():
+    """Drop the records of ledgers whose repository is gone (a temporary one, a deleted clone)."""
+    for path in record_folder().glob("*"):
+        try:
+            with open(path, "rb") as f:
+                ledger = Path(json.loads(f.readline())["ledger"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not ledger.parent.parent.exists():
+            path.unlink(missing_ok=True)
+
+
+def put_back():
+    """The ledger as the loop last wrote it again, when something else wrote it since: the line that says so,
+    the edited file kept beside it (results.tsv.edited-TIME); None when it is as the loop left it."""
+    known = last_written()
+    current = ledger_path().read_bytes() if ledger_path().is_file() else None
+    if known is None or current == known:
+        return None
+    if current is not None and known.startswith(current) and known[len(current):].count(b"\n") == 1:
+        write_atomic(ledger_path(), known)  # the loop's own last row, recorded before a kill cut its write
         render_results()
-        return (f"the ledger ({ledger_path()}) was written by something other than this loop since its last row: "
-                f"put back as the loop left it" + (f"; the edited file is kept at {edited}" if current else ""))
+        return None
+    edited = ledger_path().with_name(f"results.tsv.edited-{time.strftime('%Y%m%dT%H%M%S')}")
+    if current is not None:
+        write_atomic(edited, current)
+    elif os.path.lexists(ledger_path()):
+        shutil.move(ledger_path(), edited)  # a folder or a link in its place: kept too
+    write_atomic(ledger_path(), known)
+    render_results()
+    return (f"the ledger ({ledger_path()}) was written by something other than this loop since its last row: "
+            f"put back as the loop left it" + (f"; the edited file is kept at {edited}" if current else ""))
 
 
 def ensure_results_header():
     """A ledger with the header; one made before the ledger existed starts from the old results.tsv, and one
-    with an older header gets today's columns (its rows keep their values)."""
+    with an older header gets today's columns (its rows keep their values). What else wrote the ledger since
+    the loop last did is put back first, with a warning, so that no edit of it becomes the loop's own."""
+    if note := put_back():
+        print(f"warning: {note}", file=sys.stderr)
     if ledger_path().exists() and ledger_path().stat().st_size:
         header, rows = read_results(ledger_path())
         if header != COLUMNS and set(header) <= set(COLUMNS):
             lines = ["\t".join(COLUMNS)] + ["\t".join(one_line(r.get(c, "")) for c in COLUMNS) for r in rows]
             write_atomic(ledger_path(), ("\n".join(lines) + "\n").encode())
+            remember(ledger_path().read_bytes())
             render_results()
         return
     if Path(RESULTS).exists() and Path(RESULTS).stat().st_size:
@@ -245,6 +319,7 @@ def ensure_results_header():
         shutil.copyfile(RESULTS, ledger_path())
     else:
         write_atomic(ledger_path(), ("\t".join(COLUMNS) + "\n").encode())
+    remember(ledger_path().read_bytes())
     render_results()
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, commit, current_branch, git, git_root, head, short, tree_status
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, WORKTREES_DIR, LoopError, now_iso
-from autoresearch.ledger import (INTERRUPTED, append_row, keep_copies, ledger_dir, ledger_path, render_results,
-                                 restore_logs, tag_rows)
+from autoresearch.ledger import (INTERRUPTED, append_row, keep_copies, ledger_dir, ledger_path, put_back,
+                                 render_results, restore_logs, tag_rows)
 from autoresearch.preflight import shared_environment, tracked_outputs
 from autoresearch.process import kill_leftover
 from autoresearch.runner import default_timeout, evaluator_data
@@ -205,7 +205,10 @@ def open_loop(timeout=None, min_delta=0.0):
 
 
 def repair_records(loop):
-    """results.tsv and the logs as the ledger has them: whatever deleted or edited them since."""
+    """The ledger as the loop last wrote it (an edit between two `step`s is put back), then results.tsv and the
+    logs as the ledger has them: whatever deleted or edited them since."""
+    if edited := put_back():
+        say(loop, f"note: {edited}")
     if render_results():
         say(loop, f"{RESULTS} differed from the ledger ({ledger_path()}): rendered again")
     for log in restore_logs(tag_rows(loop.tag)):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git
 from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
-from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, OneWriter, ledger_dir, measured_versions,
+from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, put_back,
                                  render_results, tag_rows, write_atomic)
 from autoresearch.experiment import run_experiment
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
@@ -362,7 +362,6 @@ class Coordinator:
         # after the experiments left in flight have their rows: no number or seed is used twice
         self.next_n = self.first_n = self.loop.next_n()
         self.next_seed = first_free_seed(self.loop.rows, self.loop.config["base_seed"])
-        self.writer = OneWriter()
         for w in self.workers:
             say(self.loop, f"worker w{w.number}: {w.device.label}, worktree {w.path.relative_to(self.root)}")
             self.start(w)
@@ -440,8 +439,8 @@ class Coordinator:
         raise LoopError(f"worker w{w.number} sent an unknown message: {message}")
 
     def check_ledger(self):
-        """What else wrote the ledger since this coordinator last did (a worker's run or agent), put back."""
-        edited = self.writer.put_back()
+        """What else wrote the ledger since the loop last did (a worker's run or agent), put back."""
+        edited = put_back()
         if edited:
             say(self.loop, f"note: {edited}")
 
@@ -487,7 +486,7 @@ class Coordinator:
             write_atomic(self.retries_path, json.dumps(self.retries).encode())
         if os.path.isabs(row.get("log", "")):
             row["log"] = os.path.relpath(row["log"], self.root)
-        self.writer.append(row)
+        append_row(row)
         self.loop.rows.append(row)
         if row["status"] == "keep":
             self.move_branch(row, message["sha"], base)
@@ -522,7 +521,6 @@ class Coordinator:
                        + (f" during #{w.task['n']}" if w.task else ""))
         self.check_ledger()  # before reconcile reads the rows again
         reconcile_worker(self.loop, w.number, DIED)
-        self.writer.wrote()
         w.task = None
         if w.deaths >= MAX_RESTARTS:
             w.finished = w.gave_up = True

@@ -123,6 +123,55 @@ def test_a_row_an_agent_forges_in_the_ledger_during_run_is_put_back_before_the_n
     assert "forged" not in ledger.read_text() and "forged" in edited.read_text()
 
 
+def test_a_row_forged_in_the_ledger_between_two_steps_is_put_back_by_the_next(repo, env):
+    # each `step` is a process of its own: what the last one wrote is known from its record outside the repository
+    initialised(repo, env)
+    ledger = repo / ".git" / "autoresearch" / "results.tsv"
+    subprocess.run(forge_keep_row(ledger), shell=True, check=True)  # a best of 0.1 that nothing measured
+    commit_train(repo, env, "better", VAL_BPB=0.9)
+    p = loop(repo, env, "step", "-m", "better")
+    assert "was written by something other than this loop" in p.stdout, p.stdout
+    assert p.stdout.splitlines()[-1].startswith("keep"), p.stdout  # judged against the baseline, not the forgery
+    assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "baseline"), ("keep", "better")]
+    (edited,) = ledger.parent.glob("results.tsv.edited-*")  # kept, not lost
+    assert "forged" not in ledger.read_text() and "forged" in edited.read_text()
+    # a row deleted, and the whole ledger deleted: each put back by the next command of the loop
+    ledger.write_text("".join(ledger.read_text().splitlines(keepends=True)[:-1]))
+    commit_train(repo, env, "worse", VAL_BPB=1.5)
+    assert loop(repo, env, "step", "-m", "worse").stdout.splitlines()[-1].startswith("discard")
+    ledger.unlink()
+    commit_train(repo, env, "worse again", VAL_BPB=1.6)
+    assert loop(repo, env, "step", "-m", "worse again").stdout.splitlines()[-1].startswith("discard")
+    assert [r["description"] for r in rows(repo)] == ["baseline", "better", "worse", "worse again"]
+
+
+def test_a_new_repository_where_one_was_does_not_get_the_old_ones_ledger(repo, env, tmp_path):
+    import shutil
+    shutil.copytree(repo, tmp_path / "fresh")
+    initialised(repo, env, VAL_BPB=0.8)
+    shutil.rmtree(repo)  # the lab deleted, and cloned again at the same path
+    shutil.copytree(tmp_path / "fresh", repo)
+    p = initialised(repo, env)
+    assert "written by something other" not in p.stdout + p.stderr
+    assert [(r["description"], r["val_bpb"]) for r in rows(repo)] == [("baseline", "1.000000")]
+
+
+def test_a_row_recorded_but_cut_from_the_ledger_by_a_kill_is_completed_not_taken_for_an_edit(repo, env,
+                                                                                             monkeypatch):
+    from autoresearch import ledger
+    initialised(repo, env)
+    monkeypatch.chdir(repo)
+    ledger.ledger_dir.cache_clear()
+    try:
+        before = ledger.ledger_path().read_bytes()
+        row = "\t".join(["x"] * len(ledger.COLUMNS)).encode() + b"\n"
+        ledger.remember(before + row)  # append_row records the row first: killed before the ledger's write
+        assert ledger.put_back() is None and ledger.ledger_path().read_bytes() == before + row
+        assert not list(ledger.ledger_dir().glob("results.tsv.edited-*"))
+    finally:
+        ledger.ledger_dir.cache_clear()
+
+
 def test_two_different_summary_blocks_are_not_kept(repo, env):
     initialised(repo, env)
     commit_train(repo, env, "two stories", MODE="twice", VAL_BPB=0.9)
