@@ -355,12 +355,13 @@ def test_workers_refuse_what_they_cannot_do_and_say_the_fix(repo, env):
 # --executor ray, on a local Ray (the optional dependency group `ray`: `uv sync --group ray`)
 
 
+# A local Ray's processes inherit the test process's cores (one of two under the suite): its runs queue there, and
+# the other test process's timed runs never see them as other work.
 def ray_env(env, tmp_path):
     """The node checkouts of the local Ray in this test's folder."""
     return dict(env, AUTORESEARCH_RAY_HOME=str(tmp_path / "nodes"))
 
 
-@pytest.mark.whole_machine
 def test_ray_executor_runs_every_run_as_a_task_and_records_it_here(repo, env, tmp_path):
     pytest.importorskip("ray")
     initialised(repo, env, repeats=2, SHAPED=True)
@@ -379,7 +380,6 @@ def test_ray_executor_runs_every_run_as_a_task_and_records_it_here(repo, env, tm
     assert_all_at_best(repo, env)
 
 
-@pytest.mark.whole_machine
 def test_a_ray_task_that_dies_with_its_node_is_a_crash_row_and_the_loop_goes_on(repo, env, tmp_path):
     pytest.importorskip("ray")
     initialised(repo, env)
@@ -397,7 +397,6 @@ esac
     assert_all_at_best(repo, env)
 
 
-@pytest.mark.whole_machine
 def test_ray_refuses_to_start_on_a_node_without_the_data_and_names_the_fix(repo, env, tmp_path):
     pytest.importorskip("ray")
     initialised(repo, env)
@@ -409,7 +408,6 @@ def test_ray_refuses_to_start_on_a_node_without_the_data_and_names_the_fix(repo,
     assert len(rows(repo)) == 1
 
 
-@pytest.mark.whole_machine  # a local Ray's dozen processes on one core, beside the other test process's training
 def test_ray_makes_each_workers_evaluator_copy_on_every_node_before_any_run(smoke_cache, tmp_path):
     # made by a worker's first run instead, from the cache, it would be a read of the validation split while
     # another worker's run trains on that node: a false rejection of that run
