@@ -9,8 +9,7 @@ decide here and in the loop (decide.run_until_decided).
     uv run bench/bench_decide.py --demo 4000            # runs (and minutes) the README's demo takes
 
 Each profile's numbers: sigma = run-to-run noise of val_bpb on a quiet machine, measured with
-bench/bench_train.py --repeats on tinystories-sample, 2 cores (smoke, 5 s budget: 6 runs, sigma 0.0216, val_bpb
-1.80, steps 35-37, tokens/s spread 5%; at 10 s sigma 0.022;
+bench/bench_train.py --repeats on tinystories-sample, 2 cores (smoke: 6 runs, sigma 0.022, steps 131-159;
 cpu: 3 runs, sigma 0.0010, tokens/s spread 1.4%). Under load a run loses up to load_speed of its tokens/s
 and gains up to load_val of val_bpb (smoke measured once: 18 steps quiet, 6 under load, val_bpb 0.76 ->
 1.33; cpu measured with one busy-looping process beside it: -63% tokens/s, val_bpb 0.950 -> 1.031).
@@ -67,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from autoresearch.decide import SIGMA_FLOOR, Obs, run_until_decided  # noqa: E402
 
 PROFILES = {
-    "smoke": dict(val=1.80, sigma=0.022, load_val=0.57, load_speed=0.67, speed_jitter=0.05),
+    "smoke": dict(val=1.47, sigma=0.022, load_val=0.57, load_speed=0.67, speed_jitter=0.05),
     "cpu": dict(val=0.95, sigma=0.001, load_val=0.085, load_speed=0.67, speed_jitter=0.015),
 }
 SWITCH = 0.15            # chance per run that the load goes on (or off): stretches of ~7 runs
