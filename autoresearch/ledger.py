@@ -262,8 +262,14 @@ def remember(data):
         meta = {"ledger": str(ledger_path()), "repository": repository_identity(make=True)}
         write_atomic(path, json.dumps(meta).encode() + b"\n" + data)
     except OSError as e:
-        print(f"warning: cannot keep the ledger's record in {path.parent} ({e.strerror}): an edit of the ledger "
-              f"between two runs of the loop goes unnoticed", file=sys.stderr)
+        cannot_remember(str(path.parent), e.strerror)
+
+
+@functools.cache
+def cannot_remember(folder, reason):
+    """Said once per process."""
+    print(f"warning: cannot keep the ledger's record in {folder} ({reason}): an edit of the ledger between two "
+          f"runs of the loop goes unnoticed", file=sys.stderr)
 
 
 def forget_gone_repositories():
@@ -280,9 +286,12 @@ def forget_gone_repositories():
 
 def put_back():
     """The ledger as the loop last wrote it again, when something else wrote it since: the line that says so,
-    the edited file kept beside it (results.tsv.edited-TIME); None when it is as the loop left it."""
+    the edited file kept beside it (results.tsv.edited-TIME); None when it is as the loop left it. A ledger
+    without a record (made before records were kept) becomes the loop's as it is, from its first check on."""
     known = last_written()
     current = ledger_path().read_bytes() if ledger_path().is_file() else None
+    if known is None and current is not None:
+        remember(current)
     if known is None or current == known:
         return None
     if current is not None and known.startswith(current) and known[len(current):].count(b"\n") == 1:

@@ -2,6 +2,7 @@
 ledger under .git, logs and the commits of discarded experiments are kept beside it, and nothing a finished run
 left running can write a row. Hostile stand-ins in real git repositories."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -114,6 +115,7 @@ def forge_keep_row(ledger):
 
 def test_a_row_an_agent_forges_in_the_ledger_during_run_is_put_back_before_the_next_row(repo, env):
     initialised(repo, env)
+    (repo / ".git" / "autoresearch-ledger-id").unlink()  # a ledger from before records: run's first check adopts it
     ledger = repo / ".git" / "autoresearch" / "results.tsv"
     agent = f"{forge_keep_row(ledger)}; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo better"
     out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
@@ -143,6 +145,19 @@ def test_a_row_forged_in_the_ledger_between_two_steps_is_put_back_by_the_next(re
     commit_train(repo, env, "worse again", VAL_BPB=1.6)
     assert loop(repo, env, "step", "-m", "worse again").stdout.splitlines()[-1].startswith("discard")
     assert [r["description"] for r in rows(repo)] == ["baseline", "better", "worse", "worse again"]
+
+
+def test_a_row_forged_by_a_run_that_kills_the_loop_is_put_back_by_the_next_command(repo, env):
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.5, MODE="ledgerkill")
+    killed = loop(repo, env, "step", "-m", "forge a keep, kill the loop", check=False)
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert "forged" in (repo / ".git" / "autoresearch" / "results.tsv").read_text()
+    set_train(repo, VAL_BPB=0.9, MODE="ok")
+    p = loop(repo, env, "step", "-m", "honest, after the kill")
+    assert "was written by something other than this loop" in p.stdout, p.stdout
+    assert [(r["status"], r["description"]) for r in rows(repo)] == [
+        ("keep", "baseline"), ("crash", "forge a keep, kill the loop"), ("keep", "honest, after the kill")]
 
 
 def test_a_new_repository_where_one_was_does_not_get_the_old_ones_ledger(repo, env, tmp_path):

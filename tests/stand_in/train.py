@@ -18,7 +18,7 @@ SHAPED = False            # True: val_bpb depends on the hyperparameters (for mu
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
                           # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
-                          # ledgerswap
+                          # ledgerswap | ledgerkill
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -126,6 +126,15 @@ if MODE == "ledgerswap":  # the whole folder moved away, a link to a forged one 
     with open(os.path.join(".git", "forged", "results.tsv"), "w") as f:
         f.write("forged\n")
     os.symlink("forged", os.path.join(".git", "autoresearch"))
+if MODE == "ledgerkill":  # a whole keep row in the ledger, then the loop killed before it could check
+    path = os.path.join(".git", "autoresearch", "results.tsv")
+    header = open(path).readline().rstrip("\n").split("\t")
+    row = dict.fromkeys(header, "1")
+    row.update(commit="f0f0f0f", val_bpb="0.100000", status="keep", description="forged", tag="t", note="forged")
+    with open(path, "a") as f:
+        f.write("\t".join(row[c] for c in header) + "\n")
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(5)
 if MODE == "ledgerback":  # rewrites a record and puts its bytes back before the run ends
     path = os.path.join(".git", "autoresearch", "results.tsv")
     original = open(path, "rb").read()
