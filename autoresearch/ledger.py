@@ -185,16 +185,12 @@ def end_last_line(path):
 
 def append_row(row):
     """One os.write of a whole line to the ledger, then fsync: after any kill a row is fully there or
-    absent. The ledger's record (below) gets the line first, as written, not read back (a write by another
-    process in between would be taken for the loop's), so that a kill between the two leaves a row the next
-    process completes, not one it takes for an edit. Then results.tsv is rendered from the ledger."""
-    ensure_results_header()
+    absent. The ledger's record (below) gets the row first, so that a kill between the two leaves a row the
+    next process completes, not one it takes for an edit. Then results.tsv is rendered from the ledger."""
+    ensure_results_header()  # first, what else wrote the ledger is put back
     line = ("\t".join(one_line(row.get(c, "")) for c in COLUMNS) + "\n").encode()
-    end_last_line(ledger_path())
-    known = last_written()
-    if known is None:  # no record yet: a ledger from before records, or a home that cannot keep one
-        known = ledger_path().read_bytes()
-    remember(known + line)
+    end_last_line(ledger_path())  # a hand-edited last row gets its newline: what it leaves is the loop's
+    remember(ledger_path().read_bytes() + line)
     fd = os.open(ledger_path(), os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, line)
