@@ -171,6 +171,26 @@ def test_a_new_repository_where_one_was_does_not_get_the_old_ones_ledger(repo, e
     assert [(r["description"], r["val_bpb"]) for r in rows(repo)] == [("baseline", "1.000000")]
 
 
+def test_the_records_of_repositories_that_are_gone_are_dropped_when_a_new_one_starts(repo, env, tmp_path):
+    import json
+    import shutil
+    from autoresearch import ledger
+    for name in ("gone", "new"):
+        shutil.copytree(repo, tmp_path / name)
+    initialised(repo, env)
+    initialised(tmp_path / "gone", env)
+
+    def recorded():  # the repositories under this test's folder that have a record of their ledger
+        heads = (json.loads(path.read_bytes().partition(b"\n")[0]) for path in ledger.record_folder().glob("*"))
+        return sorted(Path(h["ledger"]).parent.parent.parent.name for h in heads
+                      if Path(h["ledger"]).is_relative_to(tmp_path))
+
+    assert recorded() == ["gone", "repo"]
+    shutil.rmtree(tmp_path / "gone")
+    initialised(tmp_path / "new", env)
+    assert recorded() == ["new", "repo"]
+
+
 def test_a_row_recorded_but_cut_from_the_ledger_by_a_kill_is_completed_not_taken_for_an_edit(repo, env,
                                                                                              monkeypatch):
     from autoresearch import ledger
