@@ -198,7 +198,6 @@ def append_row(row):
     finally:
         os.close(fd)
     render_results()
-    return line
 
 
 # -----------------------------------------------------------------------------
