@@ -187,8 +187,7 @@ def cmd_run(args):
 
 def check_ledger(loop, n):
     """What else wrote the ledger since the loop last did (ledger.put_back), put back, with a line."""
-    edited = put_back()
-    if edited:
+    for edited in put_back():
         say(loop, f"{f'#{n} ' if n is not None else ''}note: {edited}")
 
 

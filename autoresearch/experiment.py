@@ -17,8 +17,8 @@ from autoresearch.decide import BUSY_LOAD, Obs, format_evidence, outcome_line, r
 from autoresearch.gitrepo import blob_hash, changed_since, commit, git, head, short, tree_status
 from autoresearch.installed import FIX as INSTALLED_FIX
 from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, read_json, to_float
-from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_copies, measured_versions, one_line,
-                                 render_results, restore_logs, write_atomic)
+from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_copies, keep_file, measured_versions,
+                                 one_line, render_results, restore_logs)
 from autoresearch.process import counted_cores
 from autoresearch.resume import save_and_reset, spare_name
 from autoresearch.runner import Run, train_once
@@ -139,10 +139,10 @@ def confirm(loop, flight, pending, started, deadline=None):
                                           [o for k, o in ok if k == "best"], more)
     if step.action in ("candidate", "best"):
         pending["runs"] = [(kind, dataclasses.asdict(r)) for kind, r in done]
-        write_atomic(loop.pending_path, json.dumps(pending).encode())
+        keep_file(loop.pending_path, json.dumps(pending).encode())
         return (f"confirming #{n}: {step.note}; so far {len(cand)} run(s) of it, {len(fresh)} of the best. "
                 f"Run `uv run agent_loop.py step` again to go on (leave {TRAIN} as it is until then)")
-    loop.pending_path.unlink(missing_ok=True)
+    keep_file(loop.pending_path, None)
     runs = [r for kind, r in done if kind == "candidate"]
     best_runs = [r for kind, r in done if kind == "best"]
     distrust = untrusted(loop, n, sha, [r for _, r in done]) or leaked(loop, runs, best_runs)

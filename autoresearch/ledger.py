@@ -9,7 +9,8 @@ rendering of it, rewritten whenever it differs. Each experiment's log and commit
 it, so a deleted log comes back and a discarded experiment survives the deletion of its ref and `git gc`.
 The loop is the ledger's one writer: the bytes it last wrote are kept outside the repository, and whatever else
 wrote the ledger since (an agent between two `step`s or experiments, a worker's run) is put back before the
-next row is read or written.
+next row is read or written; so are the loop's other records there (the pinned config, a half-confirmed
+experiment...), each from a copy kept beside the ledger's.
 """
 import functools
 import hashlib
@@ -242,8 +243,26 @@ def last_written():
         meta = json.loads(head)
     except (OSError, ValueError):
         return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("repository"), str):
+        return None
     identity = repository_identity()
-    return data if identity and isinstance(meta, dict) and meta.get("repository") == identity else None
+    if identity is None and same_night(data):  # the id file deleted: this repository's, named again
+        write_atomic(ledger_dir().parent / LEDGER_ID, meta["repository"].encode())
+        identity = meta["repository"]
+    return data if identity == meta["repository"] else None
+
+
+def same_night(recorded):
+    """Whether the ledger still begins with the recorded one's header and first row (its baseline, which a new
+    clone's night cannot share: another time, another commit)."""
+    first = recorded.split(b"\n")[:2]
+    if len(first) < 2 or not first[1].strip():
+        return False
+    try:
+        with open(ledger_path(), "rb") as f:
+            return f.read(len(first[0]) + len(first[1]) + 2) == b"\n".join(first) + b"\n"
+    except OSError:
+        return False
 
 
 def remember(data):
@@ -268,18 +287,32 @@ def cannot_remember(folder, reason):
 
 
 def forget_gone_repositories():
-    """Drop the records of ledgers whose repository is gone (a temporary one, a deleted clone)."""
+    """Drop the records of ledgers whose repository is gone (a temporary one, a deleted clone), and the copies
+    of their other records (keep_file)."""
     for path in record_folder().glob("*"):
         try:
-            with open(path, "rb") as f:
-                ledger = Path(json.loads(f.readline())["ledger"])
+            if path.is_dir():
+                ledger = Path((path / ".ledger").read_text())
+            else:
+                with open(path, "rb") as f:
+                    ledger = Path(json.loads(f.readline())["ledger"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not ledger.parent.parent.exists():
+        if ledger.parent.parent.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
 
 
 def put_back():
+    """The ledger and the loop's other records (kept_files) as the loop last wrote them, where something else
+    wrote them since: the lines that say what was put back (none when all is as the loop left it)."""
+    return [note for note in [put_back_ledger(), *put_back_kept()] if note]
+
+
+def put_back_ledger():
     """The ledger as the loop last wrote it again, when something else wrote it since: the line that says so,
     the edited file kept beside it (results.tsv.edited-TIME); None when it is as the loop left it. A ledger
     without a record (made before records were kept) becomes the loop's as it is, from its first check on."""
@@ -304,11 +337,114 @@ def put_back():
             f"put back as the loop left it" + (f"; the edited file is kept at {edited}" if current else ""))
 
 
+# The loop's other records in the ledger folder decide how its runs are judged: the config pinned at init, an
+# experiment a `step` left half-confirmed (its runs so far), the untracked modules the seal compares with, what
+# the evaluator's cache held. Each is written with keep_file, which keeps a copy beside the ledger's record, and
+# each command puts back an edit of one (an agent between two `step`s) as it does the ledger's.
+
+KEPT = ("*/init.json", "*/pending.json", "*/modules.json", "*/w*/modules.json", "*/compile-cache/evaluator.json",
+        "*/w*/compile-cache/evaluator.json")
+
+
+def kept_files():
+    """The loop's records of these kinds now in the ledger folder."""
+    return {path for pattern in KEPT for path in ledger_dir().glob(pattern) if path.is_file() or path.is_symlink()}
+
+
+def copies_folder():
+    return record_file().with_name(f"{record_file().name}.files")
+
+
+def copy_of(path):
+    return copies_folder() / Path(os.path.realpath(path)).relative_to(os.path.realpath(ledger_dir()))
+
+
+def copies_known():
+    """Whether the copies kept are this repository's; when they are not (none yet, a new clone at this path),
+    the folder is emptied and made this repository's."""
+    folder, identity = copies_folder(), repository_identity(make=True)
+    try:
+        if (folder / ".repository").read_text() == identity:
+            return True
+    except OSError:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / ".ledger").write_text(str(ledger_path()))  # for forget_gone_repositories
+    (folder / ".repository").write_text(identity)
+    return False
+
+
+def keep_file(path, data):
+    """Write one of the loop's records (KEPT) in the ledger folder, its copy first (a kill between the two then
+    leaves what the loop meant to write, which the next check puts in place); data None removes both. Outside
+    a ledger (a test's folder) it is written alone."""
+    try:
+        copies_known()
+        copy = copy_of(path)
+        if data is None:
+            copy.unlink(missing_ok=True)
+        else:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(copy, data)
+    except (LoopError, ValueError):  # no repository here, or the path is not in its ledger
+        pass
+    except OSError as e:
+        cannot_remember(str(copies_folder()), e.strerror)
+    if data is None:
+        Path(path).unlink(missing_ok=True)
+    else:
+        write_atomic(path, data)
+
+
+def kept_and_present(path):
+    """(the bytes the loop last wrote there, or None; the bytes there now, or None)."""
+    try:
+        want = copy_of(path).read_bytes()
+    except FileNotFoundError:
+        want = None
+    return want, path.read_bytes() if path.is_file() and not path.is_symlink() else None
+
+
+def put_back_kept():
+    """Each of the loop's records as the loop last wrote it (keep_file): an edited one put back, one the loop had
+    removed (or never wrote) set aside, one deleted made again; the edited file kept as NAME.edited-TIME. Lines
+    that say so. The first check with no copies of this repository's yet takes the records as they are."""
+    try:
+        if not copies_known():
+            for path in kept_files():
+                keep_file(path, path.read_bytes())
+            return []
+        copies = {ledger_dir() / p.relative_to(copies_folder()) for p in copies_folder().rglob("*")
+                  if p.is_file() and p.name not in (".repository", ".ledger")}
+    except OSError as e:
+        cannot_remember(str(copies_folder()), e.strerror)
+        return []
+    notes = []
+    for path in sorted(kept_files() | copies):
+        want, have = kept_and_present(path)
+        if want != have:  # or caught between keep_file's two writes (a worker's, meanwhile): look again
+            time.sleep(0.1)
+            want, have = kept_and_present(path)
+        if want == have and not path.is_symlink():
+            continue
+        edited = path.with_name(f"{path.name}.edited-{time.strftime('%Y%m%dT%H%M%S')}")
+        if os.path.lexists(path):
+            shutil.move(path, edited)
+        if want is not None:
+            write_atomic(path, want)
+        what = ("put back as the loop left it" if want is not None and os.path.lexists(edited) else
+                "made again (it was deleted)" if want is not None else "set aside (the loop never wrote it)")
+        notes.append(f"{path} was written by something other than this loop since it last wrote it: {what}"
+                     + (f"; the edited file is kept at {edited}" if os.path.lexists(edited) else ""))
+    return notes
+
+
 def ensure_results_header():
     """A ledger with the header; one made before the ledger existed starts from the old results.tsv, and one
     with an older header gets today's columns (its rows keep their values). What else wrote the ledger since
     the loop last did is put back first, with a warning, so that no edit of it becomes the loop's own."""
-    if note := put_back():
+    for note in put_back():
         print(f"warning: {note}", file=sys.stderr)
     if ledger_path().exists() and ledger_path().stat().st_size:
         header, rows = read_results(ledger_path())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from autoresearch.gitrepo import changed_since, commit, current_branch, git, git_root, head, short, tree_status
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, WORKTREES_DIR, LoopError, now_iso
-from autoresearch.ledger import (INTERRUPTED, append_row, keep_copies, ledger_dir, ledger_path, put_back,
+from autoresearch.ledger import (INTERRUPTED, append_row, keep_file, ledger_dir, ledger_path, put_back,
                                  render_results, restore_logs, tag_rows)
 from autoresearch.preflight import shared_environment, tracked_outputs
 from autoresearch.process import kill_leftover
@@ -89,7 +89,7 @@ def reconcile(loop, reason=KILLED, restart=True):
             row = interrupted_row(loop, state, reason)
             append_row(row)
             loop.rows.append(row)
-            loop.pending_path.unlink(missing_ok=True)  # the runs a `step` made before are in its log
+            keep_file(loop.pending_path, None)  # the runs a `step` made before are in its log
         if row and row["status"] == "keep":
             return
         # After a restart, changes to other files may be the user's, made since the kill: never reset them.
@@ -187,9 +187,10 @@ def open_loop(timeout=None, min_delta=0.0):
     if problem := tracked_outputs():
         raise LoopError(f"{problem}, then start a new run from there with `init --tag {tag}b`")
     lock(Path(LOGS_DIR) / tag)
+    edited = put_back()  # before anything under .git is read, the pinned config first
     config = load_config(tag)
     loop = Loop(tag, config, [], timeout or default_timeout(config), min_delta)
-    repair_records(loop)
+    repair_records(loop, edited)
     reconcile(loop)
     for running in sorted(loop.dir.glob("w*/running.json")):  # workers of a `run --workers` that was killed
         reconcile_worker(loop, int(running.parent.name[1:]))
@@ -204,11 +205,11 @@ def open_loop(timeout=None, min_delta=0.0):
     return loop
 
 
-def repair_records(loop):
-    """The ledger as the loop last wrote it (an edit between two `step`s is put back), then results.tsv and the
-    logs as the ledger has them: whatever deleted or edited them since."""
-    if edited := put_back():
-        say(loop, f"note: {edited}")
+def repair_records(loop, edited):
+    """What put_back did (the ledger and the loop's records as it last wrote them: an edit between two `step`s
+    is put back) said, then results.tsv and the logs as the ledger has them: whatever deleted or edited them."""
+    for note in edited:
+        say(loop, f"note: {note}")
     if render_results():
         say(loop, f"{RESULTS} differed from the ledger ({ledger_path()}): rendered again")
     for log in restore_logs(tag_rows(loop.tag)):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from autoresearch.gitrepo import git
 from autoresearch.layout import TRAIN, read_json
-from autoresearch.ledger import write_atomic
+from autoresearch.ledger import keep_file, write_atomic
 
 IMPORTABLE = tuple(importlib.machinery.all_suffixes())  # .py, .pyc, .so and its tagged forms
 SKIP_DIRS = {".git", ".venv", "venv", "logs", "worktrees", "__pycache__", ".pytest_cache", "node_modules"}
@@ -157,10 +157,7 @@ class HarnessFolder:
     def keep_record(self):
         """The record as this process knows it, whatever a run wrote over it (a run cut short by Ctrl-C is never
         checked: the next process then empties what it left, by this record)."""
-        if self.seen is None:
-            self.record.unlink(missing_ok=True)
-        else:
-            write_atomic(self.record, json.dumps(self.seen).encode())
+        keep_file(self.record, None if self.seen is None else json.dumps(self.seen).encode())
 
 
 @functools.cache

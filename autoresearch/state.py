@@ -22,7 +22,7 @@ from autoresearch.gitrepo import git
 from autoresearch.installed import RECORD_NAME as INSTALLED_RECORD, InstalledCode
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, UV_LOCK, LoopError, now_iso, read_json
 from autoresearch.metricdata import seal_metric_files
-from autoresearch.ledger import best_row, ledger_dir, write_atomic
+from autoresearch.ledger import best_row, keep_file, ledger_dir, write_atomic
 from autoresearch.process import KILL_GRACE_S, Stop, counted_cores, proc_start_time
 from autoresearch.seal import harness_folder, untracked_modules
 
@@ -80,7 +80,7 @@ class Loop:
         return known if known is not None else untracked_modules()
 
     def remember_modules(self):
-        write_atomic(self.private_dir / "modules.json", json.dumps(untracked_modules()).encode())
+        keep_file(self.private_dir / "modules.json", json.dumps(untracked_modules()).encode())
 
     @property
     def best(self):
@@ -304,8 +304,8 @@ def pin_config(tag, repeats, **extra):
     """Record the pinned config in init.json, with a readable copy in logs/TAG/ (the directory exists: lock()
     made it); only the one under .git is ever read."""
     config = dict(pinned_config(import_prepare(), tag, repeats), **extra)
-    for path in (config_path(tag), Path(LOGS_DIR) / tag / "init.json"):
-        write_atomic(path, json.dumps(config, indent=1).encode())
+    keep_file(config_path(tag), json.dumps(config, indent=1).encode())
+    write_atomic(Path(LOGS_DIR) / tag / "init.json", json.dumps(config, indent=1).encode())
     return config
 
 
@@ -313,7 +313,7 @@ def load_config(tag):
     config = read_json(config_path(tag))
     if config is None:  # a tag from before the ledger: take its copy once, else rebuild it from prepare.py
         config = read_json(Path(LOGS_DIR) / tag / "init.json") or pin_config(tag, None)
-        write_atomic(config_path(tag), json.dumps(config, indent=1).encode())
+        keep_file(config_path(tag), json.dumps(config, indent=1).encode())
     for key, field in (("AUTORESEARCH_PROFILE", "profile"), ("AUTORESEARCH_DATASET", "dataset")):
         if os.environ.get(key) and config.get(field) and os.environ[key] != config[field]:
             raise LoopError(f"{key}={os.environ[key]}, but {BRANCH_PREFIX}{tag} was initialised with "

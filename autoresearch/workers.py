@@ -440,8 +440,7 @@ class Coordinator:
 
     def check_ledger(self):
         """What else wrote the ledger since the loop last did (a worker's run or agent), put back."""
-        edited = put_back()
-        if edited:
+        for edited in put_back():
             say(self.loop, f"note: {edited}")
 
     def why_stop(self, w):

@@ -303,8 +303,16 @@ def test_a_new_tag_starts_from_the_compiled_code_an_earlier_tag_ran_of_its_train
 def harness_evaluates(repo):
     """The tag's runs hand their model to the harness's evaluator, as with the real prepare.py (the stand-in's
     evaluation then fails: a crash row, unless a rejection comes first)."""
+    from autoresearch import ledger
     config = repo / ".git" / "autoresearch" / "t" / "init.json"
-    config.write_text(json.dumps(dict(json.loads(config.read_text()), harness_eval=True)))
+    here = os.getcwd()
+    os.chdir(repo)
+    ledger.ledger_dir.cache_clear()
+    try:  # as the loop pins it: an edit by anything else would be put back
+        ledger.keep_file(config, json.dumps(dict(json.loads(config.read_text()), harness_eval=True)).encode())
+    finally:
+        os.chdir(here)
+        ledger.ledger_dir.cache_clear()
 
 
 def test_a_run_that_writes_in_the_evaluators_compile_cache_crashed_or_not_is_rejected_and_nothing_else_is(

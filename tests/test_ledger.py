@@ -2,6 +2,7 @@
 ledger under .git, logs and the commits of discarded experiments are kept beside it, and nothing a finished run
 left running can write a row. Hostile stand-ins in real git repositories."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -113,9 +114,19 @@ def forge_keep_row(ledger):
     return f"{sys.executable} -c \"{code}\" {ledger}"
 
 
+def forget_records(repo):
+    """Remove what the loop keeps outside the repository about its ledger: as before records were kept."""
+    import hashlib
+    import shutil
+    from autoresearch import ledger
+    key = hashlib.sha256(str((repo / ".git" / "autoresearch").resolve()).encode()).hexdigest()[:24]
+    (ledger.record_folder() / key).unlink()
+    shutil.rmtree(ledger.record_folder() / f"{key}.files")
+
+
 def test_a_row_an_agent_forges_in_the_ledger_during_run_is_put_back_before_the_next_row(repo, env):
     initialised(repo, env)
-    (repo / ".git" / "autoresearch-ledger-id").unlink()  # a ledger from before records: run's first check adopts it
+    forget_records(repo)  # a ledger from before records: run's first check adopts it
     ledger = repo / ".git" / "autoresearch" / "results.tsv"
     agent = f"{forge_keep_row(ledger)}; sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo better"
     out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
@@ -145,6 +156,56 @@ def test_a_row_forged_in_the_ledger_between_two_steps_is_put_back_by_the_next(re
     commit_train(repo, env, "worse again", VAL_BPB=1.6)
     assert loop(repo, env, "step", "-m", "worse again").stdout.splitlines()[-1].startswith("discard")
     assert [r["description"] for r in rows(repo)] == ["baseline", "better", "worse", "worse again"]
+    # the file that names the repository deleted too: the ledger still begins as its record does, so it is the same
+    (repo / ".git" / "autoresearch-ledger-id").unlink()
+    subprocess.run(forge_keep_row(ledger), shell=True, check=True)
+    commit_train(repo, env, "worse still", VAL_BPB=1.7)
+    p = loop(repo, env, "step", "-m", "worse still")
+    assert "was written by something other than this loop" in p.stdout, p.stdout
+    assert p.stdout.splitlines()[-1].startswith("discard"), p.stdout
+    assert "forged" not in ledger.read_text() and rows(repo)[-1]["description"] == "worse still"
+
+
+def test_runs_forged_into_an_experiment_a_step_left_half_confirmed_are_put_back_by_the_next_step(repo, env):
+    initialised(repo, env, SLEEP=0.0)
+    set_train(repo, VAL_BPB=0.99, SLEEP=1.5)
+    env = dict(env, AUTORESEARCH_STEP_LIMIT_S="1")  # one run per call: the experiment waits in pending.json
+    assert loop(repo, env, "step", "-m", "lower the loss").stdout.startswith("confirming #1:")
+    pending = repo / ".git" / "autoresearch" / "t" / "pending.json"
+    state = json.loads(pending.read_text())
+    (kind, run), = state["runs"]
+    state["runs"] += [[kind, dict(run, seed=900 + i, summary=dict(run["summary"], val_bpb=f"{0.5 + i / 100:.6f}"))]
+                      for i in range(3)]  # three more candidate runs that no train.py made
+    pending.write_text(json.dumps(state))
+    outs = [loop(repo, env, "step").stdout]
+    assert "pending.json was written by something other than this loop" in outs[0], outs[0]
+    while outs[-1].splitlines()[-1].startswith("confirming"):
+        outs.append(loop(repo, env, "step").stdout)
+    assert outs[-1].splitlines()[-1].startswith("keep val_bpb=0.990000"), outs  # the honest runs' mean
+    assert rows(repo)[-1]["val_bpb"] == "0.990000" and "900" not in rows(repo)[-1]["seeds"]
+    (edited,) = pending.parent.glob("pending.json.edited-*")
+    assert "0.510000" in edited.read_text()
+
+
+def test_a_budget_raised_in_the_pinned_config_between_two_steps_is_put_back_before_the_run_is_judged(repo, env):
+    initialised(repo, env)
+    pinned = repo / ".git" / "autoresearch" / "t" / "init.json"
+    before = pinned.read_bytes()
+    pinned.write_text(json.dumps(dict(json.loads(before), time_budget=100)))
+    commit_train(repo, env, "train five budgets", VAL_BPB=0.5, TRAINED=5.0)
+    p = loop(repo, env, "step", "-m", "train five budgets")
+    assert "init.json was written by something other than this loop" in p.stdout, p.stdout
+    assert pinned.read_bytes() == before
+    row = rows(repo)[-1]
+    assert row["status"] == "crash" and "past the 1 s budget" in row["note"], row
+    # deleted: made again; a half-confirmed experiment forged where the loop left none: set aside
+    pinned.unlink()
+    (pinned.parent / "pending.json").write_text("{}")
+    commit_train(repo, env, "honest", VAL_BPB=0.9, TRAINED=1.0)
+    p = loop(repo, env, "step", "-m", "honest")
+    assert "made again (it was deleted)" in p.stdout and "set aside (the loop never wrote it)" in p.stdout, p.stdout
+    assert pinned.read_bytes() == before and not (pinned.parent / "pending.json").exists()
+    assert p.stdout.splitlines()[-1].startswith("keep"), p.stdout
 
 
 def test_a_row_forged_by_a_run_that_kills_the_loop_is_put_back_by_the_next_command(repo, env):
@@ -180,15 +241,20 @@ def test_the_records_of_repositories_that_are_gone_are_dropped_when_a_new_one_st
     initialised(repo, env)
     initialised(tmp_path / "gone", env)
 
-    def recorded():  # the repositories under this test's folder that have a record of their ledger
-        heads = (json.loads(path.read_bytes().partition(b"\n")[0]) for path in ledger.record_folder().glob("*"))
-        return sorted(Path(h["ledger"]).parent.parent.parent.name for h in heads
-                      if Path(h["ledger"]).is_relative_to(tmp_path))
+    def recorded():  # the repositories under this test's folder with a record of their ledger, of their records
+        found = []
+        for path in ledger.record_folder().glob("*"):
+            kind = "copies" if path.is_dir() else "ledger"
+            head = Path((path / ".ledger").read_text() if path.is_dir() else
+                        json.loads(path.read_bytes().partition(b"\n")[0])["ledger"])
+            if head.is_relative_to(tmp_path):
+                found.append((head.parent.parent.parent.name, kind))
+        return sorted(found)
 
-    assert recorded() == ["gone", "repo"]
+    assert recorded() == [("gone", "copies"), ("gone", "ledger"), ("repo", "copies"), ("repo", "ledger")]
     shutil.rmtree(tmp_path / "gone")
     initialised(tmp_path / "new", env)
-    assert recorded() == ["new", "repo"]
+    assert recorded() == [("new", "copies"), ("new", "ledger"), ("repo", "copies"), ("repo", "ledger")]
 
 
 def test_a_row_recorded_but_cut_from_the_ledger_by_a_kill_is_completed_not_taken_for_an_edit(repo, env,
@@ -201,7 +267,7 @@ def test_a_row_recorded_but_cut_from_the_ledger_by_a_kill_is_completed_not_taken
         before = ledger.ledger_path().read_bytes()
         row = "\t".join(["x"] * len(ledger.COLUMNS)).encode() + b"\n"
         ledger.remember(before + row)  # append_row records the row first: killed before the ledger's write
-        assert ledger.put_back() is None and ledger.ledger_path().read_bytes() == before + row
+        assert ledger.put_back() == [] and ledger.ledger_path().read_bytes() == before + row
         assert not list(ledger.ledger_dir().glob("results.tsv.edited-*"))
     finally:
         ledger.ledger_dir.cache_clear()
