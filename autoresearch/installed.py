@@ -27,6 +27,7 @@ from pathlib import Path
 
 from autoresearch.cachefiles import sha256_of
 from autoresearch.layout import read_json
+from autoresearch.ledger import keep_file
 
 RECORD_NAME = "installed-code.json"
 FIX = "put it back with `uv sync --reinstall --locked`"  # the same bytes again: the record accepts them
@@ -153,7 +154,5 @@ class InstalledCode:
     def save(self):
         if self.created is None:
             self.created = time.time_ns()
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # workers of a tag share the record
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"created": self.created, "lock": self.lock, "files": self.files}))
-        os.replace(tmp, self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # a copy kept too: an edit is put back (ledger.py)
+        keep_file(self.path, json.dumps({"created": self.created, "lock": self.lock, "files": self.files}).encode())

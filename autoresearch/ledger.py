@@ -12,6 +12,8 @@ wrote the ledger since (an agent between two `step`s or experiments, a worker's 
 next row is read or written; so are the loop's other records there (the pinned config, a half-confirmed
 experiment...), each from a copy kept beside the ledger's.
 """
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -62,9 +64,10 @@ def one_line(text, limit=None):
     return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
-def write_atomic(path, data):
-    """Write bytes via a temp file + rename: a kill leaves the old file or the new one, never half."""
-    tmp = Path(f"{path}.tmp")
+def write_atomic(path, data, own_tmp=False):
+    """Write bytes via a temp file + rename: a kill leaves the old file or the new one, never half. own_tmp: a
+    temp file named for this process, for a file that other processes write too."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp" if own_tmp else f"{path}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -339,11 +342,13 @@ def put_back_ledger():
 
 # The loop's other records in the ledger folder decide how its runs are judged: the config pinned at init, an
 # experiment a `step` left half-confirmed (its runs so far), the untracked modules the seal compares with, what
-# the evaluator's cache held. Each is written with keep_file, which keeps a copy beside the ledger's record, and
-# each command puts back an edit of one (an agent between two `step`s) as it does the ledger's.
+# the evaluator's cache held, the evaluator's code outside the repository as first seen. Each is written with
+# keep_file, which keeps a copy beside the ledger's record, and each command puts back an edit of one (an agent
+# between two `step`s) as it does the ledger's. The workers of a tag write some of them at the same time as
+# their coordinator checks them: a lock makes each copy and its file one write.
 
 KEPT = ("*/init.json", "*/pending.json", "*/modules.json", "*/w*/modules.json", "*/compile-cache/evaluator.json",
-        "*/w*/compile-cache/evaluator.json")
+        "*/w*/compile-cache/evaluator.json", "*/installed-code.json")
 
 
 def kept_files():
@@ -359,17 +364,27 @@ def copy_of(path):
     return copies_folder() / Path(os.path.realpath(path)).relative_to(os.path.realpath(ledger_dir()))
 
 
+@contextlib.contextmanager
+def copies_held():
+    """The copies, held by this process until the block ends."""
+    copies_folder().mkdir(parents=True, exist_ok=True)
+    with open(copies_folder() / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def copies_known():
     """Whether the copies kept are this repository's; when they are not (none yet, a new clone at this path),
-    the folder is emptied and made this repository's."""
+    the folder is emptied and made this repository's. Called holding them."""
     folder, identity = copies_folder(), repository_identity(make=True)
     try:
         if (folder / ".repository").read_text() == identity:
             return True
     except OSError:
         pass
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    for path in folder.iterdir():
+        if path.name != ".lock":
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     (folder / ".ledger").write_text(str(ledger_path()))  # for forget_gone_repositories
     (folder / ".repository").write_text(identity)
     return False
@@ -379,22 +394,29 @@ def keep_file(path, data):
     """Write one of the loop's records (KEPT) in the ledger folder, its copy first (a kill between the two then
     leaves what the loop meant to write, which the next check puts in place); data None removes both. Outside
     a ledger (a test's folder) it is written alone."""
-    try:
-        copies_known()
-        copy = copy_of(path)
+    with contextlib.ExitStack() as held:
+        try:
+            copy_of(path)
+            held.enter_context(copies_held())
+            copies_known()
+            write_copy(path, data)
+        except (LoopError, ValueError):  # no repository here, or the path is not in its ledger
+            pass
+        except OSError as e:
+            cannot_remember(str(copies_folder()), e.strerror)
         if data is None:
-            copy.unlink(missing_ok=True)
+            Path(path).unlink(missing_ok=True)
         else:
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(copy, data)
-    except (LoopError, ValueError):  # no repository here, or the path is not in its ledger
-        pass
-    except OSError as e:
-        cannot_remember(str(copies_folder()), e.strerror)
+            write_atomic(path, data, own_tmp=True)  # the workers of a tag share some (installed-code.json)
+
+
+def write_copy(path, data):
+    copy = copy_of(path)
     if data is None:
-        Path(path).unlink(missing_ok=True)
+        copy.unlink(missing_ok=True)
     else:
-        write_atomic(path, data)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(copy, data)
 
 
 def kept_and_present(path):
@@ -410,34 +432,33 @@ def put_back_kept():
     """Each of the loop's records as the loop last wrote it (keep_file): an edited one put back, one the loop had
     removed (or never wrote) set aside, one deleted made again; the edited file kept as NAME.edited-TIME. Lines
     that say so. The first check with no copies of this repository's yet takes the records as they are."""
-    try:
-        if not copies_known():
-            for path in kept_files():
-                keep_file(path, path.read_bytes())
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(copies_held())
+            if not copies_known():
+                for path in kept_files():
+                    write_copy(path, path.read_bytes())
+                return []
+            copies = {ledger_dir() / p.relative_to(copies_folder()) for p in copies_folder().rglob("*")
+                      if p.is_file() and p.name not in (".repository", ".ledger", ".lock")}
+        except OSError as e:
+            cannot_remember(str(copies_folder()), e.strerror)
             return []
-        copies = {ledger_dir() / p.relative_to(copies_folder()) for p in copies_folder().rglob("*")
-                  if p.is_file() and p.name not in (".repository", ".ledger")}
-    except OSError as e:
-        cannot_remember(str(copies_folder()), e.strerror)
-        return []
-    notes = []
-    for path in sorted(kept_files() | copies):
-        want, have = kept_and_present(path)
-        if want != have:  # or caught between keep_file's two writes (a worker's, meanwhile): look again
-            time.sleep(0.1)
+        notes = []
+        for path in sorted(kept_files() | copies):
             want, have = kept_and_present(path)
-        if want == have and not path.is_symlink():
-            continue
-        edited = path.with_name(f"{path.name}.edited-{time.strftime('%Y%m%dT%H%M%S')}")
-        if os.path.lexists(path):
-            shutil.move(path, edited)
-        if want is not None:
-            write_atomic(path, want)
-        what = ("put back as the loop left it" if want is not None and os.path.lexists(edited) else
-                "made again (it was deleted)" if want is not None else "set aside (the loop never wrote it)")
-        notes.append(f"{path} was written by something other than this loop since it last wrote it: {what}"
-                     + (f"; the edited file is kept at {edited}" if os.path.lexists(edited) else ""))
-    return notes
+            if want == have and not path.is_symlink():
+                continue
+            edited = path.with_name(f"{path.name}.edited-{time.strftime('%Y%m%dT%H%M%S')}")
+            if os.path.lexists(path):
+                shutil.move(path, edited)
+            if want is not None:
+                write_atomic(path, want)
+            what = ("put back as the loop left it" if want is not None and os.path.lexists(edited) else
+                    "made again (it was deleted)" if want is not None else "set aside (the loop never wrote it)")
+            notes.append(f"{path} was written by something other than this loop since it last wrote it: {what}"
+                         + (f"; the edited file is kept at {edited}" if os.path.lexists(edited) else ""))
+        return notes
 
 
 def ensure_results_header():

@@ -312,3 +312,32 @@ def test_training_past_the_budget_while_reporting_less_is_caught_by_the_harness_
     baseline, row = rows(repo)[0], rows(repo)[-1]
     assert float(baseline["outside_s"].split(",")[0]) < 2.0, baseline
     assert row["status"] == "crash" and "outside the 1 s of training it reports" in row["note"], row
+
+
+def test_the_record_of_the_evaluators_code_rewritten_to_vouch_for_an_edit_between_two_steps_is_put_back(
+        repo, env, tmp_path, monkeypatch):
+    from autoresearch import ledger
+    from autoresearch.installed import InstalledCode, digest
+    initialised(repo, env)
+    code = tmp_path / "site" / "loss.py"  # stands in for a torch source the evaluator runs
+    code.parent.mkdir()
+    code.write_text("honest\n")
+    record = repo / ".git" / "autoresearch" / "t" / "installed-code.json"
+    monkeypatch.chdir(repo)
+    ledger.ledger_dir.cache_clear()
+    try:
+        assert InstalledCode(record).edited([str(code)]) == []  # met at an evaluation: recorded, as the loop does
+        # the agent edits the code, and the record so that it vouches for the new bytes
+        code.write_text("scaled\n")
+        forged = json.loads(record.read_text())
+        forged["files"][str(code)] = [code.stat().st_ctime_ns, digest(str(code))]
+        record.write_text(json.dumps(forged))
+        assert InstalledCode(record).edited([str(code)]) == []  # the forgery alone would pass
+        commit_train(repo, env, "better", VAL_BPB=0.9)
+        p = loop(repo, env, "step", "-m", "better", check=False)
+        assert "installed-code.json was written by something other than this loop" in p.stdout, p.stdout
+        assert p.returncode == 2 and f"code the evaluator runs was edited since the tag's first evaluation ({code})" \
+            in p.stderr and "nothing was run" in p.stderr, p  # the step is refused, with the fix
+        assert InstalledCode(record).edited([str(code)]) == [str(code)]
+    finally:
+        ledger.ledger_dir.cache_clear()

@@ -81,15 +81,18 @@ def test_two_workers_share_one_ledger_one_best_and_never_repeat_a_seed_or_a_vers
     assert sum(w["experiments"] for w in report["workers"].values()) == len(exps)
 
 
-def test_a_row_forged_in_the_shared_ledger_by_a_workers_agent_is_put_back_before_any_worker_reads_it(
+def test_a_row_forged_in_the_shared_ledger_and_the_pinned_config_edited_by_a_workers_agent_are_put_back(
         repo, gpus, tmp_path):
     from test_ledger import forge_keep_row
     initialised(repo, gpus)
     ledger = repo / ".git" / "autoresearch" / "results.tsv"
+    pinned = ledger.parent / "t" / "init.json"
+    before = pinned.read_bytes()
+    raise_budget = f"sed -i 's/\"time_budget\": [0-9.]*/\"time_budget\": 100/' {pinned}"
     agent = agent_script(tmp_path, f"""
 case $N in
   1) {forge_keep_row(ledger)}; {edit("VAL_BPB", "1.51")};;
-  2) {edit("VAL_BPB", "1.52")};;
+  2) {raise_budget}; {edit("VAL_BPB", "1.52")};;
   *) {edit("VAL_BPB", "1.53")};;
 esac
 echo "worse $N"
@@ -99,6 +102,10 @@ echo "worse $N"
     (edited,) = ledger.parent.glob("results.tsv.edited-*")  # kept, not lost
     assert "forged" not in ledger.read_text() and "forged" in edited.read_text()
     assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard", "discard"], out
+    # the pinned config too, for the next command (each worker holds the config it started with)
+    assert "init.json was written by something other than this loop" in out and pinned.read_bytes() == before, out
+    (raised,) = pinned.parent.glob("init.json.edited-*")
+    assert '"time_budget": 100' in raised.read_text()
     assert_all_at_best(repo, gpus)
 
 
