@@ -419,6 +419,14 @@ def write_copy(path, data):
         write_atomic(copy, data)
 
 
+def kept_by_loop(path):
+    """Whether the file holds what the loop last wrote there (keep_file's copy, outside the repository)."""
+    try:
+        return copy_of(path).read_bytes() == Path(path).read_bytes()
+    except (OSError, LoopError, ValueError):
+        return False
+
+
 def kept_and_present(path):
     """(the bytes the loop last wrote there, or None; the bytes there now, or None)."""
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from autoresearch.gitrepo import git
 from autoresearch.layout import TRAIN, read_json
-from autoresearch.ledger import keep_file, write_atomic
+from autoresearch.ledger import keep_file, kept_by_loop, write_atomic
 
 IMPORTABLE = tuple(importlib.machinery.all_suffixes())  # .py, .pyc, .so and its tagged forms
 SKIP_DIRS = {".git", ".venv", "venv", "logs", "worktrees", "__pycache__", ".pytest_cache", "node_modules"}
@@ -108,10 +108,13 @@ class HarnessFolder:
     """A folder only the harness writes (the evaluator's compile cache): the files it held when the harness
     last wrote it, so that whatever anything else left there since (a "kernel" the evaluator would load and
     run) is found, and never used. The record (FOLDER.json) carries that over to the next loop process (each
-    `step` is one), read when it starts, before any train.py of it runs; without one it trusts none of it."""
+    `step` is one), read when it starts, before any train.py of it runs; without one it trusts none of it.
+    kin(path), when given, names the same harness's folders of other loops (other tags and workers): an emptied
+    folder starts from a copy of one of them that holds just what its own harness left (seed_from)."""
 
-    def __init__(self, path):
+    def __init__(self, path, kin=None):
         self.path = Path(path)
+        self.kin = kin
         self.record = self.path.with_name(f"{self.path.name}.json")
         try:
             self.seen = read_json(self.record)
@@ -141,8 +144,34 @@ class HarnessFolder:
         """The folder, emptied unless it holds just what the harness left (a cache: nothing is lost)."""
         if self.seen is None or self.written():
             shutil.rmtree(self.path, ignore_errors=True)
+            self.seed_from(self.kin(self.path) if self.kin else ())
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path
+
+    def seed_from(self, folders):
+        """Fill the (absent) folder with a copy of the first of `folders` that holds just what its own harness
+        left: by its record, before and after the copy (nothing written meanwhile comes along), and a record
+        the loop wrote (its copy outside the repository, ledger.keep_file: a folder and a record that a run or
+        an agent planted are never taken). The folder it came from, or None. A cache: a compile starts warm
+        instead of cold, and nothing else changes."""
+        staging = self.path.with_name(f".{self.path.name}.partial")
+        for folder in folders:
+            other = HarnessFolder(folder)
+            if not other.seen or other.written() or not kept_by_loop(other.record):
+                continue
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                shutil.copytree(other.path, staging, symlinks=True)
+            except (OSError, shutil.Error):  # emptied or written meanwhile by its own loop
+                shutil.rmtree(staging, ignore_errors=True)
+                continue
+            copied = {str(p.relative_to(staging)) for p in staging.rglob("*")}
+            if other.written() or copied != set(other.seen) or not kept_by_loop(other.record):
+                shutil.rmtree(staging, ignore_errors=True)
+                continue
+            staging.rename(self.path)
+            return folder
+        return None
 
     def settle(self):
         self.seen = self.files()
@@ -161,9 +190,9 @@ class HarnessFolder:
 
 
 @functools.cache
-def harness_folder(path):
+def harness_folder(path, kin=None):
     """One HarnessFolder per folder in a process: every loop (and Ray task) in it shares what it saw."""
-    return HarnessFolder(path)
+    return HarnessFolder(path, kin)
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tests of agent_loop.py: real git repos in temp dirs, real subprocesses, a stand-in train.py
 (tests/stand_in/) that prints the summary its constants ask for. The end-to-end run of the real
 train.py is the README's demo (tests/test_readme.py)."""
+import contextlib
 import json
 import os
 import re
@@ -300,19 +301,28 @@ def test_a_new_tag_starts_from_the_compiled_code_an_earlier_tag_ran_of_its_train
     assert other.name != version.name and not list(other.iterdir())
 
 
-def harness_evaluates(repo):
-    """The tag's runs hand their model to the harness's evaluator, as with the real prepare.py (the stand-in's
-    evaluation then fails: a crash row, unless a rejection comes first)."""
+@contextlib.contextmanager
+def as_the_loop(repo):
+    """This test process in the repository, as a process of its loop: what it writes with ledger.keep_file (and
+    through it, seal.HarnessFolder's records) is kept as the loop's own."""
     from autoresearch import ledger
-    config = repo / ".git" / "autoresearch" / "t" / "init.json"
     here = os.getcwd()
     os.chdir(repo)
     ledger.ledger_dir.cache_clear()
-    try:  # as the loop pins it: an edit by anything else would be put back
-        ledger.keep_file(config, json.dumps(dict(json.loads(config.read_text()), harness_eval=True)).encode())
+    try:
+        yield
     finally:
         os.chdir(here)
         ledger.ledger_dir.cache_clear()
+
+
+def harness_evaluates(repo, tag="t"):
+    """The tag's runs hand their model to the harness's evaluator, as with the real prepare.py (the stand-in's
+    evaluation then fails: a crash row, unless a rejection comes first)."""
+    from autoresearch import ledger
+    config = repo / ".git" / "autoresearch" / tag / "init.json"
+    with as_the_loop(repo):  # as the loop pins it: an edit by anything else would be put back
+        ledger.keep_file(config, json.dumps(dict(json.loads(config.read_text()), harness_eval=True)).encode())
 
 
 def test_a_run_that_writes_in_the_evaluators_compile_cache_crashed_or_not_is_rejected_and_nothing_else_is(
@@ -338,6 +348,36 @@ def test_a_run_that_writes_in_the_evaluators_compile_cache_crashed_or_not_is_rej
     set_train(repo, VAL_BPB=0.92)
     loop(repo, env, "step", "-m", "honest, after a plant between steps")
     assert "compile-cache" not in rows(repo)[5]["note"] and not planted.exists(), rows(repo)[5]
+
+
+def test_a_new_tags_first_evaluation_starts_from_the_evaluator_cache_another_tag_left_and_never_a_planted_one(
+        repo, env):
+    from autoresearch.seal import HarnessFolder
+    ledger = repo / ".git" / "autoresearch"
+    initialised(repo, env)
+    harness_evaluates(repo)
+    set_train(repo, VAL_BPB=0.9)
+    loop(repo, env, "step", "-m", "an honest change")  # t's evaluator cache and its record, as its harness left them
+    for tag, text in (("t", "compiled by t's evaluator"), ("v", "planted, with a record that lists it"),
+                      ("x", "compiled by x's evaluator")):
+        cache = ledger / tag / "compile-cache" / "evaluator"  # the real evaluator's kernels: the stand-in has none
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "kernel.py").write_text(text)
+        if tag == "v":  # by an agent, say: not the loop
+            HarnessFolder(cache).settle()
+        else:
+            with as_the_loop(repo):
+                HarnessFolder(cache).settle()
+        time.sleep(0.05)  # the newer records are tried first
+    (ledger / "x" / "compile-cache" / "evaluator" / "kernel.py").write_text("planted after x's harness recorded it")
+    p = loop(repo, env, "init", "--tag", "u", "--repeats", "1")
+    assert "v/compile-cache/evaluator.json was written by something other than this loop" in p.stderr, p
+    harness_evaluates(repo, "u")
+    set_train(repo, VAL_BPB=0.91)
+    loop(repo, env, "step", "-m", "u's first evaluated run")
+    seeded = ledger / "u" / "compile-cache" / "evaluator"
+    assert (seeded / "kernel.py").read_text() == "compiled by t's evaluator"
+    assert HarnessFolder(seeded).written() == []  # and recorded as the harness's own for u's next run
 
 
 def test_a_run_that_forges_the_evaluator_caches_record_and_kills_the_loop_gets_its_kernel_emptied_out(

@@ -147,3 +147,28 @@ def test_a_record_a_run_rewrote_is_put_back_so_the_next_process_empties_what_the
     HarnessFolder(cache).settle()  # the run's forged record, listing its plant
     harness.keep_record()
     assert HarnessFolder(cache).written() == [str(cache / "kernel.py")]
+
+
+def test_an_emptied_evaluator_cache_starts_from_another_loops_that_holds_just_what_its_harness_left(repo, env):
+    from test_agent_loop import as_the_loop
+    from autoresearch.seal import HarnessFolder
+    ledger = repo / ".git" / "autoresearch"
+    trusted, forged, vouched, fresh = (ledger / tag / "compile-cache" / "evaluator" for tag in "tvwu")
+    with as_the_loop(repo):
+        for folder in (trusted, forged):  # each left by its own loop's evaluator, and recorded by that loop
+            (folder / "fx").mkdir(parents=True)
+            (folder / "fx" / "kernel.py").write_text(f"# compiled by {folder.parts[-3]}'s evaluator")
+            HarnessFolder(folder).settle()
+    (forged / "fx" / "kernel.py").write_text("# planted after its harness recorded it")
+    (vouched / "fx").mkdir(parents=True)
+    (vouched / "fx" / "kernel.py").write_text("# planted, with a record that lists it")
+    HarnessFolder(vouched).settle()  # written by something other than the loop (this process is outside the repo)
+    with as_the_loop(repo):
+        new = HarnessFolder(fresh, kin=lambda path: [vouched, forged, trusted])
+        assert new.seed_from(new.kin(fresh)) == trusted and not new.written()  # nothing recorded here yet
+        assert (fresh / "fx" / "kernel.py").read_text() == "# compiled by t's evaluator"
+        assert HarnessFolder(trusted).written() == []  # the source is left as it was
+        (fresh / "fx" / "kernel.py").write_text("# planted in the copy")  # before its harness ever recorded it
+        assert new.clean() == fresh and (fresh / "fx" / "kernel.py").read_text() == "# compiled by t's evaluator"
+        only_planted = HarnessFolder(ledger / "x" / "compile-cache" / "evaluator", kin=lambda p: [forged, vouched])
+        assert not any(only_planted.clean().iterdir())
