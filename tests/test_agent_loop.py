@@ -662,7 +662,8 @@ def test_code_the_evaluator_runs_edited_between_steps_stops_the_step_until_its_b
     metric = tmp_path / "site-packages" / "metric.py"
     metric.parent.mkdir()
     metric.write_text("def cross_entropy(logits, y): ...\n")
-    installed.InstalledCode(repo / ".git" / "autoresearch" / "t" / installed.RECORD_NAME).edited([str(metric)])
+    with as_the_loop(repo):
+        installed.InstalledCode(repo / ".git" / "autoresearch" / "t" / installed.RECORD_NAME).edited([str(metric)])
     original = metric.read_bytes()
     metric.write_text("def cross_entropy(logits, y): return 0.5 * ...\n")  # an agent's edit before the step
     set_train(repo, VAL_BPB=0.9)
@@ -681,14 +682,17 @@ def test_code_an_earlier_tags_evaluations_ran_edited_between_tags_stops_the_next
     metric = tmp_path / "site-packages" / "metric.py"  # what tag t's evaluations ran (torch's cross-entropy, say)
     metric.parent.mkdir()
     metric.write_text("def cross_entropy(logits, y): ...\n")
-    installed.InstalledCode(ledger / "t" / installed.RECORD_NAME).edited([str(metric)])
+    with as_the_loop(repo):
+        installed.InstalledCode(ledger / "t" / installed.RECORD_NAME).edited([str(metric)])
     original = metric.read_bytes()
     metric.write_text("def cross_entropy(logits, y): return 0.5 * ...\n")  # edited during t's night
     p = loop(repo, env, "init", "--tag", "t2", check=False)
     assert p.returncode != 0 and str(metric) in p.stderr and "uv sync --reinstall --locked" in p.stderr, p.stderr
     assert "nothing was run" in p.stderr and [r["tag"] for r in rows(repo)] == ["t"]
     # the record of another uv.lock (an upgrade between tags) does not apply: that tag starts its own
-    assert installed.InstalledCode(ledger / "t3" / installed.RECORD_NAME, lock="0" * 64).edited([str(metric)]) == []
+    with as_the_loop(repo):
+        assert installed.InstalledCode(ledger / "t3" / installed.RECORD_NAME, lock="0" * 64).edited([str(metric)]) \
+            == []
     metric.write_bytes(original)  # as a reinstall puts it back: the same bytes, a new ctime
     loop(repo, env, "init", "--tag", "t2")
     assert [r["tag"] for r in rows(repo)] == ["t", "t2"]
