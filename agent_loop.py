@@ -82,6 +82,8 @@ def cmd_init(args):
     if not resume:
         git("checkout", "-q", "-b", branch)
     lock(Path(LOGS_DIR) / tag)
+    for note in put_back():  # before the loop writes any record: what else wrote them is put back first
+        print(f"warning: {note}", file=sys.stderr)
     share = cores_per_run(args.workers)
     config = pin_config(tag, args.repeats, cores_per_run=share)
     pin_cores(config)

@@ -249,7 +249,7 @@ def last_written():
     if not isinstance(meta, dict) or not isinstance(meta.get("repository"), str):
         return None
     identity = repository_identity()
-    if identity is None and same_night(data):  # the id file deleted: this repository's, named again
+    if identity != meta["repository"] and same_night(data):  # the id file deleted or rewritten: named again
         write_atomic(ledger_dir().parent / LEDGER_ID, meta["repository"].encode())
         identity = meta["repository"]
     return data if identity == meta["repository"] else None
@@ -356,12 +356,17 @@ def kept_files():
     return {path for pattern in KEPT for path in ledger_dir().glob(pattern) if path.is_file() or path.is_symlink()}
 
 
+def is_kept(relative):
+    return any(Path(relative).match(pattern) for pattern in KEPT)
+
+
 def copies_folder():
     return record_file().with_name(f"{record_file().name}.files")
 
 
 def copy_of(path):
-    return copies_folder() / Path(os.path.realpath(path)).relative_to(os.path.realpath(ledger_dir()))
+    """Where the copy of a record is kept (by its path as written: a link in the ledger folder is an edit)."""
+    return copies_folder() / Path(path).relative_to(ledger_dir())
 
 
 @contextlib.contextmanager
@@ -398,9 +403,9 @@ def keep_file(path, data):
         try:
             copy_of(path)
             held.enter_context(copies_held())
-            copies_known()
-            write_copy(path, data)
-        except (LoopError, ValueError):  # no repository here, or the path is not in its ledger
+            if (copies_folder() / ".repository").read_text() == repository_identity():  # put_back_kept made them
+                write_copy(path, data)
+        except (LoopError, ValueError, FileNotFoundError):  # no repository, not in its ledger, no copies yet
             pass
         except OSError as e:
             cannot_remember(str(copies_folder()), e.strerror)
@@ -448,25 +453,33 @@ def put_back_kept():
                     write_copy(path, path.read_bytes())
                 return []
             copies = {ledger_dir() / p.relative_to(copies_folder()) for p in copies_folder().rglob("*")
-                      if p.is_file() and p.name not in (".repository", ".ledger", ".lock")}
+                      if p.is_file() and is_kept(p.relative_to(copies_folder()))}
         except OSError as e:
             cannot_remember(str(copies_folder()), e.strerror)
             return []
         notes = []
         for path in sorted(kept_files() | copies):
-            want, have = kept_and_present(path)
-            if want == have and not path.is_symlink():
-                continue
-            edited = path.with_name(f"{path.name}.edited-{time.strftime('%Y%m%dT%H%M%S')}")
-            if os.path.lexists(path):
-                shutil.move(path, edited)
-            if want is not None:
-                write_atomic(path, want)
-            what = ("put back as the loop left it" if want is not None and os.path.lexists(edited) else
-                    "made again (it was deleted)" if want is not None else "set aside (the loop never wrote it)")
-            notes.append(f"{path} was written by something other than this loop since it last wrote it: {what}"
-                         + (f"; the edited file is kept at {edited}" if os.path.lexists(edited) else ""))
+            try:
+                notes += put_back_one(path)
+            except (OSError, ValueError) as e:  # a folder on its way replaced, say: named, and the rest go on
+                notes.append(f"{path} differs from what this loop last wrote there and could not be put back: {e}")
         return notes
+
+
+def put_back_one(path):
+    want, have = kept_and_present(path)
+    if want == have and not path.is_symlink():
+        return []
+    edited = path.with_name(f"{path.name}.edited-{time.strftime('%Y%m%dT%H%M%S')}")
+    if os.path.lexists(path):
+        shutil.move(path, edited)
+    if want is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, want)
+    what = ("put back as the loop left it" if want is not None and os.path.lexists(edited) else
+            "made again (it was deleted)" if want is not None else "set aside (the loop never wrote it)")
+    return [f"{path} was written by something other than this loop since it last wrote it: {what}"
+            + (f"; the edited file is kept at {edited}" if os.path.lexists(edited) else "")]
 
 
 def ensure_results_header():

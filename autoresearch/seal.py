@@ -169,7 +169,13 @@ class HarnessFolder:
             if other.written() or copied != set(other.seen) or not kept_by_loop(other.record):
                 shutil.rmtree(staging, ignore_errors=True)
                 continue
-            staging.rename(self.path)
+            try:
+                if os.path.lexists(self.path):  # a link or a file the emptying left
+                    os.unlink(self.path)
+                staging.rename(self.path)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+                return None
             return folder
         return None
 

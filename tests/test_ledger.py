@@ -156,8 +156,8 @@ def test_a_row_forged_in_the_ledger_between_two_steps_is_put_back_by_the_next(re
     commit_train(repo, env, "worse again", VAL_BPB=1.6)
     assert loop(repo, env, "step", "-m", "worse again").stdout.splitlines()[-1].startswith("discard")
     assert [r["description"] for r in rows(repo)] == ["baseline", "better", "worse", "worse again"]
-    # the file that names the repository deleted too: the ledger still begins as its record does, so it is the same
-    (repo / ".git" / "autoresearch-ledger-id").unlink()
+    # the file that names the repository rewritten too: the ledger still begins as its record does, so it is the same
+    (repo / ".git" / "autoresearch-ledger-id").write_text("0123456789abcdef")
     subprocess.run(forge_keep_row(ledger), shell=True, check=True)
     commit_train(repo, env, "worse still", VAL_BPB=1.7)
     p = loop(repo, env, "step", "-m", "worse still")
@@ -341,3 +341,18 @@ def test_the_record_of_the_evaluators_code_rewritten_to_vouch_for_an_edit_betwee
         assert InstalledCode(record).edited([str(code)]) == [str(code)]
     finally:
         ledger.ledger_dir.cache_clear()
+
+
+def test_a_record_swapped_for_a_link_out_of_the_ledger_is_put_back_and_the_loop_goes_on(repo, env, tmp_path):
+    initialised(repo, env)
+    pinned = repo / ".git" / "autoresearch" / "t" / "init.json"
+    before = pinned.read_bytes()
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(dict(json.loads(before), time_budget=100)))
+    pinned.unlink()
+    pinned.symlink_to(forged)
+    commit_train(repo, env, "train five budgets", VAL_BPB=0.5, TRAINED=5.0)
+    p = loop(repo, env, "step", "-m", "train five budgets")
+    assert "init.json was written by something other than this loop" in p.stdout, p.stdout
+    assert not pinned.is_symlink() and pinned.read_bytes() == before
+    assert rows(repo)[-1]["status"] == "crash" and "past the 1 s budget" in rows(repo)[-1]["note"]
