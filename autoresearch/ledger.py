@@ -329,7 +329,7 @@ def put_back_ledger():
         write_atomic(ledger_path(), known)  # the loop's own last row, recorded before a kill cut its write
         render_results()
         return None
-    edited = ledger_path().with_name(f"results.tsv.edited-{time.strftime('%Y%m%dT%H%M%S')}")
+    edited = edited_name(ledger_path())
     if current is not None:
         write_atomic(edited, current)
     elif os.path.lexists(ledger_path()):
@@ -470,16 +470,26 @@ def put_back_one(path):
     want, have = kept_and_present(path)
     if want == have and not path.is_symlink():
         return []
-    edited = path.with_name(f"{path.name}.edited-{time.strftime('%Y%m%dT%H%M%S')}")
-    if os.path.lexists(path):
+    present = os.path.lexists(path)
+    edited = edited_name(path)
+    if present:
         shutil.move(path, edited)
     if want is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, want)
-    what = ("put back as the loop left it" if want is not None and os.path.lexists(edited) else
+    what = ("put back as the loop left it" if want is not None and present else
             "made again (it was deleted)" if want is not None else "set aside (the loop never wrote it)")
     return [f"{path} was written by something other than this loop since it last wrote it: {what}"
-            + (f"; the edited file is kept at {edited}" if os.path.lexists(edited) else "")]
+            + (f"; the edited file is kept at {edited}" if present else "")]
+
+
+def edited_name(path):
+    """NAME.edited-TIME beside it, one that no earlier edit (in the same second) took."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    edited, n = Path(path).with_name(f"{Path(path).name}.edited-{stamp}"), 1
+    while os.path.lexists(edited):
+        edited, n = Path(path).with_name(f"{Path(path).name}.edited-{stamp}-{n}"), n + 1
+    return edited
 
 
 def ensure_results_header():
