@@ -154,7 +154,9 @@ def test_an_emptied_evaluator_cache_starts_from_another_loops_that_holds_just_wh
     from autoresearch.seal import HarnessFolder
     ledger = repo / ".git" / "autoresearch"
     trusted, forged, vouched, fresh = (ledger / tag / "compile-cache" / "evaluator" for tag in "tvwu")
+    from autoresearch import ledger as records
     with as_the_loop(repo):
+        records.put_back()  # what each command of the loop does first: the copies outside the repo are its own
         for folder in (trusted, forged):  # each left by its own loop's evaluator, and recorded by that loop
             (folder / "fx").mkdir(parents=True)
             (folder / "fx" / "kernel.py").write_text(f"# compiled by {folder.parts[-3]}'s evaluator")
