@@ -388,8 +388,12 @@ def copies_known():
     except OSError:
         pass
     for path in folder.iterdir():
-        if path.name != ".lock":
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.name == ".lock":
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     (folder / ".ledger").write_text(str(ledger_path()))  # for forget_gone_repositories
     (folder / ".repository").write_text(identity)
     return False
