@@ -256,7 +256,7 @@ def sealed_run(loop, seed, log, flight, version):
     cache = loop.compile_cache(version)
     caches = loop.other_compile_caches(version)
     run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache,
-                     loop.installed_code)
+                     loop.installed_code, loop.private_dir)
     after = loop.other_compile_caches(version)
     written, created = written_since(times), changed_modules(modules, untracked_modules())
     # no later import may load what the run left: forged bytecode is compiled again, new modules set aside
@@ -443,7 +443,7 @@ def run_baseline(loop, repeats):
         for i in range(repeats):
             seed = loop.config["base_seed"] + i
             run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache,
-                             loop.installed_code)
+                             loop.installed_code, loop.private_dir)
             if run.edited_code and not run.error:
                 run.error = (f"the evaluator ran code that differs from what its package installed: "
                              f"{', '.join(run.edited_code)}; {INSTALLED_FIX}")

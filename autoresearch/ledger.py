@@ -268,6 +268,37 @@ def same_night(recorded):
         return False
 
 
+# The record as this process first found it or last wrote it (path: (ctime_ns, bytes)). A process that lives
+# across many runs (`run`, the coordinator of `run --workers`, the only writer of rows while its workers' runs
+# train) knows from it that something else wrote the record since, when a run or an agent wrote a row in the
+# ledger and its record alike.
+WRITTEN = {}
+
+
+def put_back_record():
+    """The ledger's record as this process last knew it, when something else wrote it since: the line that says
+    so, or None."""
+    try:
+        path = record_file()
+        if path not in WRITTEN:
+            if path.is_file() and not path.is_symlink():
+                WRITTEN[path] = (os.lstat(path).st_ctime_ns, path.read_bytes())
+            return None
+        ctime, mine = WRITTEN[path]
+        if os.path.lexists(path) and os.lstat(path).st_ctime_ns == ctime:
+            return None
+        same = path.is_file() and not path.is_symlink() and path.read_bytes() == mine
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        write_atomic(path, mine)
+        WRITTEN[path] = (os.lstat(path).st_ctime_ns, mine)
+    except OSError as e:
+        cannot_remember(str(record_folder()), e.strerror)
+        return None
+    return None if same else (f"the ledger's record {path} was written by something other than this loop since it "
+                              f"last wrote it: put back as the loop left it")
+
+
 def remember(data):
     """Record these bytes as the ledger the loop wrote. A home that cannot keep the record costs the check
     between two processes of the loop, never a row."""
@@ -277,7 +308,9 @@ def remember(data):
             forget_gone_repositories()
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"ledger": str(ledger_path()), "repository": repository_identity(make=True)}
-        write_atomic(path, json.dumps(meta).encode() + b"\n" + data)
+        record = json.dumps(meta).encode() + b"\n" + data
+        write_atomic(path, record)
+        WRITTEN[path] = (os.lstat(path).st_ctime_ns, record)
     except OSError as e:
         cannot_remember(str(path.parent), e.strerror)
 
@@ -312,7 +345,7 @@ def forget_gone_repositories():
 def put_back():
     """The ledger and the loop's other records (kept_files) as the loop last wrote them, where something else
     wrote them since: the lines that say what was put back (none when all is as the loop left it)."""
-    return [note for note in [put_back_ledger(), *put_back_kept()] if note]
+    return [note for note in [put_back_record(), put_back_ledger(), *put_back_kept()] if note]
 
 
 def put_back_ledger():

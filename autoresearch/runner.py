@@ -18,7 +18,7 @@ from pathlib import Path
 
 from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, LoopError, now_iso, to_float
-from autoresearch.ledger import LEDGER_ENV, ledger_dir
+from autoresearch.ledger import LEDGER_ENV, copies_folder, copy_of, ledger_dir, record_file
 from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
 from autoresearch.process import (counted_cores, cpu_clock, cpu_seconds, end_group, other_work, run_group,
                                   start_group, wait_group)
@@ -102,12 +102,13 @@ def default_timeout(config):
 
 
 def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=None, evaluator_cache=None,
-               installed=None):
+               installed=None, private=None):
     """One `python train.py` with this seed, output appended to the experiment's log, then (with the real
     prepare.py) the evaluator on the model it handed over. on_spawn(pid) is called with each child's pid as
     soon as it runs (to record it for a resumed loop). compile_cache: the version's torch.compile cache;
     evaluator_cache: the evaluator's (a seal.HarnessFolder); installed: the tag's record of the code the
-    evaluator runs from outside the repository (installed.InstalledCode), checked after each evaluation."""
+    evaluator runs from outside the repository (installed.InstalledCode), checked after each evaluation;
+    private: the loop's own folder in the ledger (state.Loop.private_dir), all a worker's run is sealed from."""
     env = child_env(config, seed, compile_cache)
     handoff = evaluator = None
     watched = evaluator_cache if config.get("harness_eval") else None  # the folder the evaluator compiles in
@@ -127,7 +128,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             offset = log.tell()
             copy = evaluator_data(config) if handoff else None  # the evaluator's copy is watched too
             ledger = ledger_seal([compile_cache, evaluator_cache.path if evaluator_cache else None, log_path,
-                                  handoff])
+                                  handoff], private)
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             started_ns = time.time_ns()
             try:
@@ -176,17 +177,21 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     return run
 
 
-def ledger_seal(skip):
-    """The ledger's seal for one run (seal.LedgerSeal; skip: what the run writes there), or None: for a worker of
-    `run --workers` (the coordinator and the other workers write the shared ledger while it trains) and outside
-    a repository (bench/, tests)."""
-    if LEDGER_ENV in os.environ:
-        return None
+def ledger_seal(skip, private=None):
+    """The ledger's seal for one run (seal.LedgerSeal; skip: what the run writes there), with the loop's records of
+    it outside the repository; None outside a repository (bench/, tests). A worker of `run --workers` shares the
+    ledger with its coordinator and the other workers, who write it while its run trains: it is sealed from its
+    own folder there (private) and the tag's pinned config, each with its copy, not from the rest."""
     try:
         folder = ledger_dir()
     except LoopError:
         return None
-    return LedgerSeal(folder, skip)
+    if LEDGER_ENV not in os.environ:
+        return LedgerSeal(folder, skip, outside=(record_file(), copies_folder()))
+    if private is None:
+        return None
+    pinned = Path(private).parent / "init.json"
+    return LedgerSeal(private, skip, outside=(pinned, copy_of(pinned), copy_of(private)))
 
 
 def metric_folder(config):

@@ -10,7 +10,8 @@ an edit). Between the start and the end of an experiment:
   modules (compiled before the run, so that no honest import writes it): a rewritten .pyc would be loaded in
   place of its .py by every later import, the loop's and the evaluator's, so it is compiled again at once; and
   so is all of it before each run, whatever the agent left there;
-- nothing in the ledger folder under .git/ either (LedgerSeal), which is put back as it was.
+- nothing in the ledger folder under .git/ either, nor in the loop's records of it outside the repository
+  (LedgerSeal), which are put back as they were.
 """
 import compileall
 import functools
@@ -260,25 +261,44 @@ class LedgerSeal:
     records from the bytes kept here, a file the run added moved aside, a compile cache it wrote in removed
     (the code compiles again). skip: what the run itself writes (its version's compile cache; on a Ray node,
     where the ledger holds them, its log and hand-over) or another check owns (the evaluator's cache,
-    seal.HarnessFolder)."""
+    seal.HarnessFolder). outside: the loop's records of the ledger outside the repository (ledger.record_file,
+    ledger.copies_folder), sealed alike: a run that wrote a row there, or a record and its copy, would otherwise
+    have the next command of the loop put its forgery in place."""
 
-    def __init__(self, folder, skip=()):
+    def __init__(self, folder, skip=(), outside=()):
         self.folder, self.skip = Path(os.path.realpath(folder)), skip
-        self.times = ledger_files(self.folder, skip)
+        self.outside = [Path(os.path.abspath(p)) for p in outside]
+        self.folders = [f for f in [self.folder, *self.outside] if f.is_dir() and not f.is_symlink()]
+        self.times = self.files()
         self.kept = {}
         for path in self.times:
             data = None if self.cache_of(path) else regular_file_bytes(path, KEEP_MAX)
             if data is not None:
                 self.kept[path] = data
 
+    def files(self):
+        """{path: ctime_ns} of what is sealed: the files under each folder, and each file outside on its own."""
+        found = ledger_files(self.folder, self.skip)
+        for path in self.outside:
+            if path in self.folders:
+                found.update(ledger_files(path))
+            elif os.path.lexists(path):
+                found[str(path)] = os.lstat(path).st_ctime_ns
+        return found
+
+    def root_of(self, path):
+        return next((f for f in self.folders if Path(path).is_relative_to(f)), Path(path).parent)
+
     def cache_of(self, path):
-        """The compile cache (a version's folder in compile-cache/) that holds this path, or None."""
+        """The compile cache (a version's folder in compile-cache/ of the ledger) that holds this path, or None."""
+        if not Path(path).is_relative_to(self.folder):
+            return None
         parts = Path(path).relative_to(self.folder).parts
         return self.folder.joinpath(*parts[:parts.index(CACHES) + 2]) if CACHES in parts[:-1] else None
 
     def written(self):
-        swapped = os.path.islink(self.folder) or not self.folder.is_dir()
-        now = ledger_files(self.folder, self.skip)
+        swapped = [f for f in self.folders if os.path.islink(f) or not f.is_dir()]
+        now = self.files()
         return swapped, sorted(p for p in set(self.times) | set(now) if self.times.get(p) != now.get(p))
 
     def put_back(self, aside):
@@ -286,23 +306,26 @@ class LedgerSeal:
         its own: one that cannot be put back is named, and the others still are."""
         swapped, written = self.written()
         lines, added, failed, caches = [], [], {}, set()
-        if swapped:  # moved away and replaced: made again from the records kept (caches are lost)
-            lines.append(f"the ledger folder {self.folder} was replaced while the run trained: made again")
-            written = sorted(set(written) | {str(self.folder)})
-            if os.path.lexists(self.folder):
-                os.unlink(self.folder)
-            self.folder.mkdir()
+        for folder in swapped:  # moved away and replaced: made again from the records kept (caches are lost)
+            kind = "the ledger folder" if folder == self.folder else "the folder of the ledger's records"
+            lines.append(f"{kind} {folder} was replaced while the run trained: made again")
+            written = sorted(set(written) | {str(folder)})
+            if os.path.lexists(folder):
+                os.unlink(folder)
+            folder.mkdir()
         for path in written:
             try:
-                if path == str(self.folder):
+                if path in map(str, swapped):
                     continue
                 if self.cache_of(path):  # emptied rather than trusted
                     caches.add(self.cache_of(path))
                 elif path in self.kept:
-                    clear_the_way(path, self.folder)
+                    clear_the_way(path, self.root_of(path))
                     write_atomic(path, self.kept[path])
                 elif path not in self.times and os.path.lexists(path):
-                    target = Path(aside) / Path(path).relative_to(self.folder)
+                    root = self.root_of(path)
+                    target = Path(aside) / ("" if root == self.folder else "outside-the-repository") / \
+                        Path(path).relative_to(root)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(path, target)
                     added.append(path)

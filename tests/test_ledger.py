@@ -105,23 +105,50 @@ def test_a_run_that_writes_the_records_under_git_is_rejected_and_they_are_put_ba
     assert "forged" not in (ledger / "results.tsv").read_text()
 
 
-def forge_keep_row(ledger):
-    """A shell command that appends a keep row of val_bpb 0.1 for tag t, every column filled, to this ledger."""
+def test_a_run_that_writes_the_loops_records_outside_the_repository_is_rejected_and_they_are_put_back(repo, env):
+    # a row in the ledger's record alone, a budget raised in the pinned config and in its copy: the next command
+    # would have completed the row and put the raised budget in place
+    initialised(repo, env)
+    ledger = repo / ".git" / "autoresearch"
+    pinned = (ledger / "t" / "init.json").read_bytes()
+    commit_train(repo, env, "rewrite the records outside", MODE="records", VAL_BPB=0.5)
+    loop(repo, env, "step", "-m", "rewrite the records outside")
+    row = rows(repo)[-1]
+    assert row["status"] == "discard" and row["note"].startswith("rejected:"), row
+    assert ".local/state/autoresearch/ledgers/" in row["note"] and "t/init.json" in row["note"], row["note"]
+    commit_train(repo, env, "train five budgets", MODE="ok", VAL_BPB=0.5, TRAINED=5.0)
+    p = loop(repo, env, "step", "-m", "train five budgets")
+    assert "written by something other than this loop" not in p.stdout, p.stdout
+    assert (ledger / "t" / "init.json").read_bytes() == pinned
+    assert rows(repo)[-1]["status"] == "crash" and "past the 1 s budget" in rows(repo)[-1]["note"], rows(repo)
+    assert [r["description"] for r in rows(repo)] == [
+        "baseline", "rewrite the records outside", "train five budgets"]
+    assert "forged" not in (ledger / "results.tsv").read_text()
+
+
+def forge_keep_row(ledger, *also):
+    """A shell command that appends a keep row of val_bpb 0.1 for tag t, every column filled, to this ledger (and
+    the same line to each file of `also`)."""
     code = ("import sys; path = sys.argv[1]; header = open(path).readline().rstrip().split('\\t'); "
             "row = dict.fromkeys(header, '1'); row.update(commit='f0f0f0f', val_bpb='0.100000', status='keep', "
             "description='forged', tag='t', note='forged'); "
-            "open(path, 'a').write('\\t'.join(row[c] for c in header) + '\\n')")
-    return f"{sys.executable} -c \"{code}\" {ledger}"
+            "[open(p, 'a').write('\\t'.join(row[c] for c in header) + '\\n') for p in sys.argv[1:]]")
+    return f"{sys.executable} -c \"{code}\" {' '.join(map(str, (ledger, *also)))}"
+
+
+def record_of(repo):
+    """The ledger's record outside the repository (ledger.record_file)."""
+    import hashlib
+    from autoresearch import ledger
+    key = hashlib.sha256(str((repo / ".git" / "autoresearch").resolve()).encode()).hexdigest()[:24]
+    return ledger.record_folder() / key
 
 
 def forget_records(repo):
     """Remove what the loop keeps outside the repository about its ledger: as before records were kept."""
-    import hashlib
     import shutil
-    from autoresearch import ledger
-    key = hashlib.sha256(str((repo / ".git" / "autoresearch").resolve()).encode()).hexdigest()[:24]
-    (ledger.record_folder() / key).unlink()
-    shutil.rmtree(ledger.record_folder() / f"{key}.files")
+    record_of(repo).unlink()
+    shutil.rmtree(f"{record_of(repo)}.files")
 
 
 def test_a_row_an_agent_forges_in_the_ledger_during_run_is_put_back_before_the_next_row(repo, env):
@@ -134,6 +161,18 @@ def test_a_row_an_agent_forges_in_the_ledger_during_run_is_put_back_before_the_n
     assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "baseline"), ("keep", "better")]
     (edited,) = ledger.parent.glob("results.tsv.edited-*")  # kept, not lost
     assert "forged" not in ledger.read_text() and "forged" in edited.read_text()
+
+
+def test_a_row_an_agent_forges_in_the_ledger_and_its_record_alike_during_run_is_put_back(repo, env):
+    # `run` lives across the experiments: it knows the record as it last wrote it, whatever was written since
+    initialised(repo, env)
+    ledger = repo / ".git" / "autoresearch" / "results.tsv"
+    agent = (f"{forge_keep_row(ledger, record_of(repo))}; "
+             f"sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo better")
+    out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
+    assert "the ledger's record" in out and "was written by something other than this loop" in out, out
+    assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "baseline"), ("keep", "better")]
+    assert "forged" not in ledger.read_text() and "forged" not in record_of(repo).read_text()
 
 
 def test_a_row_forged_in_the_ledger_between_two_steps_is_put_back_by_the_next(repo, env):

@@ -109,6 +109,35 @@ echo "worse $N"
     assert_all_at_best(repo, gpus)
 
 
+def test_a_workers_run_that_writes_a_row_and_the_pinned_config_with_their_records_outside_is_put_back(
+        repo, gpus, tmp_path):
+    # the ledger's record written with the ledger, the pinned config with its copy: consistent pairs, which only
+    # the coordinator's memory of its own writes and the worker's seal tell from the loop's
+    initialised(repo, gpus)
+    ledger = repo / ".git" / "autoresearch"
+    pinned = (ledger / "t" / "init.json").read_bytes()
+    agent = agent_script(tmp_path, f"""
+case $N in
+  1) {edit("MODE", '"records"')}; {edit("VAL_BPB", "0.5")};;
+  2) {edit("VAL_BPB", "1.52")};;
+  *) {edit("VAL_BPB", "1.53")};;
+esac
+echo "try $N"
+""")
+    out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "3").stdout
+    assert "the ledger's record" in out and "was written by something other than this loop" in out, out
+    assert "forged" not in (ledger / "results.tsv").read_text() and "forged" not in (repo / "results.tsv").read_text()
+    assert (ledger / "t" / "init.json").read_bytes() == pinned
+    # rejected: the run that wrote them (and, as the config is the tag's, any other worker's run meanwhile)
+    (first,) = [r for r in rows(repo) if r["description"] == "try 1"]
+    assert first["status"] == "discard" and first["note"].startswith("rejected:"), first
+    assert "t/init.json" in first["note"], first["note"]
+    # the next command finds the pinned config and its copy as init wrote them
+    p = loop(repo, gpus, "report")
+    assert "written by something other" not in p.stdout + p.stderr, p.stdout + p.stderr
+    assert (ledger / "t" / "init.json").read_bytes() == pinned
+
+
 def test_a_keep_on_one_worker_is_the_base_of_the_next_and_an_overtaken_keep_is_tried_again_on_top(
         repo, gpus, tmp_path):
     initialised(repo, gpus, repeats=2, SHAPED=True, SLEEP=0.3)

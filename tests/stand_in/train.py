@@ -18,7 +18,7 @@ SHAPED = False            # True: val_bpb depends on the hyperparameters (for mu
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
                           # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
-                          # ledgerswap | ledgerkill
+                          # ledgerswap | ledgerkill | records
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -120,6 +120,25 @@ if MODE == "ledger":  # the records under .git/: a forged keep, the pinned budge
     os.makedirs(os.path.join(ledger, "t", "init.json.tmp"))  # in the way of the loop's atomic write
     os.makedirs(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef"))
     open(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef", "kernel.py"), "w").close()
+if MODE == "records":  # the records outside the repository too: a row in the ledger and its record, the pinned
+    # budget and its copy
+    import hashlib
+    import pwd
+    common = subprocess.run(["git", "rev-parse", "--git-common-dir"], capture_output=True, text=True).stdout
+    ledger = os.path.realpath(os.path.join(common.strip(), "autoresearch"))  # a worker's: the main checkout's
+    record = os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".local", "state", "autoresearch", "ledgers",
+                          hashlib.sha256(ledger.encode()).hexdigest()[:24])
+    header = open(os.path.join(ledger, "results.tsv")).readline().rstrip("\n").split("\t")
+    row = dict.fromkeys(header, "1")
+    row.update(commit="f0f0f0f", val_bpb="0.100000", status="keep", description="forged", tag="t", note="forged")
+    for path in (record, os.path.join(ledger, "results.tsv")):  # the record alone would pass for a row cut
+        with open(path, "a") as f:                                # by a kill, which the next command completes
+            f.write("\t".join(row[c] for c in header) + "\n")
+    for path in (os.path.join(ledger, "t", "init.json"), os.path.join(record + ".files", "t", "init.json")):
+        with open(path) as f:
+            pinned = json.load(f)
+        with open(path, "w") as f:
+            json.dump(dict(pinned, time_budget=100), f)
 if MODE == "ledgerswap":  # the whole folder moved away, a link to a forged one in its place
     os.rename(os.path.join(".git", "autoresearch"), os.path.join(".git", "moved"))
     os.makedirs(os.path.join(".git", "forged"))
