@@ -68,6 +68,10 @@ def write_atomic(path, data, own_tmp=False):
     """Write bytes via a temp file + rename: a kill leaves the old file or the new one, never half. own_tmp: a
     temp file named for this process, for a file that other processes write too."""
     tmp = Path(f"{path}.{os.getpid()}.tmp" if own_tmp else f"{path}.tmp")
+    if tmp.is_dir() and not tmp.is_symlink():  # whatever a kill left or a run planted there: not written through
+        shutil.rmtree(tmp)
+    elif os.path.lexists(tmp):
+        os.unlink(tmp)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -239,10 +243,18 @@ def repository_identity(make=False):
         return path.read_text().strip()
 
 
+# The record as this process first found it or last wrote it (path: (ctime_ns, bytes)). A process that lives
+# across many runs (`run`, the coordinator of `run --workers`, the only writer of rows while its workers' runs
+# train) knows from it that something else wrote the record since, when a run or an agent wrote a row in the
+# ledger and its record alike.
+WRITTEN = {}
+
+
 def last_written():
     """The ledger's bytes as the loop last wrote them, or None when there is no record of them."""
     try:
-        head, _, data = record_file().read_bytes().partition(b"\n")
+        path = record_file()
+        head, _, data = (WRITTEN[path][1] if path in WRITTEN else path.read_bytes()).partition(b"\n")
         meta = json.loads(head)
     except (OSError, ValueError):
         return None
@@ -268,13 +280,6 @@ def same_night(recorded):
         return False
 
 
-# The record as this process first found it or last wrote it (path: (ctime_ns, bytes)). A process that lives
-# across many runs (`run`, the coordinator of `run --workers`, the only writer of rows while its workers' runs
-# train) knows from it that something else wrote the record since, when a run or an agent wrote a row in the
-# ledger and its record alike.
-WRITTEN = {}
-
-
 def put_back_record():
     """The ledger's record as this process last knew it, when something else wrote it since: the line that says
     so, or None."""
@@ -290,6 +295,7 @@ def put_back_record():
         same = path.is_file() and not path.is_symlink() and path.read_bytes() == mine
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)  # the whole folder deleted, say
         write_atomic(path, mine)
         WRITTEN[path] = (os.lstat(path).st_ctime_ns, mine)
     except OSError as e:

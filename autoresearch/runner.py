@@ -4,6 +4,7 @@ appended to the experiment's log, and the verdict read from that output: the sum
 `---` line, or why the run counts as a crash. With the real prepare.py (config["harness_eval"]), train.py
 hands its model over and val_bpb is the harness's evaluator's (autoresearch/evaluator.py), not train.py's.
 """
+import functools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, 
 from autoresearch.process import (counted_cores, cpu_clock, cpu_seconds, end_group, other_work, run_group,
                                   start_group, wait_group)
 from autoresearch.seal import LedgerSeal
+from autoresearch.state import EVALUATOR_CACHE
 from autoresearch.valwatch import DataWatch, cache_dir
 
 # training may overrun the budget by 2%, or by the step that crossed it, if longer: up to STEP_SLACK mean steps
@@ -181,7 +183,8 @@ def ledger_seal(skip, private=None):
     """The ledger's seal for one run (seal.LedgerSeal; skip: what the run writes there), with the loop's records of
     it outside the repository; None outside a repository (bench/, tests). A worker of `run --workers` shares the
     ledger with its coordinator and the other workers, who write it while its run trains: it is sealed from its
-    own folder there (private) and the tag's pinned config, each with its copy, not from the rest."""
+    own folder there (private), the tag's pinned config (put back as the worker found it when it started) and
+    the record of the tag's evaluator cache (which seeds a new one), each with its copy, not from the rest."""
     try:
         folder = ledger_dir()
     except LoopError:
@@ -190,8 +193,26 @@ def ledger_seal(skip, private=None):
         return LedgerSeal(folder, skip, outside=(record_file(), copies_folder()))
     if private is None:
         return None
+    evaluator = Path(private).parent / "compile-cache" / f"{EVALUATOR_CACHE}.json"
+    trusted = {path: worker_found(path) for path in pinned_config_files(private) if worker_found(path) is not None}
+    return LedgerSeal(private, skip, outside=(*pinned_config_files(private), copy_of(private), evaluator,
+                                              copy_of(evaluator)), trusted=trusted)
+
+
+def pinned_config_files(private):
+    """The tag's pinned config (init.json, beside a worker's own folder) and its copy outside the repository."""
     pinned = Path(private).parent / "init.json"
-    return LedgerSeal(private, skip, outside=(pinned, copy_of(pinned), copy_of(private)))
+    return pinned, copy_of(pinned)
+
+
+@functools.cache
+def worker_found(path):
+    """A file's bytes as this process first read it (None: not a regular file): a worker reads its tag's pinned
+    config as it starts (workers.worker_main), before any run of the night could write it."""
+    try:
+        return Path(path).read_bytes() if Path(path).is_file() and not Path(path).is_symlink() else None
+    except OSError:
+        return None
 
 
 def metric_folder(config):

@@ -14,6 +14,7 @@ an edit). Between the start and the end of an experiment:
   (LedgerSeal), which are put back as they were.
 """
 import compileall
+import contextlib
 import functools
 import hashlib
 import importlib.machinery
@@ -263,9 +264,10 @@ class LedgerSeal:
     where the ledger holds them, its log and hand-over) or another check owns (the evaluator's cache,
     seal.HarnessFolder). outside: the loop's records of the ledger outside the repository (ledger.record_file,
     ledger.copies_folder), sealed alike: a run that wrote a row there, or a record and its copy, would otherwise
-    have the next command of the loop put its forgery in place."""
+    have the next command of the loop put its forgery in place. trusted: {path: bytes} to put back there in place
+    of what it held when the run started (which another worker's run may have written)."""
 
-    def __init__(self, folder, skip=(), outside=()):
+    def __init__(self, folder, skip=(), outside=(), trusted=None):
         self.folder, self.skip = Path(os.path.realpath(folder)), skip
         self.outside = [Path(os.path.abspath(p)) for p in outside]
         self.folders = [f for f in [self.folder, *self.outside] if f.is_dir() and not f.is_symlink()]
@@ -275,6 +277,7 @@ class LedgerSeal:
             data = None if self.cache_of(path) else regular_file_bytes(path, KEEP_MAX)
             if data is not None:
                 self.kept[path] = data
+        self.kept.update({str(Path(os.path.abspath(p))): data for p, data in (trusted or {}).items()})
 
     def files(self):
         """{path: ctime_ns} of what is sealed: the files under each folder, and each file outside on its own."""
@@ -282,8 +285,9 @@ class LedgerSeal:
         for path in self.outside:
             if path in self.folders:
                 found.update(ledger_files(path))
-            elif os.path.lexists(path):
-                found[str(path)] = os.lstat(path).st_ctime_ns
+            else:
+                with contextlib.suppress(FileNotFoundError):  # none there, or gone since
+                    found[str(path)] = os.lstat(path).st_ctime_ns
         return found
 
     def root_of(self, path):
@@ -310,9 +314,12 @@ class LedgerSeal:
             kind = "the ledger folder" if folder == self.folder else "the folder of the ledger's records"
             lines.append(f"{kind} {folder} was replaced while the run trained: made again")
             written = sorted(set(written) | {str(folder)})
-            if os.path.lexists(folder):
-                os.unlink(folder)
-            folder.mkdir()
+            try:
+                if os.path.lexists(folder):
+                    os.unlink(folder)
+                folder.mkdir(parents=True, exist_ok=True)  # its parent may be gone too (ledgers/ deleted)
+            except OSError as e:
+                failed[str(folder)] = e.strerror or str(e)
         for path in written:
             try:
                 if path in map(str, swapped):

@@ -29,7 +29,7 @@ from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir
 from autoresearch.experiment import run_experiment
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
 from autoresearch.proposers import Proposal, make_proposer
-from autoresearch.runner import PACKAGE_ROOT, evaluator_data
+from autoresearch.runner import PACKAGE_ROOT, evaluator_data, pinned_config_files, worker_found
 from autoresearch.resume import STOPPED, reconcile_worker, save_and_reset, save_failed_proposal, spare_name
 from autoresearch.state import InFlight, Loop, first_free_seed, load_config, lock, say
 
@@ -183,6 +183,8 @@ def worker_main(options):
         link = Link(*o["fds"], remote=o["remote"])
         loop = Loop(o["tag"], load_config(o["tag"]), [], o["timeout"], o["min_delta"], worker=o["worker"],
                     root=o["root"], link=link)
+        for path in pinned_config_files(loop.private_dir):  # as found now, before any run: what its seal puts back
+            worker_found(path)
         lock(loop.dir)
         proposer = hub_first(loop, o.get("hub"), make_proposer(o["agent"], o["seed"], o["agent_timeout"]))
         while True:

@@ -121,9 +121,18 @@ def test_a_run_that_writes_the_loops_records_outside_the_repository_is_rejected_
     assert "written by something other than this loop" not in p.stdout, p.stdout
     assert (ledger / "t" / "init.json").read_bytes() == pinned
     assert rows(repo)[-1]["status"] == "crash" and "past the 1 s budget" in rows(repo)[-1]["note"], rows(repo)
+    # the same, then the copies' folder and the record deleted: made again from what the seal kept
+    commit_train(repo, env, "and delete them", MODE="recordsgone", VAL_BPB=0.5, TRAINED=1.0)
+    note = loop(repo, env, "step", "-m", "and delete them") and rows(repo)[-1]["note"]
+    assert note.startswith("rejected:") and "was replaced while the run trained" in note, note
+    commit_train(repo, env, "train five budgets again", MODE="ok", VAL_BPB=0.6, TRAINED=5.0)
+    p = loop(repo, env, "step", "-m", "train five budgets again")
+    assert "written by something other than this loop" not in p.stdout, p.stdout
+    assert "past the 1 s budget" in rows(repo)[-1]["note"], rows(repo)[-1]
     assert [r["description"] for r in rows(repo)] == [
-        "baseline", "rewrite the records outside", "train five budgets"]
-    assert "forged" not in (ledger / "results.tsv").read_text()
+        "baseline", "rewrite the records outside", "train five budgets", "and delete them",
+        "train five budgets again"]
+    assert "forged" not in (ledger / "results.tsv").read_text() and "forged" not in record_of(repo).read_text()
 
 
 def forge_keep_row(ledger, *also):
@@ -167,7 +176,8 @@ def test_a_row_an_agent_forges_in_the_ledger_and_its_record_alike_during_run_is_
     # `run` lives across the experiments: it knows the record as it last wrote it, whatever was written since
     initialised(repo, env)
     ledger = repo / ".git" / "autoresearch" / "results.tsv"
-    agent = (f"{forge_keep_row(ledger, record_of(repo))}; "
+    # a folder where the loop writes the record's temporary file, too: it is cleared, not written through
+    agent = (f"{forge_keep_row(ledger, record_of(repo))}; mkdir -p {record_of(repo)}.tmp/x; "
              f"sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo better")
     out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
     assert "the ledger's record" in out and "was written by something other than this loop" in out, out

@@ -149,6 +149,40 @@ def test_a_record_a_run_rewrote_is_put_back_so_the_next_process_empties_what_the
     assert HarnessFolder(cache).written() == [str(cache / "kernel.py")]
 
 
+def test_the_ledgers_seal_makes_the_records_outside_again_when_their_whole_folder_is_deleted(tmp_path):
+    from autoresearch.seal import LedgerSeal
+    ledger, records = tmp_path / "repo" / ".git" / "autoresearch", tmp_path / "state" / "ledgers"
+    (ledger / "t").mkdir(parents=True)
+    (records / "key.files" / "t").mkdir(parents=True)
+    (ledger / "results.tsv").write_text("header\nbaseline\n")
+    (records / "key").write_text("{}\nheader\nbaseline\n")
+    (records / "key.files" / "t" / "init.json").write_text('{"time_budget": 1}')
+    seal = LedgerSeal(ledger, outside=(records / "key", records / "key.files"))
+    with open(ledger / "results.tsv", "a") as f:  # the run: a forged row, then the records outside gone
+        f.write("forged\n")
+    import shutil
+    shutil.rmtree(tmp_path / "state")
+    written, lines = seal.put_back(tmp_path / "aside")
+    assert str(ledger / "results.tsv") in written and str(records / "key") in written, written
+    assert any("was replaced while the run trained" in line for line in lines), lines
+    assert (ledger / "results.tsv").read_text() == "header\nbaseline\n"
+    assert (records / "key").read_text() == "{}\nheader\nbaseline\n"
+    assert (records / "key.files" / "t" / "init.json").read_text() == '{"time_budget": 1}'
+
+
+def test_a_workers_seal_puts_back_the_pinned_config_as_the_worker_found_it_not_as_its_run_began(tmp_path):
+    # another worker's run forged the config before this run began; that run's own seal then put it back
+    from autoresearch.seal import LedgerSeal
+    own, pinned = tmp_path / "t" / "w2", tmp_path / "t" / "init.json"
+    own.mkdir(parents=True)
+    pinned.write_text('{"time_budget": 100}')
+    seal = LedgerSeal(own, outside=(pinned,), trusted={pinned: b'{"time_budget": 1}'})
+    time.sleep(0.01)
+    pinned.write_text('{"time_budget": 1}')
+    written, _ = seal.put_back(tmp_path / "aside")
+    assert written == [str(pinned)] and pinned.read_text() == '{"time_budget": 1}'
+
+
 def test_an_emptied_evaluator_cache_starts_from_another_loops_that_holds_just_what_its_harness_left(repo, env):
     from test_agent_loop import as_the_loop
     from autoresearch.seal import HarnessFolder

@@ -18,7 +18,7 @@ SHAPED = False            # True: val_bpb depends on the hyperparameters (for mu
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
                           # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
-                          # ledgerswap | ledgerkill | records
+                          # ledgerswap | ledgerkill | records | recordsgone
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -120,8 +120,8 @@ if MODE == "ledger":  # the records under .git/: a forged keep, the pinned budge
     os.makedirs(os.path.join(ledger, "t", "init.json.tmp"))  # in the way of the loop's atomic write
     os.makedirs(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef"))
     open(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef", "kernel.py"), "w").close()
-if MODE == "records":  # the records outside the repository too: a row in the ledger and its record, the pinned
-    # budget and its copy
+if MODE in ("records", "recordsgone"):  # the records outside the repository too: a row in the ledger and its
+    # record, the pinned budget and its copy; recordsgone: then the copies' folder and the record deleted
     import hashlib
     import pwd
     common = subprocess.run(["git", "rev-parse", "--git-common-dir"], capture_output=True, text=True).stdout
@@ -139,6 +139,10 @@ if MODE == "records":  # the records outside the repository too: a row in the le
             pinned = json.load(f)
         with open(path, "w") as f:
             json.dump(dict(pinned, time_budget=100), f)
+    if MODE == "recordsgone":
+        import shutil
+        shutil.rmtree(record + ".files")
+        os.unlink(record)
 if MODE == "ledgerswap":  # the whole folder moved away, a link to a forged one in its place
     os.rename(os.path.join(".git", "autoresearch"), os.path.join(".git", "moved"))
     os.makedirs(os.path.join(".git", "forged"))
