@@ -198,7 +198,10 @@ def append_row(row):
     ensure_results_header()  # first, what else wrote the ledger is put back
     line = ("\t".join(one_line(row.get(c, "")) for c in COLUMNS) + "\n").encode()
     end_last_line(ledger_path())  # a hand-edited last row gets its newline: what it leaves is the loop's
-    remember(ledger_path().read_bytes() + line)
+    current, known = ledger_path().read_bytes(), last_written()
+    if known is not None and current not in (known, known + b"\n"):  # a row written since the check (a worker's
+        current = known if known.endswith(b"\n") else known + b"\n"  # run, timed to it): the next check drops it
+    remember(current + line)
     fd = os.open(ledger_path(), os.O_WRONLY | os.O_APPEND)
     try:
         os.write(fd, line)

@@ -325,6 +325,35 @@ def test_a_row_recorded_but_cut_from_the_ledger_by_a_kill_is_completed_not_taken
         ledger.ledger_dir.cache_clear()
 
 
+def test_a_row_written_between_the_check_and_the_loops_own_row_never_becomes_the_loops(repo, env, monkeypatch):
+    # a worker's run may time a forged row to the instant between the coordinator's check and its write
+    from autoresearch import ledger
+    initialised(repo, env)
+    monkeypatch.chdir(repo)
+    ledger.ledger_dir.cache_clear()
+    try:
+        header = ledger.ledger_path().read_text().split("\n")[0].split("\t")
+        row = dict.fromkeys(header, "1") | dict(commit="f0f0f0f", status="keep", tag="t", note="forged")
+        forged = ("\t".join(row[c] for c in header) + "\n").encode()
+        checked = ledger.end_last_line
+
+        def and_then_a_forged_row(path):
+            with open(path, "ab") as f:
+                f.write(forged)
+            return checked(path)
+
+        monkeypatch.setattr(ledger, "end_last_line", and_then_a_forged_row)
+        ledger.append_row(dict(commit="0123456", status="discard", tag="t", note="honest"))
+        monkeypatch.setattr(ledger, "end_last_line", checked)
+        assert forged not in ledger.last_written()
+        notes = ledger.put_back()
+        assert any("was written by something other than this loop" in n for n in notes), notes
+        text = ledger.ledger_path().read_text()
+        assert "forged" not in text and "honest" in text
+    finally:
+        ledger.ledger_dir.cache_clear()
+
+
 def test_two_different_summary_blocks_are_not_kept(repo, env):
     initialised(repo, env)
     commit_train(repo, env, "two stories", MODE="twice", VAL_BPB=0.9)
