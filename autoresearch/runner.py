@@ -193,10 +193,11 @@ def ledger_seal(skip, private=None):
         return LedgerSeal(folder, skip, outside=(record_file(), copies_folder()))
     if private is None:
         return None
+    pinned = pinned_config_files(private)
     evaluator = Path(private).parent / "compile-cache" / f"{EVALUATOR_CACHE}.json"
-    trusted = {path: worker_found(path) for path in pinned_config_files(private) if worker_found(path) is not None}
-    return LedgerSeal(private, skip, outside=(*pinned_config_files(private), copy_of(private), evaluator,
-                                              copy_of(evaluator)), trusted=trusted)
+    trusted = {path: worker_found(path) for path in pinned if worker_found(path) is not None}
+    return LedgerSeal(private, skip, outside=(*pinned, copy_of(private), evaluator, copy_of(evaluator)),
+                      trusted=trusted)
 
 
 def pinned_config_files(private):
