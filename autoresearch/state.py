@@ -3,10 +3,12 @@ The loop's state for one tag: the Loop (this tag's rows of results.tsv, the conf
 .git/autoresearch/TAG/init.json, the limits and keep rule of this invocation), the lock that allows one agent_loop per
 tag, the experiment in flight (logs/TAG/running.json) and the loop's own record (logs/TAG/loop.log).
 """
+import ast
 import fcntl
 import functools
 import importlib.metadata
 import json
+import operator
 import shutil
 import os
 import signal
@@ -20,9 +22,10 @@ from autoresearch.cachefiles import sha256_of
 from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
 from autoresearch.gitrepo import git
 from autoresearch.installed import RECORD_NAME as INSTALLED_RECORD, InstalledCode
-from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, REF_PREFIX, UV_LOCK, LoopError, now_iso, read_json
+from autoresearch.layout import (BRANCH_PREFIX, LOGS_DIR, PREPARE, REF_PREFIX, UV_LOCK, LoopError, now_iso,
+                                 read_json)
 from autoresearch.metricdata import seal_metric_files
-from autoresearch.ledger import best_row, keep_file, ledger_dir, write_atomic
+from autoresearch.ledger import best_row, keep_file, ledger_dir, tag_rows, write_atomic
 from autoresearch.process import KILL_GRACE_S, Stop, counted_cores, proc_start_time
 from autoresearch.seal import harness_folder, untracked_modules
 
@@ -334,7 +337,64 @@ def load_config(tag):
             raise LoopError(f"{key}={os.environ[key]}, but {BRANCH_PREFIX}{tag} was initialised with "
                             f"{config[field]}: results would not be comparable. Fix: `export {key}="
                             f"{config[field]}` (or `unset {key}`), or start a new tag with `init`")
+    if note := put_back_profile_pins(tag, config):
+        print(f"note: {note}", flush=True)
     return config
+
+
+# The values prepare.py decides for a profile are pinned in init.json, but init.json and its copy outside the
+# repository are the loop's files, which an agent between two `step`s can edit alike (a budget of 20 s for a
+# train.py that trains 20 s, say, or harness_eval false for one that scores itself). prepare.py cannot change
+# during a tag (a proposal that edits it is set aside), so its text at the baseline's commit says what they are.
+
+PINNED_BY_PREPARE = ("time_budget", "max_seq_len", "harness_eval")
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Pow: operator.pow}
+
+
+def literal(node):
+    """The value of a literal that may use + - * ** on numbers, as prepare.py's PROFILES does (2**15)."""
+    if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+        return ARITHMETIC[type(node.op)](literal(node.left), literal(node.right))
+    if isinstance(node, ast.Dict):
+        return {literal(key): literal(value) for key, value in zip(node.keys, node.values)}
+    if isinstance(node, ast.Tuple):
+        return tuple(literal(element) for element in node.elts)
+    return ast.literal_eval(node)
+
+
+def profile_pins(source, profile):
+    """{time_budget, max_seq_len, harness_eval} as this prepare.py source sets them for `profile`, read without
+    importing it (it imports torch); None when it has no PROFILES table that names the profile (the tests'
+    stand-in). A prepare.py that defines evaluate_bpb defines the metric, and the harness evaluates every run."""
+    try:
+        tree = ast.parse(source)
+        (table,) = [node.value for node in tree.body if isinstance(node, ast.Assign)
+                    and [getattr(target, "id", None) for target in node.targets] == ["PROFILES"]]
+        max_seq_len, time_budget = literal(table)[profile][:2]
+    except (SyntaxError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    evaluates = any(isinstance(node, ast.FunctionDef) and node.name == "evaluate_bpb" for node in tree.body)
+    return {"time_budget": time_budget, "max_seq_len": max_seq_len, "harness_eval": evaluates}
+
+
+def put_back_profile_pins(tag, config):
+    """Put back in init.json (and its copy) the values prepare.py at the baseline's commit pins, where they differ:
+    the note that says so, or None (also before the baseline, and for a prepare.py without a PROFILES table)."""
+    rows = tag_rows(tag)
+    source = git("show", f"{rows[0]['commit']}:{PREPARE}", check=False) if rows else None
+    pins = profile_pins(source, config.get("profile")) if source else None
+    wrong = {key: value for key, value in (pins or {}).items() if config.get(key) != value}
+    if not wrong:
+        return None
+    if wrong.get("harness_eval") and not config.get("metric_hashes"):
+        raise LoopError(f"{config_path(tag)} says the harness does not evaluate runs and holds no hashes of the "
+                        f"metric's files, but {PREPARE} defines the metric: its runs cannot be judged. Fix: start "
+                        f"a new tag with `uv run agent_loop.py init --tag {tag}b`")
+    edited = ", ".join(f"{key} {config.get(key)!r} (pinned: {value!r})" for key, value in wrong.items())
+    config.update(wrong)
+    keep_file(config_path(tag), json.dumps(config, indent=1).encode())
+    return (f"{config_path(tag)} was edited, it and its copy alike: {edited}, against what {PREPARE} at the "
+            f"baseline's commit {rows[0]['commit']} sets for profile {config.get('profile')}: put back")
 
 
 # -----------------------------------------------------------------------------

@@ -257,6 +257,37 @@ def test_a_budget_raised_in_the_pinned_config_between_two_steps_is_put_back_befo
     assert p.stdout.splitlines()[-1].startswith("keep"), p.stdout
 
 
+def test_the_budget_and_harness_eval_edited_with_their_copy_are_put_back_as_prepare_py_pins_them(repo, env):
+    # the stand-in's constants from a profile table, as the real prepare.py sets them (the table is all the loop
+    # reads of it, as text: importing the real one imports torch)
+    stand_in = (repo / "prepare.py").read_text()
+    assert "\nMAX_SEQ_LEN = 128\nTIME_BUDGET = 1\n" in stand_in
+    (repo / "prepare.py").write_text(stand_in.replace(
+        "\nMAX_SEQ_LEN = 128\nTIME_BUDGET = 1\n",
+        "\nPROFILES = {\"smoke\": (2**7, 1, 1024)}\nMAX_SEQ_LEN, TIME_BUDGET, _ = PROFILES[PROFILE]\n"))
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a profile table")
+    initialised(repo, env)
+    pinned = repo / ".git" / "autoresearch" / "t" / "init.json"
+    copy = Path(f"{record_of(repo)}.files") / "t" / "init.json"
+    before = pinned.read_bytes()
+    assert copy.read_bytes() == before
+    for path in (pinned, copy):  # an agent between two steps: both alike, so no copy tells the edit apart
+        path.write_text(json.dumps(dict(json.loads(before), time_budget=100, max_seq_len=256)))
+    commit_train(repo, env, "train five budgets", VAL_BPB=0.5, TRAINED=5.0)
+    p = loop(repo, env, "step", "-m", "train five budgets")
+    assert "init.json was edited, it and its copy alike: time_budget 100 (pinned: 1), max_seq_len 256" in p.stdout
+    assert json.loads(pinned.read_bytes()) == json.loads(copy.read_bytes()) == json.loads(before)
+    row = rows(repo)[-1]
+    assert row["status"] == "crash" and "past the 1 s budget" in row["note"], row
+    # harness_eval is pinned too: prepare.py defines no metric here, so the harness must not claim to evaluate
+    for path in (pinned, copy):
+        path.write_text(json.dumps(dict(json.loads(before), harness_eval=True)))
+    commit_train(repo, env, "honest", VAL_BPB=0.9, TRAINED=1.0)
+    p = loop(repo, env, "step", "-m", "honest")
+    assert "harness_eval True (pinned: False)" in p.stdout and p.stdout.splitlines()[-1].startswith("keep"), p.stdout
+    assert json.loads(pinned.read_bytes()) == json.loads(before)
+
+
 def test_a_row_forged_by_a_run_that_kills_the_loop_is_put_back_by_the_next_command(repo, env):
     initialised(repo, env)
     set_train(repo, VAL_BPB=0.5, MODE="ledgerkill")

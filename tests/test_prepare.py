@@ -807,3 +807,13 @@ def test_unset_profile_follows_the_hardware_and_says_so_once(tmp_path):
     expected = "reference 2048" if torch.cuda.is_available() else "cpu 256"
     assert r.returncode == 0 and r.stdout.split() == expected.split(), r.stderr
     assert r.stderr.count("AUTORESEARCH_PROFILE is not set") == 1
+
+
+def test_the_loop_reads_each_profiles_budget_and_context_from_prepare_py_as_importing_it_sets_them():
+    # agent_loop reads them from prepare.py's text (importing it imports torch), to put back a pinned config
+    # edited with its copy (state.put_back_profile_pins); a table it misread would put back wrong values
+    from autoresearch.state import profile_pins
+    source = (REPO / "prepare.py").read_text()
+    for profile, (seq_len, budget, *_) in prepare.PROFILES.items():
+        assert profile_pins(source, profile) == {"time_budget": budget, "max_seq_len": seq_len, "harness_eval": True}
+    assert profile_pins(source, "nosuch") is None and profile_pins("TIME_BUDGET = 1\n", "smoke") is None
