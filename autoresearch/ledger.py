@@ -393,6 +393,14 @@ KEPT = ("*/init.json", "*/pending.json", "*/modules.json", "*/w*/modules.json", 
         "*/w*/compile-cache/evaluator.json", "*/installed-code.json")
 
 
+# The records this process wrote (path: bytes, or None for one it removed). A process that lives across many
+# experiments (`run`, a worker of `run --workers`) knows from it that something else wrote a record and its
+# copy alike (an agent between two experiments, another worker's run). Not installed-code.json: a tag's workers
+# all write it.
+KEPT_WRITTEN = {}
+SHARED = "*/installed-code.json"
+
+
 def kept_files():
     """The loop's records of these kinds now in the ledger folder."""
     return {path for pattern in KEPT for path in ledger_dir().glob(pattern) if path.is_file() or path.is_symlink()}
@@ -445,12 +453,14 @@ def keep_file(path, data):
     """Write one of the loop's records (KEPT) in the ledger folder, its copy first (a kill between the two then
     leaves what the loop meant to write, which the next check puts in place); data None removes both. Outside
     a ledger (a test's folder) it is written alone."""
+    copied = False
     with contextlib.ExitStack() as held:
         try:
             copy_of(path)
             held.enter_context(copies_held())
             if (copies_folder() / ".repository").read_text() == repository_identity():  # put_back_kept made them
                 write_copy(path, data)
+                copied = True
         except (LoopError, ValueError, FileNotFoundError):  # no repository, not in its ledger, no copies yet
             pass
         except OSError as e:
@@ -459,6 +469,8 @@ def keep_file(path, data):
             Path(path).unlink(missing_ok=True)
         else:
             write_atomic(path, data, own_tmp=True)  # the workers of a tag share some (installed-code.json)
+        if copied and not Path(path).match(SHARED):
+            KEPT_WRITTEN[Path(path)] = data
 
 
 def write_copy(path, data):
@@ -503,13 +515,61 @@ def put_back_kept():
         except OSError as e:
             cannot_remember(str(copies_folder()), e.strerror)
             return []
-        notes = []
-        for path in sorted(kept_files() | copies):
-            try:
-                notes += put_back_one(path)
-            except (OSError, ValueError) as e:  # a folder on its way replaced, say: named, and the rest go on
-                notes.append(f"{path} differs from what this loop last wrote there and could not be put back: {e}")
-        return notes
+        return put_back_each(sorted(kept_files() | copies | set(KEPT_WRITTEN)))
+
+
+def remember_records(folder):
+    """Take the records of this loop's own folder (the tag's, or a worker's: not its workers' nor the tag's shared
+    installed-code.json) as this process's, as they are now, put back already; one not there as one it removed.
+    A process that lives across experiments then puts back what else writes them with their copies alike."""
+    for name in ("init.json", "pending.json", "modules.json", "compile-cache/evaluator.json"):
+        path = Path(folder) / name
+        if is_kept(path.relative_to(ledger_dir())) and not path.is_symlink():
+            KEPT_WRITTEN.setdefault(path, path.read_bytes() if path.is_file() else None)
+
+
+def put_back_own():
+    """put_back_kept for the records this process wrote alone (a worker, before each experiment: the others'
+    are theirs to check)."""
+    if not KEPT_WRITTEN:
+        return []
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(copies_held())
+            if (copies_folder() / ".repository").read_text() != repository_identity():
+                return []  # not this repository's (the coordinator's next check makes them so)
+        except (OSError, LoopError) as e:
+            cannot_remember(str(copies_folder()), getattr(e, "strerror", None) or str(e))
+            return []
+        return put_back_each(sorted(KEPT_WRITTEN))
+
+
+def put_back_each(paths):
+    """Each record as the loop last wrote it; copies held."""
+    notes = []
+    for path in paths:
+        try:
+            notes += put_back_copy(path) + put_back_one(path)
+        except (OSError, ValueError) as e:  # a folder on its way replaced, say: named, and the rest go on
+            notes.append(f"{path} differs from what this loop last wrote there and could not be put back: {e}")
+    return notes
+
+
+def put_back_copy(path):
+    """The copy of a record this process wrote, as it wrote it, when something else wrote the copy since (with the
+    record alike, say, which put_back_one then puts back from it)."""
+    if path not in KEPT_WRITTEN:
+        return []
+    copy, want = copy_of(path), KEPT_WRITTEN[path]
+    if not copy.is_symlink() and (copy.read_bytes() if copy.is_file() else None) == want:
+        return []
+    if copy.is_dir() and not copy.is_symlink():
+        shutil.rmtree(copy)
+    elif copy.is_symlink():
+        copy.unlink()
+    write_copy(path, want)
+    return [f"the copy of {path} outside the repository ({copy}) was written by something other than this loop "
+            f"since it last wrote it: put back as the loop left it"]
 
 
 def put_back_one(path):

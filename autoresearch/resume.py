@@ -12,7 +12,7 @@ from pathlib import Path
 from autoresearch.gitrepo import changed_since, commit, current_branch, git, git_root, head, short, tree_status
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, WORKTREES_DIR, LoopError, now_iso
 from autoresearch.ledger import (INTERRUPTED, append_row, keep_file, ledger_dir, ledger_path, put_back,
-                                 render_results, restore_logs, tag_rows)
+                                 remember_records, render_results, restore_logs, tag_rows)
 from autoresearch.preflight import shared_environment, tracked_outputs
 from autoresearch.process import kill_leftover
 from autoresearch.runner import default_timeout, evaluator_data
@@ -190,6 +190,7 @@ def open_loop(timeout=None, min_delta=0.0):
     edited = put_back()  # before anything under .git is read, the pinned config first
     config = load_config(tag)
     loop = Loop(tag, config, [], timeout or default_timeout(config), min_delta)
+    remember_records(loop.private_dir)
     repair_records(loop, edited)
     reconcile(loop)
     for running in sorted(loop.dir.glob("w*/running.json")):  # workers of a `run --workers` that was killed

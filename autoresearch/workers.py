@@ -25,7 +25,7 @@ from pathlib import Path
 from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git
 from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
 from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, put_back,
-                                 render_results, tag_rows, write_atomic)
+                                 put_back_own, remember_records, render_results, tag_rows, write_atomic)
 from autoresearch.experiment import run_experiment
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
 from autoresearch.proposers import Proposal, make_proposer
@@ -185,6 +185,7 @@ def worker_main(options):
                     root=o["root"], link=link)
         for path in pinned_config_files(loop.private_dir):  # as found now, before any run: what its seal puts back
             worker_found(path)
+        remember_records(loop.private_dir)
         lock(loop.dir)
         proposer = hub_first(loop, o.get("hub"), make_proposer(o["agent"], o["seed"], o["agent_timeout"]))
         while True:
@@ -232,10 +233,11 @@ def one_experiment(loop, proposer, n, link):
             link.tell({"op": "line", "n": n, "failed": not retry,  # the agent's failure, not a merge's
                        "text": text + (f"; its changes saved at {ref}" if ref else "")})
             return True
+        notes = put_back_own()  # its records as it wrote them: another worker's run may have written them
         line = run_experiment(loop, flight, proposal.description, time.monotonic(), strict=False,
                               untracked_new=proposal.untracked, n=n)
     link.tell({"op": "line", "n": n, "text": line, "description": proposal.description,
-               "untracked": sorted(proposal.untracked)})
+               "untracked": sorted(proposal.untracked), "notes": notes})
     return True
 
 
@@ -434,6 +436,8 @@ class Coordinator:
             if message.get("untracked"):
                 say(self.loop, f"#{message['n']} note: the agent created untracked files in {w.path} (left in "
                                f"place): {', '.join(message['untracked'])}")
+            for note in message.get("notes", []):
+                say(self.loop, f"#{message['n']} w{w.number} note: {note}")
             return None
         if op == "exhausted":
             w.finished = True

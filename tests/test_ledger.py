@@ -288,6 +288,37 @@ def test_the_budget_and_harness_eval_edited_with_their_copy_are_put_back_as_prep
     assert json.loads(pinned.read_bytes()) == json.loads(before)
 
 
+def test_a_record_an_agent_forges_with_its_copy_during_run_is_put_back_before_the_next_experiment(
+        repo, env, tmp_path):
+    # modules.json lists the untracked modules the loop knows of: listed there with its copy, a module the agent
+    # planted for train.py to import would pass for one that was always there
+    initialised(repo, env)
+    known = repo / ".git" / "autoresearch" / "t" / "modules.json"
+    copy = Path(f"{record_of(repo)}.files") / "t" / "modules.json"
+    forge = tmp_path / "forge.py"
+    forge.write_text(f"""
+import hashlib, json, os, re, sys
+n = int(os.environ["AUTORESEARCH_EXPERIMENT"])
+train = open("train.py").read()
+open("train.py", "w").write(re.sub(r"(?m)^VAL_BPB = .*$", f"VAL_BPB = {{1 - n / 100}}", train))
+if n == 2:
+    open("helper.py", "w").write("BOOST = 1\\n")
+    for path in ({str(known)!r}, {str(copy)!r}):
+        listed = json.load(open(path))
+        listed["helper.py"] = hashlib.sha256(open("helper.py", "rb").read()).hexdigest()
+        json.dump(listed, open(path, "w"))
+print(f"experiment {{n}}")
+""")
+    out = loop(repo, env, "run", "--agent", f"{sys.executable} {forge}", "--max-experiments", "2").stdout
+    assert f"the copy of {known} outside the repository" in out and "put back as the loop left it" in out, out
+    first, second = rows(repo)[1:]
+    assert first["status"] == "keep" and second["status"] != "keep", second
+    assert second["note"].startswith("rejected: changed untracked modules helper.py"), second
+    assert "helper.py" not in known.read_text() and known.read_bytes() == copy.read_bytes()
+    (edited,) = known.parent.glob("modules.json.edited-*")  # the forgery is kept beside it, not lost
+    assert "helper.py" in edited.read_text()
+
+
 def test_a_row_forged_by_a_run_that_kills_the_loop_is_put_back_by_the_next_command(repo, env):
     initialised(repo, env)
     set_train(repo, VAL_BPB=0.5, MODE="ledgerkill")

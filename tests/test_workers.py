@@ -60,6 +60,40 @@ def assert_all_at_best(repo, env):
 # -----------------------------------------------------------------------------
 
 
+def test_a_workers_records_forged_with_their_copies_are_put_back_by_that_worker_before_its_next_run(
+        repo, gpus, tmp_path):
+    # modules.json lists the untracked modules a worker knows of: each experiment from #3 on plants one in its
+    # worktree and lists it, in the worker's record and its copy alike (as another worker's run could); each
+    # experiment is worse than the baseline, so that none is tried again on a newer keep
+    from test_ledger import record_of
+    initialised(repo, gpus)
+    ledger, copies = repo / ".git" / "autoresearch" / "t", Path(f"{record_of(repo)}.files") / "t"
+    forge = tmp_path / "forge.py"
+    forge.write_text(f"""
+import hashlib, json, os, re
+n, me = int(os.environ["AUTORESEARCH_EXPERIMENT"]), "w" + os.getcwd()[-1]
+train = open("train.py").read()
+open("train.py", "w").write(re.sub(r"(?m)^VAL_BPB = .*$", f"VAL_BPB = {{1 + n / 100}}", train))
+if n >= 3:
+    open(f"helper{{n}}.py", "w").write("BOOST = 1\\n")
+    for path in (os.path.join({str(ledger)!r}, me, "modules.json"), os.path.join({str(copies)!r}, me, "modules.json")):
+        listed = json.load(open(path)) if os.path.exists(path) else {{}}
+        listed[f"helper{{n}}.py"] = hashlib.sha256(open(f"helper{{n}}.py", "rb").read()).hexdigest()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        json.dump(listed, open(path, "w"))
+print(f"experiment {{n}}")
+""")
+    out = loop(repo, gpus, "run", "--agent", f"{sys.executable} {forge}", "--workers", "2",
+               "--max-experiments", "4").stdout
+    by = {r["n"]: r for r in rows(repo)}
+    for n in ("3", "4"):
+        assert by[n]["note"].startswith(f"rejected: changed untracked modules helper{n}.py"), (by[n], out)
+    for worker in ("w1", "w2"):
+        mine, copy = ledger / worker / "modules.json", copies / worker / "modules.json"
+        assert "helper" not in mine.read_text() and mine.read_bytes() == copy.read_bytes(), out
+    assert "outside the repository" in out and "put back as the loop left it" in out, out
+
+
 def test_two_workers_share_one_ledger_one_best_and_never_repeat_a_seed_or_a_version(repo, gpus):
     initialised(repo, gpus, repeats=2, SHAPED=True, SLEEP=0.2)
     out = loop(repo, gpus, "run", "--agent", "mutate", "--workers", "2", "--max-experiments", "6").stdout
