@@ -264,10 +264,20 @@ def last_written():
     if not isinstance(meta, dict) or not isinstance(meta.get("repository"), str):
         return None
     identity = repository_identity()
-    if identity != meta["repository"] and same_night(data):  # the id file deleted or rewritten: named again
-        write_atomic(ledger_dir().parent / LEDGER_ID, meta["repository"].encode())
+    if identity != meta["repository"] and (same_night(data) or has_rows()):  # the id file deleted or rewritten
+        write_atomic(ledger_dir().parent / LEDGER_ID, meta["repository"].encode())  # named again
         identity = meta["repository"]
     return data if identity == meta["repository"] else None
+
+
+def has_rows():
+    """Whether the ledger holds a row. A new clone's has none when the loop first meets the old record (its first
+    command makes the ledger, then the record its own): one with rows under another name is an old ledger's id
+    file rewritten, with the rows too, say (an agent between two `step`s)."""
+    try:
+        return bool(ledger_path().read_bytes().partition(b"\n")[2].strip())
+    except OSError:
+        return False
 
 
 def same_night(recorded):
@@ -315,6 +325,8 @@ def remember(data):
     try:
         if not path.exists():
             forget_gone_repositories()
+        else:
+            keep_anothers_record(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"ledger": str(ledger_path()), "repository": repository_identity(make=True)}
         record = json.dumps(meta).encode() + b"\n" + data
@@ -322,6 +334,18 @@ def remember(data):
         WRITTEN[path] = (os.lstat(path).st_ctime_ns, record)
     except OSError as e:
         cannot_remember(str(path.parent), e.strerror)
+
+
+def keep_anothers_record(path):
+    """The record of another repository's ledger at this path (a clone this one replaced, or an old ledger whose
+    rows and id file were both deleted), kept beside this one's as <key>.<its id>: no night's record is lost."""
+    try:
+        with open(path, "rb") as f:
+            theirs = json.loads(f.readline())["repository"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(theirs, str) and theirs.isalnum() and theirs != repository_identity(make=True):
+        os.replace(path, path.with_name(f"{path.name}.{theirs}"))
 
 
 @functools.cache

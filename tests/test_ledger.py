@@ -169,7 +169,7 @@ def test_a_row_an_agent_forges_in_the_ledger_during_run_is_put_back_before_the_n
     assert "was written by something other than this loop" in out, out
     assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "baseline"), ("keep", "better")]
     (edited,) = ledger.parent.glob("results.tsv.edited-*")  # kept, not lost
-    assert "forged" not in ledger.read_text() and "forged" in edited.read_text()
+    assert "f0f0f0f" not in ledger.read_text() and "f0f0f0f" in edited.read_text()  # the forged row
 
 
 def test_a_row_an_agent_forges_in_the_ledger_and_its_record_alike_during_run_is_put_back(repo, env):
@@ -196,7 +196,7 @@ def test_a_row_forged_in_the_ledger_between_two_steps_is_put_back_by_the_next(re
     assert p.stdout.splitlines()[-1].startswith("keep"), p.stdout  # judged against the baseline, not the forgery
     assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "baseline"), ("keep", "better")]
     (edited,) = ledger.parent.glob("results.tsv.edited-*")  # kept, not lost
-    assert "forged" not in ledger.read_text() and "forged" in edited.read_text()
+    assert "f0f0f0f" not in ledger.read_text() and "f0f0f0f" in edited.read_text()  # the forged row
     # a row deleted, and the whole ledger deleted: each put back by the next command of the loop
     ledger.write_text("".join(ledger.read_text().splitlines(keepends=True)[:-1]))
     commit_train(repo, env, "worse", VAL_BPB=1.5)
@@ -213,6 +213,24 @@ def test_a_row_forged_in_the_ledger_between_two_steps_is_put_back_by_the_next(re
     assert "was written by something other than this loop" in p.stdout, p.stdout
     assert p.stdout.splitlines()[-1].startswith("discard"), p.stdout
     assert "forged" not in ledger.read_text() and rows(repo)[-1]["description"] == "worse still"
+
+
+def test_the_id_file_rewritten_with_the_whole_ledger_is_no_new_clone_and_both_are_put_back(repo, env):
+    # a new clone at the same path has no rows yet when the loop first meets the old record; this ledger has
+    initialised(repo, env)
+    ledger = repo / ".git" / "autoresearch" / "results.tsv"
+    before = ledger.read_text()
+    header, baseline = before.splitlines()[:2]
+    columns = header.split("\t")
+    forged = dict(zip(columns, baseline.split("\t")), val_bpb="5.000000", val_bpb_runs="5.000000")
+    (repo / ".git" / "autoresearch-ledger-id").write_text("0123456789abcdef")
+    ledger.write_text(header + "\n" + "\t".join(forged[c] for c in columns) + "\n")  # a baseline anything beats
+    commit_train(repo, env, "worse", VAL_BPB=1.5)
+    p = loop(repo, env, "step", "-m", "worse")
+    assert "was written by something other than this loop" in p.stdout, p.stdout
+    assert p.stdout.splitlines()[-1].startswith("discard"), p.stdout
+    assert ledger.read_text().startswith(before) and "5.000000" not in ledger.read_text()
+    assert (repo / ".git" / "autoresearch-ledger-id").read_text() != "0123456789abcdef"
 
 
 def test_runs_forged_into_an_experiment_a_step_left_half_confirmed_are_put_back_by_the_next_step(repo, env):
@@ -284,7 +302,8 @@ def test_the_budget_and_harness_eval_edited_with_their_copy_are_put_back_as_prep
         path.write_text(json.dumps(dict(json.loads(before), harness_eval=True)))
     commit_train(repo, env, "honest", VAL_BPB=0.9, TRAINED=1.0)
     p = loop(repo, env, "step", "-m", "honest")
-    assert "harness_eval True (pinned: False)" in p.stdout and p.stdout.splitlines()[-1].startswith("keep"), p.stdout
+    assert "harness_eval True (pinned: False)" in p.stdout, p.stdout
+    assert p.stdout.splitlines()[-1].startswith("keep"), p.stdout
     assert json.loads(pinned.read_bytes()) == json.loads(before)
 
 
@@ -338,9 +357,12 @@ def test_a_new_repository_where_one_was_does_not_get_the_old_ones_ledger(repo, e
     initialised(repo, env, VAL_BPB=0.8)
     shutil.rmtree(repo)  # the lab deleted, and cloned again at the same path
     shutil.copytree(tmp_path / "fresh", repo)
+    old = json.loads(record_of(repo).read_text().split("\n", 1)[0])["repository"]
     p = initialised(repo, env)
     assert "written by something other" not in p.stdout + p.stderr
     assert [(r["description"], r["val_bpb"]) for r in rows(repo)] == [("baseline", "1.000000")]
+    kept = record_of(repo).with_name(f"{record_of(repo).name}.{old}")  # the old lab's record, not lost
+    assert "\tbaseline\t" in kept.read_text() and "0.800000" in kept.read_text()
 
 
 def test_the_records_of_repositories_that_are_gone_are_dropped_when_a_new_one_starts(repo, env, tmp_path):

@@ -815,5 +815,6 @@ def test_the_loop_reads_each_profiles_budget_and_context_from_prepare_py_as_impo
     from autoresearch.state import profile_pins
     source = (REPO / "prepare.py").read_text()
     for profile, (seq_len, budget, *_) in prepare.PROFILES.items():
-        assert profile_pins(source, profile) == {"time_budget": budget, "max_seq_len": seq_len, "harness_eval": True}
+        pins = {"time_budget": budget, "max_seq_len": seq_len, "harness_eval": True}
+        assert profile_pins(source, profile) == pins
     assert profile_pins(source, "nosuch") is None and profile_pins("TIME_BUDGET = 1\n", "smoke") is None

@@ -76,7 +76,8 @@ train = open("train.py").read()
 open("train.py", "w").write(re.sub(r"(?m)^VAL_BPB = .*$", f"VAL_BPB = {{1 + n / 100}}", train))
 if n >= 3:
     open(f"helper{{n}}.py", "w").write("BOOST = 1\\n")
-    for path in (os.path.join({str(ledger)!r}, me, "modules.json"), os.path.join({str(copies)!r}, me, "modules.json")):
+    for folder in ({str(ledger)!r}, {str(copies)!r}):
+        path = os.path.join(folder, me, "modules.json")
         listed = json.load(open(path)) if os.path.exists(path) else {{}}
         listed[f"helper{{n}}.py"] = hashlib.sha256(open(f"helper{{n}}.py", "rb").read()).hexdigest()
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -134,7 +135,7 @@ echo "worse $N"
     out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "3").stdout
     assert "was written by something other than this loop" in out, out
     (edited,) = ledger.parent.glob("results.tsv.edited-*")  # kept, not lost
-    assert "forged" not in ledger.read_text() and "forged" in edited.read_text()
+    assert "f0f0f0f" not in ledger.read_text() and "f0f0f0f" in edited.read_text()  # the forged row
     assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard", "discard"], out
     # the pinned config too, for the next command (each worker holds the config it started with)
     assert "init.json was written by something other than this loop" in out and pinned.read_bytes() == before, out
