@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import sys
@@ -264,20 +265,38 @@ def last_written():
     if not isinstance(meta, dict) or not isinstance(meta.get("repository"), str):
         return None
     identity = repository_identity()
-    if identity != meta["repository"] and (same_night(data) or has_rows()):  # the id file deleted or rewritten
-        write_atomic(ledger_dir().parent / LEDGER_ID, meta["repository"].encode())  # named again
+    if identity != meta["repository"] and (same_night(data) or still_recorded(meta["repository"], identity)):
+        write_atomic(ledger_dir().parent / LEDGER_ID, meta["repository"].encode())  # the id file put back
         identity = meta["repository"]
     return data if identity == meta["repository"] else None
 
 
-def has_rows():
-    """Whether the ledger holds a row. A new clone's has none when the loop first meets the old record (its first
-    command makes the ledger, then the record its own): one with rows under another name is an old ledger's id
-    file rewritten, with the rows too, say (an agent between two `step`s)."""
+def still_recorded(recorded, identity):
+    """Whether a ledger whose id file is gone or names another repository is still the recorded one: it holds a
+    row, or records whose copies are still the recorded repository's, where a new clone's ledger is empty when
+    the loop first meets the old record (its first command claims the copies, then makes the ledger and the
+    record its own); and no record of another repository (one moved to this path) names the id it has now."""
     try:
-        return bool(ledger_path().read_bytes().partition(b"\n")[2].strip())
+        rows = bool(ledger_path().read_bytes().partition(b"\n")[2].strip())
     except OSError:
+        rows = False
+    try:
+        copies = (copies_folder() / ".repository").read_text() == recorded
+    except OSError:
+        copies = False
+    if not (rows or (copies and kept_files())):
         return False
+    others = [p for p in record_folder().glob("*") if p != record_file() and p.is_file() and ".old-" not in p.name]
+    return identity is None or not any(recorded_id(other) == identity for other in others)
+
+
+def recorded_id(record):
+    """The repository id a ledger's record names, or None."""
+    try:
+        with open(record, "rb") as f:
+            return json.loads(f.readline()).get("repository")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def same_night(recorded):
@@ -338,14 +357,10 @@ def remember(data):
 
 def keep_anothers_record(path):
     """The record of another repository's ledger at this path (a clone this one replaced, or an old ledger whose
-    rows and id file were both deleted), kept beside this one's as <key>.<its id>: no night's record is lost."""
-    try:
-        with open(path, "rb") as f:
-            theirs = json.loads(f.readline())["repository"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if isinstance(theirs, str) and theirs.isalnum() and theirs != repository_identity(make=True):
-        os.replace(path, path.with_name(f"{path.name}.{theirs}"))
+    rows and id file were both deleted), kept beside this one's as <key>.old-<its id>: no record is lost."""
+    theirs, mine = recorded_id(path), repository_identity(make=True)
+    if isinstance(theirs, str) and re.fullmatch("[0-9a-f]{16}", theirs) and theirs != mine:
+        os.replace(path, path.with_name(f"{path.name}.old-{theirs}"))
 
 
 @functools.cache
@@ -417,12 +432,24 @@ KEPT = ("*/init.json", "*/pending.json", "*/modules.json", "*/w*/modules.json", 
         "*/w*/compile-cache/evaluator.json", "*/installed-code.json")
 
 
-# The records this process wrote (path: bytes, or None for one it removed). A process that lives across many
-# experiments (`run`, a worker of `run --workers`) knows from it that something else wrote a record and its
-# copy alike (an agent between two experiments, another worker's run). Not installed-code.json: a tag's workers
-# all write it.
+# The records of this process's own folders (remember_records) as it found or last wrote them (path: bytes, or
+# None for one it removed). A process that lives across many experiments (`run`, a worker of `run --workers`)
+# knows from it that something else wrote a record and its copy alike (an agent between two experiments,
+# another worker's run). Not a worker's folder below the tag's, which its worker owns, nor installed-code.json,
+# which a tag's workers all write.
 KEPT_WRITTEN = {}
+OWN_FOLDERS = []
 SHARED = "*/installed-code.json"
+
+
+def owned(path):
+    """Whether a record lies in one of this process's own folders (not in a worker's below the tag's) and in this
+    repository's ledger, and is not a shared one."""
+    path = Path(path)
+    for folder in OWN_FOLDERS:
+        if path.is_relative_to(folder) and path.is_relative_to(ledger_dir()):
+            return not re.fullmatch(r"w\d+", path.relative_to(folder).parts[0]) and not path.match(SHARED)
+    return False
 
 
 def kept_files():
@@ -493,7 +520,7 @@ def keep_file(path, data):
             Path(path).unlink(missing_ok=True)
         else:
             write_atomic(path, data, own_tmp=True)  # the workers of a tag share some (installed-code.json)
-        if copied and not Path(path).match(SHARED):
+        if copied and owned(path):
             KEPT_WRITTEN[Path(path)] = data
 
 
@@ -539,23 +566,26 @@ def put_back_kept():
         except OSError as e:
             cannot_remember(str(copies_folder()), e.strerror)
             return []
-        return put_back_each(sorted(kept_files() | copies | set(KEPT_WRITTEN)))
+        return put_back_each(sorted(kept_files() | copies | set(filter(owned, KEPT_WRITTEN))))
 
 
 def remember_records(folder):
     """Take the records of this loop's own folder (the tag's, or a worker's: not its workers' nor the tag's shared
     installed-code.json) as this process's, as they are now, put back already; one not there as one it removed.
     A process that lives across experiments then puts back what else writes them with their copies alike."""
+    if Path(folder) not in OWN_FOLDERS:
+        OWN_FOLDERS.append(Path(folder))
     for name in ("init.json", "pending.json", "modules.json", "compile-cache/evaluator.json"):
         path = Path(folder) / name
-        if is_kept(path.relative_to(ledger_dir())) and not path.is_symlink():
+        if is_kept(path.relative_to(ledger_dir())) and owned(path) and not path.is_symlink():
             KEPT_WRITTEN.setdefault(path, path.read_bytes() if path.is_file() else None)
 
 
 def put_back_own():
     """put_back_kept for the records this process wrote alone (a worker, before each experiment: the others'
     are theirs to check)."""
-    if not KEPT_WRITTEN:
+    own = sorted(filter(owned, KEPT_WRITTEN))
+    if not own:
         return []
     with contextlib.ExitStack() as held:
         try:
@@ -565,7 +595,7 @@ def put_back_own():
         except (OSError, LoopError) as e:
             cannot_remember(str(copies_folder()), getattr(e, "strerror", None) or str(e))
             return []
-        return put_back_each(sorted(KEPT_WRITTEN))
+        return put_back_each(own)
 
 
 def put_back_each(paths):
@@ -585,7 +615,7 @@ def put_back_copy(path):
     if path not in KEPT_WRITTEN:
         return []
     copy, want = copy_of(path), KEPT_WRITTEN[path]
-    if not copy.is_symlink() and (copy.read_bytes() if copy.is_file() else None) == want:
+    if not copy.is_symlink() and not copy.is_dir() and (copy.read_bytes() if copy.is_file() else None) == want:
         return []
     if copy.is_dir() and not copy.is_symlink():
         shutil.rmtree(copy)

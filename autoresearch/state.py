@@ -332,22 +332,22 @@ def load_config(tag):
     if config is None:  # a tag from before the ledger: take its copy once, else rebuild it from prepare.py
         config = read_json(Path(LOGS_DIR) / tag / "init.json") or pin_config(tag, None)
         keep_file(config_path(tag), json.dumps(config, indent=1).encode())
+    if note := put_back_profile_pins(tag, config):
+        print(f"note: {note}", flush=True)
     for key, field in (("AUTORESEARCH_PROFILE", "profile"), ("AUTORESEARCH_DATASET", "dataset")):
         if os.environ.get(key) and config.get(field) and os.environ[key] != config[field]:
             raise LoopError(f"{key}={os.environ[key]}, but {BRANCH_PREFIX}{tag} was initialised with "
                             f"{config[field]}: results would not be comparable. Fix: `export {key}="
                             f"{config[field]}` (or `unset {key}`), or start a new tag with `init`")
-    if note := put_back_profile_pins(tag, config):
-        print(f"note: {note}", flush=True)
     return config
 
 
 # The values prepare.py decides for a profile are pinned in init.json, but init.json and its copy outside the
 # repository are the loop's files, which an agent between two `step`s can edit alike (a budget of 20 s for a
 # train.py that trains 20 s, say, or harness_eval false for one that scores itself). prepare.py cannot change
-# during a tag (a proposal that edits it is set aside), so its text at the baseline's commit says what they are.
+# during a tag (a proposal that edits it is set aside), so its text at the baseline's commit says what they are,
+# for the profile the ledger's baseline row names.
 
-PINNED_BY_PREPARE = ("time_budget", "max_seq_len", "harness_eval")
 ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Pow: operator.pow}
 
 
@@ -355,46 +355,72 @@ def literal(node):
     """The value of a literal that may use + - * ** on numbers, as prepare.py's PROFILES does (2**15)."""
     if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
         return ARITHMETIC[type(node.op)](literal(node.left), literal(node.right))
-    if isinstance(node, ast.Dict):
-        return {literal(key): literal(value) for key, value in zip(node.keys, node.values)}
-    if isinstance(node, ast.Tuple):
-        return tuple(literal(element) for element in node.elts)
     return ast.literal_eval(node)
+
+
+def assigned_names(target):
+    return [target.id] if isinstance(target, ast.Name) else [element.id for element in target.elts]
 
 
 def profile_pins(source, profile):
     """{time_budget, max_seq_len, harness_eval} as this prepare.py source sets them for `profile`, read without
-    importing it (it imports torch); None when it has no PROFILES table that names the profile (the tests'
-    stand-in). A prepare.py that defines evaluate_bpb defines the metric, and the harness evaluates every run."""
+    importing it (it imports torch): the PROFILES table's row, read by the columns of the line that unpacks it
+    (MAX_SEQ_LEN, TIME_BUDGET, ... = PROFILES[PROFILE]). None when it has no such table that names the profile
+    (the tests' stand-in). A prepare.py that defines evaluate_bpb defines the metric, and the harness computes
+    it."""
     try:
         tree = ast.parse(source)
-        (table,) = [node.value for node in tree.body if isinstance(node, ast.Assign)
-                    and [getattr(target, "id", None) for target in node.targets] == ["PROFILES"]]
-        max_seq_len, time_budget = literal(table)[profile][:2]
-    except (SyntaxError, ValueError, KeyError, TypeError, IndexError):
+        assigns = [node for node in tree.body if isinstance(node, ast.Assign) and len(node.targets) == 1]
+        table = next(node.value for node in assigns if assigned_names(node.targets[0]) == ["PROFILES"])
+        columns = next(assigned_names(node.targets[0]) for node in assigns if isinstance(node.value, ast.Subscript)
+                       and getattr(node.value.value, "id", None) == "PROFILES")
+        row = next(value for key, value in zip(table.keys, table.values) if literal(key) == profile)
+        max_seq_len, time_budget = (literal(row.elts[columns.index(name)])
+                                    for name in ("MAX_SEQ_LEN", "TIME_BUDGET"))
+    except (SyntaxError, ValueError, StopIteration, AttributeError, TypeError, IndexError):
         return None
     evaluates = any(isinstance(node, ast.FunctionDef) and node.name == "evaluate_bpb" for node in tree.body)
     return {"time_budget": time_budget, "max_seq_len": max_seq_len, "harness_eval": evaluates}
 
 
+def pins_to_put_back(config, pins):
+    """The pinned values that differ from prepare.py's. harness_eval is only ever put back on: a prepare.py that
+    defines the metric some other way than the plain function this reads must not turn the harness off."""
+    return {key: value for key, value in pins.items()
+            if config.get(key) != value and (key != "harness_eval" or value)}
+
+
 def put_back_profile_pins(tag, config):
-    """Put back in init.json (and its copy) the values prepare.py at the baseline's commit pins, where they differ:
-    the note that says so, or None (also before the baseline, and for a prepare.py without a PROFILES table)."""
+    """Put back in init.json (and its copy) the profile of the ledger's baseline row and the values prepare.py at
+    the baseline's commit pins for it, where they differ: the note that says so, or None (also before the
+    baseline, and for a prepare.py without a PROFILES table)."""
     rows = tag_rows(tag)
-    source = git("show", f"{rows[0]['commit']}:{PREPARE}", check=False) if rows else None
-    pins = profile_pins(source, config.get("profile")) if source else None
-    wrong = {key: value for key, value in (pins or {}).items() if config.get(key) != value}
+    if not rows:
+        return None
+    baseline = rows[0]["commit"]
+    commit = git("rev-parse", "--verify", "-q", f"{baseline}^{{commit}}", check=False)
+    if commit is None:
+        raise LoopError(f"the baseline's commit {baseline} of tag {tag} is not one commit of this repository: "
+                        f"its {PREPARE} cannot vouch for {config_path(tag)}. Fix: start a new tag with `uv run "
+                        f"agent_loop.py init --tag {tag}b`")
+    source = git("show", f"{commit}:{PREPARE}", check=False)
+    profile = rows[0].get("profile") or config.get("profile")
+    pins = profile_pins(source, profile) if source else None
+    if pins is None:
+        return None
+    wrong = pins_to_put_back(config, dict(pins, profile=profile))
     if not wrong:
         return None
     if wrong.get("harness_eval") and not config.get("metric_hashes"):
         raise LoopError(f"{config_path(tag)} says the harness does not evaluate runs and holds no hashes of the "
-                        f"metric's files, but {PREPARE} defines the metric: its runs cannot be judged. Fix: start "
-                        f"a new tag with `uv run agent_loop.py init --tag {tag}b`")
+                        f"metric's files (an edit, or a tag from before the harness evaluated runs), but "
+                        f"{PREPARE} defines the metric: its runs cannot be judged. Fix: start a new tag with "
+                        f"`uv run agent_loop.py init --tag {tag}b`")
     edited = ", ".join(f"{key} {config.get(key)!r} (pinned: {value!r})" for key, value in wrong.items())
     config.update(wrong)
     keep_file(config_path(tag), json.dumps(config, indent=1).encode())
-    return (f"{config_path(tag)} was edited, it and its copy alike: {edited}, against what {PREPARE} at the "
-            f"baseline's commit {rows[0]['commit']} sets for profile {config.get('profile')}: put back")
+    return (f"{config_path(tag)} was edited, it and its copy alike: {edited}, against the baseline's profile and "
+            f"what {PREPARE} at its commit {baseline} sets for it: put back")
 
 
 # -----------------------------------------------------------------------------

@@ -275,14 +275,15 @@ def test_a_budget_raised_in_the_pinned_config_between_two_steps_is_put_back_befo
     assert p.stdout.splitlines()[-1].startswith("keep"), p.stdout
 
 
-def test_the_budget_and_harness_eval_edited_with_their_copy_are_put_back_as_prepare_py_pins_them(repo, env):
+def test_the_budget_and_profile_edited_with_their_copy_are_put_back_as_prepare_py_pins_them(repo, env):
     # the stand-in's constants from a profile table, as the real prepare.py sets them (the table is all the loop
     # reads of it, as text: importing the real one imports torch)
     stand_in = (repo / "prepare.py").read_text()
     assert "\nMAX_SEQ_LEN = 128\nTIME_BUDGET = 1\n" in stand_in
     (repo / "prepare.py").write_text(stand_in.replace(
         "\nMAX_SEQ_LEN = 128\nTIME_BUDGET = 1\n",
-        "\nPROFILES = {\"smoke\": (2**7, 1, 1024)}\nMAX_SEQ_LEN, TIME_BUDGET, _ = PROFILES[PROFILE]\n"))
+        "\nPROFILES = {\"smoke\": (2**7, 1, 1024), \"cpu\": (256, 300, 4096)}\n"
+        "MAX_SEQ_LEN, TIME_BUDGET, _ = PROFILES[PROFILE]\n"))
     git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a profile table")
     initialised(repo, env)
     pinned = repo / ".git" / "autoresearch" / "t" / "init.json"
@@ -297,14 +298,43 @@ def test_the_budget_and_harness_eval_edited_with_their_copy_are_put_back_as_prep
     assert json.loads(pinned.read_bytes()) == json.loads(copy.read_bytes()) == json.loads(before)
     row = rows(repo)[-1]
     assert row["status"] == "crash" and "past the 1 s budget" in row["note"], row
-    # harness_eval is pinned too: prepare.py defines no metric here, so the harness must not claim to evaluate
+    # another profile's budget, the profile named too: the baseline's row says which profile the tag runs
     for path in (pinned, copy):
-        path.write_text(json.dumps(dict(json.loads(before), harness_eval=True)))
-    commit_train(repo, env, "honest", VAL_BPB=0.9, TRAINED=1.0)
-    p = loop(repo, env, "step", "-m", "honest")
-    assert "harness_eval True (pinned: False)" in p.stdout, p.stdout
-    assert p.stdout.splitlines()[-1].startswith("keep"), p.stdout
+        path.write_text(json.dumps(dict(json.loads(before), profile="cpu", time_budget=300, max_seq_len=256)))
+    commit_train(repo, env, "train on the cpu budget", VAL_BPB=0.5, TRAINED=5.0)
+    p = loop(repo, env, "step", "-m", "train on the cpu budget")
+    assert "profile 'cpu' (pinned: 'smoke')" in p.stdout, p.stdout
     assert json.loads(pinned.read_bytes()) == json.loads(before)
+    assert "past the 1 s budget" in rows(repo)[-1]["note"], rows(repo)[-1]
+
+
+def test_harness_eval_is_only_ever_put_back_on():
+    from autoresearch.state import pins_to_put_back
+    pins = {"time_budget": 10, "max_seq_len": 128, "harness_eval": True}
+    assert pins_to_put_back(dict(pins, harness_eval=False), pins) == {"harness_eval": True}
+    assert pins_to_put_back(dict(pins, time_budget=20), pins) == {"time_budget": 10}
+    # a prepare.py whose metric the text reading missed never turns the harness's evaluation off
+    assert pins_to_put_back(pins, dict(pins, harness_eval=False)) == {}
+
+
+def test_a_loop_remembers_the_records_of_its_own_folder_and_not_its_workers(repo, env, monkeypatch):
+    from autoresearch import ledger
+    initialised(repo, env)
+    monkeypatch.chdir(repo)
+    ledger.ledger_dir.cache_clear()
+    try:
+        tag = ledger.ledger_dir() / "t"
+        ledger.remember_records(tag)
+        assert tag / "init.json" in ledger.KEPT_WRITTEN
+        # the coordinator forgets a killed worker's evaluator cache: that worker's own to check, not the coordinator's
+        ledger.keep_file(tag / "w1" / "compile-cache" / "evaluator.json", None)
+        ledger.keep_file(tag / "installed-code.json", b"{}")  # all the tag's workers write it
+        assert not [p for p in ledger.KEPT_WRITTEN if "w1" in p.parts or p.name == "installed-code.json"]
+        assert ledger.put_back() == []
+    finally:
+        ledger.KEPT_WRITTEN.clear()
+        ledger.OWN_FOLDERS.clear()
+        ledger.ledger_dir.cache_clear()
 
 
 def test_a_record_an_agent_forges_with_its_copy_during_run_is_put_back_before_the_next_experiment(
@@ -361,8 +391,22 @@ def test_a_new_repository_where_one_was_does_not_get_the_old_ones_ledger(repo, e
     p = initialised(repo, env)
     assert "written by something other" not in p.stdout + p.stderr
     assert [(r["description"], r["val_bpb"]) for r in rows(repo)] == [("baseline", "1.000000")]
-    kept = record_of(repo).with_name(f"{record_of(repo).name}.{old}")  # the old lab's record, not lost
+    kept = record_of(repo).with_name(f"{record_of(repo).name}.old-{old}")  # the old lab's record, not lost
     assert "\tbaseline\t" in kept.read_text() and "0.800000" in kept.read_text()
+
+
+def test_a_lab_moved_where_another_was_keeps_its_own_ledger(repo, env, tmp_path):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(repo, other)
+    initialised(repo, env, VAL_BPB=0.8)
+    initialised(other, env)
+    shutil.rmtree(repo)
+    shutil.move(other, repo)  # its rows and its id file name another repository than the record at this path
+    commit_train(repo, env, "worse", VAL_BPB=1.5)
+    p = loop(repo, env, "step", "-m", "worse")
+    assert "written by something other" not in p.stdout + p.stderr, p.stdout
+    assert [(r["description"], r["val_bpb"]) for r in rows(repo)] == [("baseline", "1.000000"), ("worse", "1.500000")]
 
 
 def test_the_records_of_repositories_that_are_gone_are_dropped_when_a_new_one_starts(repo, env, tmp_path):
