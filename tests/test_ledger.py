@@ -346,7 +346,7 @@ def test_a_record_an_agent_forges_with_its_copy_during_run_is_put_back_before_th
     copy = Path(f"{record_of(repo)}.files") / "t" / "modules.json"
     forge = tmp_path / "forge.py"
     forge.write_text(f"""
-import hashlib, json, os, re, sys
+import hashlib, json, os, re
 n = int(os.environ["AUTORESEARCH_EXPERIMENT"])
 train = open("train.py").read()
 open("train.py", "w").write(re.sub(r"(?m)^VAL_BPB = .*$", f"VAL_BPB = {{1 - n / 100}}", train))
