@@ -17,7 +17,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from autoresearch.ledger import REJECTED, unmeasured
+from autoresearch.ledger import NOT_JUDGED, REJECTED, unmeasured
 
 SIGMA_FLOOR = 0.0005       # relative to the best's val_bpb: a sigma from few runs can come out near 0
 SPEED_TOL = 0.10           # runs within 10% of their code's usual tokens/s ran on the same machine
@@ -149,8 +149,8 @@ def next_step(best_runs, cand, fresh, noise, min_delta=0.0):
     probe, paired = (fresh[0], fresh[1:]) if probed else (None, fresh)
     est, var, basis, mismatched = estimate(best_runs, cand, probe, paired, band, noise.sigma)
     if mismatched > MAX_SPEED_RETRIES:
-        return Step("discard", f"the machine changed speed within {mismatched} pairs: not judged "
-                               f"(submit it again when the machine is steady)")
+        return Step("discard", f"{NOT_JUDGED}: the machine changed speed within {mismatched} pairs; submit it "
+                               f"again when the machine is steady")
     ev = evidence(len(cand), len(best_runs) + len(fresh), est, var, noise, len(cand) - 1, min_delta)
     z = (est + min_delta) / math.sqrt(var)
     if len(cand) > 1 and copies(cand) and not copies(best_runs + fresh):
@@ -161,7 +161,7 @@ def next_step(best_runs, cand, fresh, noise, min_delta=0.0):
     if len(cand) == 1 and not paired:
         if basis == NOTHING_COMPARABLE:
             now = f"; the best just now: {machine(fresh[0])}" if fresh else ""
-            return Step("discard", f"not judged: no run of the best ran on a machine like run 1's "
+            return Step("discard", f"{NOT_JUDGED}: no run of the best ran on a machine like run 1's "
                                    f"({machine(cand[0])}{now}); submit it again when the machine is steady", ev)
         if z > -SCREEN_Z:
             return Step("discard", f"not better on its first run: {what} (z {z:+.2f}, needs < {-SCREEN_Z})", ev)

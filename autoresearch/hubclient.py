@@ -7,9 +7,9 @@ the hub has not had yet (the baseline, those of a night without --hub or while t
 experiment, the hub's best commit for this platform, when it beats the local best, becomes the next proposal:
 the loop's own runs and keep rule decide whether it becomes the best here (a claim on the hub is a hint, not a
 fact). With --workers, the coordinator posts and pushes, and each worker adopts (one record of tried commits:
-each is tried once, by one worker). A hub that goes down during the night never stops the loop: it says so and
-goes on (one that cannot be reached at the start does). Adopting a commit runs code that another agent pushed:
---hub-trust limits whose.
+each is tried once, by one worker, and again after a verdict of "not judged"). A hub that goes down during the
+night never stops the loop: it says so and goes on (one that cannot be reached at the start does). Adopting a
+commit runs code that another agent pushed: --hub-trust limits whose.
 """
 import contextlib
 import fcntl
@@ -26,7 +26,7 @@ import requests
 
 from autoresearch.gitrepo import git, identity
 from autoresearch.layout import TRAIN, LoopError, read_json
-from autoresearch.ledger import ledger_dir, measured_versions, one_line, tag_rows, write_atomic
+from autoresearch.ledger import ledger_dir, measured_versions, not_judged, one_line, tag_rows, write_atomic
 from autoresearch.proposers import Proposal
 from autoresearch.state import say
 
@@ -142,6 +142,8 @@ class HubClient:
         rows = tag_rows(self.loop.tag)
         if row is not None and row.get("n") not in {r.get("n") for r in rows}:
             rows.append(row)
+        if row is not None and row.get("train_py") not in measured_versions(rows):
+            self.untry(row)
         try:
             posted = set(self.state().get("posted", []))
             waiting = [r for r in rows if r.get("n") not in posted]
@@ -158,6 +160,13 @@ class HubClient:
                 say(self.loop, f"hub: posted {len(waiting)} results")
         except (HubDown, LoopError) as e:
             say(self.loop, f"hub: {e}; the loop goes on without it (what is not posted yet will be, later)")
+
+    def untry(self, row):
+        """A hub commit the rule could not judge (ledger.not_judged) may be tried again, as the note says."""
+        adopted = re.match(r"from the hub: ([0-9a-f]{7,}) of ", row.get("description", ""))
+        if adopted and not_judged(row.get("note", "")):
+            with self.changing_state() as state:
+                state["tried"] = [t for t in state["tried"] if not t.startswith(adopted[1])]
 
     def push(self):
         state = self.state()
@@ -193,7 +202,7 @@ class HubClient:
 
     def adopt(self):
         """The hub's best claim (see candidate) as the working tree's train.py, committed on the best, or None.
-        Each hub commit is tried once, by one worker."""
+        Each hub commit is tried once, by one worker (again after "not judged": see untry)."""
         sha = None
         try:
             claim = self.candidate()

@@ -12,6 +12,7 @@ wrote the ledger since (an agent between two `step`s or experiments, a worker's 
 next row is read or written; so are the loop's other records there (the pinned config, a half-confirmed
 experiment...), each from a copy kept beside the ledger's.
 """
+import collections
 import contextlib
 import fcntl
 import functools
@@ -50,6 +51,10 @@ DESCRIPTION_MAX = 120
 # (keep/discard/crash), so the kind is the first word of the note: see unmeasured().
 REJECTED = "rejected"        # broke the rules (another file changed, train.py deleted...): a discard
 INTERRUPTED = "interrupted"  # the loop was stopped or killed while train.py ran: a crash
+# A discard whose runs were sound but could not be compared (the machine changed speed under them): its version
+# may be submitted again, up to NOT_JUDGED_MAX times in all, before the loop calls it measured
+NOT_JUDGED = "not judged"
+NOT_JUDGED_MAX = 2
 
 
 # -----------------------------------------------------------------------------
@@ -692,6 +697,14 @@ def unmeasured(note):
     return next((kind for kind in (REJECTED, INTERRUPTED) if note.startswith(kind)), None)
 
 
+def not_judged(note):
+    return note.startswith(f"discard: {NOT_JUDGED}")
+
+
 def measured_versions(rows):
-    """train.py versions already measured, by blob hash: the loop never runs one of them again."""
-    return {r["train_py"]: r for r in rows if r.get("train_py") and not unmeasured(r.get("note", ""))}
+    """train.py versions already measured, by blob hash: the loop never runs one of them again. A version the
+    rule could not judge is not measured until it was not judged NOT_JUDGED_MAX times: the note asks for it
+    again once the machine is steady, and a stretch of load must not bar a change for the night."""
+    tries = collections.Counter(r.get("train_py") for r in rows if not_judged(r.get("note", "")))
+    return {r["train_py"]: r for r in rows if r.get("train_py") and not unmeasured(r.get("note", ""))
+            and (not not_judged(r.get("note", "")) or tries[r["train_py"]] >= NOT_JUDGED_MAX)}

@@ -52,6 +52,10 @@ runs with power:
   identical code kept in a loaded mix;
 - a give-up bar tightening by 0.3 z per pair: 0.03-0.12 fewer runs in the mix, 1-3 points less 2-sigma power
   (6 fewer real gains kept in the smoke quiet mix); by 0.5 z per pair: 0.1-0.2 fewer runs, 2-5 points less.
+- (2026-11-28, 3 seeds x 1000, smoke under load) a keep only with at least one pair that counted (a keep can
+  rest on run 1 and the best's runs when every pair was split by a change of speed): identical code kept
+  1.6-2.9% (2.0-2.7% today), 2-sigma power 54-57% (58-60% today), the mix 0.0-0.2 runs dearer; on cpu one
+  seed, 66.5% (64.4%). It buys no protection against identical code and costs smoke power, so not adopted.
 The README's demo (--demo 4000, 2026-11-27): a 1-run baseline and 3 experiments take a median of 8-10 runs and
 4-17 to 4-21 in nine demos of ten (by the mix assumed and the load), ~1.5 to 8 minutes at 23 s a run. Seen on
 2 cores that day: 19 runs in 445 s; in the suite (one core each): 8 to 19 runs, 177 to 574 s.

@@ -110,6 +110,19 @@ def pid_gone(pid):
         return True
 
 
+@contextlib.contextmanager
+def spinning(flag):
+    """Other work on this test's cores whenever `flag` exists: the stand-in creates it for the length of a run
+    whose STANDIN_LOAD level ends in "+spin". Not a process of the loop's, so the harness sees it as other work."""
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os, time\nwhile True:\n"
+                                f"    if not os.path.exists({str(flag)!r}): time.sleep(0.005)"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def wait_for(predicate, seconds=30):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -570,6 +583,28 @@ def test_identical_train_py_is_never_run_twice(repo, env):
     assert "VAL_BPB = 1.0" in (repo / "train.py").read_text()
     out = loop(repo, env, "step", "-m", "nothing").stdout
     assert out.startswith("skip train.py is unchanged")
+
+
+def test_a_version_not_judged_runs_again_when_submitted_again_and_twice_at_most(repo, env, tmp_path):
+    if not Path("/proc/stat").exists():
+        pytest.skip("needs /proc/stat (Linux)")
+    # run 1 slowed by other work the harness sees, the best's run just after on a quiet machine: nothing
+    # compares with run 1, and the note says to submit it again when the machine is steady
+    load, flag = tmp_path / "load", tmp_path / "spin"
+    load.write_text("")
+    env = dict(env, STANDIN_LOAD=str(load), STANDIN_SPIN=str(flag))
+    initialised(repo, env, repeats=3, SIGMA=0.002, SLEEP=1.2)  # runs of 1 s or more have their load measured
+    with spinning(flag):
+        for n, description in enumerate(["better", "better, again"], 1):
+            load.write_text("1+spin\n0\n")
+            set_train(repo, VAL_BPB=0.99)
+            out = loop(repo, env, "step", "-m", description).stdout
+            assert out.startswith("discard") and "not judged: no run of the best" in rows(repo)[n]["note"], out
+    # the second submission ran (and was not judged again, as the load came back): the third is a known version
+    set_train(repo, VAL_BPB=0.99)
+    out = loop(repo, env, "step", "-m", "better, a third time").stdout
+    assert out.startswith("skip identical to #2"), out
+    assert [r["seeds"] for r in rows(repo)[1:]] == ["45", "47"]  # each submission ran, with its own seed
 
 
 def test_a_run_on_a_faster_machine_is_compared_with_the_best_run_again_not_with_its_old_mean(repo, env, tmp_path):

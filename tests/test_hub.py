@@ -375,7 +375,7 @@ def test_a_hub_killed_at_any_moment_of_a_push_restarts_consistent_and_takes_the_
 # The loop as a client: two labs, one frontier (the stand-in train.py of the agent_loop tests)
 
 from conftest import user_env  # noqa: E402
-from test_agent_loop import env, initialised, loop, repo, rows  # noqa: E402,F401  (fixtures and helpers)
+from test_agent_loop import env, initialised, loop, repo, rows, spinning  # noqa: E402,F401  (fixtures and helpers)
 
 
 @pytest.fixture
@@ -444,6 +444,34 @@ def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, re
     loop(repo, lab_env, *here, "1")
     assert rows(repo)[-1]["status"] == "keep" and rows(repo)[-1]["description"].startswith(
         f"from the hub: {honest[:7]}")
+
+
+def test_a_hub_claim_not_judged_here_is_tried_again(hub, repo, lab_env, tmp_path):
+    if not Path("/proc/stat").exists():
+        pytest.skip("needs /proc/stat (Linux)")
+    load, flag = tmp_path / "load", tmp_path / "spin"
+    load.write_text("")
+    lab_env = dict(lab_env, STANDIN_LOAD=str(load), STANDIN_SPIN=str(flag))
+    initialised(repo, lab_env, repeats=3, SIGMA=0.002, SLEEP=1.2)
+    auth = hub.register("alice")
+    other = tmp_path / "other"
+    subprocess.run(["git", "clone", "-q", str(repo), str(other)], check=True, env=lab_env, capture_output=True)
+    (other / "train.py").write_text((other / "train.py").read_text().replace("VAL_BPB = 1.0", "VAL_BPB = 0.99"))
+    subprocess.run(["git", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qam", "better"], cwd=other,
+                   check=True)
+    subprocess.run(["git", "bundle", "create", "-q", "a.bundle", "HEAD"], cwd=other, check=True)
+    assert hub.post("/api/git/push", auth, data=(other / "a.bundle").read_bytes()).status_code == 201
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=other, capture_output=True, text=True).stdout.strip()
+    hub.post("/api/results", auth, json={"commit": sha, "val_bpb": 0.99, "platform": "here", "status": "keep"})
+    here = ("run", "--agent", "true", "--hub", hub.url, "--hub-platform", "here", "--max-experiments", "1")
+    load.write_text("1+spin\n0\n")  # its first run on a busy machine, the best's just after on a quiet one
+    with spinning(flag):
+        out = loop(repo, lab_env, *here).stdout
+    assert "not judged" in rows(repo)[1]["note"] and rows(repo)[1]["description"].startswith(
+        f"from the hub: {sha[:7]}"), out
+    out = loop(repo, lab_env, *here).stdout  # the machine steady: the same claim, measured and kept
+    assert f"hub: trying {sha[:7]}" in out and rows(repo)[2]["status"] == "keep", out
+    assert rows(repo)[2]["description"].startswith(f"from the hub: {sha[:7]}")
 
 
 def test_a_hub_that_goes_down_mid_run_never_stops_the_loop(hub, repo, lab_env, tmp_path):

@@ -38,7 +38,15 @@ elif PROFILE == "smoke":
 seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
 print(f"training {PROFILE} depth {DEPTH} seed {seed} on {len(os.sched_getaffinity(0))} cores", flush=True)
 print(f"visible GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', '(all)')}", flush=True)
+spin = None
+if os.environ.get("STANDIN_LOAD"):  # a level like "1+spin": the test's spinner (no process of the loop's) works
+    with open(os.environ["STANDIN_LOAD"]) as f:  # while this run trains, for the harness to see
+        if f.read().split("\n")[0].endswith("+spin"):
+            spin = os.environ["STANDIN_SPIN"]
+            open(spin, "w").close()
 time.sleep(SLEEP)
+if spin:
+    os.unlink(spin)
 if MODE == "crash":
     raise RuntimeError("CUDA out of memory (stand-in)")
 if MODE == "fail":
@@ -188,7 +196,7 @@ tokens_m = 0.1
 if os.environ.get("STANDIN_LOAD"):  # one load level per run, first line first: the machine slows down
     with open(os.environ["STANDIN_LOAD"]) as f:
         levels = f.read().split()
-    load = float(levels[0]) if levels else 0.0
+    load = float(levels[0].removesuffix("+spin")) if levels else 0.0
     with open(os.environ["STANDIN_LOAD"], "w") as f:
         f.write("\n".join(levels[1:]))
     val += 0.3 * load                     # fewer steps in the same time: a worse val_bpb
