@@ -56,6 +56,12 @@ runs with power:
   rest on run 1 and the best's runs when every pair was split by a change of speed): identical code kept
   1.6-2.9% (2.0-2.7% today), 2-sigma power 54-57% (58-60% today), the mix 0.0-0.2 runs dearer; on cpu one
   seed, 66.5% (64.4%). It buys no protection against identical code and costs smoke power, so not adopted.
+- (2026-11-28, seed 1 x 1000) waiting for a quiet machine (sampling /proc/stat) before a run that need not be
+  beside the last (run 1, a pair's first half) once a run was busy. Waiting up to 40 run lengths: smoke 2-sigma
+  power 59.8 -> 64.7%, mix 2.47 -> 2.18 runs; cpu 64.4 -> 66.6%, 2.44 -> 2.07. But a machine that stays busy
+  (a laptop's browser) would then wait its cap before every run, so only a load that just came on may be
+  waited for, and only a few minutes (300 s: 13 smoke runs, under one cpu run): then smoke 60.0% (59.8%), cpu
+  65.9% (64.4%), and identical code kept 6.3% in the cpu mix (2.6%). No gain a night could use: not adopted.
 The README's demo (--demo 4000, 2026-11-27): a 1-run baseline and 3 experiments take a median of 8-10 runs and
 4-17 to 4-21 in nine demos of ten (by the mix assumed and the load), ~1.5 to 8 minutes at 23 s a run. Seen on
 2 cores that day: 19 runs in 445 s; in the suite (one core each): 8 to 19 runs, 177 to 574 s.
