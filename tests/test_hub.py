@@ -385,6 +385,20 @@ def lab_env(env, tmp_path):
     return dict(env, HOME=str(tmp_path / "home"))
 
 
+def claim_on_hub(hub, auth, repo, clone, env, constant, val_bpb):
+    """Another lab's commit on the hub (a clone of repo whose train.py sets `constant` in place of VAL_BPB = 1.0)
+    with a claimed val_bpb for platform "here". Returns the commit."""
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, env=env, capture_output=True)
+    (clone / "train.py").write_text((clone / "train.py").read_text().replace("VAL_BPB = 1.0", constant))
+    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qam", f"claims {val_bpb}"],
+                   cwd=clone, check=True)
+    subprocess.run(["git", "bundle", "create", "-q", "b.bundle", "HEAD"], cwd=clone, check=True)
+    assert hub.post("/api/git/push", auth, data=(clone / "b.bundle").read_bytes()).status_code == 201
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    hub.post("/api/results", auth, json={"commit": sha, "val_bpb": val_bpb, "platform": "here", "status": "keep"})
+    return sha
+
+
 def test_two_labs_share_a_frontier_and_a_hub_claim_is_measured_before_it_is_kept(hub, repo, env, tmp_path):
     other = tmp_path / "other"  # lab B: a clone of lab A's repository, before either experimented
     subprocess.run(["git", "clone", "-q", str(repo), str(other)], check=True, env=env, capture_output=True)
@@ -418,14 +432,7 @@ def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, re
     initialised(repo, lab_env)
     auth = hub.register("boaster")
     boast = repo / ".." / "boast"
-    subprocess.run(["git", "clone", "-q", str(repo), str(boast)], check=True, env=lab_env, capture_output=True)
-    (boast / "train.py").write_text((boast / "train.py").read_text().replace("VAL_BPB = 1.0", "VAL_BPB = 1.1"))
-    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qam", "claims 0.5"], cwd=boast,
-                   check=True)
-    subprocess.run(["git", "bundle", "create", "-q", "b.bundle", "HEAD"], cwd=boast, check=True)
-    assert hub.post("/api/git/push", auth, data=(boast / "b.bundle").read_bytes()).status_code == 201
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=boast, capture_output=True, text=True).stdout.strip()
-    hub.post("/api/results", auth, json={"commit": sha, "val_bpb": 0.5, "platform": "here", "status": "keep"})
+    sha = claim_on_hub(hub, auth, repo, boast, lab_env, "VAL_BPB = 1.1", 0.5)
     here = ("run", "--agent", "true", "--hub", hub.url, "--hub-platform", "here", "--max-experiments")
     out = loop(repo, lab_env, *here, "1", "--hub-trust", "alice,bob").stdout
     assert "hub: trying" not in out and len(rows(repo)) == 1, out  # not an agent we trust
@@ -453,16 +460,7 @@ def test_a_hub_claim_not_judged_here_is_tried_again(hub, repo, lab_env, tmp_path
     load.write_text("")
     lab_env = dict(lab_env, STANDIN_LOAD=str(load), STANDIN_SPIN=str(flag))
     initialised(repo, lab_env, repeats=3, SIGMA=0.002, SLEEP=1.2)
-    auth = hub.register("alice")
-    other = tmp_path / "other"
-    subprocess.run(["git", "clone", "-q", str(repo), str(other)], check=True, env=lab_env, capture_output=True)
-    (other / "train.py").write_text((other / "train.py").read_text().replace("VAL_BPB = 1.0", "VAL_BPB = 0.99"))
-    subprocess.run(["git", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qam", "better"], cwd=other,
-                   check=True)
-    subprocess.run(["git", "bundle", "create", "-q", "a.bundle", "HEAD"], cwd=other, check=True)
-    assert hub.post("/api/git/push", auth, data=(other / "a.bundle").read_bytes()).status_code == 201
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=other, capture_output=True, text=True).stdout.strip()
-    hub.post("/api/results", auth, json={"commit": sha, "val_bpb": 0.99, "platform": "here", "status": "keep"})
+    sha = claim_on_hub(hub, hub.register("alice"), repo, tmp_path / "other", lab_env, "VAL_BPB = 0.99", 0.99)
     here = ("run", "--agent", "true", "--hub", hub.url, "--hub-platform", "here", "--max-experiments", "1")
     load.write_text("1+spin\n0\n")  # its first run on a busy machine, the best's just after on a quiet one
     with spinning(flag):
