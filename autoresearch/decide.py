@@ -17,7 +17,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from autoresearch.ledger import NOT_JUDGED, REJECTED, unmeasured
+from autoresearch.ledger import NOT_JUDGED, REJECTED, not_judged, unmeasured
 
 SIGMA_FLOOR = 0.0005       # relative to the best's val_bpb: a sigma from few runs can come out near 0
 SPEED_TOL = 0.10           # runs within 10% of their code's usual tokens/s ran on the same machine
@@ -410,6 +410,8 @@ def outcome_line(status, val, note, log, previous_best, evidence, best):
         return f"{status} {note.removeprefix('crash: ')} log={log}"
     if unmeasured(note) == REJECTED or not evidence:
         return f"{status} {note} log={log}"
+    if not_judged(note):  # its delta would read as a verdict on the change: the line says there is none
+        return f"{status} {note.removeprefix(f'{status}: ')} log={log}"
     delta = val - previous_best
     # the decision compares like with like (runs at the same speed, on a machine as busy): say so where that
     # turns the plain difference of the means around

@@ -597,9 +597,15 @@ def test_a_version_not_judged_runs_again_when_submitted_again_and_twice_at_most(
     with spinning(flag):
         for n, description in enumerate(["better", "better, again"], 1):
             load.write_text("1+spin\n0\n")
-            set_train(repo, VAL_BPB=0.99)
+            if n == 1:
+                set_train(repo, VAL_BPB=0.99)
+            else:  # as program.md says: the discarded train.py back, unchanged
+                git(repo, env, "checkout", "refs/autoresearch/t/discarded/1", "--", "train.py")
             out = loop(repo, env, "step", "-m", description).stdout
-            assert out.startswith("discard") and "not judged: no run of the best" in rows(repo)[n]["note"], out
+            assert "not judged: no run of the best" in rows(repo)[n]["note"], rows(repo)[n]["note"]
+            # the line the agent reads says so, and no delta that would read as a verdict on the change
+            assert out.startswith("discard not judged: no run of the best") and "delta" not in out, out
+            assert "submit it again when the machine is steady" in out
     # the second submission ran (and was not judged again, as the load came back): the third is a known version
     set_train(repo, VAL_BPB=0.99)
     out = loop(repo, env, "step", "-m", "better, a third time").stdout
