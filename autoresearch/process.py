@@ -219,7 +219,8 @@ def counted_cores():
 def other_work(before, seconds, ours=0.0):
     """CPU cores the machine spent on work that was not ours (nor our reaped children's, nor `ours` CPU seconds
     of a child still running) since cpu_clock() gave `before`, averaged over `seconds`: the harness's own view
-    of a busy machine, which a run cannot talk down (what it started and left behind counts as other work).
+    of a busy machine, which a run cannot talk down. What a run starts is reaped by the loop (the subreaper) and
+    counts as ours, so its own children cannot make the machine look busy either (a test's spinner found this).
     None where it cannot be measured."""
     (busy0, own0), (busy1, own1) = before, cpu_clock()
     if busy0 is None or busy1 is None or seconds <= 0:
