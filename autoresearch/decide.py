@@ -408,10 +408,10 @@ def outcome_line(status, val, note, log, previous_best, evidence, best):
     anything else how val_bpb compares with the best before and after, on how many runs, with what p."""
     if status == "crash":
         return f"{status} {note.removeprefix('crash: ')} log={log}"
-    if unmeasured(note) == REJECTED or not evidence:
-        return f"{status} {note} log={log}"
     if not_judged(note):  # its delta would read as a verdict on the change: the line says there is none
         return f"{status} {note.removeprefix(f'{status}: ')} log={log}"
+    if unmeasured(note) == REJECTED or not evidence:
+        return f"{status} {note} log={log}"
     delta = val - previous_best
     # the decision compares like with like (runs at the same speed, on a machine as busy): say so where that
     # turns the plain difference of the means around

@@ -52,7 +52,7 @@ DESCRIPTION_MAX = 120
 REJECTED = "rejected"        # broke the rules (another file changed, train.py deleted...): a discard
 INTERRUPTED = "interrupted"  # the loop was stopped or killed while train.py ran: a crash
 # A discard whose runs were sound but could not be compared (the machine changed speed under them): its version
-# may be submitted again, up to NOT_JUDGED_MAX times in all, before the loop calls it measured
+# runs again when submitted again, until NOT_JUDGED_MAX of its experiments were not judged (then it is measured)
 NOT_JUDGED = "not judged"
 NOT_JUDGED_MAX = 2
 

@@ -235,7 +235,10 @@ def test_a_machine_that_keeps_changing_speed_judges_nothing():
     cand = [Obs(0.9, 1e5), Obs(0.9, 5e4), Obs(0.9, 1e5), Obs(0.9, 4e4), Obs(0.9, 1e5)]
     fresh = [Obs(1.0, 1e5), Obs(1.0, 5e4), Obs(1.0, 1e5), Obs(1.0, 1e5)]
     step = next_step(best, cand, fresh, Noise(SIGMA, 4))
-    assert step.action == "discard" and "the machine changed speed" in step.note
+    assert step.action == "discard" and step.note.startswith("not judged: the machine changed speed"), step.note
+    # the agent's line says it was not judged, once, and gives no delta to read as a verdict on the change
+    line = outcome_line("discard", 0.9, f"discard: {step.note} (seeds 1,2)", "x.log", 1.0, step.evidence, 1.0)
+    assert line.startswith("discard not judged: the machine changed speed") and "delta" not in line, line
 
 
 # -----------------------------------------------------------------------------
