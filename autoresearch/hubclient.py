@@ -162,11 +162,15 @@ class HubClient:
             say(self.loop, f"hub: {e}; the loop goes on without it (what is not posted yet will be, later)")
 
     def untry(self, row):
-        """A hub commit the rule could not judge (ledger.not_judged) may be tried again, as the note says."""
+        """A hub commit the rule could not judge (ledger.not_judged) may be tried again, as the note says, once
+        another experiment was recorded after it."""
         adopted = re.match(r"from the hub: ([0-9a-f]{7,}) of ", row.get("description", ""))
         if adopted and not_judged(row.get("note", "")):
             with self.changing_state() as state:
-                state["tried"] = [t for t in state["tried"] if not t.startswith(adopted[1])]
+                again = [t for t in state["tried"] if t.startswith(adopted[1])]
+                state["tried"] = [t for t in state["tried"] if t not in again]
+                # not at the very next experiment, on a machine that may still be as it was: after another one
+                state["after"] = dict(state.get("after", {}), **{t: str(row.get("n")) for t in again})
 
     def push(self):
         state = self.state()
@@ -194,7 +198,9 @@ class HubClient:
         """The best claim on the hub for this platform that beats the local best, comes from a trusted agent,
         is on the hub and was not tried here yet; None if there is none."""
         claims = self.data("GET", "/api/results", params={"platform": self.platform, "limit": "1000"})
-        tried = set(self.state()["tried"])
+        state = self.state()
+        last = str(self.loop.rows[-1].get("n")) if self.loop.rows else None
+        tried = set(state["tried"]) | {c for c, n in state.get("after", {}).items() if n == last}
         usable = [c for c in claims if c["status"] in ("keep", "reported") and 0 < c["val_bpb"] < self.loop.best_val
                   and c["commit_full"] and c["commit_full"] not in tried
                   and (self.trust is None or c["agent_id"] in self.trust)]

@@ -467,9 +467,12 @@ def test_a_hub_claim_not_judged_here_is_tried_again(hub, repo, lab_env, tmp_path
         out = loop(repo, lab_env, *here).stdout
     assert "not judged" in rows(repo)[1]["note"] and rows(repo)[1]["description"].startswith(
         f"from the hub: {sha[:7]}"), out
-    out = loop(repo, lab_env, *here).stdout  # the machine steady: the same claim, measured and kept
-    assert f"hub: trying {sha[:7]}" in out and rows(repo)[2]["status"] == "keep", out
-    assert rows(repo)[2]["description"].startswith(f"from the hub: {sha[:7]}")
+    # not at the very next experiment (the machine may still be as it was): the agent's, then the claim again,
+    # on a steady machine, measured and kept
+    agent = "sed -i 's/^VAL_BPB = .*/VAL_BPB = 1.05/' train.py && echo worse"
+    out = loop(repo, lab_env, *here[:2], agent, *here[3:-1], "2").stdout
+    assert [r["description"][:18] for r in rows(repo)[2:]] == ["worse", "from the hub: " + sha[:4]], out
+    assert out.count(f"hub: trying {sha[:7]}") == 1 and rows(repo)[3]["status"] == "keep", out
 
 
 def test_a_hub_that_goes_down_mid_run_never_stops_the_loop(hub, repo, lab_env, tmp_path):
