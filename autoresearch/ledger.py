@@ -705,6 +705,7 @@ def measured_versions(rows):
     """train.py versions already measured, by blob hash: the loop never runs one of them again. A version the
     rule could not judge is not measured until it was not judged NOT_JUDGED_MAX times: the note asks for it
     again once the machine is steady, and a stretch of load must not bar a change for the night."""
-    tries = collections.Counter(r.get("train_py") for r in rows if not_judged(r.get("note", "")))
-    return {r["train_py"]: r for r in rows if r.get("train_py") and not unmeasured(r.get("note", ""))
-            and (not not_judged(r.get("note", "")) or tries[r["train_py"]] >= NOT_JUDGED_MAX)}
+    ran = [(r, not_judged(r.get("note", ""))) for r in rows
+           if r.get("train_py") and not unmeasured(r.get("note", ""))]
+    tries = collections.Counter(r["train_py"] for r, unjudged in ran if unjudged)
+    return {r["train_py"]: r for r, unjudged in ran if not unjudged or tries[r["train_py"]] >= NOT_JUDGED_MAX}
