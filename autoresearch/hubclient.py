@@ -142,11 +142,13 @@ class HubClient:
         rows = tag_rows(self.loop.tag)
         if row is not None and row.get("n") not in {r.get("n") for r in rows}:
             rows.append(row)
-        if row is not None and row.get("train_py") not in measured_versions(rows):
-            self.untry(row)
+        posted = set(self.state().get("posted", []))
+        waiting = [r for r in rows if r.get("n") not in posted]
+        measured = measured_versions(rows)
+        for r in waiting:  # this experiment's, and any a loop recorded but died before publishing
+            if r.get("train_py") not in measured:
+                self.untry(r)
         try:
-            posted = set(self.state().get("posted", []))
-            waiting = [r for r in rows if r.get("n") not in posted]
             for r in waiting:
                 val, memory = float(r["val_bpb"]), float(r.get("memory_gb") or 0)
                 self.call("POST", f"/api/channels/{RESULTS_CHANNEL}/posts", json={

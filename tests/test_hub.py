@@ -467,6 +467,11 @@ def test_a_hub_claim_not_judged_here_is_tried_again(hub, repo, lab_env, tmp_path
         out = loop(repo, lab_env, *here).stdout
     assert "not judged" in rows(repo)[1]["note"] and rows(repo)[1]["description"].startswith(
         f"from the hub: {sha[:7]}"), out
+    (state_path,) = (repo / ".git" / "autoresearch" / "t").glob("hub-*.json")
+    state = json.loads(state_path.read_text())
+    assert sha not in state["tried"] and state["after"] == {sha: "1"}, state
+    # as a loop killed between recording that row and publishing it would leave it: the next loop un-tries it
+    state_path.write_text(json.dumps(dict(state, tried=[sha], after={}, posted=state["posted"][:-1])))
     # not at the very next experiment (the machine may still be as it was): the agent's, then the claim again,
     # on a steady machine, measured and kept
     agent = "sed -i 's/^VAL_BPB = .*/VAL_BPB = 1.05/' train.py && echo worse"
