@@ -97,9 +97,17 @@ def whole_machine(item):
     return item.get_closest_marker("whole_machine") is not None
 
 
+def minutes(item):
+    """The minutes its file takes on one core, as its `long` marker says (0 without one)."""
+    marker = item.get_closest_marker("long")
+    return marker.kwargs.get("minutes", 1) if marker else 0
+
+
 def pytest_collection_modifyitems(items):
-    """Tests marked long first, so that none of them ends the session alone; whole_machine tests last."""
-    items.sort(key=lambda item: 2 if whole_machine(item) else 0 if item.get_closest_marker("long") else 1)
+    """Files handed out longest first (xdist sends a file at a time, in the order its first test comes), so
+    that the short ones even out the two processes' ends: test_workers sent last left one process idle for
+    four minutes. In a file, whole_machine tests last."""
+    items.sort(key=lambda item: (-minutes(item), whole_machine(item)))
 
 
 def lock_path(config):

@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 AGENT_LOOP = REPO / "agent_loop.py"
 STAND_IN = Path(__file__).resolve().parent / "stand_in"
+pytestmark = pytest.mark.long(minutes=5)  # on one core; conftest hands out the longest files first
 sys.path.insert(0, str(REPO))
 from autoresearch import gitrepo, installed, mutate, process, runner  # noqa: E402  (the pure functions)
 

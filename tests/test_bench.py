@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.long(minutes=1.2)  # on one core; conftest hands out the longest files first
 
 
 def test_bench_dataloader_measures_a_prepared_folder(smoke_cache):

@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from autoresearch.experiment import LEAK_TOLERANCE  # noqa: E402
+pytestmark = pytest.mark.long(minutes=3)  # on one core; conftest hands out the longest files first
 
 # builds small GPTs with train.py's code (seeded, two steps of training), exports each as train.py does under
 # the harness (to the folder in argv[1]), and prints prepare.evaluate_bpb of each for comparison, one JSON line.

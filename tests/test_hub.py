@@ -17,6 +17,7 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.long(minutes=3)  # on one core; conftest hands out the longest files first
 
 
 def free_port():

@@ -9,8 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_agent_loop import env, git, initialised, loop, repo, rows, set_train  # noqa: E402,F401  (fixtures)
+pytestmark = pytest.mark.long(minutes=1.5)  # on one core; conftest hands out the longest files first
 
 
 def commit_train(repo, env, message, **consts):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.long(minutes=1)  # on one core; conftest hands out the longest files first
 
 # a few real steps of train.py's model and optimizer; prints the count and the peak growth of anonymous RSS
 MEASURE = """

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.long(minutes=5)  # on one core; conftest hands out the longest files first
 
 
 def quick_start_commands():

@@ -31,7 +31,7 @@ from autoresearch import attention, device as lab_device, evaluator  # noqa: E40
 from autoresearch.handoff import HANDOFF_ENV  # noqa: E402
 from autoresearch.memory import flash_like_attention  # noqa: E402
 
-pytestmark = pytest.mark.long  # a cold compile takes ~2 minutes on one core: started first
+pytestmark = pytest.mark.long(minutes=1)  # a cold compile: ~47 s on one core
 
 # The reference's architecture at a tiny size, pinned so that these tests keep exercising short windows and
 # head dim 128 whatever the profile is tuned to. Depth 6: SSSSL, then the pattern's next S, which the last

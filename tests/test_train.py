@@ -16,6 +16,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+pytestmark = pytest.mark.long(minutes=1.5)  # on one core; conftest hands out the longest files first
 # prepare.py (imported by train.py) reads these at import time; the rest of the session keeps its environment
 with mock.patch.dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=tempfile.mkdtemp()):
     import train  # importing must not start a training run

@@ -16,6 +16,7 @@ from test_agent_loop import (AGENT_LOOP, clean_tracked, env, git, initialised, l
 
 sys.path.insert(0, str(AGENT_LOOP.parent))
 from autoresearch import process  # noqa: E402
+pytestmark = pytest.mark.long(minutes=5)  # on one core; conftest hands out the longest files first
 
 # --workers 2 on CPU splits the cores: tests that do are whole_machine (the suite's other process waits). The
 # tests of coordination give each worker a (fake) GPU instead: the stand-in never uses it, and they share.
