@@ -165,10 +165,14 @@ class HubClient:
 
     def untry(self, row):
         """A hub commit the rule could not judge (ledger.not_judged) may be tried again, as the note says, once
-        another experiment was recorded after it."""
+        another experiment was recorded after it. Once per row: a row the hub has not had yet comes here at each
+        publish, and its commit may have been taken again meanwhile (by another worker, say)."""
         adopted = re.match(r"from the hub: ([0-9a-f]{7,}) of ", row.get("description", ""))
         if adopted and not_judged(row.get("note", "")):
             with self.changing_state() as state:
+                if str(row.get("n")) in state.get("untried", []):
+                    return
+                state["untried"] = state.get("untried", []) + [str(row.get("n"))]
                 again = [t for t in state["tried"] if t.startswith(adopted[1])]
                 state["tried"] = [t for t in state["tried"] if t not in again]
                 # not at the very next experiment, on a machine that may still be as it was: after another one

@@ -470,9 +470,15 @@ def test_a_hub_claim_not_judged_here_is_tried_again(hub, repo, lab_env, tmp_path
         f"from the hub: {sha[:7]}"), out
     (state_path,) = (repo / ".git" / "autoresearch" / "t").glob("hub-*.json")
     state = json.loads(state_path.read_text())
-    assert sha not in state["tried"] and state["after"] == {sha: "1"}, state
+    assert sha not in state["tried"] and state["after"] == {sha: "1"} and state["untried"] == ["1"], state
+    posted = [n for n in state["posted"] if n != rows(repo)[1]["n"]]
+    # that row not posted yet (the hub was down), and the commit taken again since (by another worker, say): the
+    # row is published again, but never un-tries its commit twice
+    state_path.write_text(json.dumps(dict(state, tried=[sha], after={}, posted=posted)))
+    loop(repo, lab_env, *here[:-1], "0")
+    assert json.loads(state_path.read_text())["tried"] == [sha]
     # as a loop killed between recording that row and publishing it would leave it: the next loop un-tries it
-    state_path.write_text(json.dumps(dict(state, tried=[sha], after={}, posted=state["posted"][:-1])))
+    state_path.write_text(json.dumps(dict(state, tried=[sha], after={}, untried=[], posted=posted)))
     # not at the very next experiment (the machine may still be as it was): the agent's, then the claim again,
     # on a steady machine, measured and kept
     agent = "sed -i 's/^VAL_BPB = .*/VAL_BPB = 1.05/' train.py && echo worse"
@@ -577,8 +583,8 @@ def test_a_lab_training_the_real_train_py_measures_a_hub_commit_before_keeping_i
     assert hub.post("/api/git/push", other_auth, data=(tmp_path / "a" / "o.bundle").read_bytes()).status_code == 201
     a_sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=other, capture_output=True, text=True).stdout.strip()
     platform = f"cpu{len(os.sched_getaffinity(0))}.smoke.synthetic"
-    hub.post("/api/results", other_auth, json={"commit": a_sha, "val_bpb": 0.5, "platform": platform,
-                                               "status": "keep"})
+    assert hub.post("/api/results", other_auth, json={"commit": a_sha, "val_bpb": 0.5, "platform": platform,
+                                                      "status": "keep"}).status_code == 201
     env = user_env(tmp_path / "b", smoke_cache, HOME=str(tmp_path / "b"))
 
     # the lab's first experiment is the other lab's commit, from the hub, trained and evaluated here, kept and pushed
