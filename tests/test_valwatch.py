@@ -93,6 +93,8 @@ def test_each_worker_reads_a_copy_of_its_own_which_its_coordinator_made_before_a
     cache, prepared, _ = fake_cache(tmp_path)
     config = dict(cache_dir=str(cache), dataset="synthetic", profile="smoke", metric_hashes=seal_metric_files(prepared))
     monkeypatch.setenv(LEDGER_ENV, str(tmp_path / "lab" / ".git" / "autoresearch"))  # as a coordinator sets it
+    for name in ("AUTORESEARCH_CACHE_DIR", "AUTORESEARCH_DATASET"):  # the user's would win over config's
+        monkeypatch.delenv(name, raising=False)
     worktrees = [tmp_path / "lab" / "worktrees" / f"t-w{i}" for i in (1, 2)]
     made = [evaluator_data(config, w) for w in worktrees]  # by the coordinator
     assert made[0] != made[1] and all(seal_metric_files(m) == config["metric_hashes"] for m in made)
