@@ -10,7 +10,9 @@ Training speed of train.py for the active profile: one real run (the full time b
 rule works against, as bench/bench_decide.py takes it).
 
 Then it shows where a step's time goes (matmuls, attention, loss, optimizer, the rest) for the profile's model,
-from a few eager steps under torch.profiler; --split-only shows just that (seconds, not a full run).
+from a few eager steps under torch.profiler; --split-only shows just that (seconds, not a full run). --compiled
+profiles the steps as train.py runs them (compiled model, and optimizer on CUDA), by the kernels' names, and on
+CUDA adds the share of the step the GPU sits idle (launches, host syncs): what MFU loses outside the kernels.
 
 --source/--dataset prepare that data first (into --cache, default a temporary folder) and train on it.
 """
@@ -54,6 +56,7 @@ def main():
     parser.add_argument("--quiet", action="store_true", help="do not echo train.py's output")
     parser.add_argument("--repeats", type=int, default=1, help="runs with seeds 42, 43, ... (default 1)")
     parser.add_argument("--split-only", action="store_true", help="no full run: only where a step's time goes")
+    parser.add_argument("--compiled", action="store_true", help="split compiled steps, as train.py runs them")
     args = parser.parse_args()
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -75,7 +78,7 @@ def main():
               f"(min {min(vals):.6f}, max {max(vals):.6f}); tokens/s mean {statistics.fmean(speeds):,.0f} "
               f"spread {100 * statistics.stdev(speeds) / statistics.fmean(speeds):.1f}%")
     os.environ.update(env)  # the split runs here, on the same data
-    step_split()
+    step_split(compiled=args.compiled)
 
 
 def one_run(env, quiet):
@@ -111,7 +114,7 @@ def one_run(env, quiet):
 CATEGORIES = {  # first match wins: an operator's (or CUDA kernel's) name, lower-cased
     "attention": ("attention", "flash", "flex", "sdpa"),
     "loss": ("cross_entropy", "log_softmax", "nll_loss", "softmax", "logsumexp", "tanh"),
-    "matmuls": ("mm", "matmul", "linear", "gemm"),
+    "matmuls": ("mm", "matmul", "linear", "gemm", "nvjet", "xmma", "cutlass"),  # the last three: cuBLAS kernels
 }
 
 
@@ -120,10 +123,11 @@ def category(name):
     return next((what for what, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
 
 
-def step_split(steps=3):
-    """train.py's model, optimizer and batch for the active profile, run eagerly: forward+backward and the
-    optimizer step are timed apart, and torch.profiler's self time per operator splits forward+backward.
-    Eager, because compiled kernels lose the operators' names; compiling mostly shrinks the 'other' share."""
+def step_split(steps=3, compiled=False):
+    """train.py's model, optimizer and batch for the active profile: forward+backward and the optimizer step are
+    timed apart, and torch.profiler's self time per operator (CPU) or per kernel (CUDA) splits forward+backward.
+    Eager by default, where operators keep their names; compiled, inductor's kernels carry the names of the
+    operators they fused (flex attention, log_softmax, ...), the rest land in 'other'."""
     sys.path.insert(0, str(REPO))
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's own chatter on stderr, off
     import torch
@@ -133,9 +137,12 @@ def step_split(steps=3):
     from torch.profiler import ProfilerActivity, profile
     device = default_device()
     on_cuda = device.type == "cuda"
+    torch.set_float32_matmul_precision("high")
     tokenizer = Tokenizer.from_directory()
     model, attention = train.build_model(tokenizer.get_vocab_size(), device)
-    optimizer = train.make_optimizer(model, compiled=False, ortho_dtype=torch.bfloat16 if on_cuda else torch.float32)
+    optimizer = train.make_optimizer(model, compiled=compiled and on_cuda,
+                                     ortho_dtype=torch.bfloat16 if on_cuda else torch.float32)
+    step_model = torch.compile(model, dynamic=False) if compiled else model
     loader = make_dataloader(tokenizer, train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN, "train",
                              device=device)
     accum = train.TOTAL_BATCH_SIZE // (train.DEVICE_BATCH_SIZE * train.MAX_SEQ_LEN)
@@ -145,7 +152,7 @@ def step_split(steps=3):
         for _ in range(accum):
             x, y, _ = next(loader)
             with autocast:
-                loss = model(x, y)
+                loss = step_model(x, y)
             (loss / accum).backward()
 
     def timed(fn):
@@ -155,31 +162,47 @@ def step_split(steps=3):
         synchronize(device)
         return time.perf_counter() - t0
 
-    for _ in range(2):  # warm-up: allocator, kernels, Muon's buffers
+    def own_time(fn):
+        """fn's time by category, in seconds: its CUDA kernels' on CUDA, its operators' CPU self time on CPU."""
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
+            fn()
+            synchronize(device)
+        spent = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+        for event in prof.key_averages():
+            if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+                continue  # on CUDA the kernels' own time is what a step waits for
+            spent[category(event.key)] += 1e-6 * (event.self_device_time_total if on_cuda
+                                                  else event.self_cpu_time_total)
+        return spent
+
+    t0 = time.perf_counter()
+    for _ in range(2):  # warm-up: compiles, allocator, kernels, Muon's buffers
         forward_backward()
         optimizer.step()
         model.zero_grad(set_to_none=True)
+    warmup_s = time.perf_counter() - t0
     fb, opt = 0.0, 0.0
     for _ in range(steps):
         fb += timed(forward_backward)
         opt += timed(optimizer.step)
         model.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
-        forward_backward()
-        synchronize(device)
+    fb, opt = fb / steps, opt / steps
+    fb_kernels = own_time(forward_backward)
+    opt_kernels = own_time(optimizer.step)
     model.zero_grad(set_to_none=True)
-    spent = dict.fromkeys([*CATEGORIES, "other"], 0.0)
-    for event in prof.key_averages():
-        own = getattr(event, "self_device_time_total", 0) if on_cuda else event.self_cpu_time_total
-        if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
-            continue  # on CUDA the kernels' own time is what a step waits for
-        spent[category(event.key)] += own
-    total = sum(spent.values()) or 1.0
-    step_ms = 1000 * (fb + opt) / steps
-    shares = {what: fb / (fb + opt) * t / total for what, t in spent.items()}
-    shares["optimizer"] = opt / (fb + opt)
-    print(f"\nstep time split ({train.PROFILE} profile, {device.type}, attention {attention}, eager, "
-          f"{steps} steps of {train.TOTAL_BATCH_SIZE:,} tokens: {step_ms:.0f} ms/step):")
+    step_s = fb + opt
+    if on_cuda:  # kernel time over the unprofiled step's wall time; the gap is the GPU waiting on the host
+        shares = {what: t / step_s for what, t in fb_kernels.items()}
+        shares["optimizer"] = sum(opt_kernels.values()) / step_s
+        shares["gpu idle"] = max(0.0, 1 - sum(shares.values()))
+    else:
+        total = sum(fb_kernels.values()) or 1.0
+        shares = {what: fb / step_s * t / total for what, t in fb_kernels.items()}
+        shares["optimizer"] = opt / step_s
+    print(f"\nstep time split ({train.PROFILE} profile, {device.type}, attention {attention}, "
+          f"{'compiled' if compiled else 'eager'}, {steps} steps of {train.TOTAL_BATCH_SIZE:,} tokens: "
+          f"{1000 * step_s:.0f} ms/step, forward+backward {1000 * fb:.0f} ms, optimizer {1000 * opt:.0f} ms; "
+          f"warm-up {warmup_s:.0f}s):")
     print("  " + " | ".join(f"{what} {100 * share:.0f}%" for what, share in
                             sorted(shares.items(), key=lambda item: -item[1])))
     return shares
