@@ -15,13 +15,14 @@ Before copying the repo to the GPU machine, fill two git-ignored folders (the ma
 Stages, each reported and the rest still run when one fails: install what is missing from .whl/; prepare
 .devdata/<corpus> for the reference profile; the CUDA, fake-CUDA and reference-path tests on the GPU (CI runs
 the reference-path tests on CPU) beside the bf16-vs-fp32 evaluation check; one full reference run (300 s),
-alone on the GPU; then a 3 s run on the compile cache it left (warm start-up and evaluation, and whether
-AOTAutograd's cache was hit). --budget bounds the whole check (a device call's limit); --logs keeps each step's
-full output.
+alone on the GPU; then a 3 s run on the compile cache it left (warm start-up, each of its phases, and
+evaluation, and whether AOTAutograd's cache was hit). --budget bounds the whole check (a device call's
+limit); --logs keeps each step's full output.
 Measured on H100s (2026-11-26/27, three machines): prepare 7 s, tests beside the agreement check 91-108 s,
 reference run 390-403 s (MFU 37.1-37.7% with flex attention, startup 66-75 s, eval 18-21 s), and the warm run
-~30 s (start-up 14 s, eval 9 s, on 2026-11-27 with an 8 s budget): ~530 s in all, so give it --budget 560
-inside a 590 s device call; the warm run is skipped when less than WARM_RUN_MIN_S are left. val_bpb on
+~30 s (start-up 14 s, eval 9 s, on 2026-11-27 with an 8 s budget); on an H200 (2026-11-28) 527 s in all, with
+MFU 39.9% and a 33 s warm run (start-up 14.8 s, eval 8.3 s): ~530 s in all, so give it --budget 560 inside a
+590 s device call; the warm run is skipped when less than WARM_RUN_MIN_S are left. val_bpb on
 gutenberg-children (~12M training tokens, 25 epochs in 300 s) is ~3.0: it overfits that small corpus, so
 compare it only with itself, never with upstream's 0.998.
 """
@@ -68,10 +69,30 @@ print(json.dumps({"attention": attention, "bf16": bf16, "fp32": fp32}))
 
 WARM_RUN_MIN_S = 45
 # a second, short run on the compile cache the reference run just filled: the start-up and evaluation a loop's
-# later runs of a version see; AOTAutograd's cache decisions logged (a "Bypassing" line costs every warm start)
+# later runs of a version see; AOTAutograd's cache decisions logged (a "Bypassing" line costs every warm start),
+# and the start-up's phases before the first step timed, where main() calls them ("phase NAME SECONDS")
 WARM_RUN = """
-import logging, train
+import functools, logging, time, train
 logging.getLogger("torch._functorch._aot_autograd.autograd_cache").setLevel(logging.INFO)  # torch prints it
+def timed(name, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.time()
+        result = fn(*args, **kwargs)
+        print(f"phase {name} {time.time() - t0:.2f}", flush=True)
+        return result
+    return wrapper
+def first_batch_timed(batches):
+    t0 = time.time()
+    first = next(batches)
+    print(f"phase first_batch {time.time() - t0:.2f}", flush=True)
+    yield first
+    yield from batches
+for name in ("check_ready", "build_model", "check_memory", "make_optimizer"):
+    setattr(train, name, timed(name, getattr(train, name)))
+train.Tokenizer.from_directory = timed("tokenizer", train.Tokenizer.from_directory)
+make_dataloader = timed("make_dataloader", train.make_dataloader)
+train.make_dataloader = lambda *args, **kwargs: first_batch_timed(make_dataloader(*args, **kwargs))
 train.TIME_BUDGET = 3
 train.main()
 """
@@ -205,7 +226,11 @@ def summary(results):
     if agreement:
         lines.append(f"eval_bf16_fp32:   {agreement['bf16']:.6f} vs {agreement['fp32']:.6f} "
                      f"(difference {agreement['bf16'] - agreement['fp32']:+.6f})")
+    phases = re.findall(r"^phase (\w+) ([\d.]+)$", warm_out, re.M)
+    phases += [(f"step{n}", f"{int(ms) / 1000:.2f}") for n, ms in
+               re.findall(r"^step 0000([01]) .*?\| (\d+) ms \|", warm_out, re.M)]
     lines += [f"warm_startup_s:   {warm.get('startup_seconds', 'n/a')}",
+              "warm_phases_s:    " + (", ".join(f"{name} {seconds}" for name, seconds in phases) or "n/a"),
               f"warm_eval_s:      {warm.get('eval_seconds', 'n/a')}",
               "aot_cache:        " + ", ".join(f"{what} {n}" for what, n in aot.items())]
     return "\n".join(lines)

@@ -69,6 +69,11 @@ def test_gpu_check_warm_run_reports_its_start_up_evaluation_and_aot_cache_decisi
     assert re.search(rf"^warm_startup_s: +{re.escape(startup)}$", report, re.M), report
     assert re.search(r"^warm_eval_s: +\d+\.\d$", report, re.M), report
     assert re.search(r"^aot_cache: +hit 1, miss 0, bypass 1$", report, re.M), report
+    phases = re.search(r"^warm_phases_s: +(.*)$", report, re.M).group(1).split(", ")
+    assert [p.split()[0] for p in phases] == ["check_ready", "tokenizer", "build_model", "check_memory",
+                                              "make_optimizer", "make_dataloader", "first_batch", "step0",
+                                              "step1"], report  # in the order main() meets them
+    assert all(float(p.split()[1]) >= 0 for p in phases)
 
 
 def test_bench_hub_reports_reads_and_pushes_per_second():
