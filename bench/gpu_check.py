@@ -3,6 +3,7 @@ One-call GPU check: everything that can only be proven on a CUDA GPU, in under 1
 no internet and a Python that has torch. Prints one block of numbers at the end.
 
     python bench/gpu_check.py              # on the GPU machine, from the repo root
+    python bench/gpu_check.py --harness    # then, on the same machine: what the harness adds to a run
     python bench/gpu_check.py --dry-run    # anywhere: print what it would do, run nothing
 
 Before copying the repo to the GPU machine, fill two git-ignored folders (the machine cannot download):
@@ -25,6 +26,11 @@ MFU 39.9% and a 33 s warm run (start-up 14.8 s, eval 8.3 s): ~530 s in all, so g
 590 s device call; the warm run is skipped when less than WARM_RUN_MIN_S are left. val_bpb on
 gutenberg-children (~12M training tokens, 25 epochs in 300 s) is ~3.0: it overfits that small corpus, so
 compare it only with itself, never with upstream's 0.998.
+
+--harness measures what a loop's experiment adds to a plain run: after the warm run, the same run hands its
+model over (AUTORESEARCH_HANDOFF: torch.export instead of its own evaluation) and the harness's evaluator scores
+it twice on a compile cache of its own, as the loop keeps one (cold, then warm: what every later experiment
+sees). Right after the check, on its compile cache, ~1.5 minutes; on a fresh machine ~3.
 """
 
 import argparse
@@ -102,8 +108,9 @@ def missing_modules():
     return [m for m in MODULES if importlib.util.find_spec(m) is None]
 
 
-def plan():
-    """Stages in order; the steps of one stage run side by side (prepare is CPU work, the tests GPU work)."""
+def plan(harness=False, logs=Path("logs")):
+    """Stages in order; the steps of one stage run side by side (prepare is CPU work, the tests GPU work).
+    harness: install, prepare, the warm run and the harness's stages (written under logs) only."""
     corpus = next((p for p in sorted(DATA.iterdir()) if p.is_dir()), None) if DATA.exists() else None
     wheels = sorted(str(w) for w in WHEELS.glob("*.whl")) if WHEELS.exists() else []
     stages = []
@@ -111,6 +118,8 @@ def plan():
         stages.append([("install", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                                     *wheels])])
     stages.append([("prepare", [sys.executable, "prepare.py", "--source", str(corpus or DATA / "<corpus>")])])
+    if harness:
+        return stages + [[("warm-run", [sys.executable, "-c", WARM_RUN])], *harness_stages(logs)], corpus
     # the agreement check (~45 s on an H100) beside the tests (~90 s), not after the run: in series, the whole
     # check outgrew a 10-minute device call by seconds (H100, 2026-11-26: the agreement was cut at 36 s)
     # in one test process: pyproject's addopts ask pytest-xdist for two, and a bare box may not have it
@@ -121,6 +130,17 @@ def plan():
     stages.append([("reference-run", [sys.executable, "train.py"])])
     stages.append([("warm-run", [sys.executable, "-c", WARM_RUN])])
     return stages, corpus
+
+
+def harness_stages(logs):
+    """The warm run handing its model over, then the evaluator on it twice (its compile cache cold, then warm),
+    in the cache folder of its own that the loop gives it (runner.child_env)."""
+    model, cache = logs / "handoff.pt2", logs / "evaluator-cache"
+    evaluator = ["env", f"TORCHINDUCTOR_CACHE_DIR={cache}", f"TRITON_CACHE_DIR={cache / 'triton'}",
+                 sys.executable, "-m", "autoresearch.evaluator", str(model)]
+    handing_over = f"import os; os.environ['AUTORESEARCH_HANDOFF'] = {str(model)!r}\n" + WARM_RUN
+    return [[("handoff-run", [sys.executable, "-c", handing_over])],
+            [("evaluator-cold", evaluator)], [("evaluator-warm", evaluator)]]
 
 
 def run_stage(stage, env, deadline, logs):
@@ -150,6 +170,8 @@ def run_stage(stage, env, deadline, logs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
+    parser.add_argument("--harness", action="store_true", help="only the warm run and what the harness adds to "
+                        "it: hand-over, evaluator (cold and warm)")
     parser.add_argument("--budget", type=float, default=560, help="seconds for all steps (default 560); a step "
                         "still running then is killed and reported, later ones are skipped")
     parser.add_argument("--logs", type=Path, default=None, help="folder for each step's full output "
@@ -158,7 +180,9 @@ def main():
     deadline = time.time() + args.budget
     env = dict(os.environ, AUTORESEARCH_PROFILE="reference", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                AUTORESEARCH_CACHE_DIR=os.environ.get("AUTORESEARCH_CACHE_DIR") or tempfile.mkdtemp(prefix="gpu-"))
-    stages, corpus = plan()
+    logs = args.logs or (Path(tempfile.gettempdir()) / "gpu-check-logs-XXXX" if args.dry_run
+                         else Path(tempfile.mkdtemp(prefix="gpu-check-logs-")))
+    stages, corpus = plan(args.harness, logs.resolve())
     if args.dry_run:
         print(f"gpu_check --dry-run: profile reference, cache {env['AUTORESEARCH_CACHE_DIR']}, "
               f"budget {args.budget:.0f}s")
@@ -166,17 +190,17 @@ def main():
               f"missing modules here: {', '.join(missing_modules()) or 'none'}")
         for stage in stages:
             for i, (name, cmd) in enumerate(stage):
-                shown = {"eval-agreement": "<bf16-vs-fp32 evaluation script>",
-                         "warm-run": "<train.main() with a 3 s budget on the reference run's compile cache>"
-                         }.get(name, " ".join(cmd[1:]))
-                print(f"  {name:<15}{' (beside the step above)' if i else ''} python {shown}")
+                shown = {"eval-agreement": "python <bf16-vs-fp32 evaluation script>",
+                         "warm-run": "python <train.main(), a 3 s budget, on the reference run's compile cache>",
+                         "handoff-run": "python <the warm run, handing its model over to the harness>",
+                         }.get(name, " ".join(["python", *cmd[1:]] if cmd[0] == sys.executable else cmd))
+                print(f"  {name:<15}{' (beside the step above)' if i else ''} {shown}")
         return 0
-    logs = args.logs or Path(tempfile.mkdtemp(prefix="gpu-check-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check: {torch_line()}; logs in {logs}", flush=True)
     results = {}
     for stage in stages:
-        if time.time() > deadline - (WARM_RUN_MIN_S if stage[0][0] == "warm-run" else 20):
+        if time.time() > deadline - (WARM_RUN_MIN_S if stage[0][0] in ("warm-run", "handoff-run") else 20):
             results.update({name: ("skipped: out of time", "") for name, _ in stage})
             continue
         results.update(run_stage(stage, env, deadline, logs))
@@ -233,7 +257,35 @@ def summary(results):
               "warm_phases_s:    " + (", ".join(f"{name} {seconds}" for name, seconds in phases) or "n/a"),
               f"warm_eval_s:      {warm.get('eval_seconds', 'n/a')}",
               "aot_cache:        " + ", ".join(f"{what} {n}" for what, n in aot.items())]
+    if "handoff-run" in results:
+        lines += harness_lines(results, warm)
     return "\n".join(lines)
+
+
+def harness_lines(results, warm):
+    """--harness: the hand-over's export and the evaluator's seconds (cold, warm), and what they add to a run
+    against the warm run's own evaluation. The evaluator's imports are not counted: the loop starts it beside
+    train.py, which leaves it the idle core."""
+    export = to_float(run_summary(results["handoff-run"][1]).get("eval_seconds"))
+    seconds = {}
+    for name in ("evaluator-cold", "evaluator-warm"):
+        code, out = results.get(name, (1, ""))
+        said = [line for line in out.splitlines() if line.startswith("{")]
+        seconds[name] = json.loads(said[-1]).get("eval_seconds") if code == 0 and said else None
+    own = to_float(warm.get("eval_seconds"))
+    adds = (f"{export + seconds['evaluator-warm'] - own:+.1f} s a run (export + warm evaluator - own evaluation)"
+            if None not in (export, seconds["evaluator-warm"], own) else "n/a")
+    show = lambda x: "n/a" if x is None else x  # noqa: E731
+    return [f"handoff_export_s: {show(export)}",
+            f"evaluator_s:      cold {show(seconds['evaluator-cold'])}, warm {show(seconds['evaluator-warm'])}",
+            f"harness_adds:     {adds}"]
+
+
+def to_float(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.long(minutes=1.2)  # on one core; conftest hands out the longest files first
+pytestmark = pytest.mark.long(minutes=1.6)  # on one core; conftest hands out the longest files first
 
 
 def test_bench_dataloader_measures_a_prepared_folder(smoke_cache):
@@ -39,6 +40,10 @@ def test_gpu_check_dry_run_lists_every_step_without_a_gpu():
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert steps[-5:] == ["prepare", "tests", "eval-agreement", "reference-run", "warm-run"], result.stdout
+    harness = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--harness"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    steps = [line.split()[0] for line in harness.stdout.splitlines() if line.startswith("  ")]
+    assert steps[-5:] == ["prepare", "warm-run", "handoff-run", "evaluator-cold", "evaluator-warm"], harness.stdout
 
 
 def test_gpu_check_reports_a_reference_run_killed_at_its_deadline_after_printing_its_summary():
@@ -53,19 +58,29 @@ def test_gpu_check_reports_a_reference_run_killed_at_its_deadline_after_printing
     assert re.search(r"^mfu_percent: +n/a$", cut, re.M), cut  # a block cut short is not read
 
 
-def test_gpu_check_warm_run_reports_its_start_up_evaluation_and_aot_cache_decisions(smoke_cache):
-    # the script the GPU runs after the reference run, run here on the smoke profile (which does not compile:
-    # no cache decisions to log); AOTAutograd's log lines as torch writes them, read by the same summary
+def test_gpu_check_warm_run_reports_its_phases_and_aot_cache_and_harness_stages_what_the_evaluator_adds(
+        smoke_cache, tmp_path):
+    # the scripts the GPU runs after the reference run (and with --harness), run here on the smoke profile, which
+    # does not compile: no cache decisions to log, so AOTAutograd's lines are added as torch writes them. The
+    # harness's stages: the warm run exports its model instead of evaluating it, and the evaluator scores that
+    # file on a compile cache of its own (twice on the GPU, cold then warm: once here, the command is the same)
     gpu_check = load_gpu_check()
     env = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(smoke_cache))
     env.pop("AUTORESEARCH_DATASET", None)
-    warm = subprocess.run([sys.executable, "-c", gpu_check.WARM_RUN], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert warm.returncode == 0, warm.stdout[-2000:] + warm.stderr[-2000:]
-    assert re.search(r"^training_seconds: +[3-9]\.\d$", warm.stdout, re.M), warm.stdout[-1500:]  # its 3 s budget
-    logged = "AOTAutograd cache hit for key a1\nBypassing autograd cache due to: Unsupported call_function\n"
-    report = gpu_check.summary({"warm-run": (0, logged + warm.stdout)})
-    startup = re.search(r"^startup_seconds: +(\S+)$", warm.stdout, re.M).group(1)
+    handoff, evaluator_cold, evaluator_warm = gpu_check.harness_stages(tmp_path)
+    assert evaluator_cold == [("evaluator-cold", evaluator_warm[0][1])]
+    results = {}
+    for stage in [[("warm-run", [sys.executable, "-c", gpu_check.WARM_RUN])], handoff, evaluator_cold]:
+        results.update(gpu_check.run_stage(stage, env, time.time() + 300, tmp_path))
+    assert all(code == 0 for code, _ in results.values()), {name: out[-1500:] for name, (_, out) in
+                                                            results.items()}
+    warm = results["warm-run"][1]
+    assert re.search(r"^training_seconds: +[3-9]\.\d$", warm, re.M), warm[-1500:]  # its 3 s budget
+    results["warm-run"] = (0, "AOTAutograd cache hit for key a1\nBypassing autograd cache due to: Unsupported "
+                              "call_function\n" + warm)
+    results["evaluator-warm"] = results["evaluator-cold"]
+    report = gpu_check.summary(results)
+    startup = re.search(r"^startup_seconds: +(\S+)$", warm, re.M).group(1)
     assert re.search(rf"^warm_startup_s: +{re.escape(startup)}$", report, re.M), report
     assert re.search(r"^warm_eval_s: +\d+\.\d$", report, re.M), report
     assert re.search(r"^aot_cache: +hit 1, miss 0, bypass 1$", report, re.M), report
@@ -73,7 +88,12 @@ def test_gpu_check_warm_run_reports_its_start_up_evaluation_and_aot_cache_decisi
     assert [p.split()[0] for p in phases] == ["check_ready", "tokenizer", "build_model", "check_memory",
                                               "make_optimizer", "make_dataloader", "first_batch", "step0",
                                               "step1"], report  # in the order main() meets them
-    assert all(float(p.split()[1]) >= 0 for p in phases)
+    assert "val_bpb:          harness" in results["handoff-run"][1] and (tmp_path / "handoff.pt2").exists()
+    assert (tmp_path / "evaluator-cache").is_dir()  # its own, as the loop gives it; not train.py's
+    assert re.search(r"^handoff_export_s: +\d+\.\d$", report, re.M), report
+    assert re.search(r"^evaluator_s: +cold \d+\.\d+, warm \d+\.\d+$", report, re.M), report
+    assert re.search(r"^harness_adds: +[+-]\d+\.\d s a run", report, re.M), report
+    print(report)
 
 
 def test_bench_hub_reports_reads_and_pushes_per_second():
