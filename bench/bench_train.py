@@ -181,17 +181,24 @@ def step_split(steps=3, compiled=False):
         optimizer.step()
         model.zero_grad(set_to_none=True)
     warmup_s = time.perf_counter() - t0
-    fb, opt = 0.0, 0.0
+    def whole_step():
+        forward_backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    fb, opt, whole = 0.0, 0.0, 0.0
     for _ in range(steps):
         fb += timed(forward_backward)
         opt += timed(optimizer.step)
         model.zero_grad(set_to_none=True)
-    fb, opt = fb / steps, opt / steps
+        whole += timed(whole_step)
+    fb, opt, whole = fb / steps, opt / steps, whole / steps
     fb_kernels = own_time(forward_backward)
     opt_kernels = own_time(optimizer.step)
     model.zero_grad(set_to_none=True)
     step_s = fb + opt
-    if on_cuda:  # kernel time over the unprofiled step's wall time; the gap is the GPU waiting on the host
+    if on_cuda:  # kernel time over a step's wall time with one wait for the GPU, as train.py's loop has: the gap
+        step_s = whole  # is the GPU waiting on the host (launches, the step's start after that wait)
         shares = {what: t / step_s for what, t in fb_kernels.items()}
         shares["optimizer"] = sum(opt_kernels.values()) / step_s
         shares["gpu idle"] = max(0.0, 1 - sum(shares.values()))
