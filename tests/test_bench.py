@@ -86,8 +86,8 @@ def test_gpu_check_warm_run_reports_its_phases_and_aot_cache_and_harness_stages_
     assert re.search(r"^aot_cache: +hit 1, miss 0, bypass 1$", report, re.M), report
     phases = re.search(r"^warm_phases_s: +(.*)$", report, re.M).group(1).split(", ")
     assert [p.split()[0] for p in phases] == ["check_ready", "tokenizer", "build_model", "check_memory",
-                                              "make_optimizer", "make_dataloader", "first_batch", "step0",
-                                              "step1"], report  # in the order main() meets them
+                                              "make_optimizer", "first_batch", "step0", "step1"], report
+    # (in the order main() meets them)
     assert "val_bpb:          harness" in results["handoff-run"][1] and (tmp_path / "handoff.pt2").exists()
     assert (tmp_path / "evaluator-cache").is_dir()  # its own, as the loop gives it; not train.py's
     assert re.search(r"^handoff_export_s: +\d+\.\d$", report, re.M), report
