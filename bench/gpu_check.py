@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from autoresearch.layout import to_float  # noqa: E402  (json and pathlib only: a bare box has them)
 WHEELS, DATA = REPO / ".whl", REPO / ".devdata"
 MODULES = ["numpy", "tiktoken", "rustbpe", "pyarrow", "requests", "kernels", "matplotlib", "setuptools", "pytest"]
 
@@ -291,12 +293,6 @@ def harness_lines(results, warm):
             f"evaluator_s:      cold {show(seconds['evaluator-cold'])}, warm {show(seconds['evaluator-warm'])}",
             f"harness_adds:     {adds}"]
 
-
-def to_float(text):
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
 
 
 if __name__ == "__main__":
