@@ -6,8 +6,6 @@ train.py calls load_flash_attention_3() once; None means "use another backend", 
 import os
 import threading
 
-import requests
-
 HUB_REPO = "kernels-community/flash-attn3"
 PROBE_TIMEOUT_S = 2.0
 
@@ -22,6 +20,8 @@ def hub_reachable(timeout=PROBE_TIMEOUT_S):
     """Does the hub (HF_ENDPOINT, any scheme and port) answer within `timeout`? Goes through the proxies that
     requests honours (HTTPS_PROXY, NO_PROXY, ...): on proxy-only clusters a direct connection would fail.
     Any HTTP answer counts; a thread bounds the wait, because a hanging DNS lookup ignores request timeouts."""
+    import requests  # here, not above: the loop imports this module for download_folders alone
+
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     answered = []
 
@@ -50,3 +50,16 @@ def load_flash_attention_3():
     except Exception as e:  # whatever the hub, the download or the build raises, training goes on without it
         print(f"Flash Attention 3 unavailable ({first_line(e)}); falling back")
         return None
+
+
+def download_folders():
+    """Where loading FA3 writes (huggingface_hub's cache, xet's beside it, or KERNELS_CACHE): a confined run
+    may write there (autoresearch/confine.py). HF_HOME is made if missing, so that a first run under the loop
+    can still download the kernel; nothing the harness measures with lives there."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    try:
+        os.makedirs(home, exist_ok=True)
+    except OSError:
+        pass
+    return [home, *(os.environ[k] for k in ("HF_HUB_CACHE", "KERNELS_CACHE") if os.environ.get(k))]

@@ -172,7 +172,7 @@ def test_a_run_that_crashes_leaves_no_evaluator_behind(tmp_path, monkeypatch):
     run_ = train_once({"harness_eval": True, "time_budget": 15}, 60, 1, tmp_path / "run.log")
     assert run_.error and "dies at once" in (tmp_path / "run.log").read_text()
     assert evaluators_of(os.getpid()) == []
-    assert list(tmp_path.glob("*.evaluator")) == [] and list(tmp_path.glob("*.pt2")) == []
+    assert list(tmp_path.glob("*.evaluator")) == [] and list(tmp_path.glob("*.run")) == []
 
 
 def evaluators_of(parent):
@@ -206,6 +206,7 @@ def run_touching_torch(tmp_path, monkeypatch, cache, plain, touch, crash=False, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTORESEARCH_PROFILE", "smoke")
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(cache))
+    monkeypatch.setenv("AUTORESEARCH_CONFINE", "0")  # a confined run cannot write there (tests/test_confine.py)
     run_ = train_once({"harness_eval": True, "time_budget": 15}, 120, 1, tmp_path / "run.log", installed=installed)
     if not crash:
         assert run_.error is None and run_.val == pytest.approx(plain[1], rel=1e-6), \

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from autoresearch.confine import landlock_abi
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.long(minutes=5)  # on one core; conftest hands out the longest files first
 
@@ -103,6 +105,10 @@ def test_quick_start_main_job_runs_offline_in_a_fresh_clone_and_shows_the_report
     # mutate's honest changes: no harness check may fire (a false alarm, e.g. the ctime check on shared files)
     assert not [r["note"] for r in rows if r["note"].startswith("rejected")], log[-3000:]
     assert (worktree / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each real run was confined to its own folders, where the kernel can (autoresearch/confine.py)
+    logs = [text for text in map(Path.read_text, (worktree / "logs").rglob("*.log")) if "===== train.py" in text]
+    assert logs and all(log.count("===== train.py") == log.count(
+        "] confined (Landlock" if landlock_abi()[0] else "] not confined") for log in logs), logs[0][-3000:]
     # the worktree's branch ends at the best commit, with every tracked file as committed
     best = [r for r in rows if r["status"] == "keep"][-1]
     assert git_out(worktree, "rev-parse", "--short=7", "HEAD") == best["commit"]

@@ -1,0 +1,123 @@
+"""
+A training run confined by the kernel (Linux Landlock): train.py and all it starts may write only in the
+folders the loop names (the run's scratch folder, its version's compile cache, /dev) and may signal no process
+outside the run. The one place that decides whether a run is confined; where the kernel cannot (off Linux,
+before 5.13, a container that blocks the calls) or AUTORESEARCH_CONFINE=0 says not to, the run goes on
+unconfined with a line that says why, and the loop's checks after the run are all there is.
+
+    python -m autoresearch.confine --write DIR [--write DIR ...] -- COMMAND [ARG ...]
+"""
+import argparse
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+CONFINE_ENV = "AUTORESEARCH_CONFINE"  # "0": runs are not confined (the log of each says so)
+
+# -----------------------------------------------------------------------------
+# The kernel's interface (include/uapi/linux/landlock.h); the syscall numbers are the same on every architecture
+
+SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
+CREATE_RULESET_VERSION = 1
+RULE_PATH_BENEATH = 1
+PR_SET_NO_NEW_PRIVS = 38
+SCOPE_SIGNAL = 1 << 1  # ABI 6: no signal to a process outside the domain
+
+# what writing is, by the ABI that first knows the right: files written, truncated, made, removed, renamed in.
+# Reading, executing and device ioctls are not handled, so they stay allowed everywhere.
+WRITE_FILE, TRUNCATE, REFER = 1 << 1, 1 << 14, 1 << 13
+MAKE_AND_REMOVE = sum(1 << bit for bit in (4, 5, 6, 7, 8, 9, 10, 11, 12))  # remove dir/file, make char..sym
+
+
+class RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def landlock_abi():
+    """The kernel's Landlock ABI version, or (0, why not) where there is none."""
+    if not sys.platform.startswith("linux"):
+        return 0, f"Landlock is Linux's ({sys.platform} has none)"
+    abi = libc().syscall(SYS_CREATE_RULESET, None, 0, CREATE_RULESET_VERSION)
+    if abi < 0:
+        return 0, f"this kernel offers no Landlock ({os.strerror(ctypes.get_errno())})"
+    return abi, ""
+
+
+def write_rights(abi):
+    return WRITE_FILE | MAKE_AND_REMOVE | (REFER if abi >= 2 else 0) | (TRUNCATE if abi >= 3 else 0)
+
+
+# -----------------------------------------------------------------------------
+# Confining this process, then becoming the run
+
+
+def confine(folders):
+    """From now on this process and its children write only beneath `folders` (those that exist) and signal no
+    process outside. Returns a line that says what holds."""
+    if os.environ.get(CONFINE_ENV) == "0":
+        return f"not confined: {CONFINE_ENV}=0"
+    abi, why = landlock_abi()
+    if not abi:
+        return f"not confined: {why}"
+    c, rights = libc(), write_rights(abi)
+    attr = RulesetAttr(rights, 0, SCOPE_SIGNAL if abi >= 6 else 0)
+    ruleset = c.syscall(SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    if ruleset < 0:
+        return f"not confined: landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})"
+    allowed = []
+    try:
+        for folder in folders:
+            try:
+                fd = os.open(folder, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # not there: nothing to write in
+            try:
+                # a file (/dev/null, say) takes only the rights a file has
+                mask = rights if os.path.isdir(folder) else rights & (WRITE_FILE | TRUNCATE)
+                rule = PathBeneathAttr(mask, fd)
+                if c.syscall(SYS_ADD_RULE, ruleset, RULE_PATH_BENEATH, ctypes.byref(rule), 0) == 0:
+                    allowed.append(folder)
+            finally:
+                os.close(fd)
+        if c.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or c.syscall(SYS_RESTRICT_SELF, ruleset, 0) != 0:
+            return f"not confined: landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
+    finally:
+        os.close(ruleset)
+    signals = "; signals only within the run" if abi >= 6 else ""
+    return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{signals}"
+
+
+def confined(command, folders):
+    """`command` run through this module: confined to write in `folders` (see confine) before it starts. -I:
+    the repository cannot put a module of its own before this one."""
+    root = str(Path(__file__).resolve().parents[1])
+    bootstrap = f"import sys; sys.path.insert(0, {root!r}); from autoresearch.confine import main; main()"
+    writes = [arg for folder in folders if folder for arg in ("--write", str(folder))]
+    return [sys.executable, "-I", "-c", bootstrap, *writes, "--", *command]
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Run a command that may write only in the folders named.")
+    parser.add_argument("--write", action="append", default=[], metavar="DIR")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command after --")
+    print(f"[agent_loop] {confine(args.write)}", file=sys.stderr, flush=True)
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""A confined run (autoresearch/confine.py, Linux Landlock): what it may write and signal, and the hostile
+stand-ins of the other tests run confined, where the kernel stops each write before the loop's checks see it."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from autoresearch.confine import CONFINE_ENV, confined, landlock_abi
+from test_agent_loop import env, initialised, loop, repo, rows, set_train  # noqa: F401  (fixtures)
+
+ABI, WHY = landlock_abi()
+pytestmark = pytest.mark.skipif(not ABI, reason=f"no confinement here: {WHY}")
+
+TRIES = textwrap.dedent("""
+    import os, subprocess, sys
+    allowed, other = sys.argv[1:3]
+
+    def child_writes_other():
+        code = f"open({os.path.join(other, 'c')!r}, 'w')"
+        if subprocess.run([sys.executable, "-c", code], capture_output=True).returncode:
+            raise PermissionError(13, "the child could not")
+
+    for what, act in [
+            ("write allowed", lambda: open(os.path.join(allowed, "a"), "w").write("x")),
+            ("write other", lambda: open(os.path.join(other, "b"), "w").write("x")),
+            ("append other", lambda: open(os.path.join(other, "kept"), "a").write("x")),
+            ("rename other", lambda: os.rename(os.path.join(other, "kept"), os.path.join(allowed, "kept"))),
+            ("link other", lambda: os.link(os.path.join(other, "kept"), os.path.join(allowed, "linked"))),
+            ("signal parent", lambda: os.kill(os.getppid(), 0)),
+            ("child writes other", child_writes_other),
+            ("write /dev/null", lambda: open(os.devnull, "w").write("x"))]:
+        try:
+            act()
+            print(f"{what}: done")
+        except OSError:
+            print(f"{what}: refused")
+""")
+
+
+def tries(tmp_path, extra_env=None):
+    """What TRIES could do, confined to write in tmp_path/allowed: {what: "done" or "refused"}, the line the
+    confinement printed, and tmp_path/other."""
+    allowed, other = tmp_path / "allowed", tmp_path / "other"
+    allowed.mkdir()
+    other.mkdir()
+    (other / "kept").write_text("as it was")
+    p = subprocess.run(confined([sys.executable, "-c", TRIES, str(allowed), str(other)], [allowed, "/dev"]),
+                       capture_output=True, text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return dict(line.rsplit(": ", 1) for line in p.stdout.splitlines()), p.stderr, other
+
+
+def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signal_nothing_outside(tmp_path):
+    outcome, said, other = tries(tmp_path)
+    assert outcome == {"write allowed": "done", "write other": "refused", "append other": "refused",
+                       "rename other": "refused", "link other": "refused",
+                       "signal parent": "refused" if ABI >= 6 else "done",
+                       "child writes other": "refused", "write /dev/null": "done"}, outcome
+    assert (other / "kept").read_text() == "as it was" and sorted(p.name for p in other.iterdir()) == ["kept"]
+    assert f"confined (Landlock ABI {ABI}): writes only in {tmp_path / 'allowed'}, /dev" in said, said
+
+
+def test_confinement_turned_off_says_so_and_writes_anywhere(tmp_path):
+    outcome, said, other = tries(tmp_path, {CONFINE_ENV: "0"})
+    assert outcome["write other"] == "done" and outcome["child writes other"] == "done", outcome
+    assert f"not confined: {CONFINE_ENV}=0" in said, said
+
+
+# the hostile stand-ins of test_agent_loop, test_seal and test_ledger (unconfined there, where the checks after
+# the run catch them): confined, each one's first write fails, so the run is a crash that names it and nothing
+# outside the run changed; a daemon's late row and a kill of the loop fail the same way
+@pytest.mark.parametrize("mode", ["tamper", "selfedit", "shadow", "cachepoison", "ledger", "records",
+                                  "ledgerswap", "ledgerkill", "daemon"])
+def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo, env, mode):  # noqa: F811
+    env = {k: v for k, v in env.items() if k != CONFINE_ENV}  # the fixture's runs are not confined
+    initialised(repo, env)
+    ledger = repo / ".git" / "autoresearch"
+    before = {p: p.read_bytes() for p in [*ledger.rglob("*.tsv"), *ledger.rglob("*.json"), repo / "prepare.py"]
+              if p.is_file()}
+    set_train(repo, MODE=mode, VAL_BPB=0.5)
+    out = loop(repo, env, "step", "-m", f"a run that tries {mode}").stdout
+    if mode == "daemon":  # the run itself writes nothing: its daemon's row, two seconds later, is refused
+        subprocess.run([sys.executable, "-c", "import time; time.sleep(3)"])
+    candidate = rows(repo)[-1]
+    log = (repo / candidate["log"]).read_text()
+    assert f"confined (Landlock ABI {ABI})" in log, log
+    if mode == "daemon":
+        assert candidate["status"] == "keep" and "forged" not in (repo / "results.tsv").read_text(), out
+    else:
+        assert candidate["status"] == "crash" and "PermissionError" in log and not candidate["note"].startswith(
+            "rejected"), (out, candidate)  # caught by the kernel, not by the checks after the run
+    after = {p: p.read_bytes() for p in before if p.is_file()}
+    changed = [str(p) for p in before if after.get(p) != before[p] and p.name not in ("results.tsv", "state.json")]
+    assert not [p for p in changed if "forged" in after.get(p, b"").decode(errors="replace")] and \
+        (repo / "prepare.py").read_bytes() == before[repo / "prepare.py"], changed
+    assert not (ledger / "t" / "planted.json").exists() and not (ledger / "u").exists()
+    assert "forged" not in (ledger / "results.tsv").read_text()
