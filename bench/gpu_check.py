@@ -28,7 +28,8 @@ gutenberg-children (~12M training tokens, 25 epochs in 300 s) is ~3.0: it overfi
 compare it only with itself, never with upstream's 0.998.
 
 --harness measures what a loop's experiment adds to a plain run: after the warm run, the same run hands its
-model over (AUTORESEARCH_HANDOFF: torch.export instead of its own evaluation) and the harness's evaluator scores
+model over (AUTORESEARCH_HANDOFF: torch.export instead of its own evaluation), confined as the loop confines a
+run (autoresearch/confine.py; its line says whether it was), and the harness's evaluator scores
 it twice on a compile cache of its own, as the loop keeps one (cold, then warm: what every later experiment
 sees). Right after the check, on its compile cache, ~1.5 minutes; on a fresh machine ~3.5 (the warm run then
 compiles, and runs again on what it compiled).
@@ -144,9 +145,33 @@ def harness_stages(logs):
     evaluator = ["sh", "-c", "echo '{\"expect\": null, \"data\": null}' | exec \"$@\"", "evaluator",
                  "env", f"TORCHINDUCTOR_CACHE_DIR={cache}", f"TRITON_CACHE_DIR={cache / 'triton'}",
                  sys.executable, "-m", "autoresearch.evaluator", "--wait", str(model)]
-    handing_over = f"import os; os.environ['AUTORESEARCH_HANDOFF'] = {str(model)!r}\n" + WARM_RUN
-    return [[("handoff-run", [sys.executable, "-c", handing_over])],
+    return [[("handoff-run", confined_handoff_run(model))],
             [("evaluator-cold", evaluator)], [("evaluator-warm", evaluator)]]
+
+
+def confined_handoff_run(model):
+    """The warm run handing its model over, confined as the loop confines a run (runner.writable, imported when
+    it starts: a bare box has numpy only after the install stage): it writes in the model's folder and in the
+    compile caches the runs before it filled (inductor's default, named, since the default moves with TMPDIR;
+    triton's), with TMPDIR inside inductor's, as the loop sets it."""
+    handing_over = f"import os; os.environ['AUTORESEARCH_HANDOFF'] = {str(model)!r}\n" + WARM_RUN
+    return [sys.executable, "-c", CONFINED_RUN, str(model.parent), handing_over]
+
+
+CONFINED_RUN = """
+import getpass, os, re, sys, tempfile
+from autoresearch.confine import confined
+from autoresearch.runner import writable
+folder, code = sys.argv[1:]
+user = re.sub(r'[^A-Za-z0-9_.-]', '_', getpass.getuser())
+cache = (os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+         or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
+triton = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
+os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=triton, TMPDIR=os.path.join(cache, "tmp"))
+os.makedirs(os.environ["TMPDIR"], exist_ok=True)
+command = confined([sys.executable, "-c", code], [*writable(folder, cache), triton])
+os.execvp(command[0], command)
+"""
 
 
 def run_stage(stage, env, deadline, logs):
@@ -199,7 +224,7 @@ def main():
             for i, (name, cmd) in enumerate(stage):
                 shown = {"eval-agreement": "python <bf16-vs-fp32 evaluation script>",
                          "warm-run": "python <train.main(), a 3 s budget, on the reference run's compile cache>",
-                         "handoff-run": "python <the warm run, handing its model over to the harness>",
+                         "handoff-run": "python <the warm run, confined, handing its model over>",
                          }.get(name, " ".join(["python", *cmd[1:]] if cmd[0] == sys.executable else cmd))
                 print(f"  {name:<15}{' (beside the step above)' if i else ''} {shown}")
         return 0
@@ -289,7 +314,10 @@ def harness_lines(results, warm):
     adds = (f"{export + seconds['evaluator-warm'] - own:+.1f} s a run (export + warm evaluator - own evaluation)"
             if None not in (export, seconds["evaluator-warm"], own) else "n/a")
     show = lambda x: "n/a" if x is None else x  # noqa: E731
-    return [f"handoff_export_s: {show(export)}",
+    confinement = re.search(r"^\[agent_loop\] ((?:not )?confined.*?)(?:: writes only in .*)?$",
+                            results["handoff-run"][1], re.M)
+    return [f"handoff_run:      {confinement[1] if confinement else 'n/a'}",
+            f"handoff_export_s: {show(export)}",
             f"evaluator_s:      cold {show(seconds['evaluator-cold'])}, warm {show(seconds['evaluator-warm'])}",
             f"harness_adds:     {adds}"]
 

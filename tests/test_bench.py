@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from autoresearch.confine import landlock_abi
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.long(minutes=1.6)  # on one core; conftest hands out the longest files first
 
@@ -91,6 +93,9 @@ def test_gpu_check_warm_run_reports_its_phases_and_aot_cache_and_harness_stages_
     assert "val_bpb:          harness" in results["handoff-run"][1] and (tmp_path / "handoff.pt2").exists()
     assert (tmp_path / "evaluator-cache").is_dir()  # its own, as the loop gives it; not train.py's
     assert re.search(r"^handoff_export_s: +\d+\.\d$", report, re.M), report
+    # the hand-over run confined as the loop's runs are, where the kernel can
+    confined = r"confined \(Landlock ABI \d+\)" if landlock_abi()[0] else r"not confined: .+"
+    assert re.search(rf"^handoff_run: +{confined}$", report, re.M), report
     assert re.search(r"^evaluator_s: +cold \d+\.\d+, warm \d+\.\d+$", report, re.M), report
     assert re.search(r"^harness_adds: +[+-]\d+\.\d s a run", report, re.M), report
     print(report)
