@@ -15,7 +15,7 @@ from autoresearch.ledger import (INTERRUPTED, append_row, keep_file, ledger_dir,
                                  remember_records, render_results, restore_logs, tag_rows)
 from autoresearch.preflight import shared_environment, tracked_outputs
 from autoresearch.process import kill_leftover
-from autoresearch.runner import default_timeout, evaluator_data
+from autoresearch.runner import default_timeout, evaluator_data, remove_scratch
 from autoresearch.state import InFlight, Loop, load_config, lock, say, take_lock
 
 KILLED = f"{INTERRUPTED}: the loop was killed during training (kill -9, reboot)"
@@ -77,6 +77,8 @@ def reconcile(loop, reason=KILLED, restart=True):
         if state is None:
             return
         kill_leftover(state)
+        if state.get("log"):
+            remove_scratch(state["log"])
         if reason == KILLED:  # what the run left in the evaluator's cache, its record included, was never checked
             loop.evaluator_cache.forget()
         if state.get("baseline"):  # init runs the baseline again
@@ -135,6 +137,8 @@ def reconcile_worker(loop, number, reason=KILLED):
                 wl.rows = tag_rows(loop.tag)
                 if state and state.get("phase") == "train" and state.get("commit"):
                     kill_leftover(state)
+                    if state.get("log"):
+                        remove_scratch(state["log"])
                     if reason == KILLED:
                         wl.evaluator_cache.forget()
                     if not any(r.get("n") == str(state["n"]) for r in wl.rows):

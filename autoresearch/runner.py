@@ -39,6 +39,7 @@ PRINTED_TOLERANCE = 1e-4    # relative: train.py's own val_bpb against the evalu
 # 0.3 cores (seen: a 0.1 s stand-in run "busy", its first run thrown away by the keep rule)
 LOAD_WINDOW_S = 1.0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # where `autoresearch` is importable from
+SCRATCH = ".run"  # a run's own folder beside its log: LOG-seedN.run
 
 
 @dataclass
@@ -122,7 +123,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     # removed after it. Its temporary files go in the compile cache: inductor keeps its precompiled headers in
     # the temporary folder whatever TORCHINDUCTOR_CACHE_DIR says, and made again each run they cost a cold
     # compile 4.6 s more (smoke, 2 cores)
-    scratch = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}.run")
+    scratch = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}{SCRATCH}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     env["TMPDIR"] = str(Path(compile_cache) / "tmp" if compile_cache else scratch)
@@ -187,6 +188,12 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             watched.keep_record()
         shutil.rmtree(scratch, ignore_errors=True)  # the hand-over: hundreds of MB at the reference size
     return run
+
+
+def remove_scratch(log_path):
+    """The scratch folders of this log's runs, as a loop killed during one left them (hundreds of MB each)."""
+    for folder in Path(log_path).parent.glob(f"{Path(log_path).stem}-seed*{SCRATCH}"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def writable(scratch, compile_cache):

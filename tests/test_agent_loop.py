@@ -955,6 +955,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     finished = rows(repo)
     assert state["n"] == 2 == len(finished)
     assert process.proc_start_time(state["pgid"]) is not None  # the orphan train.py still runs
+    assert list((repo / "logs" / "k").glob("*.run"))  # its scratch folder
     out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "1").stdout
     assert wait_for(lambda: pid_gone(state["pgid"]), 15), "the orphaned train.py was not stopped"
     after = rows(repo)
@@ -966,6 +967,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     assert [r["n"] for r in after] == [str(i) for i in range(len(after))]  # no duplicate, no gap
     git(repo, env, "rev-parse", f"refs/autoresearch/k/discarded/{state['n']}")
     assert not running.exists() and clean_tracked(repo, env)
+    assert not list((repo / "logs" / "k").glob("*.run"))  # the killed run's too
 
 
 def test_a_process_that_left_the_runs_group_and_dropped_its_token_ends_with_the_run(repo, env, tmp_path):
