@@ -99,10 +99,10 @@ def confine(folders):
 
 
 def confined(command, folders):
-    """`command` run through this module: confined to write in `folders` (see confine) before it starts. -I:
-    the repository cannot put a module of its own before this one."""
+    """`command` run through this module: confined to write in `folders` (see confine) before it starts. -I,
+    and this package's folder last on the path: no module left in the repository stands in for the stdlib's."""
     root = str(Path(__file__).resolve().parents[1])
-    bootstrap = f"import sys; sys.path.insert(0, {root!r}); from autoresearch.confine import main; main()"
+    bootstrap = f"import sys; sys.path.append({root!r}); from autoresearch.confine import main; main()"
     writes = [arg for folder in folders if folder for arg in ("--write", str(folder))]
     return [sys.executable, "-I", "-c", bootstrap, *writes, "--", *command]
 
