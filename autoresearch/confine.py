@@ -50,7 +50,8 @@ def landlock_abi():
         return 0, f"Landlock is Linux's ({sys.platform} has none)"
     abi = libc().syscall(SYS_CREATE_RULESET, None, 0, CREATE_RULESET_VERSION)
     if abi < 0:
-        return 0, f"this kernel offers no Landlock ({os.strerror(ctypes.get_errno())})"
+        why = os.strerror(ctypes.get_errno())
+        return 0, f"no Landlock here ({why}: a kernel before 5.13, without it, or a container that blocks it)"
     return abi, ""
 
 
