@@ -1,9 +1,10 @@
 """
 A training run confined by the kernel (Linux Landlock): train.py and all it starts may write only in the
-folders the loop names (the run's scratch folder, its version's compile cache, /dev) and may signal no process
-outside the run. The one place that decides whether a run is confined; where the kernel cannot (off Linux,
-before 5.13, a container that blocks the calls) or AUTORESEARCH_CONFINE=0 says not to, the run goes on
-unconfined with a line that says why, and the loop's checks after the run are all there is.
+folders the loop names (runner.writable: the run's scratch folder, its version's compile cache, /dev, FA3's
+download cache) and, from ABI 6 (kernel 6.12), may signal no process outside the run. The one place that
+decides whether a run is confined; where the kernel cannot (off Linux, before 5.19, a container that blocks the
+calls) or AUTORESEARCH_CONFINE=0 says not to, the run goes on unconfined with a line that says why, and the
+loop's checks after the run are all there is.
 
     python -m autoresearch.confine --write DIR [--write DIR ...] -- COMMAND [ARG ...]
 """
@@ -71,6 +72,8 @@ def confine(folders):
     abi, why = landlock_abi()
     if not abi:
         return f"not confined: {why}"
+    if abi < 2:  # every rename between folders refused, also inside the allowed ones: triton's cache would fail
+        return "not confined: Landlock ABI 1 (a kernel before 5.19) refuses the renames compile caches make"
     c, rights = libc(), write_rights(abi)
     attr = RulesetAttr(rights, 0, SCOPE_SIGNAL if abi >= 6 else 0)
     ruleset = c.syscall(SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)

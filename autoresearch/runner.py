@@ -5,6 +5,8 @@ appended to the experiment's log, and the verdict read from that output: the sum
 hands its model over and val_bpb is the harness's evaluator's (autoresearch/evaluator.py), not train.py's.
 """
 import functools
+import getpass
+import hashlib
 import json
 import math
 import os
@@ -39,7 +41,6 @@ PRINTED_TOLERANCE = 1e-4    # relative: train.py's own val_bpb against the evalu
 # 0.3 cores (seen: a 0.1 s stand-in run "busy", its first run thrown away by the keep rule)
 LOAD_WINDOW_S = 1.0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # where `autoresearch` is importable from
-SCRATCH = ".run"  # a run's own folder beside its log: LOG-seedN.run
 
 
 @dataclass
@@ -119,15 +120,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     handoff = evaluator = None
     watched = evaluator_cache if config.get("harness_eval") else None  # the folder the evaluator compiles in
     checked = False  # the evaluator's cache was checked after train.py: what it holds from then on is ours
-    # where a confined run may write besides its compile cache: the model it hands over, made new for it and
-    # removed after it. Its temporary files go in the compile cache: inductor keeps its precompiled headers in
-    # the temporary folder whatever TORCHINDUCTOR_CACHE_DIR says, and made again each run they cost a cold
-    # compile 4.6 s more (smoke, 2 cores)
-    scratch = Path(log_path).resolve().with_name(f"{Path(log_path).stem}-seed{seed}{SCRATCH}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    env["TMPDIR"] = str(Path(compile_cache) / "tmp" if compile_cache else scratch)
-    os.makedirs(env["TMPDIR"], exist_ok=True)
+    scratch = new_scratch(log_path, seed, compile_cache)
+    env["TMPDIR"] = str(scratch)
     if config.get("harness_eval"):
         handoff = scratch / "model.pt2"
         env[HANDOFF_ENV] = str(handoff)
@@ -147,8 +141,9 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             started_ns = time.time_ns()
             try:
                 with DataWatch(cache_dir(env), copy) as watch:
-                    rc, wall = run_group(confined([sys.executable, TRAIN], writable(scratch, compile_cache)),
-                                         log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
+                    confined_train = confined([sys.executable, TRAIN], writable(scratch, compile_cache, env))
+                    rc, wall = run_group(confined_train, log, subprocess.STDOUT, env, timeout,
+                                         on_spawn=on_spawn)
             finally:  # before anything reads the ledger again; also when the run stopped the loop (a SIGTERM)
                 aside = Path(log_path).with_name(f"{Path(log_path).stem}-set-aside")
                 wrote_ledger, put_back = ledger.put_back(aside) if ledger else ([], [])
@@ -190,16 +185,54 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     return run
 
 
+def scratch_folders(log_path):
+    """The scratch folders of this log's runs (LOG's hash-seedN): a run's only folder besides its compile cache,
+    its TMPDIR and where its model is handed over; short, for the sockets a TMPDIR holds (108 bytes at most)."""
+    key = hashlib.sha256(str(Path(log_path).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}" / "runs", f"{key}-seed"
+
+
+def new_scratch(log_path, seed, compile_cache=None):
+    """A run's empty scratch folder. Inductor keeps its precompiled headers in the temporary folder whatever
+    TORCHINDUCTOR_CACHE_DIR says; made again each run they cost a cold compile 4.6 s more (smoke, 2 cores), so
+    that folder is a link into the version's compile cache."""
+    root, prefix = scratch_folders(log_path)
+    scratch = root / f"{prefix}{seed}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    if compile_cache:
+        headers = Path(compile_cache) / "headers"
+        headers.mkdir(exist_ok=True)
+        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())  # as torch names its default cache folder
+        (scratch / f"torchinductor_{user}").symlink_to(headers)
+    return scratch
+
+
 def remove_scratch(log_path):
     """The scratch folders of this log's runs, as a loop killed during one left them (hundreds of MB each)."""
-    for folder in Path(log_path).parent.glob(f"{Path(log_path).stem}-seed*{SCRATCH}"):
+    root, prefix = scratch_folders(log_path)
+    for folder in root.glob(f"{prefix}*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def writable(scratch, compile_cache):
+def writable(scratch, compile_cache, env):
     """All a confined run may write in: its scratch folder, its version's compile cache, devices (a GPU's,
-    /dev/null, /dev/shm) and the download cache of FA3's kernel."""
-    return [scratch, compile_cache, "/dev", *download_folders()]
+    /dev/null, /dev/shm) and the download cache of FA3's kernel, unless that holds what the harness keeps or
+    lies in it (HF_HOME=. set by an agent would open the repository; the home folder may hold it)."""
+    kept = [Path.cwd(), cache_dir(env)]
+    try:
+        kept += [ledger_dir(), copies_folder()]
+    except LoopError:
+        pass
+    kept = [k.resolve() for k in kept]
+    home = Path.home().resolve()
+
+    def apart(folder):
+        folder = Path(folder).resolve()
+        return not any(k.is_relative_to(folder) or folder.is_relative_to(k) for k in kept) and \
+            not home.is_relative_to(folder)
+
+    return [scratch, compile_cache, "/dev", *filter(apart, download_folders())]
 
 
 def ledger_seal(skip, private=None):

@@ -169,7 +169,7 @@ cache = (os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 triton = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
 os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=triton, TMPDIR=os.path.join(cache, "tmp"))
 os.makedirs(os.environ["TMPDIR"], exist_ok=True)
-command = confined([sys.executable, "-c", code], [*writable(folder, cache), triton])
+command = confined([sys.executable, "-c", code], [*writable(folder, cache, os.environ), triton])
 os.execvp(command[0], command)
 """
 

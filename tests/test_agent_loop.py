@@ -314,7 +314,7 @@ def test_a_new_tag_starts_from_the_compiled_code_an_earlier_tag_ran_of_its_train
     git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "other code")
     loop(repo, env, "init", "--tag", "w", "--repeats", "1")  # kernels are never another version's
     (other,) = versions(caches / "w")
-    assert other.name != version.name and [p.name for p in other.rglob("*")] == ["tmp"]  # the run's TMPDIR alone
+    assert other.name != version.name and [p.name for p in other.rglob("*")] == ["headers"]  # inductor's, empty
 
 
 @contextlib.contextmanager
@@ -955,7 +955,8 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     finished = rows(repo)
     assert state["n"] == 2 == len(finished)
     assert process.proc_start_time(state["pgid"]) is not None  # the orphan train.py still runs
-    assert list((repo / "logs" / "k").glob("*.run"))  # its scratch folder
+    scratch, prefix = runner.scratch_folders((repo / state["log"]).resolve())
+    assert list(scratch.glob(f"{prefix}*"))  # its scratch folder
     out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "1").stdout
     assert wait_for(lambda: pid_gone(state["pgid"]), 15), "the orphaned train.py was not stopped"
     after = rows(repo)
@@ -967,7 +968,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     assert [r["n"] for r in after] == [str(i) for i in range(len(after))]  # no duplicate, no gap
     git(repo, env, "rev-parse", f"refs/autoresearch/k/discarded/{state['n']}")
     assert not running.exists() and clean_tracked(repo, env)
-    assert not list((repo / "logs" / "k").glob("*.run"))  # the killed run's too
+    assert not list(scratch.glob(f"{prefix}*"))  # the killed run's too
 
 
 def test_a_process_that_left_the_runs_group_and_dropped_its_token_ends_with_the_run(repo, env, tmp_path):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,7 @@ TRIES = textwrap.dedent("""
             ("write allowed", lambda: open(os.path.join(allowed, "a"), "w").write("x")),
             ("write other", lambda: open(os.path.join(other, "b"), "w").write("x")),
             ("append other", lambda: open(os.path.join(other, "kept"), "a").write("x")),
+            ("rename inside", lambda: os.rename(os.path.join(allowed, "a"), os.path.join(allowed, "d", "a"))),
             ("rename other", lambda: os.rename(os.path.join(other, "kept"), os.path.join(allowed, "kept"))),
             ("link other", lambda: os.link(os.path.join(other, "kept"), os.path.join(allowed, "linked"))),
             ("signal parent", lambda: os.kill(os.getppid(), 0)),
@@ -43,7 +45,7 @@ def tries(tmp_path, extra_env=None):
     """What TRIES could do, confined to write in tmp_path/allowed: {what: "done" or "refused"}, the line the
     confinement printed, and tmp_path/other."""
     allowed, other = tmp_path / "allowed", tmp_path / "other"
-    allowed.mkdir()
+    (allowed / "d").mkdir(parents=True)  # renames between folders: what compile caches do
     other.mkdir()
     (other / "kept").write_text("as it was")
     p = subprocess.run(confined([sys.executable, "-c", TRIES, str(allowed), str(other)], [allowed, "/dev"]),
@@ -55,7 +57,7 @@ def tries(tmp_path, extra_env=None):
 def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signal_nothing_outside(tmp_path):
     outcome, said, other = tries(tmp_path)
     assert outcome == {"write allowed": "done", "write other": "refused", "append other": "refused",
-                       "rename other": "refused", "link other": "refused",
+                       "rename inside": "done", "rename other": "refused", "link other": "refused",
                        "signal parent": "refused" if ABI >= 6 else "done",
                        "child writes other": "refused", "write /dev/null": "done"}, outcome
     assert (other / "kept").read_text() == "as it was" and sorted(p.name for p in other.iterdir()) == ["kept"]
@@ -97,3 +99,16 @@ def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo,
         (repo / "prepare.py").read_bytes() == before[repo / "prepare.py"], changed
     assert not (ledger / "t" / "planted.json").exists() and not (ledger / "u").exists()
     assert "forged" not in (ledger / "results.tsv").read_text()
+
+
+def test_a_download_folder_holding_or_in_what_the_harness_keeps_is_never_writable(tmp_path, monkeypatch):
+    # the agent starts `step` itself, with whatever HF_HOME it likes: `HF_HOME=.` must not open the repository
+    from autoresearch.runner import writable
+    monkeypatch.chdir(tmp_path)  # where the loop runs
+    env = {"AUTORESEARCH_CACHE_DIR": str(tmp_path.parent / "data")}
+    data_inside = tmp_path.parent / "data" / "hf"
+    for home in (tmp_path, tmp_path / "inside", tmp_path.parent, data_inside, Path.home(), "/"):
+        monkeypatch.setenv("HF_HOME", str(home))
+        assert str(home) not in map(str, writable("scratch", "cache", env)), home
+    monkeypatch.setenv("HF_HOME", str(tmp_path.parent / "hf"))
+    assert writable("scratch", "cache", env) == ["scratch", "cache", "/dev", str(tmp_path.parent / "hf")]

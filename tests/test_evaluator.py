@@ -166,13 +166,14 @@ def test_started_beside_train_py_it_evaluates_only_on_the_loops_word_and_with_th
 def test_a_run_that_crashes_leaves_no_evaluator_behind(tmp_path, monkeypatch):
     # the evaluator starts beside train.py and imports for seconds; a train.py that dies at once must not leave
     # it waiting on the loop for the rest of the night
-    from autoresearch.runner import train_once
+    from autoresearch.runner import scratch_folders, train_once
     (tmp_path / "train.py").write_text("raise SystemExit('dies at once')\n")
     monkeypatch.chdir(tmp_path)
     run_ = train_once({"harness_eval": True, "time_budget": 15}, 60, 1, tmp_path / "run.log")
     assert run_.error and "dies at once" in (tmp_path / "run.log").read_text()
     assert evaluators_of(os.getpid()) == []
-    assert list(tmp_path.glob("*.evaluator")) == [] and list(tmp_path.glob("*.run")) == []
+    scratch, prefix = scratch_folders(tmp_path / "run.log")
+    assert list(tmp_path.glob("*.evaluator")) == [] and list(scratch.glob(f"{prefix}*")) == []
 
 
 def evaluators_of(parent):
