@@ -202,10 +202,14 @@ def new_scratch(log_path, seed, compile_cache=None):
     scratch.mkdir(parents=True)
     if compile_cache:
         headers = Path(compile_cache) / "headers"
-        headers.mkdir(exist_ok=True)
-        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())  # as torch names its default cache folder
-        (scratch / f"torchinductor_{user}").symlink_to(headers)
+        headers.mkdir(parents=True, exist_ok=True)
+        (scratch / inductor_folder_name()).symlink_to(headers)
     return scratch
+
+
+def inductor_folder_name():
+    """What torch calls its default cache folder in the temporary folder (inductor's default_cache_dir)."""
+    return "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
 
 
 def remove_scratch(log_path):

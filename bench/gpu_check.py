@@ -150,26 +150,24 @@ def harness_stages(logs):
 
 
 def confined_handoff_run(model):
-    """The warm run handing its model over, confined as the loop confines a run (runner.writable, imported when
-    it starts: a bare box has numpy only after the install stage): it writes in the model's folder and in the
-    compile caches the runs before it filled (inductor's default, named, since the default moves with TMPDIR;
-    triton's), with TMPDIR inside inductor's, as the loop sets it."""
+    """The warm run handing its model over, confined as the loop confines a run (runner.new_scratch and
+    runner.writable, imported when it starts: a bare box has numpy only after the install stage): a scratch
+    folder of its own as TMPDIR, and it writes there, in the model's folder and in the compile caches the runs
+    before it filled (inductor's default, named, since the default moves with TMPDIR; triton's)."""
     handing_over = f"import os; os.environ['AUTORESEARCH_HANDOFF'] = {str(model)!r}\n" + WARM_RUN
     return [sys.executable, "-c", CONFINED_RUN, str(model.parent), handing_over]
 
 
 CONFINED_RUN = """
-import getpass, os, re, sys, tempfile
+import os, sys, tempfile
 from autoresearch.confine import confined
-from autoresearch.runner import writable
+from autoresearch.runner import inductor_folder_name, new_scratch, writable
 folder, code = sys.argv[1:]
-user = re.sub(r'[^A-Za-z0-9_.-]', '_', getpass.getuser())
-cache = (os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-         or os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
+cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), inductor_folder_name())
 triton = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
-os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=triton, TMPDIR=os.path.join(cache, "tmp"))
-os.makedirs(os.environ["TMPDIR"], exist_ok=True)
-command = confined([sys.executable, "-c", code], [*writable(folder, cache, os.environ), triton])
+scratch = new_scratch(os.path.join(folder, "handoff-run.log"), 0, cache)
+os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=triton, TMPDIR=str(scratch))
+command = confined([sys.executable, "-c", code], [*writable(scratch, cache, os.environ), folder, triton])
 os.execvp(command[0], command)
 """
 
