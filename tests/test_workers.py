@@ -487,13 +487,17 @@ def test_ray_makes_each_workers_evaluator_copy_on_every_node_before_any_run(smok
     import hashlib
     import tempfile
     from test_readme import fresh_clone
+    import uuid
     lab = fresh_clone(tmp_path)
-    e = user_env(tmp_path, smoke_cache, AUTORESEARCH_RAY_HOME=str(tmp_path / "nodes"))
+    # the copy's name comes from the checkout's path, and a later pytest session can reuse this tmp_path while
+    # the system temp folder still holds the copy made then: a folder name of this session's own
+    nodes = tmp_path / f"nodes-{uuid.uuid4().hex[:8]}"
+    e = user_env(tmp_path, smoke_cache, AUTORESEARCH_RAY_HOME=str(nodes))
     loop(lab, e, "init", "--tag", "real", "--repeats", "1", timeout=600)
     hashes = json.loads((lab / ".git" / "autoresearch" / "real" / "init.json").read_text())["metric_hashes"]
 
     def copy_of(worker):  # metricdata.evaluation_copy's folder for the ledger of the worker's checkout on a node
-        ledger = (tmp_path / "nodes" / f"real-w{worker}" / ".git").resolve() / "autoresearch"
+        ledger = (nodes / f"real-w{worker}" / ".git").resolve() / "autoresearch"
         key = hashlib.sha256(json.dumps([hashes, str(ledger)], sort_keys=True).encode()).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}" / "metric" / key
 
