@@ -9,7 +9,9 @@ The experiment loop (agent_loop.py is its command line):
     seal.py        the sealed repository beyond tracked files: untracked importable files, ctimes, bytecode,
                    train.py a regular file; the harness's folders (the evaluator's compile cache); the ledger's
     runner.py      one train.py run: environment, time limit, log, summary block, crash verdict
-    valwatch.py    which val files a run opened and which metric files it wrote, by inotify
+    confine.py     a run may write only in its own folders and signal only its own processes (Landlock)
+    carryover.py   what a run wrote where later runs read, after it opened its training data, removed
+    valwatch.py    which val files a run opened and which metric files it wrote, when it opened training data
     decide.py      the keep rule: first run, then pairs with the best, a sequential test; speed, noise
     state.py       one tag's state: Loop, lock, config pinned at init, running.json (InFlight), loop.log
     preflight.py   checks before init and before each experiment, each with the command that fixes it

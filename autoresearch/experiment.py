@@ -384,7 +384,7 @@ def experiment_row(loop, n, sha, status, description, runs, val, note, log, trai
             "total_seconds": first.get("total_seconds", ""),
             "mfu_percent": first.get("mfu_percent", ""), "num_steps": first.get("num_steps", ""),
             "profile": first.get("profile", loop.config["profile"]), "train_py": train_py,
-            "timestamp": now_iso(), "log": log, "note": "; ".join([note] + [x for r in runs for x in r.notes]),
+            "timestamp": now_iso(), "log": log, "note": "; ".join(dict.fromkeys([note] + [x for r in runs for x in r.notes])),
             "heldout_gap": "" if heldout_gap(ok) is None else f"{heldout_gap(ok):.4f}"}
 
 
@@ -466,8 +466,8 @@ def run_baseline(loop, repeats):
         row = loop.rows[0]
         unchecked = (["no held-out slice (the val split is too small to spare one): training on the val rows is not "
                       "detected"] if loop.config.get("harness_eval") and heldout_gap(runs) is None else [])
-        row["note"] = "; ".join([f"baseline: {noise}; took {train_wall:.0f} s"] + unchecked
-                                + [x for r in runs for x in r.notes])
+        row["note"] = "; ".join(dict.fromkeys([f"baseline: {noise}; took {train_wall:.0f} s"] + unchecked
+                                              + [x for r in runs for x in r.notes]))
         row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
         append_row(row)
     loop.remember_modules()

@@ -80,7 +80,8 @@ def reconcile(loop, reason=KILLED, restart=True):
         if state.get("log"):
             remove_scratch(state["log"])
         if reason == KILLED:  # what the run left in the evaluator's cache, its record included, was never checked
-            loop.evaluator_cache.forget()
+            loop.evaluator_cache.forget()  # and in its own compile cache: what it learned, maybe
+            loop.drop_compile_caches()
         if state.get("baseline"):  # init runs the baseline again
             return
         if state.get("running_best"):  # the best's train.py stood in for the candidate's during a pair
@@ -141,6 +142,7 @@ def reconcile_worker(loop, number, reason=KILLED):
                         remove_scratch(state["log"])
                     if reason == KILLED:
                         wl.evaluator_cache.forget()
+                        wl.drop_compile_caches()
                     if not any(r.get("n") == str(state["n"]) for r in wl.rows):
                         append_row(interrupted_row(wl, state, reason))
                     git("update-ref", wl.ref(f"discarded/{state['n']}"), state["commit"])

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autoresearch.carryover import drop_carryover
 from autoresearch.confine import confined
 from autoresearch.fa3 import download_folders
 from autoresearch.handoff import HANDOFF_ENV
@@ -162,6 +163,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, read_val=watch.opened
                   if handoff else [], load=None if other is None else other / counted_cores())
         run.notes += restore_written(watch.written, config) + put_back
+        run.notes += drop_carryover(watch.train_opened_ns, compile_cache)
         run.tampered += [os.path.relpath(p) if Path(p).is_relative_to(Path.cwd()) else p for p in wrote_ledger]
         if handoff and watch.opened is None:
             run.notes.append("the validation files were not watched during this run (no inotify here)")

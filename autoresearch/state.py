@@ -179,6 +179,14 @@ class Loop:
         return {str(path): path.lstat().st_ctime_ns for folder in (root.iterdir() if root.is_dir() else ())
                 if folder.is_dir() and folder.name not in (own, EVALUATOR_CACHE) for path in folder.rglob("*")}
 
+    def drop_compile_caches(self):
+        """Every version's compile cache, not the evaluator's: after a loop was killed while a run trained, whose
+        writes there were never checked (carryover.py), the next runs compile cold instead."""
+        root = self.private_dir / "compile-cache"
+        for folder in root.iterdir() if root.is_dir() else ():
+            if folder.is_dir() and not folder.is_symlink() and folder.name != EVALUATOR_CACHE:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def prune_compile_caches(self, keep=()):
         """Drop the compile caches of every version but the best's and `keep`'s (they run no more)."""
         root = self.private_dir / "compile-cache"

@@ -957,6 +957,10 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     assert process.proc_start_time(state["pgid"]) is not None  # the orphan train.py still runs
     scratch, prefix = runner.scratch_folders((repo / state["log"]).resolve())
     assert list(scratch.glob(f"{prefix}*"))  # its scratch folder
+    caches = [c for c in (repo / ".git" / "autoresearch" / "k" / "compile-cache").iterdir() if c.name != "evaluator"]
+    for cache in caches:  # what the killed run wrote there was never checked (autoresearch/carryover.py)
+        (cache / "learned.pt").write_text("weights for the next run")
+    assert caches
     out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "1").stdout
     assert wait_for(lambda: pid_gone(state["pgid"]), 15), "the orphaned train.py was not stopped"
     after = rows(repo)
@@ -969,6 +973,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     git(repo, env, "rev-parse", f"refs/autoresearch/k/discarded/{state['n']}")
     assert not running.exists() and clean_tracked(repo, env)
     assert not list(scratch.glob(f"{prefix}*"))  # the killed run's too
+    assert not [c for c in caches if (c / "learned.pt").exists()]  # its compile cache, and the best's
 
 
 def test_a_process_that_left_the_runs_group_and_dropped_its_token_ends_with_the_run(repo, env, tmp_path):

@@ -55,6 +55,21 @@ def test_the_watch_names_every_val_file_a_child_opened_and_every_metric_file_it_
     assert restore.opened == []
 
 
+@pytest.mark.parametrize("train_file", ["train.bin", "shard_00000.parquet"])
+def test_the_watch_times_the_first_opening_of_training_data_and_nothing_else(tmp_path, train_file):
+    import time
+    cache, prepared, raw = fake_cache(tmp_path)
+    path = prepared / train_file if train_file == "train.bin" else raw / train_file
+    with DataWatch(cache) as other:
+        in_child(f"open({str(prepared / 'val.bin')!r}).read(); open({str(prepared / 'tokenizer.pkl')!r}).read()")
+    assert other.train_opened_ns is None and other.opened == [str(prepared / "val.bin")]
+    with DataWatch(cache) as watch:
+        in_child(f"import time; open({str(path)!r}, 'rb').close(); time.sleep(0.5); open({str(path)!r}).close()")
+        after = time.time_ns()
+    opened_by = after - watch.train_opened_ns  # the first opening, half a second before the child ended
+    assert watch.started_ns < watch.train_opened_ns and 0.3e9 < opened_by < 5e9, opened_by / 1e9
+
+
 def test_the_evaluator_s_copy_is_sealed_named_by_the_hashes_and_made_once(tmp_path):
     cache, prepared, _ = fake_cache(tmp_path)
     hashes = seal_metric_files(prepared)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from prepare import PROFILE
+from prepare import CACHE_DIR, PROFILE
 
 VAL_BPB = 1.0             # the result to report
 HELDOUT_BPB = 0.0         # val_bpb on the held-out slice of val to report (0: none), or {seed: value}
@@ -18,7 +18,7 @@ SHAPED = False            # True: val_bpb depends on the hyperparameters (for mu
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
                           # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
-                          # ledgerswap | ledgerkill | records | recordsgone
+                          # ledgerswap | ledgerkill | records | recordsgone | carry
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -85,6 +85,19 @@ if MODE == "vanish":  # leaves its process group and its token behind (a new ses
     subprocess.Popen([sys.executable, "-c", f"import os, time; open({os.environ['STANDIN_CHILD_PID']!r}, 'w')"
                       f".write(str(os.getpid())); time.sleep(600)"], start_new_session=True, env={})
     time.sleep(0.5)
+if MODE == "carry":  # saves what it learned where the next run could load it: its compile cache, /dev/shm
+    cache, shm = os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["STANDIN_SHM"]
+    print(f"carried over: {os.path.exists(os.path.join(cache, 'weights.pt')) or os.path.exists(shm)}")
+    for name in ("kernel.so", "old.so"):
+        open(os.path.join(cache, name), "w").write("compiled before the data")
+    open(os.path.join(CACHE_DIR, "prepared", "smoke", "synthetic", "train.bin"), "rb").close()
+    time.sleep(0.2)  # a step or two
+    open(os.path.join(cache, "weights.pt"), "w").write("learned")
+    os.makedirs(os.path.join(cache, "late"), exist_ok=True)
+    open(os.path.join(cache, "late", "more.pt"), "w").write("learned")
+    os.rename(os.path.join(cache, "old.so"), os.path.join(cache, "renamed.so"))  # an old file, renamed: news
+    os.utime(os.path.join(cache, "weights.pt"), (0, 0))  # dated back: its ctime still tells
+    open(shm, "w").write("learned")
 if MODE == "cachepoison":  # leaves a "kernel" in every other version's compile cache
     own = os.path.abspath(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     for other in os.listdir(os.path.dirname(own)):
