@@ -23,7 +23,8 @@ SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
 CREATE_RULESET_VERSION = 1
 RULE_PATH_BENEATH = 1
 PR_SET_NO_NEW_PRIVS = 38
-SCOPE_SIGNAL = 1 << 1  # ABI 6: no signal to a process outside the domain
+# ABI 6: no connecting to an abstract unix socket (another process of yours) or signalling outside the domain
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 
 # what writing is, by the ABI that first knows the right: files written, truncated, made, removed, renamed in.
 # Reading, executing and device ioctls are not handled, so they stay allowed everywhere.
@@ -75,7 +76,7 @@ def confine(folders):
     if abi < 2:  # every rename between folders refused, also inside the allowed ones: triton's cache would fail
         return "not confined: Landlock ABI 1 (a kernel before 5.19) refuses the renames compile caches make"
     c, rights = libc(), write_rights(abi)
-    attr = RulesetAttr(rights, 0, SCOPE_SIGNAL if abi >= 6 else 0)
+    attr = RulesetAttr(rights, 0, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
     ruleset = c.syscall(SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if ruleset < 0:
         return f"not confined: landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})"
@@ -98,7 +99,7 @@ def confine(folders):
             return f"not confined: landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
     finally:
         os.close(ruleset)
-    signals = "; signals only within the run" if abi >= 6 else ""
+    signals = "; signals and abstract unix sockets only within the run" if abi >= 6 else ""
     return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{signals}"
 
 

@@ -1,6 +1,7 @@
 """A confined run (autoresearch/confine.py, Linux Landlock): what it may write and signal, and the hostile
 stand-ins of the other tests run confined, where the kernel stops each write before the loop's checks see it."""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,8 +16,11 @@ ABI, WHY = landlock_abi()
 pytestmark = pytest.mark.skipif(not ABI, reason=f"no confinement here: {WHY}")
 
 TRIES = textwrap.dedent("""
-    import os, subprocess, sys
-    allowed, other = sys.argv[1:3]
+    import os, socket, subprocess, sys
+    allowed, other, abstract = sys.argv[1:4]
+
+    def connect_abstract():  # a socket of another process of yours (it could write for the run)
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect("\\0" + abstract)
 
     def child_writes_other():
         code = f"open({os.path.join(other, 'c')!r}, 'w')"
@@ -32,7 +36,8 @@ TRIES = textwrap.dedent("""
             ("link other", lambda: os.link(os.path.join(other, "kept"), os.path.join(allowed, "linked"))),
             ("signal parent", lambda: os.kill(os.getppid(), 0)),
             ("child writes other", child_writes_other),
-            ("write /dev/null", lambda: open(os.devnull, "w").write("x"))]:
+            ("write /dev/null", lambda: open(os.devnull, "w").write("x")),
+            ("connect abstract socket", connect_abstract)]:
         try:
             act()
             print(f"{what}: done")
@@ -48,8 +53,12 @@ def tries(tmp_path, extra_env=None):
     (allowed / "d").mkdir(parents=True)  # renames between folders: what compile caches do
     other.mkdir()
     (other / "kept").write_text("as it was")
-    p = subprocess.run(confined([sys.executable, "-c", TRIES, str(allowed), str(other)], [allowed, "/dev"]),
-                       capture_output=True, text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
+    name = f"autoresearch-test-{os.getpid()}-{tmp_path.name}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind("\0" + name)
+        listening.listen()
+        p = subprocess.run(confined([sys.executable, "-c", TRIES, str(allowed), str(other), name], [allowed, "/dev"]),
+                           capture_output=True, text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
     assert p.returncode == 0, p.stderr
     return dict(line.rsplit(": ", 1) for line in p.stdout.splitlines()), p.stderr, other
 
@@ -59,7 +68,8 @@ def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signa
     assert outcome == {"write allowed": "done", "write other": "refused", "append other": "refused",
                        "rename inside": "done", "rename other": "refused", "link other": "refused",
                        "signal parent": "refused" if ABI >= 6 else "done",
-                       "child writes other": "refused", "write /dev/null": "done"}, outcome
+                       "child writes other": "refused", "write /dev/null": "done",
+                       "connect abstract socket": "refused" if ABI >= 6 else "done"}, outcome
     assert (other / "kept").read_text() == "as it was" and sorted(p.name for p in other.iterdir()) == ["kept"]
     assert f"confined (Landlock ABI {ABI}): writes only in {tmp_path / 'allowed'}, /dev" in said, said
 
@@ -67,6 +77,7 @@ def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signa
 def test_confinement_turned_off_says_so_and_writes_anywhere(tmp_path):
     outcome, said, other = tries(tmp_path, {CONFINE_ENV: "0"})
     assert outcome["write other"] == "done" and outcome["child writes other"] == "done", outcome
+    assert outcome["connect abstract socket"] == "done", outcome
     assert f"not confined: {CONFINE_ENV}=0" in said, said
 
 
