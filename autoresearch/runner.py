@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch.carryover import drop_carryover
-from autoresearch.confine import confined
+from autoresearch.confine import CONFINE_ENV, confined
 from autoresearch.fa3 import download_folders
 from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, LoopError, now_iso, to_float
@@ -89,10 +89,15 @@ class Run:
 
 
 def child_env(config, seed, compile_cache=None):
-    """train.py's environment: the seed, the profile/dataset/cache pinned at init unless set, and the folder
-    torch.compile caches in (inductor's and triton's), when the loop gives one."""
+    """train.py's environment: the seed, the profile/dataset/cache pinned at init unless set, whether it is
+    confined as pinned at init, and the folder torch.compile caches in (inductor's and triton's), when the loop
+    gives one."""
     env = dict(os.environ, AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
     env.pop(LEDGER_ENV, None)  # a run has no business with the ledger
+    if "confine" in config:  # pinned at init
+        env.pop(CONFINE_ENV, None)
+        if not config["confine"]:
+            env[CONFINE_ENV] = "0"
     if compile_cache:
         env.update(TORCHINDUCTOR_CACHE_DIR=str(compile_cache),
                    TRITON_CACHE_DIR=str(Path(compile_cache) / "triton"))
@@ -133,6 +138,9 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     try:
         with open(log_path, "a") as log:
             log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
+            if config.get("confine") and os.environ.get(CONFINE_ENV) == "0":
+                log.write(f"[agent_loop] {CONFINE_ENV}=0 is not heeded: tag {config.get('tag')} was started with "
+                          f"confined runs (a tag started with it set at init runs unconfined)\n")
             log.flush()
             offset = log.tell()
             copy = evaluator_data(config) if handoff else None  # the evaluator's copy is watched too

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoresearch.cachefiles import sha256_of
+from autoresearch.confine import CONFINE_ENV
 from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
 from autoresearch.gitrepo import git
 from autoresearch.installed import RECORD_NAME as INSTALLED_RECORD, InstalledCode
@@ -284,14 +285,15 @@ def import_prepare():
 
 def pinned_config(prepare, tag, repeats):
     """What makes two experiments comparable, from prepare.py, recorded at init. With the real prepare.py
-    (it defines the metric), the harness evaluates every run itself, against the metric files' hashes."""
+    (it defines the metric), the harness evaluates every run itself, against the metric files' hashes. Whether
+    runs are confined (confine.py) is decided here too, once: not by whoever starts a later `step`."""
     harness_eval = hasattr(prepare, "evaluate_bpb") and prepare.DATASET is not None
     hashes = seal_metric_files(prepare.prepared_dir(prepare.DATASET)) if harness_eval else None
     return {"tag": tag, "profile": prepare.PROFILE, "dataset": prepare.DATASET,
             "cache_dir": str(prepare.CACHE_DIR), "time_budget": prepare.TIME_BUDGET, "max_seq_len": prepare.MAX_SEQ_LEN,
             "base_seed": int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED)), "repeats": repeats,
             "harness_eval": harness_eval, "metric_hashes": hashes, "packages": installed_packages(),
-            "created": now_iso()}
+            "confine": os.environ.get(CONFINE_ENV) != "0", "created": now_iso()}
 
 
 def installed_packages():

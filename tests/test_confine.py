@@ -112,6 +112,19 @@ def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo,
     assert "forged" not in (ledger / "results.tsv").read_text()
 
 
+def test_whether_runs_are_confined_is_decided_at_init_not_by_a_later_step(repo, env):  # noqa: F811
+    confined_env = {k: v for k, v in env.items() if k != CONFINE_ENV}
+    initialised(repo, confined_env)
+    set_train(repo, VAL_BPB=1.5)
+    loop(repo, env, "step", "-m", "a step with confinement turned off")  # env: AUTORESEARCH_CONFINE=0
+    log = (repo / rows(repo)[-1]["log"]).read_text()
+    assert f"confined (Landlock ABI {ABI})" in log and f"{CONFINE_ENV}=0 is not heeded: tag t was started" in log
+    initialised(repo, env, tag="u")  # started unconfined, on purpose: its steps are, whatever they set
+    set_train(repo, VAL_BPB=1.6)
+    loop(repo, confined_env, "step", "-m", "a step that does not say")
+    assert f"not confined: {CONFINE_ENV}=0" in (repo / rows(repo)[-1]["log"]).read_text()
+
+
 def test_a_download_folder_holding_or_in_what_the_harness_keeps_is_never_writable(tmp_path, monkeypatch):
     # the agent starts `step` itself, with whatever HF_HOME it likes: `HF_HOME=.` must not open the repository
     from autoresearch.runner import writable
