@@ -88,6 +88,8 @@ class DataWatch:
             wd = libc.inotify_add_watch(fd, str(path).encode(), IN_OPEN)
             if wd >= 0:
                 self.train_wds.add(wd)
+            else:  # out of watches, say: an opening of this file would go unseen, so count one at the start
+                self.train_opened_ns = time.time_ns()
         self.started_ns = time.time_ns()
         self.stop = os.pipe()
         self.listener = threading.Thread(target=self.listen, daemon=True)
@@ -96,12 +98,16 @@ class DataWatch:
 
     def listen(self):
         """Reads events as they come, to time the first opening of a training file (inotify gives no times)."""
-        while True:
-            ready = select.select([self.fd, self.stop[0]], [], [])[0]
-            if self.fd in ready:
-                self.read_events()
-            if self.stop[0] in ready:
-                return
+        try:
+            while True:
+                ready = select.select([self.fd, self.stop[0]], [], [])[0]
+                if self.fd in ready:
+                    self.read_events()
+                if self.stop[0] in ready:
+                    return
+        except (OSError, ValueError):  # blind from here on: as if the data had been opened when the watch began
+            if self.train_opened_ns is None:
+                self.train_opened_ns = self.started_ns
 
     def read_events(self, at_exit=False):
         """Adds what the kernel has queued to self.events."""
