@@ -472,7 +472,7 @@ def compile_before_data(model, train_model, optimizer, device, autocast, optimiz
     writes after it opens its training data is removed (it could carry weights to the next run), so torch's
     compile cache is written here, before: a compile during the first real step would be cold on every run."""
     saved = [p.detach().to("cpu", copy=True) for p in model.parameters()]
-    x, y = torch.zeros(2, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, dtype=torch.long, device=device)  # two tensors, as later
+    x, y = torch.zeros(2, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, dtype=torch.long, device=device)  # as the loader's
     with autocast:
         loss = train_model(x, y)
     loss.backward()

@@ -1,53 +1,74 @@
 """
-What a run could leave for the runs after it. A confined run (confine.py) writes nowhere that outlives it but its
-version's compile cache (read by the version's later runs and by new versions seeded from it) and /dev/shm:
-weights saved there by one run and loaded by the next would train past the budget, run after run. So what a run
-wrote there after it first opened its training data (valwatch.DataWatch.train_opened_ns: from then on it can
-have learned something) is removed after it. train.py compiles on a batch of zeros before it opens the data, so
-torch.compile's own writes come earlier and the cache stays warm.
+What a run could leave for the runs after it. A confined run (confine.py) writes nowhere that outlives it but
+its version's compile cache (read by the version's later runs and by new versions seeded from it), /dev/shm
+and /dev/mqueue: weights saved there by one run and loaded by the next would train past the budget, run after run.
+So after each run the loop removes from its compile cache what changed after the run first opened its training
+data (valwatch.DataWatch.train_opened_ns: from then on it can have learned something; train.py compiles on a
+batch of zeros before that, so the cache stays warm), and from /dev/shm and /dev/mqueue what changed since the
+run started: nothing there needs to outlive a run.
 """
 import os
+import shutil
 from pathlib import Path
 
-SHARED_MEMORY = Path("/dev/shm")
+RUN_ONLY = (Path("/dev/shm"), Path("/dev/mqueue"))
 
 
-def drop_written_since(folder, cutoff_ns, keep=lambda path, stat: False):
-    """Removes every file and link under `folder` changed (ctime, which no process can set back) at or after
-    cutoff_ns, unless keep(path, stat), and the folders made then that this leaves empty; returns how many
-    files and links it removed. Folders a run made unreadable or read-only are opened up first."""
-    removed = 0
-
-    def visit(folder):
-        nonlocal removed
+def drop_written_since(root, cutoff_ns, keep=lambda path, stat: False, root_too=False):
+    """Removes every file, link and folder under `root` changed (ctime: no process can set it back) at or after
+    cutoff_ns, and everything beneath such a folder (a late rename or chmod of a folder can carry what is under
+    it), unless keep(path, stat); also everything when root_too and `root` itself changed then. Folders a run
+    made unreadable or read-only are opened up first. Returns (paths removed, paths that could not be)."""
+    removed, failed = [], []
+    try:
+        root_late = root_too and os.lstat(root).st_ctime_ns >= cutoff_ns
+    except OSError:
+        return removed, failed
+    stack, folders = [(str(root), root_late)], []
+    while stack:
+        folder, late = stack.pop()
+        folders.append((folder, late))
         try:
             entries = list(os.scandir(folder))
         except PermissionError:
             try:
                 os.chmod(folder, 0o700)
                 entries = list(os.scandir(folder))
-            except OSError:  # another user's
-                return
-        except FileNotFoundError:
-            return
+            except OSError:  # another user's folder
+                continue
+        except OSError:
+            failed.append(folder)
+            continue
         for entry in entries:
             try:
                 stat = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            if keep(entry.path, stat):
+                continue
+            changed = late or stat.st_ctime_ns >= cutoff_ns
             if entry.is_dir(follow_symlinks=False):
-                visit(entry.path)
-                if stat.st_ctime_ns >= cutoff_ns and not keep(entry.path, stat) and not os.listdir(entry.path):
-                    os.rmdir(entry.path)
-            elif stat.st_ctime_ns >= cutoff_ns and not keep(entry.path, stat):
-                if not os.access(folder, os.W_OK | os.X_OK):
-                    os.chmod(folder, 0o700)
-                os.unlink(entry.path)
-                removed += 1
-
-    if Path(folder).is_dir() and not Path(folder).is_symlink():
-        visit(str(folder))
-    return removed
+                stack.append((entry.path, changed))
+            elif changed:
+                try:
+                    if not os.access(folder, os.W_OK | os.X_OK):
+                        os.chmod(folder, 0o700)
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    failed.append(entry.path)
+    for folder, late in reversed(folders[1:]):  # the deepest first
+        if late:
+            try:
+                os.rmdir(folder)
+                removed.append(folder)
+            except FileNotFoundError:
+                pass
+            except OSError:  # something kept inside, or no right to remove it
+                failed.append(folder)
+    return removed, failed
 
 
 def held_open(under):
@@ -55,39 +76,57 @@ def held_open(under):
     held, prefix = set(), str(under) + "/"
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith(prefix):
-                    held.add(target)
-            held |= {line.split(None, 5)[5].strip() for line in (proc / "maps").read_text().splitlines()
-                     if prefix in line and len(line.split(None, 5)) == 6}
+            fds = list((proc / "fd").iterdir())
+            maps = (proc / "maps").read_text().splitlines()
         except OSError:  # gone meanwhile, or another user's
             continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith(prefix):
+                held.add(target)
+        held |= {line.split(None, 5)[5] for line in maps if prefix in line and len(line.split(None, 5)) == 6}
     return held
 
 
-def drop_carryover(train_opened_ns, compile_cache):
-    """Removes what the run wrote after it opened its training data where later runs could read it; returns
-    the notes for its row (none when it wrote nothing there)."""
-    if train_opened_ns is None:
-        return []
-    # the listener sees the opening a moment after it happened (milliseconds: less than a step to learn in), and
-    # anything earlier is torch.compile's, or the rest of the start
-    cutoff, notes = train_opened_ns, []
-    if compile_cache and (n := drop_written_since(compile_cache, cutoff)):
-        notes.append(f"{n} file(s) this run wrote in its compile cache after it opened the training data were "
-                     f"removed: they could carry what it learned to later runs (torch.compile before reading "
-                     f"data, as train.py does, keeps the cache warm)")
-    held = None
+def described(paths, n=3):
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
-    def not_the_runs(path, stat):  # another user's, or in use by a live process (Ray's object store, say)
-        nonlocal held
-        if stat.st_uid != os.getuid():
-            return True
-        held = held_open(SHARED_MEMORY) if held is None else held
-        return path in held
 
-    if n := drop_written_since(SHARED_MEMORY, cutoff, keep=not_the_runs):
-        notes.append(f"{n} file(s) this run left in {SHARED_MEMORY} after it opened the training data were "
-                     f"removed: they could carry what it learned to later runs")
+def drop_carryover(started_ns, train_opened_ns, compile_cache, run_only=RUN_ONLY):
+    """Removes what a run that started at started_ns (time.time_ns) and first opened its training data at
+    train_opened_ns (None: never, as far as the loop saw) left where later runs could read it; returns the notes
+    for its row (none when it left nothing there)."""
+    notes = []
+    if compile_cache and Path(compile_cache).is_dir():
+        removed, failed = drop_written_since(compile_cache, train_opened_ns or started_ns, root_too=True)
+        if failed:  # a folder it could not enter or empty: the whole cache goes (the next run compiles cold)
+            shutil.rmtree(compile_cache, ignore_errors=True)
+            Path(compile_cache).mkdir(parents=True, exist_ok=True)
+        if removed or failed:
+            whole = " (the whole cache: some could not be)" if failed else ""
+            notes.append(f"{len(removed)} file(s) and folder(s) this run changed in its compile cache after "
+                         f"it opened the training data were removed{whole}: they could carry what it learned to "
+                         f"later runs (torch.compile before reading data, as train.py does, keeps the cache warm)")
+    for folder in run_only:
+        folder = folder.resolve()
+        held = None
+
+        def not_the_runs(path, stat):  # another user's, or in use by a live process (Ray's object store, say)
+            nonlocal held
+            if stat.st_uid != os.getuid():
+                return True
+            held = held_open(folder) if held is None else held
+            return path in held
+
+        if not folder.is_dir():
+            continue
+        removed, failed = drop_written_since(folder, started_ns, keep=not_the_runs)
+        if removed:
+            notes.append(f"removed what this run left in {folder}, where it could carry what it learned to "
+                         f"later runs: {described(removed)}")
+        if failed:
+            notes.append(f"could not remove what this run left in {folder}: {described(failed)}")
     return notes

@@ -148,14 +148,16 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
                                   scratch], private)
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             started_ns = time.time_ns()
+            watch = DataWatch(cache_dir(env), copy)
             try:
-                with DataWatch(cache_dir(env), copy) as watch:
+                with watch:
                     confined_train = confined([sys.executable, TRAIN], writable(scratch, compile_cache, env))
                     rc, wall = run_group(confined_train, log, subprocess.STDOUT, env, timeout,
                                          on_spawn=on_spawn)
             finally:  # before anything reads the ledger again; also when the run stopped the loop (a SIGTERM)
                 aside = Path(log_path).with_name(f"{Path(log_path).stem}-set-aside")
                 wrote_ledger, put_back = ledger.put_back(aside) if ledger else ([], [])
+                carried = drop_carryover(started_ns, watch.train_opened_ns, compile_cache) if watch.watching else []
             # the evaluator's imports beside train.py are the harness's own work, not other work on the machine
             ours = cpu_seconds(evaluator.proc.pid) - evaluator_cpu if evaluator else 0.0
             other = other_work(clock, wall, ours) if wall >= LOAD_WINDOW_S else None
@@ -171,7 +173,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, read_val=watch.opened
                   if handoff else [], load=None if other is None else other / counted_cores())
         run.notes += restore_written(watch.written, config) + put_back
-        run.notes += drop_carryover(watch.train_opened_ns, compile_cache)
+        run.notes += carried
         run.tampered += [os.path.relpath(p) if Path(p).is_relative_to(Path.cwd()) else p for p in wrote_ledger]
         if handoff and watch.opened is None:
             run.notes.append("the validation files were not watched during this run (no inotify here)")

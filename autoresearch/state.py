@@ -469,7 +469,7 @@ class InFlight:
     def spawned(self, pid):
         """A child started (train.py or the agent): its process group and start time let a resumed
         loop end it, and only it."""
-        self.mark(**dict(self.state, pgid=pid, started=proc_start_time(pid)))
+        self.mark(**dict(self.state, pgid=pid, started=proc_start_time(pid), started_ns=time.time_ns()))
 
     def __enter__(self):
         return self

@@ -96,11 +96,19 @@ class DataWatch:
         self.listener.start()
         return self
 
+    @property
+    def watching(self):
+        """Whether inotify watched the run (Linux)."""
+        return self.fd is not None
+
     def listen(self):
         """Reads events as they come, to time the first opening of a training file (inotify gives no times)."""
+        poller = select.poll()  # not select(): it refuses descriptors past 1023, which a busy loop may hold
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self.stop[0], select.POLLIN)
         try:
             while True:
-                ready = select.select([self.fd, self.stop[0]], [], [])[0]
+                ready = {fd for fd, _ in poller.poll()}
                 if self.fd in ready:
                     self.read_events()
                 if self.stop[0] in ready:
@@ -130,9 +138,9 @@ class DataWatch:
     def __exit__(self, *exc):
         if self.fd is None:
             return False
-        os.write(self.stop[1], b"x")
-        self.listener.join()
         try:
+            os.write(self.stop[1], b"x")
+            self.listener.join()
             self.read_events(at_exit=True)
         finally:
             os.close(self.fd)

@@ -39,7 +39,8 @@ def env(tmp_path):
     confine (tests/test_confine.py tries them confined)."""
     (tmp_path / "gitconfig").write_text("")
     cache = tmp_path / "cache"
-    cache.mkdir()
+    (cache / "prepared" / "smoke" / "synthetic").mkdir(parents=True)
+    (cache / "prepared" / "smoke" / "synthetic" / "train.bin").write_bytes(b"\0" * 64)  # the stand-in opens it
     (cache / "ready").write_text("")
     e = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "AUTORESEARCH_"))}
     e.update(GIT_CONFIG_GLOBAL=str(tmp_path / "gitconfig"), GIT_CONFIG_NOSYSTEM="1",
@@ -961,6 +962,8 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     for cache in caches:  # what the killed run wrote there was never checked (autoresearch/carryover.py)
         (cache / "learned.pt").write_text("weights for the next run")
     assert caches
+    shm = Path("/dev/shm") / f"killed-run-{os.getpid()}-{state['pgid']}"
+    shm.write_text("weights for the next run")  # as the killed run could have
     out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "1").stdout
     assert wait_for(lambda: pid_gone(state["pgid"]), 15), "the orphaned train.py was not stopped"
     after = rows(repo)
@@ -974,6 +977,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     assert not running.exists() and clean_tracked(repo, env)
     assert not list(scratch.glob(f"{prefix}*"))  # the killed run's too
     assert not [c for c in caches if (c / "learned.pt").exists()]  # its compile cache, and the best's
+    assert not shm.exists() or shm.unlink()
 
 
 def test_a_process_that_left_the_runs_group_and_dropped_its_token_ends_with_the_run(repo, env, tmp_path):

@@ -1,5 +1,6 @@
-"""What a run leaves where later runs could read it (autoresearch/carryover.py): its compile cache and /dev/shm
-lose whatever it wrote after it opened its training data, and keep what came before (torch.compile's work)."""
+"""What a run leaves where later runs could read it (autoresearch/carryover.py): its compile cache loses whatever
+changed after the run opened its training data, and keeps what came before (torch.compile's work); /dev/shm
+loses what the run left there."""
 import os
 import subprocess
 import sys
@@ -7,14 +8,18 @@ import time
 import uuid
 from pathlib import Path
 
-from autoresearch.carryover import drop_written_since
+from autoresearch.carryover import drop_carryover, drop_written_since
 from test_agent_loop import env, initialised, loop, repo, rows, set_train  # noqa: F401  (fixtures)
 
 
+def now_then_a_tick():
+    """time.time_ns(), then a pause: before kernel 6.13 ctimes are a clock tick coarse, and lag the time."""
+    t = time.time_ns()
+    time.sleep(0.05)
+    return t
+
+
 def test_a_run_leaves_nothing_it_wrote_after_opening_its_training_data_for_the_next_run(repo, env):  # noqa: F811
-    train_bin = Path(env["AUTORESEARCH_CACHE_DIR"]) / "prepared" / "smoke" / "synthetic" / "train.bin"
-    train_bin.parent.mkdir(parents=True)
-    train_bin.write_bytes(b"\0" * 64)
     shm = Path("/dev/shm") / f"standin-{uuid.uuid4().hex[:8]}"
     env = dict(env, STANDIN_SHM=str(shm))
     initialised(repo, env)
@@ -22,59 +27,71 @@ def test_a_run_leaves_nothing_it_wrote_after_opening_its_training_data_for_the_n
     try:
         loop(repo, env, "step", "-m", "a run that saves its weights for the next")
         candidate = rows(repo)[-1]
-        caches = list((repo / ".git" / "autoresearch").glob("t*/compile-cache/*/kernel.so"))
-        assert len(caches) == 1, caches
-        cache = caches[0].parent
-        assert sorted(p.name for p in cache.iterdir() if p.name != "headers") == ["kernel.so"]
-        assert not shm.exists()
-        assert "3 file(s) this run wrote in its compile cache after it opened the training data were removed" \
-            in candidate["note"] and "1 file(s) this run left in /dev/shm" in candidate["note"], candidate
+        caches = [c for c in (repo / ".git" / "autoresearch" / "t" / "compile-cache").iterdir()
+                  if c.name != "evaluator" and c.is_dir()]
+        # its files went into the cache's top folder, which changed then: all of it goes, kernel.so too
+        assert len(caches) == 1 and list(caches[0].iterdir()) == [], caches
+        assert not shm.exists()  # (another test's loop, meanwhile, may have been the one to remove it)
+        assert "file(s) and folder(s) this run changed in its compile cache after it opened the training data " \
+               "were removed" in candidate["note"], candidate
         logs = (repo / candidate["log"]).read_text()
         assert logs.count("carried over: False") >= 1 and "carried over: True" not in logs, logs
     finally:
         shm.unlink(missing_ok=True)
 
 
-def test_a_later_change_goes_and_an_earlier_file_stays_however_it_is_dated_or_locked(tmp_path):
-    old = tmp_path / "cache" / "old"
-    old.mkdir(parents=True)
-    (old / "kernel.so").write_text("earlier")
-    (old / "other.so").write_text("earlier")
-    time.sleep(0.05)
-    cutoff = time.time_ns()
-    (old / "weights.pt").write_text("later")
-    os.utime(old / "weights.pt", (0, 0))  # an mtime from 1970; the ctime no process can set
-    (old / "other.so").write_text("rewritten later")
-    locked = tmp_path / "cache" / "locked"
-    locked.mkdir()
-    (locked / "w.pt").write_text("later")
-    (tmp_path / "cache" / "link").symlink_to(old / "kernel.so")
-    locked.chmod(0)
-    assert drop_written_since(tmp_path / "cache", cutoff) == 4
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "cache").rglob("*")) == \
-        ["cache/old", "cache/old/kernel.so"]
+def test_a_later_change_goes_with_all_beneath_it_and_an_earlier_file_stays_however_dated_or_locked(tmp_path):
+    cache = tmp_path / "cache"
+    for folder in ("kept", "old", "older/deep"):
+        (cache / folder).mkdir(parents=True)
+        (cache / folder / "kernel.so").write_text("earlier")
+    cutoff = now_then_a_tick()
+    (cache / "old" / "kernel.so").write_text("rewritten later")
+    (cache / "old" / "kernel.so").rename(cache / "old" / "weights.pt")
+    os.utime(cache / "old" / "weights.pt", (0, 0))  # an mtime from 1970; the ctime no process can set
+    (cache / "locked").mkdir()
+    (cache / "locked" / "w.pt").write_text("later")
+    (cache / "locked").chmod(0)
+    (cache / "link").symlink_to(cache / "kept" / "kernel.so")
+    (cache / "new").mkdir()
+    (cache / "older").rename(cache / "new" / "older")  # earlier files, in a place that says something new
+    removed, failed = drop_written_since(cache, cutoff)
+    assert failed == [] and len(removed) == 9, removed
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == ["kept", "kept/kernel.so"]
+    # the top folder changed too: with root_too, nothing stays
+    assert drop_written_since(cache, cutoff, root_too=True)[0] == [str(cache / "kept" / "kernel.so"),
+                                                                   str(cache / "kept")]
 
 
-def test_shared_memory_held_open_by_a_live_process_or_written_earlier_stays(tmp_path):
-    names = [Path("/dev/shm") / f"carry-{uuid.uuid4().hex[:8]}-{what}" for what in ("early", "held", "left")]
-    early, held, left = names
+def test_a_run_that_never_opened_the_training_data_is_judged_from_its_start(tmp_path):
+    cache = tmp_path / "cache"
+    for folder in ("a", "b"):
+        (cache / folder).mkdir(parents=True)
+        (cache / folder / "kernel.so").write_text("before the run")
+    started = now_then_a_tick()
+    (cache / "a" / "weights.pt").write_text("trained on a copy of the data made elsewhere")
+    notes = drop_carryover(started, None, cache, run_only=())
+    assert [p.relative_to(cache).as_posix() for p in cache.rglob("*")] == ["b", "b/kernel.so"], notes
+    assert notes[0].startswith("3 file(s) and folder(s) this run changed in its compile cache"), notes
+
+
+def test_what_a_run_left_in_shared_memory_goes_unless_a_live_process_holds_it_or_it_was_there_before(tmp_path):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    early, held, left = (shm / what for what in ("early", "held", "left"))
+    early.write_text("before the run")
+    started = now_then_a_tick()
+    held.write_text("Ray's object store, say")
+    (shm / "folder").mkdir()
+    left.write_text("weights")
+    (shm / "folder" / "more").write_text("weights")
+    holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(held)!r}); import time; time.sleep(60)"])
     try:
-        early.write_text("before the run opened its data")
-        time.sleep(0.05)
-        cutoff = time.time_ns()
-        held.write_text("Ray's object store, say")
-        left.write_text("weights")
-        holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(held)!r}); import time; time.sleep(60)"])
-        try:
-            while not any(os.readlink(fd) == str(held) for fd in Path(f"/proc/{holder.pid}/fd").iterdir()):
-                time.sleep(0.01)
-            from autoresearch import carryover
-            assert carryover.drop_carryover(cutoff, None) == [
-                "1 file(s) this run left in /dev/shm after it opened the training data were removed: they could "
-                "carry what it learned to later runs"]
-        finally:
-            holder.kill()
-        assert early.exists() and held.exists() and not left.exists()
+        while not any(os.readlink(fd) == str(held) for fd in Path(f"/proc/{holder.pid}/fd").iterdir()):
+            time.sleep(0.01)
+        assert drop_carryover(started, started, None, run_only=(shm,)) == [
+            f"removed what this run left in {shm}, where it could carry what it learned to later runs: "
+            f"{left}, {shm / 'folder' / 'more'}, {shm / 'folder'}"]
     finally:
-        for name in names:
-            name.unlink(missing_ok=True)
+        holder.kill()
+    assert sorted(p.name for p in shm.iterdir()) == ["early", "held"]

@@ -176,6 +176,9 @@ def reference_and_plain_runs(handoff, device):
         optimizer = train.make_optimizer(model, compiled=True, ortho_dtype=torch.bfloat16)
         train_model = torch.compile(model, dynamic=False)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        # main() compiles the step before it opens the data, and undoes it: the weights and the optimizer's state
+        # stay as they were (the comparison with the plain twin below sees any difference)
+        train.compile_before_data(model, train_model, optimizer, device, autocast, optimizer_too=True)
         losses, grads, update = train_steps(train_model, model, optimizer, autocast, on(device, batches()), device)
         model.eval()
         with mock.patch.dict(os.environ, {HANDOFF_ENV: str(handoff)}):  # as under agent_loop.py

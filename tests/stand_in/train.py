@@ -90,8 +90,8 @@ if MODE == "carry":  # saves what it learned where the next run could load it: i
     print(f"carried over: {os.path.exists(os.path.join(cache, 'weights.pt')) or os.path.exists(shm)}")
     for name in ("kernel.so", "old.so"):
         open(os.path.join(cache, name), "w").write("compiled before the data")
-    open(os.path.join(CACHE_DIR, "prepared", "smoke", "synthetic", "train.bin"), "rb").close()
-    time.sleep(0.2)  # a step or two
+    open(os.path.join(CACHE_DIR, "prepared", "smoke", "synthetic", "train.bin"), "rb").close()  # the data
+    time.sleep(1.0)  # some steps (and time for the loop, on a loaded machine, to see the opening)
     open(os.path.join(cache, "weights.pt"), "w").write("learned")
     os.makedirs(os.path.join(cache, "late"), exist_ok=True)
     open(os.path.join(cache, "late", "more.pt"), "w").write("learned")
@@ -205,6 +205,9 @@ if os.environ.get("STANDIN_CACHE_LOG"):  # what torch.compile would find in its 
         found = sorted(set(os.listdir(cache)) - {"headers"})  # inductor's precompiled headers (runner.new_scratch)
         f.write(f"{VAL_BPB} {cache} {','.join(found)}\n")
     open(os.path.join(cache, f"by-{VAL_BPB}"), "w").close()
+TRAIN_DATA = os.path.join(CACHE_DIR, "prepared", "smoke", "synthetic", "train.bin")
+if os.path.exists(TRAIN_DATA):  # the training data, opened after the compile, as train.py does
+    open(TRAIN_DATA, "rb").close()
 val = VAL_BPB + NOISE * (seed - 42) + random.Random(seed).gauss(0, SIGMA)
 tokens_m = 0.1
 if os.environ.get("STANDIN_LOAD"):  # one load level per run, first line first: the machine slows down
