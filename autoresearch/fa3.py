@@ -52,6 +52,16 @@ def load_flash_attention_3():
         return None
 
 
+def could_load(env):
+    """Whether a run in `env` could load FA3: an NVIDIA GPU it may see (read without torch). Elsewhere nothing
+    downloads the kernel, so a run there needs no write in Hugging Face's cache."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    gpus = "/proc/driver/nvidia/gpus"
+    return os.path.exists("/dev/nvidiactl") or (os.path.isdir(gpus) and bool(os.listdir(gpus)))
+
+
 def download_folders():
     """Where loading FA3 writes (huggingface_hub's cache, xet's beside it, or KERNELS_CACHE): a confined run
     may write there (autoresearch/confine.py). HF_HOME is made if missing, so that a first run under the loop

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from autoresearch.carryover import drop_carryover
 from autoresearch.confine import CONFINE_ENV, confined
-from autoresearch.fa3 import download_folders
+from autoresearch.fa3 import could_load, download_folders
 from autoresearch.handoff import HANDOFF_ENV
 from autoresearch.layout import TRAIN, LoopError, now_iso, to_float
 from autoresearch.ledger import LEDGER_ENV, copies_folder, copy_of, ledger_dir, record_file
@@ -233,8 +233,9 @@ def remove_scratch(log_path):
 
 def writable(scratch, compile_cache, env):
     """All a confined run may write in: its scratch folder, its version's compile cache, devices (a GPU's,
-    /dev/null, /dev/shm) and the download cache of FA3's kernel, unless that holds what the harness keeps or
-    lies in it (HF_HOME=. set by an agent would open the repository; the home folder may hold it)."""
+    /dev/null, /dev/shm) and, where it could load FA3 (an NVIDIA GPU), the kernel's download cache, unless that
+    holds what the harness keeps or lies in it (HF_HOME=. set by an agent would open the repository; the home
+    folder may hold it)."""
     kept = [Path.cwd(), cache_dir(env)]
     try:
         kept += [ledger_dir(), copies_folder()]
@@ -248,7 +249,7 @@ def writable(scratch, compile_cache, env):
         return not any(k.is_relative_to(folder) or folder.is_relative_to(k) for k in kept) and \
             not home.is_relative_to(folder)
 
-    return [scratch, compile_cache, "/dev", *filter(apart, download_folders())]
+    return [scratch, compile_cache, "/dev", *(filter(apart, download_folders()) if could_load(env) else [])]
 
 
 def ledger_seal(skip, private=None):

@@ -125,11 +125,25 @@ def test_whether_runs_are_confined_is_decided_at_init_not_by_a_later_step(repo, 
     assert f"not confined: {CONFINE_ENV}=0" in (repo / rows(repo)[-1]["log"]).read_text()
 
 
+def test_without_an_nvidia_gpu_a_run_may_not_write_in_hugging_faces_cache(tmp_path, monkeypatch):
+    # FA3's kernel downloads there, and only CUDA runs load it: elsewhere it would only be a place that outlives
+    # the run (a checkpoint for the next one)
+    from autoresearch.fa3 import could_load
+    from autoresearch.runner import writable
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    env = {"AUTORESEARCH_CACHE_DIR": str(tmp_path / "data"), "CUDA_VISIBLE_DEVICES": ""}
+    assert not could_load(env) and writable("scratch", "cache", env) == ["scratch", "cache", "/dev"]
+    if not os.path.exists("/dev/nvidiactl"):  # this machine: no GPU at all
+        assert writable("scratch", "cache", {}) == ["scratch", "cache", "/dev"]
+
+
 def test_a_download_folder_holding_or_in_what_the_harness_keeps_is_never_writable(tmp_path, monkeypatch):
     # the agent starts `step` itself, with whatever HF_HOME it likes: `HF_HOME=.` must not open the repository
+    from autoresearch import runner
     from autoresearch.runner import writable
     monkeypatch.chdir(tmp_path)  # where the loop runs
     env = {"AUTORESEARCH_CACHE_DIR": str(tmp_path.parent / "data")}
+    monkeypatch.setattr(runner, "could_load", lambda env: True)  # a machine with an NVIDIA GPU
     data_inside = tmp_path.parent / "data" / "hf"
     for home in (tmp_path, tmp_path / "inside", tmp_path.parent, data_inside, Path.home(), "/"):
         monkeypatch.setenv("HF_HOME", str(home))
