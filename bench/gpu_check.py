@@ -99,7 +99,7 @@ def first_batch_timed(batches):
     print(f"phase first_batch {time.time() - t0:.2f}", flush=True)
     yield first
     yield from batches
-for name in ("check_ready", "build_model", "check_memory", "make_optimizer"):
+for name in ("check_ready", "build_model", "check_memory", "make_optimizer", "compile_before_data"):
     setattr(train, name, timed(name, getattr(train, name)))
 train.Tokenizer.from_directory = timed("tokenizer", train.Tokenizer.from_directory)
 make_dataloader = train.make_dataloader  # a generator: the first batch does its work
@@ -283,6 +283,9 @@ def summary(results):
              f"tokens_per_s:     {f'{tokens_per_s:,.0f}' if tokens_per_s else 'n/a'}"]
     lines += [f"{key + ':':<18}{s.get(key, 'n/a')}"
               for key in ("num_steps", "peak_vram_mb", "startup_seconds", "eval_seconds", "val_bpb")]
+    # cold: the compile happens before step 0 (compile_before_data), so step 0 near step 1 means no recompile there
+    cold_steps = re.findall(r"^step 0000([01]) .*?\| (\d+) ms \|", results.get("reference-run", (1, ""))[1], re.M)
+    lines.append("cold_steps_ms:    " + (", ".join(f"step{n} {ms}" for n, ms in cold_steps) or "n/a"))
     if agreement:
         lines.append(f"eval_bf16_fp32:   {agreement['bf16']:.6f} vs {agreement['fp32']:.6f} "
                      f"(difference {agreement['bf16'] - agreement['fp32']:+.6f})")

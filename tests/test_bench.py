@@ -50,10 +50,12 @@ def test_gpu_check_dry_run_lists_every_step_without_a_gpu():
 
 def test_gpu_check_reports_a_reference_run_killed_at_its_deadline_after_printing_its_summary():
     gpu_check = load_gpu_check()
-    block = "step 00001 | loss 8.7\n---\nval_bpb:          3.032650\ntraining_seconds: 300.1\n" \
+    block = "step 00000 (0.0%) | loss 8.9 | 412 ms |\nstep 00001 (0.0%) | loss 8.7 | 398 ms |\n---\n" \
+            "val_bpb:          3.032650\ntraining_seconds: 300.1\n" \
             "mfu_percent:      37.05\ntotal_tokens_M:   322.175\nstartup_seconds:  75.2\neval_seconds:     21.2\n"
     report = gpu_check.summary({"reference-run": ("timed out", block)})
     assert "reference-run timed out" in report
+    assert re.search(r"^cold_steps_ms: +step0 412, step1 398$", report, re.M), report  # no compile in step 0
     assert re.search(r"^mfu_percent: +37.05$", report, re.M) and re.search(r"^val_bpb: +3.032650$", report, re.M)
     assert re.search(r"^tokens_per_s: +1,073,55\d$", report, re.M), report
     cut = gpu_check.summary({"reference-run": ("timed out", block.split("startup_seconds")[0])})
