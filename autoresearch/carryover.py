@@ -12,6 +12,34 @@ import shutil
 from pathlib import Path
 
 RUN_ONLY = (Path("/dev/shm"), Path("/dev/mqueue"))
+TICK_NS = 50_000_000  # before kernel 6.13 a ctime is a clock tick coarse and lags the time: a margin where free
+
+
+def opened_up(folder):
+    """Makes a folder of ours that a run locked (chmod 0, 0o400) readable, enterable and writable again."""
+    if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        os.chmod(folder, 0o700)
+
+
+def remove_tree(root):
+    """shutil.rmtree, also through folders a run locked; True when nothing of it is left."""
+    def unlock_and_retry(function, path, _):
+        try:
+            opened_up(os.path.dirname(path))
+            if os.path.isdir(path) and not os.path.islink(path):
+                opened_up(path)
+                shutil.rmtree(path, onerror=lambda *args: None)
+            else:
+                function(path)
+        except OSError:
+            pass
+    if os.path.lexists(root):
+        try:
+            opened_up(root)
+        except OSError:
+            pass
+        shutil.rmtree(root, onerror=unlock_and_retry)
+    return not os.path.lexists(root)
 
 
 def drop_written_since(root, cutoff_ns, keep=lambda path, stat: False, root_too=False):
@@ -29,20 +57,21 @@ def drop_written_since(root, cutoff_ns, keep=lambda path, stat: False, root_too=
         folder, late = stack.pop()
         folders.append((folder, late))
         try:
+            if os.lstat(folder).st_uid == os.getuid():
+                opened_up(folder)
             entries = list(os.scandir(folder))
-        except PermissionError:
-            try:
-                os.chmod(folder, 0o700)
-                entries = list(os.scandir(folder))
-            except OSError:  # another user's folder
-                continue
-        except OSError:
+        except FileNotFoundError:
+            continue
+        except OSError:  # another user's folder, or one that would not open
             failed.append(folder)
             continue
         for entry in entries:
             try:
                 stat = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
+                continue
+            except OSError:
+                failed.append(entry.path)
                 continue
             if keep(entry.path, stat):
                 continue
@@ -51,8 +80,6 @@ def drop_written_since(root, cutoff_ns, keep=lambda path, stat: False, root_too=
                 stack.append((entry.path, changed))
             elif changed:
                 try:
-                    if not os.access(folder, os.W_OK | os.X_OK):
-                        os.chmod(folder, 0o700)
                     os.unlink(entry.path)
                     removed.append(entry.path)
                 except FileNotFoundError:
@@ -73,20 +100,22 @@ def drop_written_since(root, cutoff_ns, keep=lambda path, stat: False, root_too=
 
 def held_open(under):
     """Paths under `under` that a live process of this user holds open or mapped (/proc)."""
-    held, prefix = set(), str(under) + "/"
+    held, prefix, device = set(), str(under) + "/", os.stat(under).st_dev
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             fds = list((proc / "fd").iterdir())
-            maps = (proc / "maps").read_text().splitlines()
+            maps = (proc / "maps").read_bytes().decode(errors="surrogateescape").splitlines()
         except OSError:  # gone meanwhile, or another user's
             continue
         for fd in fds:
             try:
                 target = os.readlink(fd)
+                if target.startswith(prefix):
+                    held.add(target)
+                elif target.startswith("/") and os.stat(fd).st_dev == device:  # a message queue reads "/name"
+                    held.add(str(under) + target)
             except OSError:  # closed meanwhile
                 continue
-            if target.startswith(prefix):
-                held.add(target)
         held |= {line.split(None, 5)[5] for line in maps if prefix in line and len(line.split(None, 5)) == 6}
     return held
 
@@ -101,9 +130,13 @@ def drop_carryover(started_ns, train_opened_ns, compile_cache, run_only=RUN_ONLY
     for its row (none when it left nothing there)."""
     notes = []
     if compile_cache and Path(compile_cache).is_dir():
-        removed, failed = drop_written_since(compile_cache, train_opened_ns or started_ns, root_too=True)
+        try:
+            removed, failed = drop_written_since(compile_cache, train_opened_ns or started_ns, root_too=True)
+        except Exception as e:  # noqa: BLE001  (whatever it met, the cache must not keep it)
+            removed, failed = [], [f"{type(e).__name__}: {e}"]
         if failed:  # a folder it could not enter or empty: the whole cache goes (the next run compiles cold)
-            shutil.rmtree(compile_cache, ignore_errors=True)
+            if not remove_tree(compile_cache):
+                notes.append(f"could not remove the compile cache {compile_cache}: remove it by hand")
             Path(compile_cache).mkdir(parents=True, exist_ok=True)
         if removed or failed:
             whole = " (the whole cache: some could not be)" if failed else ""
@@ -123,7 +156,10 @@ def drop_carryover(started_ns, train_opened_ns, compile_cache, run_only=RUN_ONLY
 
         if not folder.is_dir():
             continue
-        removed, failed = drop_written_since(folder, started_ns, keep=not_the_runs)
+        try:
+            removed, failed = drop_written_since(folder, started_ns - TICK_NS, keep=not_the_runs)
+        except Exception as e:  # noqa: BLE001  (a note, not a dead loop)
+            removed, failed = [], [f"{type(e).__name__}: {e}"]
         if removed:
             notes.append(f"removed what this run left in {folder}, where it could carry what it learned to "
                          f"later runs: {described(removed)}")

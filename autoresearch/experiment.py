@@ -213,7 +213,7 @@ def broken_rules(changed, best, modules=()):
     why, fixes = [], []
     if modules:
         why.append(f"changed untracked modules {', '.join(modules)} (only {TRAIN} may change)")
-        fixes.append(f"move them out of the repository (or commit them on a branch of your own)")
+        fixes.append("move them out of the repository (or commit them on a branch of your own)")
     if symlinked_train():
         why.append(f"made {TRAIN} a symlink")
         fixes.append(f"replace it with a regular file: `git checkout {best[:7]} -- {TRAIN}`")

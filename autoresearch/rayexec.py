@@ -21,8 +21,10 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+from autoresearch.carryover import drop_carryover
 from autoresearch.gitrepo import git
 from autoresearch.layout import TRAIN, LoopError, read_json
 from autoresearch.ledger import LEDGER_ENV, ledger_dir, write_atomic
@@ -66,14 +68,15 @@ class NodeFlight:
         self.path = home / ".git" / "autoresearch-running.json"
 
     def spawned(self, pid):
-        write_atomic(self.path, json.dumps({"pgid": pid, "started": proc_start_time(pid)}).encode())
+        write_atomic(self.path, json.dumps({"pgid": pid, "started": proc_start_time(pid),
+                                            "started_ns": time.time_ns()}).encode())
 
     def end_leftover(self):
-        """End what a killed task left training here; True if there was one."""
-        state = read_json(self.path)
-        kill_leftover(state or {})
+        """End what a killed task left training here; its record ({} if there was none)."""
+        state = read_json(self.path) or {}
+        kill_leftover(state)
         self.path.unlink(missing_ok=True)
-        return bool(state)
+        return state
 
 
 def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, version, best_version):
@@ -96,7 +99,10 @@ def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, versi
         log.unlink(missing_ok=True)
         loop = Loop(tag, config, [{"status": "keep", "train_py": best_version}], timeout)
         if killed:  # that run may have rewritten the evaluator cache's record: emptied before the next evaluation
-            loop.evaluator_cache.forget()
+            loop.evaluator_cache.forget()  # and left what it learned where the next run looks (carryover.py)
+            loop.drop_compile_caches()
+            if killed.get("started_ns"):
+                drop_carryover(killed["started_ns"], None, None)
         run = sealed_run(loop, seed, str(log), flight, version)
         flight.path.unlink(missing_ok=True)
         run.tampered = sorted(set(run.tampered) | (changed_since("HEAD") - {TRAIN}))

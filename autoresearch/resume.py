@@ -73,7 +73,8 @@ def forget_carryover(loop, state):
     compile cache goes (the next runs compile cold), and what changed in /dev/shm since the run started."""
     loop.drop_compile_caches()
     if state.get("phase") == "train" and state.get("started_ns"):
-        drop_carryover(state["started_ns"], None, None)
+        for note in drop_carryover(state["started_ns"], None, None):
+            say(loop, f"the interrupted run: {note}")
 
 
 def reconcile(loop, reason=KILLED, restart=True):

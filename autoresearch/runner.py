@@ -155,9 +155,12 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
                     rc, wall = run_group(confined_train, log, subprocess.STDOUT, env, timeout,
                                          on_spawn=on_spawn)
             finally:  # before anything reads the ledger again; also when the run stopped the loop (a SIGTERM)
-                aside = Path(log_path).with_name(f"{Path(log_path).stem}-set-aside")
-                wrote_ledger, put_back = ledger.put_back(aside) if ledger else ([], [])
-                carried = drop_carryover(started_ns, watch.train_opened_ns, compile_cache) if watch.watching else []
+                try:
+                    aside = Path(log_path).with_name(f"{Path(log_path).stem}-set-aside")
+                    wrote_ledger, put_back = ledger.put_back(aside) if ledger else ([], [])
+                finally:  # on Linux, where runs are confined; unwatched, from the run's start
+                    carried = drop_carryover(started_ns, watch.train_opened_ns if watch.watching else None,
+                                             compile_cache) if sys.platform == "linux" else []
             # the evaluator's imports beside train.py are the harness's own work, not other work on the machine
             ours = cpu_seconds(evaluator.proc.pid) - evaluator_cpu if evaluator else 0.0
             other = other_work(clock, wall, ours) if wall >= LOAD_WINDOW_S else None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoresearch.cachefiles import sha256_of
+from autoresearch.carryover import remove_tree
 from autoresearch.confine import CONFINE_ENV
 from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
 from autoresearch.gitrepo import git
@@ -186,7 +187,7 @@ class Loop:
         root = self.private_dir / "compile-cache"
         for folder in root.iterdir() if root.is_dir() else ():
             if folder.is_dir() and not folder.is_symlink() and folder.name != EVALUATOR_CACHE:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_tree(folder)  # through folders the run locked
 
     def prune_compile_caches(self, keep=()):
         """Drop the compile caches of every version but the best's and `keep`'s (they run no more)."""

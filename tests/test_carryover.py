@@ -80,6 +80,7 @@ def test_what_a_run_left_in_shared_memory_goes_unless_a_live_process_holds_it_or
     shm.mkdir()
     early, held, left = (shm / what for what in ("early", "held", "left"))
     early.write_text("before the run")
+    time.sleep(0.1)  # more than the margin the sweep allows a coarse ctime
     started = now_then_a_tick()
     held.write_text("Ray's object store, say")
     (shm / "folder").mkdir()
@@ -95,3 +96,24 @@ def test_what_a_run_left_in_shared_memory_goes_unless_a_live_process_holds_it_or
     finally:
         holder.kill()
     assert sorted(p.name for p in shm.iterdir()) == ["early", "held"]
+
+
+def test_a_file_mapped_under_a_name_that_is_not_utf8_is_held_and_a_locked_folder_goes(tmp_path):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    started = now_then_a_tick()
+    odd = os.path.join(os.fsencode(shm), b"\xff-mapped")
+    with open(odd, "wb") as f:
+        f.write(b"\0" * 4096)
+    (shm / "locked").mkdir()
+    (shm / "locked" / "w.pt").write_text("weights")
+    (shm / "locked").chmod(0o400)  # listable, not enterable (for its owner; root enters anyway)
+    code = ("import mmap, sys, time; f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 4096); f.close(); "
+            "print('mapped', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, odd], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "mapped\n"
+        notes = drop_carryover(started, started, None, run_only=(shm,))
+    finally:
+        holder.kill()
+    assert os.listdir(os.fsencode(shm)) == [b"\xff-mapped"], notes  # held; the rest went
