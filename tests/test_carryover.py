@@ -117,3 +117,51 @@ def test_a_file_mapped_under_a_name_that_is_not_utf8_is_held_and_a_locked_folder
     finally:
         holder.kill()
     assert os.listdir(os.fsencode(shm)) == [b"\xff-mapped"], notes  # held; the rest went
+
+
+def test_folders_a_run_locked_against_its_own_user_are_swept_too(tmp_path):
+    # as root a chmod locks nothing, so the sweep runs as another user here, on that user's files
+    import pytest
+    import shutil
+    import tempfile
+    if os.getuid() != 0:
+        pytest.skip("needs root, to act as another user")
+    nobody = 65534
+    base = Path(tempfile.mkdtemp(prefix="carryover-"))
+    try:
+        base.chmod(0o755)
+        cache = base / "cache"
+        (cache / "kept").mkdir(parents=True)
+        (cache / "kept" / "kernel.so").write_text("earlier")
+        cutoff = now_then_a_tick()
+        for folder, mode in (("listable", 0o400), ("closed", 0o000), ("readonly", 0o500)):
+            (cache / "kept" / folder).mkdir()
+            (cache / "kept" / folder / "w.pt").write_text("weights")
+        for path in [base, *base.rglob("*")]:
+            os.chown(path, nobody, nobody)
+        for folder, mode in (("listable", 0o400), ("closed", 0o000), ("readonly", 0o500)):
+            (cache / "kept" / folder).chmod(mode)
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from autoresearch.carryover import drop_carryover; "
+                "print(drop_carryover(int(sys.argv[3]), int(sys.argv[3]), sys.argv[2], run_only=()))")
+        repo = str(Path(__file__).resolve().parents[1])
+        # the venv's Python may live where that user cannot go (/root): the system's runs the stdlib-only module
+        def usable(python):
+            try:
+                return subprocess.run([python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                       "import autoresearch.carryover", repo], capture_output=True,
+                                      user=nobody).returncode == 0
+            except OSError:
+                return False
+        python = next((p for p in (sys.executable, shutil.which("python3", path="/usr/bin:/bin")) if p and usable(p)),
+                      None)
+        if python is None:
+            pytest.skip("no Python and repository that another user can run here")
+        done = subprocess.run([python, "-c", code, repo, str(cache), str(cutoff)],
+                              capture_output=True, text=True, timeout=60, user=nobody)
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in cache.rglob("*")) == [], done.stdout  # "kept" changed too: all goes
+        assert "(the whole cache" not in done.stdout, done.stdout
+    finally:
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o700) if path.is_dir() else None
+        shutil.rmtree(base, ignore_errors=True)
