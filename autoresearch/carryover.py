@@ -1,11 +1,11 @@
 """
 What a run could leave for the runs after it. A confined run (confine.py) writes nowhere that outlives it but
 its version's compile cache (read by the version's later runs and by new versions seeded from it), /dev/shm
-and /dev/mqueue: weights saved there by one run and loaded by the next would train past the budget, run after run.
-So after each run the loop removes from its compile cache what changed after the run first opened its training
-data (valwatch.DataWatch.train_opened_ns: from then on it can have learned something; train.py compiles on a
-batch of zeros before that, so the cache stays warm), and from /dev/shm and /dev/mqueue what changed since the
-run started: nothing there needs to outlive a run.
+and /dev/mqueue: weights saved there by one run and loaded by the next would train past the budget, run after
+run. So after each run the loop removes from its compile cache what changed after the run first opened its
+training data (valwatch.DataWatch.train_opened_ns: from then on it can have learned something; train.py
+compiles on a batch of zeros before that, so the cache stays warm), and from /dev/shm and /dev/mqueue what
+changed since the run started: nothing there needs to outlive a run.
 """
 import os
 import shutil
@@ -145,6 +145,8 @@ def drop_carryover(started_ns, train_opened_ns, compile_cache, run_only=RUN_ONLY
                          f"later runs (torch.compile before reading data, as train.py does, keeps the cache warm)")
     for folder in run_only:
         folder = folder.resolve()
+        if not folder.is_dir():
+            continue
         held = None
 
         def not_the_runs(path, stat):  # another user's, or in use by a live process (Ray's object store, say)
@@ -154,8 +156,6 @@ def drop_carryover(started_ns, train_opened_ns, compile_cache, run_only=RUN_ONLY
             held = held_open(folder) if held is None else held
             return path in held
 
-        if not folder.is_dir():
-            continue
         try:
             removed, failed = drop_written_since(folder, started_ns - TICK_NS, keep=not_the_runs)
         except Exception as e:  # noqa: BLE001  (a note, not a dead loop)
