@@ -24,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-from autoresearch.carryover import drop_carryover
 from autoresearch.gitrepo import git
 from autoresearch.layout import TRAIN, LoopError, read_json
 from autoresearch.ledger import LEDGER_ENV, ledger_dir, write_atomic
@@ -98,11 +97,8 @@ def run_on_node(bundle, sha, train_py, tag, worker, config, timeout, seed, versi
         log = ledger_dir() / "run.log"
         log.unlink(missing_ok=True)
         loop = Loop(tag, config, [{"status": "keep", "train_py": best_version}], timeout)
-        if killed:  # that run may have rewritten the evaluator cache's record: emptied before the next evaluation
-            loop.evaluator_cache.forget()  # and left what it learned where the next run looks (carryover.py)
-            loop.drop_compile_caches()
-            if killed.get("started_ns"):
-                drop_carryover(killed["started_ns"], None, None)
+        if killed:  # what that run wrote was never checked: gone before the next run and evaluation
+            loop.forget_killed_run(killed.get("started_ns"))
         run = sealed_run(loop, seed, str(log), flight, version)
         flight.path.unlink(missing_ok=True)
         run.tampered = sorted(set(run.tampered) | (changed_since("HEAD") - {TRAIN}))

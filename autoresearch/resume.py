@@ -9,7 +9,6 @@ import signal
 import sys
 from pathlib import Path
 
-from autoresearch.carryover import drop_carryover
 from autoresearch.gitrepo import changed_since, commit, current_branch, git, git_root, head, short, tree_status
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, WORKTREES_DIR, LoopError, now_iso
 from autoresearch.ledger import (INTERRUPTED, append_row, keep_file, ledger_dir, ledger_path, put_back,
@@ -68,13 +67,10 @@ def save_failed_proposal(loop, n):
 # Finishing an interrupted experiment
 
 
-def forget_carryover(loop, state):
-    """After a loop was killed during a run, whose writes were never checked (carryover.py): every version's
-    compile cache goes (the next runs compile cold), and what changed in /dev/shm since the run started."""
-    loop.drop_compile_caches()
-    if state.get("phase") == "train" and state.get("started_ns"):
-        for note in drop_carryover(state["started_ns"], None, None):
-            say(loop, f"the interrupted run: {note}")
+def forget_killed_run(loop, state):
+    """Loop.forget_killed_run for the run in flight when the loop was killed, its notes said."""
+    for note in loop.forget_killed_run(state.get("started_ns") if state.get("phase") == "train" else None):
+        say(loop, f"the interrupted run: {note}")
 
 
 def reconcile(loop, reason=KILLED, restart=True):
@@ -89,9 +85,8 @@ def reconcile(loop, reason=KILLED, restart=True):
         kill_leftover(state)
         if state.get("log"):
             remove_scratch(state["log"])
-        if reason == KILLED:  # what the run left in the evaluator's cache, its record included, was never checked
-            loop.evaluator_cache.forget()  # nor in the places a run could leave what it learned
-            forget_carryover(loop, state)
+        if reason == KILLED:  # what the run wrote (the evaluator cache's record, what it learned): unchecked
+            forget_killed_run(loop, state)
         if state.get("baseline"):  # init runs the baseline again
             return
         if state.get("running_best"):  # the best's train.py stood in for the candidate's during a pair
@@ -151,8 +146,7 @@ def reconcile_worker(loop, number, reason=KILLED):
                     if state.get("log"):
                         remove_scratch(state["log"])
                     if reason == KILLED:
-                        wl.evaluator_cache.forget()
-                        forget_carryover(wl, state)
+                        forget_killed_run(wl, state)
                     if not any(r.get("n") == str(state["n"]) for r in wl.rows):
                         append_row(interrupted_row(wl, state, reason))
                     git("update-ref", wl.ref(f"discarded/{state['n']}"), state["commit"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoresearch.cachefiles import sha256_of
-from autoresearch.carryover import remove_tree
+from autoresearch.carryover import drop_carryover, remove_tree
 from autoresearch.confine import CONFINE_ENV
 from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
 from autoresearch.gitrepo import git
@@ -181,13 +181,17 @@ class Loop:
         return {str(path): path.lstat().st_ctime_ns for folder in (root.iterdir() if root.is_dir() else ())
                 if folder.is_dir() and folder.name not in (own, EVALUATOR_CACHE) for path in folder.rglob("*")}
 
-    def drop_compile_caches(self):
-        """Every version's compile cache, not the evaluator's: after a loop was killed while a run trained, whose
-        writes there were never checked (carryover.py), the next runs compile cold instead."""
+    def forget_killed_run(self, started_ns=None):
+        """After a loop (or a Ray task) was killed while a run trained, whose writes were never checked: the
+        evaluator's cache is emptied (the run may have rewritten its record), every version's compile cache goes
+        (the next runs compile cold), and what changed in /dev/shm and /dev/mqueue since the run started
+        (carryover.py). Returns the notes of that sweep."""
+        self.evaluator_cache.forget()
         root = self.private_dir / "compile-cache"
         for folder in root.iterdir() if root.is_dir() else ():
             if folder.is_dir() and not folder.is_symlink() and folder.name != EVALUATOR_CACHE:
                 remove_tree(folder)  # through folders the run locked
+        return drop_carryover(started_ns, None, None) if started_ns else []
 
     def prune_compile_caches(self, keep=()):
         """Drop the compile caches of every version but the best's and `keep`'s (they run no more)."""
