@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from prepare import (PROFILE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, check_ready,
                      default_device)  # CUDA > MPS > CPU, decided once, the same for the dataloader
 from autoresearch.attention import choose_attention, sdpa_attention  # FA3, flex or SDPA: decided once
-from autoresearch.handoff import hand_over, handoff_path  # under agent_loop.py the harness evaluates the model
+from autoresearch.handoff import hand_over, hand_over_early, handoff_path  # the harness evaluates the model
 from autoresearch.device import device_name, peak_flops, peak_memory_mb, synchronize
 from autoresearch.memory import check_memory, flash_like_attention  # peak memory counted on fake tensors
 
@@ -461,7 +461,9 @@ def sdpa_twin(model):
     """The same weights behind SDPA, embeddings in float32: a kernel outside PyTorch's own operators (FA3)
     cannot be handed over, and bf16 embeddings (CUDA) meet float32 matrices outside autocast, where the
     evaluator runs its causality check."""
-    with next(model.parameters()).device:
+    device = next(model.parameters()).device
+    # the twin's initial weights are overwritten: drawing them must not move the run's random numbers
+    with device, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         twin = GPT(replace(model.config, embedding_dtype=torch.float32), sdpa_attention)
     twin.load_state_dict(model.state_dict())
     return twin.eval()
@@ -580,6 +582,7 @@ def main():
         sys.exit(f"FAIL: {problem}")
     optimizer = make_optimizer(model, compiled=compiled and on_cuda,
                                ortho_dtype=torch.bfloat16 if on_cuda else torch.float32)
+    hand_over_early(sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device)  # the evaluator compiles meanwhile
     train_model = torch.compile(model, dynamic=False) if compiled else model
     if compiled:
         compile_before_data(model, train_model, optimizer, device, autocast, optimizer_too=on_cuda)

@@ -103,6 +103,20 @@ def confine(folders):
     return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{signals}"
 
 
+CONFINED_LINE = "[agent_loop] confined ("  # how main's line starts, first in the run's output, when it holds
+
+
+def will_confine(env):
+    """Whether a run started with this environment will be confined: what confine() checks before it acts. A
+    kernel that offers Landlock and then refuses it leaves this wrong: was_confined says what held."""
+    return env.get(CONFINE_ENV) != "0" and landlock_abi()[0] >= 2
+
+
+def was_confined(output):
+    """Whether the run whose output this is was confined: main's line comes before anything the run prints."""
+    return output.lstrip("\n").startswith(CONFINED_LINE)
+
+
 def confined(command, folders):
     """`command` run through this module: confined to write in `folders` (see confine) before it starts. -I,
     and this package's folder last on the path: no module left in the repository stands in for the stdlib's."""

@@ -22,6 +22,8 @@ import json
 import operator
 import os
 import re
+import select
+import stat
 import sys
 import tempfile
 import time
@@ -35,7 +37,7 @@ ALLOWED_HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}  # t
 CAUSALITY_POSITIONS = (0.25, 0.5, 0.75)  # fractions of the context where the future is changed
 COMPILE_CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")  # where this evaluation's kernels go
 SHARED_LIBRARY = re.compile(r"\.so(\.[0-9.]+)?$")  # libtorch_cpu.so, libgomp.so.1
-COMPILE_FROM_TOKENS = 2**19  # a compile (~15 s on 2 cores) pays back on evaluations this long, not on smoke's
+EARLY_POLL_S = 0.2  # how often, while train.py starts, the evaluator looks for its early graph
 # imported beside train.py (--wait): torch.export's loader (it pulls in dynamo, ~2 s of the ~5), and what loading
 # a program imports the first time (aot_autograd, networkx, sympy's tensors: ~0.6 s more, else paid after the run)
 PRELOADED = ("torch.export.pt2_archive._package", "torch.export._trace", "torch.export._unlift",
@@ -43,7 +45,7 @@ PRELOADED = ("torch.export.pt2_archive._package", "torch.export._trace", "torch.
              "sympy.tensor.tensor")
 
 
-from autoresearch.handoff import dumpable
+from autoresearch.handoff import dumpable, scorer_compiled, warms_up_early
 from autoresearch.metricdata import MetricDataError, verify_metric_files
 
 
@@ -122,6 +124,53 @@ class TokenLosses(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
 
 
+def scorer_for(model, device):
+    """TokenLosses of the model, compiled where that pays (handoff.scorer_compiled): the evaluation and the warm-up
+    on the early graph build it alike, so that the evaluation finds the warm-up's kernels in the cache."""
+    import prepare
+    scorer = TokenLosses(model)
+    if scorer_compiled(device.type, prepare.EVAL_TOKENS):
+        scorer = torch.compile(scorer, dynamic=False)  # cpu profile: 103 s eager, about half compiled
+    return scorer
+
+
+def scoring_autocast(device):
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+            else torch.autocast(device.type, enabled=False))
+
+
+def default_batch_size(device):
+    return 64 if device.type == "cuda" else 16
+
+
+def warm_up(path, batch_size=None):
+    """Compile the scorer of the early graph (handoff.hand_over_early) on a batch of zeros shaped as the
+    evaluation's, while train.py runs: nothing is scored, and nothing is kept but the compile cache. Returns
+    a line for the log. The file is train.py's, written while it runs: opened as a regular file only (a FIFO
+    left there would hang the evaluator), read whole, then checked as the trained model will be."""
+    import io
+    import prepare
+    start, device = time.time(), prepare.default_device()
+    if not warms_up_early(device.type, prepare.EVAL_TOKENS):  # on a GPU, memory train.py may be using
+        return "warm-up skipped: the evaluator warms up early on the CPU only, for profiles it compiles on"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return "warm-up skipped: the early graph is not a regular file"
+            program = torch.export.load(io.BytesIO(f.read()))
+        if foreign_operators(program.graph_module):
+            return "warm-up skipped: the early graph uses operators the evaluator does not run"
+        scorer = scorer_for(program.module().to(device), device)
+        shape = (batch_size or default_batch_size(device), prepare.MAX_SEQ_LEN)
+        x, y = (torch.zeros(shape, dtype=torch.int64, device=device) for _ in range(2))
+        with torch.no_grad(), scoring_autocast(device):
+            scorer(x, y, reduction="none")
+    except Exception as e:  # a warm-up only: the evaluation of the trained model decides
+        return f"warm-up failed ({type(e).__name__}: {str(e)[:200]}): the evaluation compiles cold"
+    return f"warm-up: compiled the scorer of the early graph in {time.time() - start:.1f} s, beside train.py"
+
+
 def evaluate(model_path, expect=None, batch_size=None, data=None):
     """{"val_bpb", "heldout_bpb", "eval_seconds", "restored": [...]} for the handed-over model (heldout_bpb None
     when the val split is too small for a held-out slice); EvaluationError if refused. data: the folder of the
@@ -139,16 +188,11 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
     model = load_model(model_path, device)
     rows = prepare.eval_rows(tokenizer.directory, prepare.MAX_SEQ_LEN, 2, tokenizer.get_bos_token_id())
     check_causal(model, torch.from_numpy(rows.astype("int64")).to(device), tokenizer.get_vocab_size())
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast(device.type, enabled=False))
-    scorer = TokenLosses(model)
-    if device.type == "cuda" or prepare.EVAL_TOKENS >= COMPILE_FROM_TOKENS:
-        scorer = torch.compile(scorer, dynamic=False)  # cpu profile: 103 s eager, about half compiled
-    batch_size = batch_size or (64 if device.type == "cuda" else 16)
+    scorer, batch_size = scorer_for(model, device), batch_size or default_batch_size(device)
     heldout = prepare.heldout_rows(tokenizer.directory, tokenizer.get_bos_token_id())
     if len(heldout) >= batch_size:
         heldout = heldout[:len(heldout) - len(heldout) % batch_size]  # whole batches: no recompile for the last
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), scoring_autocast(device):
         val_bpb = prepare.evaluate_bpb(scorer, tokenizer, batch_size)
         heldout_bpb = (prepare.bits_per_byte(scorer, heldout, tokenizer.directory, batch_size)
                        if len(heldout) else None)
@@ -216,19 +260,30 @@ def inductor_default_cache():
         return os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
 
 
-def wait_for_go():
+def wait_for_go(early=None, batch_size=None):
     """--wait: what the evaluation needs imported now (train.py is still starting), then the loop's word once
     train.py has ended: its input to the end, one JSON line {"expect": hashes or null, "data": folder or null,
     "nonce": ..., "since": ns when train.py started, "check_only": true when train.py crashed (the code check
     alone)}; None when the input is empty (nothing to evaluate). The
     hashes and folder arrive only now, so that nothing train.py could have rewritten on disk decides what the
-    metric's files are; a second line means something else wrote to its input, and the word is refused."""
+    metric's files are; a second line means something else wrote to its input, and the word is refused.
+    early: where train.py may put its early graph (--early); once it is there, the warm-up meanwhile."""
     for module in PRELOADED:
         try:
             importlib.import_module(module)
         except ImportError:  # another torch version: imported when loading, as without this
             pass
-    lines = sys.stdin.read().splitlines()
+    chunks, fd = [], sys.stdin.fileno()
+    while True:
+        if early and os.path.lexists(early):
+            print(warm_up(early, batch_size), flush=True)
+            early = None
+        if select.select([fd], [], [], EARLY_POLL_S if early else None)[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    lines = b"".join(chunks).decode(errors="replace").splitlines()
     dumpable(True)  # an ordinary process again: train.py and all it started have ended
     if len(lines) > 1:
         raise EvaluationError(f"{len(lines)} lines on the evaluator's input where the loop writes one: something "
@@ -243,12 +298,14 @@ def main():
     parser.add_argument("--batch-size", type=int, help="rows per forward pass (default 64 on CUDA, else 16)")
     parser.add_argument("--data", help="folder of the metric's files (default: the prepared dataset's)")
     parser.add_argument("--wait", action="store_true", help="import, then evaluate when stdin says what to")
+    parser.add_argument("--early", help="with --wait: where train.py may hand over its untrained model early, "
+                                        "for the scorer's compile to start warm")
     args = parser.parse_args()
     expect = json.loads(Path(args.expect).read_text()) if args.expect else None
     said = {}
     try:
         if args.wait:
-            word = wait_for_go()
+            word = wait_for_go(args.early, args.batch_size)
             if word is None:
                 return 0
             expect, args.data, said = word["expect"], word["data"], {"nonce": word.get("nonce")}

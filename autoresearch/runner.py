@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch.carryover import drop_carryover
-from autoresearch.confine import CONFINE_ENV, confined
+from autoresearch.confine import CONFINE_ENV, confined, was_confined, will_confine
 from autoresearch.fa3 import could_load, download_folders
-from autoresearch.handoff import HANDOFF_ENV
+from autoresearch.handoff import EARLY_ENV, HANDOFF_ENV
 from autoresearch.layout import TRAIN, LoopError, now_iso, to_float
 from autoresearch.ledger import LEDGER_ENV, copies_folder, copy_of, ledger_dir, record_file
 from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
@@ -123,7 +123,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     evaluator runs from outside the repository (installed.InstalledCode), checked after each evaluation;
     private: the loop's own folder in the ledger (state.Loop.private_dir), all a worker's run is sealed from."""
     env = child_env(config, seed, compile_cache)
-    handoff = evaluator = None
+    handoff = evaluator = early = None
     watched = evaluator_cache if config.get("harness_eval") else None  # the folder the evaluator compiles in
     checked = False  # the evaluator's cache was checked after train.py: what it holds from then on is ours
     scratch = new_scratch(log_path, seed, compile_cache)
@@ -131,10 +131,14 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     if config.get("harness_eval"):
         handoff = scratch / "model.pt2"
         env[HANDOFF_ENV] = str(handoff)
+        # the evaluator's warm-up writes its compile cache while train.py runs: only where train.py cannot
+        if will_confine(env):
+            early = scratch / "early.pt2"
+            env[EARLY_ENV] = str(early)
         if watched and watched.written():  # left since the last run (between steps, or by a run cut short
             watched.clean()                # by Ctrl-C): never used, blamed on none
             watched.settle()
-        evaluator = start_evaluator(config, seed, handoff, evaluator_cache)
+        evaluator = start_evaluator(config, seed, handoff, evaluator_cache, early)
     try:
         with open(log_path, "a") as log:
             log.write(f"\n===== train.py  seed {seed}  timeout {timeout:.0f} s  {now_iso()} =====\n")
@@ -180,10 +184,16 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         run.tampered += [os.path.relpath(p) if Path(p).is_relative_to(Path.cwd()) else p for p in wrote_ledger]
         if handoff and watch.opened is None:
             run.notes.append("the validation files were not watched during this run (no inotify here)")
-        if watched:  # crashed or not: a run that wrote there is rejected, and it is emptied
-            run.tampered += watched.written()
+        warmed = early is not None and was_confined(output)  # what the evaluator cache holds is its own
+        if early and not warmed:  # the warm-up wrote where this run, unconfined after all, could write too
+            end_group(evaluator)
+            evaluator.log.close()
+            evaluator = start_evaluator(config, seed, handoff, evaluator_cache)
+            run.notes.append("the run was not confined: the evaluator's warm-up beside it was thrown away")
+        if watched and not warmed:  # crashed or not: a run that wrote there is rejected, and it is emptied
+            run.tampered += [] if early else watched.written()
             watched.clean()
-            checked = True
+        checked = bool(watched)
         if handoff:  # a crashed run too: the evaluator then only checks the code it runs for the run's writes
             code = evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, started_ns)
             if installed is not None:
@@ -327,10 +337,11 @@ def restore_written(written, config):
     return notes
 
 
-def start_evaluator(config, seed, handoff, compile_cache=None):
+def start_evaluator(config, seed, handoff, compile_cache=None, early=None):
     """The evaluator of this run's hand-over (autoresearch/evaluator.py --wait), started beside train.py: it
-    imports while train.py starts and waits for evaluate_handoff's word. Its output goes to a file of its own,
-    unnamed (nothing can open it by a path), so that nothing it prints can land inside train.py's."""
+    imports while train.py starts, compiles the early graph if train.py puts one at `early`, and waits for
+    evaluate_handoff's word. Its output goes to a file of its own, unnamed (nothing can open it by a path), so
+    that nothing it prints can land inside train.py's."""
     # -I: no PYTHON* variables, and neither the current folder nor a script's is put first on sys.path, so a
     # module the run left in the repository (torch.py, numpy.py) cannot stand in for the real one. Before any
     # other import it stands aside: no /proc/PID/fd/0 for train.py to write in, and no timed step slowed
@@ -339,8 +350,9 @@ def start_evaluator(config, seed, handoff, compile_cache=None):
                  f"from autoresearch.evaluator import run_and_exit; run_and_exit()")
     env = child_env(config, seed, compile_cache.path if compile_cache else None)  # read only after the word
     out = tempfile.TemporaryFile()
-    group = start_group([sys.executable, "-I", "-c", bootstrap, str(handoff), "--wait"], out, subprocess.STDOUT,
-                        env, stdin=subprocess.PIPE)
+    command = [sys.executable, "-I", "-c", bootstrap, str(handoff), "--wait"]
+    group = start_group(command + (["--early", str(early)] if early else []), out, subprocess.STDOUT, env,
+                        stdin=subprocess.PIPE)
     os.set_blocking(group.proc.stdin.fileno(), False)  # a pipe something else filled cannot hang the loop
     return group
 
