@@ -92,7 +92,7 @@ def hand_over_early(model, seq_len, vocab_size, device):
         return None
     import torch
     start = time.time()
-    partial = f"{path}.partial"
+    partial = os.path.join(os.path.dirname(path), f".partial-{os.path.basename(path)}")  # torch wants .pt2
     torch.export.save(export_logits(model, seq_len, vocab_size, device), partial)
     os.replace(partial, path)  # whole or not there: the evaluator takes the file once it exists
     return time.time() - start

@@ -5,10 +5,12 @@ import compileall
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +320,89 @@ def test_a_run_that_writes_a_file_the_evaluator_runs_code_from_and_crashes_is_ca
         os.chmod(target, os.stat(target).st_mode)
         """, crash=True)
     assert run_.error and "crashed (test)" in run_.error and run_.tampered == [TORCH_TARGET], run_
+
+
+# -----------------------------------------------------------------------------
+# The warm-up beside train.py: on the cpu profile the evaluator compiles its scorer, and compiles it first on the
+# untrained graph that train.py hands over early (handoff.hand_over_early), while train.py compiles its own step
+
+
+@pytest.fixture(scope="module")
+def compiling_tree(tmp_path_factory):
+    """A copy of train.py, prepare.py and the harness in which smoke's evaluation compiles, as the cpu profile's
+    does (2**19 tokens there: minutes on one core), and so warms up early."""
+    tree = tmp_path_factory.mktemp("compiling")
+    for name in ("train.py", "prepare.py"):
+        shutil.copy(REPO / name, tree / name)
+    shutil.copytree(REPO / "autoresearch", tree / "autoresearch", ignore=shutil.ignore_patterns("__pycache__"))
+    handoff = tree / "autoresearch" / "handoff.py"
+    source, count = re.subn(r"^COMPILE_FROM_TOKENS = .*$", "COMPILE_FROM_TOKENS = 0", handoff.read_text(),
+                            flags=re.M)
+    assert count == 1
+    handoff.write_text(source)
+    return tree
+
+
+def start_waiting(tree, cache, model, early, kernels, out):
+    """The evaluator as the loop starts it beside train.py: waiting for the loop's word, watching for `early`."""
+    env = dict(os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache),
+               TORCHINDUCTOR_CACHE_DIR=str(kernels))
+    return subprocess.Popen([sys.executable, "-m", "autoresearch.evaluator", str(model), "--wait", "--early",
+                             str(early)], cwd=tree, env=env, stdin=subprocess.PIPE, stdout=out, text=True,
+                            stderr=subprocess.STDOUT)
+
+
+def kernel_files(kernels):
+    return {str(p.relative_to(kernels)): p.stat().st_mtime_ns for p in kernels.rglob("*") if p.is_file()}
+
+
+def said(out, what, timeout=180):
+    """The evaluator's first line that starts with `what`, once it is written."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = [line for line in Path(out.name).read_text().splitlines() if line.startswith(what)]
+        if lines:
+            return lines[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no line {what!r} in {timeout} s:\n{Path(out.name).read_text()[-3000:]}")
+
+
+def test_beside_train_py_it_compiles_the_early_graph_and_the_evaluation_after_training_starts_warm(
+        cache, compiling_tree, tmp_path):
+    model, early, kernels = tmp_path / "model.pt2", tmp_path / "early.pt2", tmp_path / "evaluator-cache"
+    with open(tmp_path / "evaluator.out", "w") as out:
+        evaluator = start_waiting(compiling_tree, cache, model, early, kernels, out)
+        try:
+            trained = subprocess.run([sys.executable, "train.py"], cwd=compiling_tree, capture_output=True,
+                                     text=True, timeout=600, env=dict(
+                                         os.environ, AUTORESEARCH_PROFILE="smoke", AUTORESEARCH_CACHE_DIR=str(cache),
+                                         AUTORESEARCH_HANDOFF=str(model), AUTORESEARCH_HANDOFF_EARLY=str(early),
+                                         TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "train-cache")))
+            assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+            assert early.is_file() and model.is_file()  # the untrained graph, then the trained model
+            assert said(out, "warm-up").startswith("warm-up: compiled the scorer of the early graph")
+            warm = kernel_files(kernels)
+            assert [f for f in warm if f.startswith("fxgraph")], sorted(warm)  # compiled before the word
+            evaluator.communicate(json.dumps({"expect": None, "data": None, "nonce": "n1"}) + "\n", timeout=300)
+        finally:
+            evaluator.kill()
+    result = json.loads(Path(out.name).read_text().strip().splitlines()[-1])
+    assert evaluator.returncode == 0 and result["nonce"] == "n1", result
+    assert 0.3 < result["val_bpb"] < 4.0, result  # the trained model's, scored as ever
+    # the trained weights in the warm-up's graph: every kernel found in the cache, none compiled or written
+    assert kernel_files(kernels) == warm
+
+
+def test_an_early_graph_that_is_no_regular_file_is_passed_over_and_the_evaluation_goes_on(
+        cache, compiling_tree, plain, tmp_path):
+    model, early, kernels = plain[0], tmp_path / "early.pt2", tmp_path / "evaluator-cache"
+    os.mkfifo(early)  # opened for reading, a FIFO would wait for a writer for ever
+    with open(tmp_path / "evaluator.out", "w") as out:
+        evaluator = start_waiting(compiling_tree, cache, model, early, kernels, out)
+        try:
+            assert said(out, "warm-up") == "warm-up skipped: the early graph is not a regular file"
+            evaluator.communicate(json.dumps({"expect": None, "data": None, "nonce": "n2"}) + "\n", timeout=300)
+        finally:
+            evaluator.kill()
+    result = json.loads(Path(out.name).read_text().strip().splitlines()[-1])
+    assert evaluator.returncode == 0 and result["nonce"] == "n2" and result["val_bpb"] > 0, result
