@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch.confine import CONFINE_ENV, confined, landlock_abi
-from test_agent_loop import env, initialised, loop, repo, rows, set_train  # noqa: F401  (fixtures)
+from autoresearch.confine import CONFINE_ENV, confined, landlock_abi, was_confined, will_confine
+from test_agent_loop import env, harness_evaluates, initialised, loop, repo, rows, set_train  # noqa: F401
 
 ABI, WHY = landlock_abi()
 pytestmark = pytest.mark.skipif(not ABI, reason=f"no confinement here: {WHY}")
@@ -81,14 +81,30 @@ def test_confinement_turned_off_says_so_and_writes_anywhere(tmp_path):
     assert f"not confined: {CONFINE_ENV}=0" in said, said
 
 
+def test_only_the_confinements_own_first_line_says_that_a_run_was_confined(tmp_path):
+    # the loop lets the evaluator warm its compile cache beside a run that it expects to be confined, and keeps
+    # what the warm-up wrote there only when the run's output starts with the line confine.main printed
+    claims = [sys.executable, "-c", "print('[agent_loop] confined (Landlock ABI 99): writes only in /nowhere')"]
+    for extra, held in (({}, ABI >= 2), ({CONFINE_ENV: "0"}, False)):
+        env = {**os.environ, **extra}
+        p = subprocess.run(confined(claims, [tmp_path]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, env=env, timeout=60)
+        assert p.returncode == 0 and p.stdout.count("[agent_loop] ") == 2, p.stdout
+        assert was_confined(p.stdout) is held and will_confine(env) is held, (extra, p.stdout)
+
+
 # the hostile stand-ins of test_agent_loop, test_seal and test_ledger (unconfined there, where the checks after
 # the run catch them): confined, each one's first write fails, so the run is a crash that names it and nothing
 # outside the run changed; a daemon's late row and a kill of the loop fail the same way
-@pytest.mark.parametrize("mode", ["tamper", "selfedit", "shadow", "cachepoison", "ledger", "records",
-                                  "ledgerswap", "ledgerkill", "daemon"])
+@pytest.mark.parametrize("mode", ["tamper", "selfedit", "shadow", "cachepoison", "evalpoison", "ledger",
+                                  "records", "ledgerswap", "ledgerkill", "daemon"])
 def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo, env, mode):  # noqa: F811
     env = {k: v for k, v in env.items() if k != CONFINE_ENV}  # the fixture's runs are not confined
     initialised(repo, env)
+    if mode == "evalpoison":  # the evaluator's cache, which it warms beside a confined run, made by a first step
+        harness_evaluates(repo)
+        set_train(repo, VAL_BPB=0.9)
+        loop(repo, env, "step", "-m", "an honest change")
     ledger = repo / ".git" / "autoresearch"
     before = {p: p.read_bytes() for p in [*ledger.rglob("*.tsv"), *ledger.rglob("*.json"), repo / "prepare.py"]
               if p.is_file()}
