@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from prepare import (PROFILE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, check_ready,
                      default_device)  # CUDA > MPS > CPU, decided once, the same for the dataloader
 from autoresearch.attention import choose_attention, sdpa_attention  # FA3, flex or SDPA: decided once
-from autoresearch.handoff import hand_over, hand_over_early, handoff_path  # the harness evaluates the model
+from autoresearch.handoff import early_handoff_path, hand_over, handoff_path  # the harness evaluates it
 from autoresearch.device import device_name, peak_flops, peak_memory_mb, synchronize
 from autoresearch.memory import check_memory, flash_like_attention  # peak memory counted on fake tensors
 
@@ -582,7 +582,9 @@ def main():
         sys.exit(f"FAIL: {problem}")
     optimizer = make_optimizer(model, compiled=compiled and on_cuda,
                                ortho_dtype=torch.bfloat16 if on_cuda else torch.float32)
-    hand_over_early(sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device)  # the evaluator compiles meanwhile
+    early = early_handoff_path(device)
+    if early:  # the harness's evaluator compiles this untrained copy's graph while train.py compiles (cpu profile)
+        hand_over(sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device, path=early)
     train_model = torch.compile(model, dynamic=False) if compiled else model
     if compiled:
         compile_before_data(model, train_model, optimizer, device, autocast, optimizer_too=on_cuda)

@@ -144,20 +144,20 @@ def default_batch_size(device):
 
 
 def warm_up(path, batch_size=None):
-    """Compile the scorer of the early graph (handoff.hand_over_early) on a batch of zeros shaped as the
+    """Compile the scorer of the early graph (handoff.early_handoff_path) on a batch of zeros shaped as the
     evaluation's, while train.py runs: nothing is scored, and nothing is kept but the compile cache. Returns
     a line for the log. The file is train.py's, written while it runs: opened as a regular file only (a FIFO
     left there would hang the evaluator), read whole, then checked as the trained model will be."""
     import io
     import prepare
     start, device = time.time(), prepare.default_device()
-    if not warms_up_early(device.type, prepare.EVAL_TOKENS):  # on a GPU, memory train.py may be using
-        return "warm-up skipped: the evaluator warms up early on the CPU only, for profiles it compiles on"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return "warm-up skipped: the early graph is not a regular file"
+            if not warms_up_early(device.type, prepare.EVAL_TOKENS):  # on a GPU, memory train.py may be using
+                return "warm-up skipped: the evaluator warms up early on the CPU only, for profiles it compiles on"
             program = torch.export.load(io.BytesIO(f.read()))
         if foreign_operators(program.graph_module):
             return "warm-up skipped: the early graph uses operators the evaluator does not run"

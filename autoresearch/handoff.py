@@ -60,14 +60,17 @@ def export_logits(model, seq_len, vocab_size, device):
         return torch.export.export(Logits(model).eval(), (example,), dynamic_shapes={"idx": {0: batch}})
 
 
-def hand_over(model, seq_len, vocab_size, device):
-    """Export the model to the harness's file. Returns the seconds it took, or None when there is no harness."""
-    path = handoff_path()
+def hand_over(model, seq_len, vocab_size, device, path=None):
+    """Export the model to the harness's file (or `path`). Returns the seconds it took, or None when there is no
+    harness. The file is whole or not there: the early one is read while train.py runs."""
+    path = path or handoff_path()
     if path is None:
         return None
     import torch
     start = time.time()
-    torch.export.save(export_logits(model, seq_len, vocab_size, device), path)
+    partial = os.path.join(os.path.dirname(path), f".partial-{os.path.basename(path)}")  # torch wants .pt2
+    torch.export.save(export_logits(model, seq_len, vocab_size, device), partial)
+    os.replace(partial, path)
     return time.time() - start
 
 
@@ -82,17 +85,10 @@ def warms_up_early(device_type, eval_tokens):
     return device_type == "cpu" and scorer_compiled(device_type, eval_tokens)
 
 
-def hand_over_early(model, seq_len, vocab_size, device):
-    """Export the untrained model to the harness's early file, for the evaluator to compile while train.py
-    compiles (weights do not matter to a compile; the trained model is handed over at the end, and that is what
-    is evaluated). Returns the seconds it took, or None when the harness did not ask or would not use it."""
+def early_handoff_path(device):
+    """Where train.py hands over its untrained model before it compiles, for the evaluator to compile that graph
+    meanwhile (weights do not matter to a compile; the model handed over at the end is the one evaluated). None
+    when the harness did not ask, or would not use it here."""
     import prepare
     path = os.environ.get(EARLY_ENV)
-    if not path or not warms_up_early(device.type, prepare.EVAL_TOKENS):
-        return None
-    import torch
-    start = time.time()
-    partial = os.path.join(os.path.dirname(path), f".partial-{os.path.basename(path)}")  # torch wants .pt2
-    torch.export.save(export_logits(model, seq_len, vocab_size, device), partial)
-    os.replace(partial, path)  # whole or not there: the evaluator takes the file once it exists
-    return time.time() - start
+    return path if path and warms_up_early(device.type, prepare.EVAL_TOKENS) else None

@@ -218,6 +218,9 @@ def run_touching_torch(tmp_path, monkeypatch, cache, plain, touch, crash=False, 
 
 
 TORCH_TARGET = importlib.util.find_spec("torch.nn.functional").origin  # the metric's cross-entropy
+# these tests put another torch/nn/functional.py in place for a while, and every evaluator in the suite reads it:
+# nothing else runs meanwhile (a real loop in the other test process would see torch edited, and stop there)
+EDITS_TORCH = pytest.mark.whole_machine
 # forged files put in place of the original and the original put back (by inode: uv may share it with other
 # environments), as an agent covering its tracks would; the test puts the original back too if the run did not
 PUT_BACK = """
@@ -253,6 +256,7 @@ def put_back(backup, path):
             os.replace(backup, path)
 
 
+@EDITS_TORCH
 def test_a_run_that_swaps_in_a_file_the_evaluator_runs_code_from_and_puts_it_back_is_caught(cache, plain, tmp_path,
                                                                                           monkeypatch):
     # torch's own sources are outside the repository's seal; the evaluator names those it ran that were written
@@ -270,6 +274,7 @@ def test_a_run_that_swaps_in_a_file_the_evaluator_runs_code_from_and_puts_it_bac
     assert TORCH_TARGET in run_.tampered and set(run_.tampered) <= {TORCH_TARGET, cached}, run_.tampered
 
 
+@EDITS_TORCH
 def test_a_run_that_forges_the_bytecode_of_a_module_the_evaluator_runs_is_caught(cache, plain, tmp_path,
                                                                                  monkeypatch):
     # a .pyc whose header matches its source's mtime and size is loaded in place of the source
@@ -288,6 +293,7 @@ def test_a_run_that_forges_the_bytecode_of_a_module_the_evaluator_runs_is_caught
     assert run_.tampered == [cached]
 
 
+@EDITS_TORCH
 def test_a_file_the_evaluator_runs_code_from_edited_between_runs_is_caught_until_its_bytes_are_back(
         cache, plain, tmp_path, monkeypatch):
     # an agent's edit before a `step` is older than the run, so the evaluator's own check cannot see it; the
@@ -313,6 +319,7 @@ def test_a_file_the_evaluator_runs_code_from_edited_between_runs_is_caught_until
     assert InstalledCode(record).edited() == []
 
 
+@EDITS_TORCH
 def test_a_run_that_writes_a_file_the_evaluator_runs_code_from_and_crashes_is_caught(cache, plain, tmp_path,
                                                                                    monkeypatch):
     # no model to score after a crash; the code the next runs' evaluators import is checked all the same
@@ -324,7 +331,7 @@ def test_a_run_that_writes_a_file_the_evaluator_runs_code_from_and_crashes_is_ca
 
 # -----------------------------------------------------------------------------
 # The warm-up beside train.py: on the cpu profile the evaluator compiles its scorer, and compiles it first on the
-# untrained graph that train.py hands over early (handoff.hand_over_early), while train.py compiles its own step
+# untrained graph that train.py hands over early (handoff.early_handoff_path), while train.py compiles its own step
 
 
 @pytest.fixture(scope="module")
@@ -393,12 +400,11 @@ def test_beside_train_py_it_compiles_the_early_graph_and_the_evaluation_after_tr
     assert kernel_files(kernels) == warm
 
 
-def test_an_early_graph_that_is_no_regular_file_is_passed_over_and_the_evaluation_goes_on(
-        cache, compiling_tree, plain, tmp_path):
+def test_an_early_graph_that_is_no_regular_file_is_passed_over_and_the_evaluation_goes_on(cache, plain, tmp_path):
     model, early, kernels = plain[0], tmp_path / "early.pt2", tmp_path / "evaluator-cache"
     os.mkfifo(early)  # opened for reading, a FIFO would wait for a writer for ever
     with open(tmp_path / "evaluator.out", "w") as out:
-        evaluator = start_waiting(compiling_tree, cache, model, early, kernels, out)
+        evaluator = start_waiting(REPO, cache, model, early, kernels, out)
         try:
             assert said(out, "warm-up") == "warm-up skipped: the early graph is not a regular file"
             evaluator.communicate(json.dumps({"expect": None, "data": None, "nonce": "n2"}) + "\n", timeout=300)
