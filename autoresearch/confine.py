@@ -103,38 +103,38 @@ def confine(folders):
     return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{signals}"
 
 
-CONFINED_LINE = "[agent_loop] confined ("  # how main's line starts, first in the run's output, when it holds
+def will_confine(env, truncate=False):
+    """Whether a run started with this environment will be confined (what confine() checks before it acts), and
+    with truncate: also kept from truncating files it may not write (ABI 3, kernel 6.2). A kernel that offers
+    Landlock and then refuses it leaves this wrong: a run that counts on it is started with require."""
+    return env.get(CONFINE_ENV) != "0" and landlock_abi()[0] >= (3 if truncate else 2)
 
 
-def will_confine(env):
-    """Whether a run started with this environment will be confined: what confine() checks before it acts. A
-    kernel that offers Landlock and then refuses it leaves this wrong: was_confined says what held."""
-    return env.get(CONFINE_ENV) != "0" and landlock_abi()[0] >= 2
-
-
-def was_confined(output):
-    """Whether the run whose output this is was confined: main's line comes before anything the run prints."""
-    return output.lstrip("\n").startswith(CONFINED_LINE)
-
-
-def confined(command, folders):
+def confined(command, folders, require=False):
     """`command` run through this module: confined to write in `folders` (see confine) before it starts. -I,
-    and this package's folder last on the path: no module left in the repository stands in for the stdlib's."""
+    and this package's folder last on the path: no module left in the repository stands in for the stdlib's.
+    require: where it cannot be confined the command does not run (exit 1), as the harness counted on it."""
     root = str(Path(__file__).resolve().parents[1])
     bootstrap = f"import sys; sys.path.append({root!r}); from autoresearch.confine import main; main()"
     writes = [arg for folder in folders if folder for arg in ("--write", str(folder))]
-    return [sys.executable, "-I", "-c", bootstrap, *writes, "--", *command]
+    return [sys.executable, "-I", "-c", bootstrap, *writes, *(["--require"] if require else []), "--", *command]
 
 
 def main():
     parser = argparse.ArgumentParser(description="Run a command that may write only in the folders named.")
     parser.add_argument("--write", action="append", default=[], metavar="DIR")
+    parser.add_argument("--require", action="store_true", help="not confined: do not run the command")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command after --")
-    print(f"[agent_loop] {confine(args.write)}", file=sys.stderr, flush=True)
+    said = confine(args.write)
+    print(f"[agent_loop] {said}", file=sys.stderr, flush=True)
+    if args.require and not said.startswith("confined"):
+        sys.exit(f"[agent_loop] the loop counted on the kernel's confinement here (the evaluator warms its compile "
+                 f"cache beside the run), so the run does not start. Set {CONFINE_ENV}=0 at `init` where the "
+                 f"kernel offers Landlock but refuses it")
     os.execvp(command[0], command)
 
 

@@ -176,6 +176,7 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
     when the val split is too small for a held-out slice); EvaluationError if refused. data: the folder of the
     metric's files (default: the prepared dataset's, in the cache)."""
     import prepare  # the contract: rows, byte counts and the metric itself
+    from torch._dynamo.utils import counters
     start = time.time()
     tokenizer = prepare.Tokenizer.from_directory(data)
     try:
@@ -189,6 +190,7 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
     rows = prepare.eval_rows(tokenizer.directory, prepare.MAX_SEQ_LEN, 2, tokenizer.get_bos_token_id())
     check_causal(model, torch.from_numpy(rows.astype("int64")).to(device), tokenizer.get_vocab_size())
     scorer, batch_size = scorer_for(model, device), batch_size or default_batch_size(device)
+    cached = dict(counters["inductor"])
     heldout = prepare.heldout_rows(tokenizer.directory, tokenizer.get_bos_token_id())
     if len(heldout) >= batch_size:
         heldout = heldout[:len(heldout) - len(heldout) % batch_size]  # whole batches: no recompile for the last
@@ -196,8 +198,11 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
         val_bpb = prepare.evaluate_bpb(scorer, tokenizer, batch_size)
         heldout_bpb = (prepare.bits_per_byte(scorer, heldout, tokenizer.directory, batch_size)
                        if len(heldout) else None)
+    # the compile cache's hits and misses: a warm-up that did its work leaves no miss
+    looked_up = {kind: counters["inductor"][f"fxgraph_cache_{kind}"] - cached.get(f"fxgraph_cache_{kind}", 0)
+                 for kind in ("hit", "miss")}
     return {"val_bpb": val_bpb, "heldout_bpb": heldout_bpb, "eval_seconds": round(time.time() - start, 2),
-            "restored": restored}
+            "restored": restored, "compile_cache": looked_up}
 
 
 def code_in_use():

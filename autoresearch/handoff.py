@@ -4,10 +4,11 @@ names a file (AUTORESEARCH_HANDOFF); train.py exports its forward pass (tokens [
 there with torch.export, weights included, and skips its own evaluation: the evaluator computes val_bpb from
 that file in a separate process. Standalone (`uv run train.py`), nothing is handed over.
 
-Where the evaluator compiles its scorer on the CPU (the cpu profile), the harness also names an early file
-(AUTORESEARCH_HANDOFF_EARLY): train.py exports the untrained model there before it compiles its own step, and the
-evaluator compiles that graph meanwhile, on the core train.py's compile leaves idle. Its compile cache then holds
-the kernels the trained model's graph needs, and the evaluation after training starts warm (~12 s less, cold).
+Where the evaluator compiles its scorer on the CPU (the cpu profile) and the run is confined, the harness also
+names an early file (AUTORESEARCH_HANDOFF_EARLY): train.py exports the untrained model there before it compiles
+its own step, and the evaluator compiles that graph meanwhile, on the core train.py's compile leaves idle. Its
+compile cache then holds the kernels the trained model's graph needs, and the evaluation after training starts
+warm (~15 s less, cold).
 """
 
 import os

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoresearch.carryover import drop_carryover
-from autoresearch.confine import CONFINE_ENV, confined, was_confined, will_confine
+from autoresearch.confine import CONFINE_ENV, confined, will_confine
 from autoresearch.fa3 import could_load, download_folders
 from autoresearch.handoff import EARLY_ENV, HANDOFF_ENV
 from autoresearch.layout import TRAIN, LoopError, now_iso, to_float
@@ -131,12 +131,15 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
     if config.get("harness_eval"):
         handoff = scratch / "model.pt2"
         env[HANDOFF_ENV] = str(handoff)
-        # the evaluator's warm-up writes its compile cache while train.py runs: only where train.py cannot
-        if will_confine(env):
+        # the evaluator's warm-up writes its compile cache while train.py runs: only where train.py cannot (the
+        # run does not start unconfined, and cannot truncate there either)
+        if will_confine(env, truncate=True):
             early = scratch / "early.pt2"
             env[EARLY_ENV] = str(early)
-        if watched and watched.written():  # left since the last run (between steps, or by a run cut short
-            watched.clean()                # by Ctrl-C): never used, blamed on none
+        # left since the last run (between steps, or by a run cut short by Ctrl-C), or not known to be the
+        # harness's (no record, a killed loop): emptied, blamed on none, before the evaluator reads it
+        if watched and (watched.seen is None or watched.written()):
+            watched.clean()
             watched.settle()
         evaluator = start_evaluator(config, seed, handoff, evaluator_cache, early)
     try:
@@ -155,7 +158,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             watch = DataWatch(cache_dir(env), copy)
             try:
                 with watch:
-                    confined_train = confined([sys.executable, TRAIN], writable(scratch, compile_cache, env))
+                    confined_train = confined([sys.executable, TRAIN], writable(scratch, compile_cache, env),
+                                              require=early is not None)
                     rc, wall = run_group(confined_train, log, subprocess.STDOUT, env, timeout,
                                          on_spawn=on_spawn)
             finally:  # before anything reads the ledger again; also when the run stopped the loop (a SIGTERM)
@@ -184,16 +188,17 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         run.tampered += [os.path.relpath(p) if Path(p).is_relative_to(Path.cwd()) else p for p in wrote_ledger]
         if handoff and watch.opened is None:
             run.notes.append("the validation files were not watched during this run (no inotify here)")
-        warmed = early is not None and was_confined(output)  # what the evaluator cache holds is its own
-        if early and not warmed:  # the warm-up wrote where this run, unconfined after all, could write too
-            end_group(evaluator)
-            evaluator.log.close()
-            evaluator = start_evaluator(config, seed, handoff, evaluator_cache)
-            run.notes.append("the run was not confined: the evaluator's warm-up beside it was thrown away")
-        if watched and not warmed:  # crashed or not: a run that wrote there is rejected, and it is emptied
-            run.tampered += [] if early else watched.written()
-            watched.clean()
-        checked = bool(watched)
+        if watched:  # crashed or not: a run that wrote there is rejected, and it is emptied
+            # beside a confined run the evaluator's warm-up wrote there: only what the run could still do counts
+            blamed = watched.altered() if early else watched.written()
+            run.tampered += blamed
+            if blamed and early:  # the evaluator may be writing there yet: a new one reads it once emptied
+                end_group(evaluator)
+                evaluator.log.close()
+                evaluator = start_evaluator(config, seed, handoff, evaluator_cache)
+            if blamed or not early:
+                watched.clean()
+            checked = True
         if handoff:  # a crashed run too: the evaluator then only checks the code it runs for the run's writes
             code = evaluate_handoff(run, config, evaluator, timeout, log_path, on_spawn, started_ns)
             if installed is not None:

@@ -142,6 +142,23 @@ class HarnessFolder:
         now = self.files()
         return sorted(str(self.path / p) for p in set(now) | set(self.seen) if now.get(p) != self.seen.get(p))
 
+    def altered(self):
+        """What a run kept out of the folder by the kernel (confine.py) can still have done to it while the
+        evaluator wrote there: a file the harness had left changed (a chmod, which Landlock does not govern) or
+        gone, or a new one the evaluator could no longer read or rewrite (mode without the owner's rw)."""
+        if self.seen is None:
+            return []
+        now = self.files()
+        changed = [p for p in self.seen if now.get(p) != self.seen[p]]
+        unusable = []
+        for p in set(now) - set(self.seen):
+            try:
+                if (self.path / p).lstat().st_mode & 0o600 != 0o600:
+                    unusable.append(p)
+            except FileNotFoundError:  # gone since the listing (the evaluator's own temporary file)
+                pass
+        return sorted(str(self.path / p) for p in changed + unusable)
+
     def clean(self):
         """The folder, emptied unless it holds just what the harness left (a cache: nothing is lost)."""
         if self.seen is None or self.written():

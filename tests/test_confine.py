@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch.confine import CONFINE_ENV, confined, landlock_abi, was_confined, will_confine
+from autoresearch.confine import CONFINE_ENV, confined, landlock_abi, will_confine
 from test_agent_loop import env, harness_evaluates, initialised, loop, repo, rows, set_train  # noqa: F401
 
 ABI, WHY = landlock_abi()
@@ -81,16 +81,20 @@ def test_confinement_turned_off_says_so_and_writes_anywhere(tmp_path):
     assert f"not confined: {CONFINE_ENV}=0" in said, said
 
 
-def test_only_the_confinements_own_first_line_says_that_a_run_was_confined(tmp_path):
-    # the loop lets the evaluator warm its compile cache beside a run that it expects to be confined, and keeps
-    # what the warm-up wrote there only when the run's output starts with the line confine.main printed
-    claims = [sys.executable, "-c", "print('[agent_loop] confined (Landlock ABI 99): writes only in /nowhere')"]
+def test_a_run_the_loop_counts_on_being_confined_does_not_start_unconfined(tmp_path):
+    # the loop lets the evaluator warm its compile cache beside a run only where the kernel keeps the run out of it
+    # (will_confine); the run then starts confined or not at all, whatever happens between that and its start
+    ran = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(ran)!r}, 'w')"]
     for extra, held in (({}, ABI >= 2), ({CONFINE_ENV: "0"}, False)):
         env = {**os.environ, **extra}
-        p = subprocess.run(confined(claims, [tmp_path]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, env=env, timeout=60)
-        assert p.returncode == 0 and p.stdout.count("[agent_loop] ") == 2, p.stdout
-        assert was_confined(p.stdout) is held and will_confine(env) is held, (extra, p.stdout)
+        p = subprocess.run(confined(command, [tmp_path], require=True), capture_output=True, text=True, env=env,
+                           timeout=60)
+        assert (p.returncode == 0) is held and ran.exists() is held, (extra, p.stderr)
+        if not held:
+            assert "counted on the kernel's confinement" in p.stderr and f"Set {CONFINE_ENV}=0 at `init`" in p.stderr
+        assert will_confine(env) is held and will_confine(env, truncate=True) is (held and ABI >= 3)
+        ran.unlink(missing_ok=True)
 
 
 # the hostile stand-ins of test_agent_loop, test_seal and test_ledger (unconfined there, where the checks after

@@ -116,6 +116,25 @@ def test_the_evaluator_caches_record_holds_when_the_repository_moves_and_trusts_
     assert damaged.written() == [] and not any(damaged.clean().iterdir())
 
 
+def test_beside_a_confined_run_the_evaluators_new_kernels_pass_and_what_a_run_can_still_do_is_caught(tmp_path):
+    # Landlock keeps a confined run from writing in the evaluator's cache (which the evaluator fills meanwhile),
+    # not from a chmod: one of the harness's files changed or gone, or a new file made unreadable, is the run's
+    from autoresearch.seal import HarnessFolder
+    cache = HarnessFolder(tmp_path / "evaluator")
+    cache.clean()
+    for name in ("kept.py", "chmodded.py", "removed.py"):
+        (cache.path / name).write_text("compiled by the evaluator")
+    cache.settle()
+    time.sleep(0.01)  # ctimes a tick apart
+    (cache.path / "new").mkdir()
+    (cache.path / "new" / "kernel.so").write_text("compiled by the warm-up")
+    assert cache.altered() == []  # the warm-up's own files
+    (cache.path / "chmodded.py").chmod(0o644)
+    (cache.path / "removed.py").unlink()
+    (cache.path / "new" / "kernel.so").chmod(0o000)
+    assert cache.altered() == [str(cache.path / p) for p in ("chmodded.py", "new/kernel.so", "removed.py")]
+
+
 def test_the_bytecode_of_untracked_helper_modules_is_compiled_before_a_run_and_forged_bytecode_replaced(
         tmp_path, monkeypatch):
     from autoresearch.seal import module_bytecode
