@@ -15,6 +15,16 @@ RUN_ONLY = (Path("/dev/shm"), Path("/dev/mqueue"))
 TICK_NS = 50_000_000  # before kernel 6.13 a ctime is a clock tick coarse and lags the time: a margin where free
 
 
+def unchecked_mark(compile_cache):
+    """The file beside a version's compile cache that stands while a run may write there and its writes are not
+    swept yet: a loop killed meanwhile (kill -9, a power cut) leaves it, and no other tag or worker then starts
+    from that cache (state.newest_cache_of), nor this loop's next run (state.Loop.compile_cache). Beside the
+    folder, not in it: a confined run cannot remove it, and the ledger's seal puts back what an unconfined one
+    did."""
+    cache = Path(compile_cache)
+    return cache.with_name(f"{cache.name}.unchecked")
+
+
 def opened_up(folder):
     """Makes a folder of ours that a run locked (chmod 0, 0o400) readable, enterable and writable again."""
     if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):

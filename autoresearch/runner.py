@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch.carryover import drop_carryover
+from autoresearch.carryover import drop_carryover, unchecked_mark
 from autoresearch.confine import CONFINE_ENV, confined, will_confine
 from autoresearch.fa3 import could_load, download_folders
 from autoresearch.handoff import EARLY_ENV, HANDOFF_ENV
@@ -151,6 +151,9 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             log.flush()
             offset = log.tell()
             copy = evaluator_data(config) if handoff else None  # the evaluator's copy is watched too
+            unchecked = unchecked_mark(compile_cache) if compile_cache else None
+            if unchecked:  # before the seal: the run cannot remove it unseen
+                unchecked.touch()
             ledger = ledger_seal([compile_cache, evaluator_cache.path if evaluator_cache else None, log_path,
                                   scratch], private)
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
@@ -169,6 +172,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
                 finally:  # on Linux, where runs are confined; unwatched, from the run's start
                     carried = drop_carryover(started_ns, watch.train_opened_ns if watch.watching else None,
                                              compile_cache) if sys.platform == "linux" else []
+                    if unchecked:  # swept: other tags, and this one's next run, may start from it
+                        unchecked.unlink(missing_ok=True)
             # the evaluator's imports beside train.py are the harness's own work, not other work on the machine
             ours = cpu_seconds(evaluator.proc.pid) - evaluator_cpu if evaluator else 0.0
             other = other_work(clock, wall, ours) if wall >= LOAD_WINDOW_S else None

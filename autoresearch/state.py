@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoresearch.cachefiles import sha256_of
-from autoresearch.carryover import drop_carryover, remove_tree
+from autoresearch.carryover import drop_carryover, remove_tree, unchecked_mark
 from autoresearch.confine import CONFINE_ENV
 from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
 from autoresearch.gitrepo import git
@@ -141,20 +141,26 @@ class Loop:
         earlier one ended on starts warm: 8.3 s of start-up instead of 52.1 s on the cpu profile), else from
         the best's, so that a change that leaves the graphs alone compiles warm, less its AOTAutograd entries
         (AOTAUTOGRAD_CACHE): their key covers a custom autograd.Function's body as traced, not the helpers it
-        calls by name, so another version's could run code this one changed."""
+        calls by name, so another version's could run code this one changed. Never from a cache that a run of a
+        killed loop wrote in unchecked (carryover.unchecked_mark): this loop's own such caches are dropped."""
         root = self.private_dir / "compile-cache"
         folder = root / version[:16]
         best = root / ((self.best or {}).get("train_py") or "")[:16]
+        for cache in {folder, best} - {root}:  # a run of a loop killed before its sweep wrote there
+            if unchecked_mark(cache).exists() and remove_tree(cache):
+                unchecked_mark(cache).unlink()
         if not folder.exists():
             root.mkdir(exist_ok=True)
             staging = root / f".{version[:16]}.partial"
             shutil.rmtree(staging, ignore_errors=True)
             try:
                 seed, skip = newest_cache_of(version[:16], but=root), None
-                if seed is None and best != root and best.is_dir():
+                if seed is None and best != root and best.is_dir() and not unchecked_mark(best).exists():
                     seed, skip = best, shutil.ignore_patterns(AOTAUTOGRAD_CACHE)
                 if seed:
                     shutil.copytree(seed, staging, symlinks=True, ignore=skip)
+                    if unchecked_mark(seed).exists():  # a run of its own loop began meanwhile
+                        raise shutil.Error("written meanwhile")
             except (OSError, shutil.Error):  # pruned or written meanwhile by another loop: it compiles cold
                 shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(exist_ok=True)
@@ -191,6 +197,8 @@ class Loop:
         for folder in root.iterdir() if root.is_dir() else ():
             if folder.is_dir() and not folder.is_symlink() and folder.name != EVALUATOR_CACHE:
                 remove_tree(folder)  # through folders the run locked
+        for mark in root.glob("*.unchecked"):
+            mark.unlink(missing_ok=True)
         return drop_carryover(started_ns, None, None) if started_ns else []
 
     def prune_compile_caches(self, keep=()):
@@ -223,9 +231,10 @@ def evaluator_caches(but):
 
 
 def newest_cache_of(name, but):
-    """The most recently written compile cache named `name` (a version) of another tag or worker than `but`."""
+    """The most recently written compile cache named `name` (a version) of another tag or worker than `but`,
+    swept after its last run: not one that a run is writing now, nor one a killed loop left unchecked."""
     found = [p for pattern in ("*", "*/w*") for p in ledger_dir().glob(f"{pattern}/compile-cache/{name}")
-             if p.parent != but and p.is_dir()]
+             if p.parent != but and p.is_dir() and not unchecked_mark(p).exists()]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 

@@ -318,6 +318,37 @@ def test_a_new_tag_starts_from_the_compiled_code_an_earlier_tag_ran_of_its_train
     assert other.name != version.name and [p.name for p in other.rglob("*")] == ["headers"]  # inductor's, empty
 
 
+def test_a_compile_cache_a_killed_loops_run_wrote_in_unchecked_seeds_no_tag_and_its_own_tag_drops_it(repo, env):
+    caches = repo / ".git" / "autoresearch"
+    initialised(repo, env, tag="k", SLEEP=1.5)
+    set_train(repo, VAL_BPB=0.99)
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "lower the loss")
+    proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "step", "-m", "lower the loss"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    running = repo / "logs" / "k" / "running.json"
+
+    def training():
+        state = json.loads(running.read_text()) if running.exists() else {}
+        return state.get("n") == 1 and state.get("phase") == "train" and "pgid" in state
+
+    assert wait_for(training, 60)
+    proc.kill()  # kill -9 (or a power cut): the loop never sweeps what its run wrote
+    proc.wait()
+    os.killpg(json.loads(running.read_text())["pgid"], signal.SIGKILL)
+    version = caches / "k" / "compile-cache" / gitrepo.blob_hash((repo / "train.py").read_bytes())[:16]
+    (version / "learned.pt").write_text("weights, saved after the run opened its data")  # as the run could have
+    loop(repo, env, "init", "--tag", "u", "--repeats", "1")  # the same train.py: not from the killed run's cache
+    assert not (caches / "u" / "compile-cache" / version.name / "learned.pt").exists()
+    (caches / "u" / "compile-cache" / version.name / "kernel.so").write_text("compiled by tag u")
+    loop(repo, env, "init", "--tag", "v", "--repeats", "1")  # from a tag whose runs were all swept, as before
+    assert (caches / "v" / "compile-cache" / version.name / "kernel.so").read_text() == "compiled by tag u"
+    assert not (caches / "v" / "compile-cache" / version.name / "learned.pt").exists()
+    running.unlink()  # k's record of its run in flight lost (an agent's `git clean -fdx`): the mark still tells
+    git(repo, env, "checkout", "-q", "autoresearch/k")
+    loop(repo, env, "step", "-m", "lower the loss")
+    assert not (version / "learned.pt").exists() and not list(version.parent.glob("*.unchecked"))
+
+
 @contextlib.contextmanager
 def as_the_loop(repo):
     """This test process in the repository, as a process of its loop: what it writes with ledger.keep_file (and
@@ -958,7 +989,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     assert process.proc_start_time(state["pgid"]) is not None  # the orphan train.py still runs
     scratch, prefix = runner.scratch_folders((repo / state["log"]).resolve())
     assert list(scratch.glob(f"{prefix}*"))  # its scratch folder
-    caches = [c for c in (repo / ".git" / "autoresearch" / "k" / "compile-cache").iterdir() if c.name != "evaluator"]
+    caches = versions(repo / ".git" / "autoresearch" / "k")
     for cache in caches:  # what the killed run wrote there was never checked (autoresearch/carryover.py)
         (cache / "learned.pt").write_text("weights for the next run")
     assert caches
