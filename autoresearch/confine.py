@@ -1,12 +1,14 @@
 """
 A training run confined by the kernel (Linux Landlock): train.py and all it starts may write only in the
 folders the loop names (runner.writable: the run's scratch folder, its version's compile cache, /dev, FA3's
-download cache) and, from ABI 6 (kernel 6.12), may signal no process outside the run. The one place that
+download cache), from ABI 4 (kernel 6.7) may neither listen on TCP nor connect but to the ports the loop names
+(fa3.download_ports: none where no GPU could load FA3), and from ABI 6 (kernel 6.12) may signal no process
+outside the run nor reach an abstract unix socket. The one place that
 decides whether a run is confined; where the kernel cannot (off Linux, before 5.19, a container that blocks the
 calls) or AUTORESEARCH_CONFINE=0 says not to, the run goes on unconfined with a line that says why, and the
 loop's checks after the run are all there is.
 
-    python -m autoresearch.confine --write DIR [--write DIR ...] -- COMMAND [ARG ...]
+    python -m autoresearch.confine --write DIR [--write DIR ...] [--connect PORT ...] -- COMMAND [ARG ...]
 """
 import argparse
 import ctypes
@@ -21,8 +23,10 @@ CONFINE_ENV = "AUTORESEARCH_CONFINE"  # "0": runs are not confined (the log of e
 
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
 CREATE_RULESET_VERSION = 1
-RULE_PATH_BENEATH = 1
+RULE_PATH_BENEATH, RULE_NET_PORT = 1, 2
 PR_SET_NO_NEW_PRIVS = 38
+# ABI 4: TCP. Handled and never allowed, listening is refused; connecting, but to the ports a rule names
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
 # ABI 6: no connecting to an abstract unix socket (another process of yours) or signalling outside the domain
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 
@@ -40,6 +44,11 @@ class RulesetAttr(ctypes.Structure):
 class PathBeneathAttr(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class NetPortAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
 def libc():
@@ -65,9 +74,10 @@ def write_rights(abi):
 # Confining this process, then becoming the run
 
 
-def confine(folders):
-    """From now on this process and its children write only beneath `folders` (those that exist) and signal no
-    process outside. Returns a line that says what holds."""
+def confine(folders, ports=()):
+    """From now on this process and its children write only beneath `folders` (those that exist), use TCP only
+    to connect to `ports` (a process of yours listening on another could keep or write what the run sends it)
+    and signal no process outside. Returns a line that says what holds."""
     if os.environ.get(CONFINE_ENV) == "0":
         return f"not confined: {CONFINE_ENV}=0"
     abi, why = landlock_abi()
@@ -76,7 +86,8 @@ def confine(folders):
     if abi < 2:  # every rename between folders refused, also inside the allowed ones: triton's cache would fail
         return "not confined: Landlock ABI 1 (a kernel before 5.19) refuses the renames compile caches make"
     c, rights = libc(), write_rights(abi)
-    attr = RulesetAttr(rights, 0, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    attr = RulesetAttr(rights, net, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
     ruleset = c.syscall(SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if ruleset < 0:
         return f"not confined: landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})"
@@ -95,12 +106,18 @@ def confine(folders):
                     allowed.append(folder)
             finally:
                 os.close(fd)
+        for port in sorted(set(ports)) if net else ():
+            rule = NetPortAttr(NET_CONNECT_TCP, port)
+            if c.syscall(SYS_ADD_RULE, ruleset, RULE_NET_PORT, ctypes.byref(rule), 0) != 0:
+                return f"not confined: a rule for TCP port {port} failed ({os.strerror(ctypes.get_errno())})"
         if c.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or c.syscall(SYS_RESTRICT_SELF, ruleset, 0) != 0:
             return f"not confined: landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
     finally:
         os.close(ruleset)
+    tcp = "" if not net else (f"; TCP only to port {', '.join(map(str, sorted(set(ports))))}" if ports else
+                              "; no TCP")
     signals = "; signals and abstract unix sockets only within the run" if abi >= 6 else ""
-    return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{signals}"
+    return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{tcp}{signals}"
 
 
 def will_confine(env, truncate=False):
@@ -110,26 +127,30 @@ def will_confine(env, truncate=False):
     return env.get(CONFINE_ENV) != "0" and landlock_abi()[0] >= (3 if truncate else 2)
 
 
-def confined(command, folders, require=False):
-    """`command` run through this module: confined to write in `folders` (see confine) before it starts. -I,
+def confined(command, folders, require=False, ports=()):
+    """`command` run through this module: confined to write in `folders` and to connect over TCP to `ports`
+    (see confine) before it starts. -I,
     and this package's folder last on the path: no module left in the repository stands in for the stdlib's.
     require: where it cannot be confined the command does not run (exit 1), as the harness counted on it."""
     root = str(Path(__file__).resolve().parents[1])
     bootstrap = f"import sys; sys.path.append({root!r}); from autoresearch.confine import main; main()"
     writes = [arg for folder in folders if folder for arg in ("--write", str(folder))]
-    return [sys.executable, "-I", "-c", bootstrap, *writes, *(["--require"] if require else []), "--", *command]
+    connects = [arg for port in ports for arg in ("--connect", str(port))]
+    return [sys.executable, "-I", "-c", bootstrap, *writes, *connects, *(["--require"] if require else []), "--",
+            *command]
 
 
 def main():
     parser = argparse.ArgumentParser(description="Run a command that may write only in the folders named.")
     parser.add_argument("--write", action="append", default=[], metavar="DIR")
+    parser.add_argument("--connect", action="append", default=[], type=int, metavar="PORT")
     parser.add_argument("--require", action="store_true", help="not confined: do not run the command")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command after --")
-    said = confine(args.write)
+    said = confine(args.write, args.connect)
     print(f"[agent_loop] {said}", file=sys.stderr, flush=True)
     if args.require and not said.startswith("confined"):
         sys.exit(f"[agent_loop] the loop counted on the kernel's confinement here (the evaluator warms its compile "

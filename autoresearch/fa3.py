@@ -62,6 +62,24 @@ def could_load(env):
     return os.path.exists("/dev/nvidiactl") or (os.path.isdir(gpus) and bool(os.listdir(gpus)))
 
 
+def download_ports(env):
+    """The TCP ports loading FA3 connects to: the hub's (HF_ENDPOINT) and its proxies' (the variables requests
+    honours). A confined run may connect to these alone (autoresearch/confine.py)."""
+    from urllib.parse import urlsplit
+
+    urls = [env.get("HF_ENDPOINT") or "https://huggingface.co"]
+    urls += [env[k] for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+             if env.get(k)]
+    ports = set()
+    for url in urls:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            ports.add(parts.port or (443 if parts.scheme == "https" else 80))
+        except ValueError:  # a port that is no number: requests cannot use it either
+            pass
+    return sorted(ports)
+
+
 def download_folders():
     """Where loading FA3 writes (huggingface_hub's cache, xet's beside it, or KERNELS_CACHE): a confined run
     may write there (autoresearch/confine.py). HF_HOME is made if missing, so that a first run under the loop

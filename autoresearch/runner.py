@@ -22,7 +22,7 @@ from pathlib import Path
 
 from autoresearch.carryover import drop_carryover, unchecked_mark
 from autoresearch.confine import CONFINE_ENV, confined, will_confine
-from autoresearch.fa3 import could_load, download_folders
+from autoresearch.fa3 import could_load, download_folders, download_ports
 from autoresearch.handoff import EARLY_ENV, HANDOFF_ENV
 from autoresearch.layout import TRAIN, LoopError, now_iso, to_float
 from autoresearch.ledger import LEDGER_ENV, copies_folder, copy_of, ledger_dir, record_file
@@ -162,7 +162,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             try:
                 with watch:
                     confined_train = confined([sys.executable, TRAIN], writable(scratch, compile_cache, env),
-                                              require=early is not None)
+                                              require=early is not None,
+                                              ports=download_ports(env) if could_load(env) else ())
                     rc, wall = run_group(confined_train, log, subprocess.STDOUT, env, timeout,
                                          on_spawn=on_spawn)
             finally:  # before anything reads the ledger again; also when the run stopped the loop (a SIGTERM)

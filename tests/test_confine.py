@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not ABI, reason=f"no confinement here: {WHY}")
 
 TRIES = textwrap.dedent("""
     import os, socket, subprocess, sys
-    allowed, other, abstract = sys.argv[1:4]
+    allowed, other, abstract, served, named = sys.argv[1:6]
 
     def connect_abstract():  # a socket of another process of yours (it could write for the run)
         socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect("\\0" + abstract)
@@ -37,7 +37,12 @@ TRIES = textwrap.dedent("""
             ("signal parent", lambda: os.kill(os.getppid(), 0)),
             ("child writes other", child_writes_other),
             ("write /dev/null", lambda: open(os.devnull, "w").write("x")),
-            ("connect abstract socket", connect_abstract)]:
+            ("connect abstract socket", connect_abstract),
+            # a server of yours on this machine could keep what the run sends it, for the next run
+            ("connect tcp", lambda: socket.create_connection(("127.0.0.1", int(served)), timeout=10).close()),
+            ("connect tcp to a port named", lambda: socket.create_connection(("127.0.0.1", int(named)),
+                                                                             timeout=10).close()),
+            ("listen tcp", lambda: socket.create_server(("127.0.0.1", 0)).close())]:
         try:
             act()
             print(f"{what}: done")
@@ -54,11 +59,14 @@ def tries(tmp_path, extra_env=None):
     other.mkdir()
     (other / "kept").write_text("as it was")
     name = f"autoresearch-test-{os.getpid()}-{tmp_path.name}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening, \
+            socket.create_server(("127.0.0.1", 0)) as served, socket.create_server(("127.0.0.1", 0)) as named:
         listening.bind("\0" + name)
         listening.listen()
-        p = subprocess.run(confined([sys.executable, "-c", TRIES, str(allowed), str(other), name], [allowed, "/dev"]),
-                           capture_output=True, text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
+        ports = [str(server.getsockname()[1]) for server in (served, named)]
+        command = [sys.executable, "-c", TRIES, str(allowed), str(other), name, *ports]
+        p = subprocess.run(confined(command, [allowed, "/dev"], ports=[int(ports[1])]), capture_output=True,
+                           text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
     assert p.returncode == 0, p.stderr
     return dict(line.rsplit(": ", 1) for line in p.stdout.splitlines()), p.stderr, other
 
@@ -69,15 +77,18 @@ def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signa
                        "rename inside": "done", "rename other": "refused", "link other": "refused",
                        "signal parent": "refused" if ABI >= 6 else "done",
                        "child writes other": "refused", "write /dev/null": "done",
-                       "connect abstract socket": "refused" if ABI >= 6 else "done"}, outcome
+                       "connect abstract socket": "refused" if ABI >= 6 else "done",
+                       "connect tcp": "refused" if ABI >= 4 else "done", "connect tcp to a port named": "done",
+                       "listen tcp": "refused" if ABI >= 4 else "done"}, outcome
     assert (other / "kept").read_text() == "as it was" and sorted(p.name for p in other.iterdir()) == ["kept"]
     assert f"confined (Landlock ABI {ABI}): writes only in {tmp_path / 'allowed'}, /dev" in said, said
+    assert ("; TCP only to port " in said) is (ABI >= 4), said
 
 
 def test_confinement_turned_off_says_so_and_writes_anywhere(tmp_path):
     outcome, said, other = tries(tmp_path, {CONFINE_ENV: "0"})
     assert outcome["write other"] == "done" and outcome["child writes other"] == "done", outcome
-    assert outcome["connect abstract socket"] == "done", outcome
+    assert outcome["connect abstract socket"] == "done" and outcome["connect tcp"] == "done", outcome
     assert f"not confined: {CONFINE_ENV}=0" in said, said
 
 
@@ -101,9 +112,13 @@ def test_a_run_the_loop_counts_on_being_confined_does_not_start_unconfined(tmp_p
 # the run catch them): confined, each one's first write fails, so the run is a crash that names it and nothing
 # outside the run changed; a daemon's late row and a kill of the loop fail the same way
 @pytest.mark.parametrize("mode", ["tamper", "selfedit", "shadow", "cachepoison", "evalpoison", "ledger",
-                                  "records", "ledgerswap", "ledgerkill", "daemon"])
+                                  "records", "ledgerswap", "ledgerkill", "daemon", "tcp"])
 def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo, env, mode):  # noqa: F811
+    if mode == "tcp" and ABI < 4:
+        pytest.skip(f"Landlock ABI {ABI} does not govern TCP (ABI 4, kernel 6.7)")
+    server = socket.create_server(("127.0.0.1", 0))  # no GPU here: a run connects nowhere over TCP
     env = {k: v for k, v in env.items() if k != CONFINE_ENV}  # the fixture's runs are not confined
+    env["STANDIN_TCP_PORT"] = str(server.getsockname()[1])
     initialised(repo, env)
     if mode == "evalpoison":  # the evaluator's cache, which it warms beside a confined run, made by a first step
         harness_evaluates(repo)
@@ -130,6 +145,9 @@ def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo,
         (repo / "prepare.py").read_bytes() == before[repo / "prepare.py"], changed
     assert not (ledger / "t" / "planted.json").exists() and not (ledger / "u").exists()
     assert "forged" not in (ledger / "results.tsv").read_text()
+    server.setblocking(False)
+    with pytest.raises(BlockingIOError), server:
+        server.accept()  # nobody connected
 
 
 def test_whether_runs_are_confined_is_decided_at_init_not_by_a_later_step(repo, env):  # noqa: F811

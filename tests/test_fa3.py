@@ -3,6 +3,7 @@
 import http.server
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from autoresearch import fa3  # noqa: E402
+from autoresearch.confine import confined, landlock_abi  # noqa: E402
 
 
 class Answer(http.server.BaseHTTPRequestHandler):
@@ -60,6 +63,23 @@ def test_hub_probe_goes_through_the_configured_proxy(server, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server}")
     assert fa3.hub_reachable(timeout=5)
     assert any("hub.example.invalid:8443" in line for line in Answer.seen), Answer.seen
+
+
+@pytest.mark.skipif(landlock_abi()[0] < 4, reason="confined TCP needs Landlock ABI 4 (kernel 6.7)")
+def test_a_confined_run_reaches_the_hub_on_the_ports_the_loop_names_for_it_and_on_no_other(server, tmp_path):
+    probe = [sys.executable, "-c", "from autoresearch import fa3; print(fa3.hub_reachable(timeout=5))"]
+    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_ENDPOINT"}
+    # straight to the hub, then through a proxy (the hub's own name does not resolve here)
+    for extra in ({"HF_ENDPOINT": f"http://127.0.0.1:{server}", "NO_PROXY": "127.0.0.1"},
+                  {"HF_ENDPOINT": "http://hub.example.invalid:8443", "HTTPS_PROXY": f"http://127.0.0.1:{server}",
+                   "HTTP_PROXY": f"http://127.0.0.1:{server}"}):
+        env = {**base, **extra}
+        assert server in fa3.download_ports(env), fa3.download_ports(env)
+        for ports, reached in ((fa3.download_ports(env), "True"), ((), "False")):
+            p = subprocess.run(confined(probe, [tmp_path], ports=ports), cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=60)
+            assert p.stdout.strip() == reached and "TCP" in p.stderr, (extra, ports, p.stdout, p.stderr)
+    assert fa3.download_ports({}) == [443] and fa3.download_ports({"https_proxy": "proxy:3128"}) == [443, 3128]
 
 
 def test_a_loading_error_without_a_message_falls_back_instead_of_crashing(monkeypatch, capsys):

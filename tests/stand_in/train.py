@@ -18,7 +18,7 @@ SHAPED = False            # True: val_bpb depends on the hyperparameters (for mu
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
                           # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
-                          # ledgerswap | ledgerkill | records | recordsgone | carry
+                          # ledgerswap | ledgerkill | records | recordsgone | carry | tcp
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -61,8 +61,9 @@ if MODE == "stubborn":  # ignores SIGTERM, and so does its child (SIG_IGN surviv
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if MODE in ("hang", "stubborn"):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    with open(os.environ["STANDIN_CHILD_PID"], "w") as f:
+    with open(os.environ["STANDIN_CHILD_PID"] + ".partial", "w") as f:
         f.write(str(child.pid))
+    os.replace(f.name, os.environ["STANDIN_CHILD_PID"])  # whole: a test that sees the file reads the pid
     time.sleep(600)
 if MODE == "tamper":
     with open("prepare.py", "a") as f:
@@ -98,11 +99,15 @@ if MODE == "carry":  # saves what it learned where the next run could load it: i
     os.rename(os.path.join(cache, "old.so"), os.path.join(cache, "renamed.so"))  # an old file, renamed: news
     os.utime(os.path.join(cache, "weights.pt"), (0, 0))  # dated back: its ctime still tells
     open(shm, "w").write("learned")
+if MODE == "tcp":  # sends what it learned to a server of yours on this machine, which keeps it for the next run
+    import socket
+    with socket.create_connection(("127.0.0.1", int(os.environ["STANDIN_TCP_PORT"])), timeout=10) as server:
+        server.sendall(b"weights")
 if MODE == "cachepoison":  # leaves a "kernel" in every other version's compile cache
     own = os.path.abspath(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    for other in os.listdir(os.path.dirname(own)):
-        if os.path.join(os.path.dirname(own), other) != own:
-            open(os.path.join(os.path.dirname(own), other, "poisoned.py"), "w").close()
+    for other in (os.path.join(os.path.dirname(own), name) for name in os.listdir(os.path.dirname(own))):
+        if other != own and os.path.isdir(other):  # not the files beside them (<version>.unchecked)
+            open(os.path.join(other, "poisoned.py"), "w").close()
 if MODE == "shadow":  # a prepare of its own where later imports look before prepare.py: bytecode, an extension
     import importlib.machinery
     import importlib.util
