@@ -3,10 +3,12 @@ A training run confined by the kernel (Linux Landlock): train.py and all it star
 folders the loop names (runner.writable: the run's scratch folder, its version's compile cache, /dev, FA3's
 download cache), from ABI 4 (kernel 6.7) may neither listen on TCP nor connect but to the ports the loop names
 (fa3.download_ports: none where no GPU could load FA3), and from ABI 6 (kernel 6.12) may signal no process
-outside the run nor reach an abstract unix socket. The one place that
-decides whether a run is confined; where the kernel cannot (off Linux, before 5.19, a container that blocks the
-calls) or AUTORESEARCH_CONFINE=0 says not to, the run goes on unconfined with a line that says why, and the
-loop's checks after the run are all there is.
+outside the run nor reach an abstract unix socket. Where the kernel lets a user have namespaces, the run also
+has an IPC namespace of its own and, when it may connect nowhere, a network namespace: what it leaves in SysV
+IPC dies with it, and it reaches no process over IP. The one place that decides whether a run is confined;
+where the kernel cannot (off Linux, before 5.19, a container that blocks the calls) or AUTORESEARCH_CONFINE=0
+says not to, the run goes on unconfined with a line that says why, and the loop's checks after the run are all
+there is.
 
     python -m autoresearch.confine --write DIR [--write DIR ...] [--connect PORT ...] -- COMMAND [ARG ...]
 """
@@ -71,6 +73,49 @@ def write_rights(abi):
 
 
 # -----------------------------------------------------------------------------
+# Namespaces of the run's own: what it leaves in SysV IPC and on the network dies with it
+
+CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET = 0x10000000, 0x08000000, 0x40000000
+
+
+def enter_own_namespaces(flags):
+    """This process in a user namespace of its own (its uid and gid mapped to themselves: files and
+    permissions look the same) with the namespaces in `flags`; an empty string when done, else why not."""
+    c, uid, gid = libc(), os.getuid(), os.getgid()  # once in the namespace, both read as unmapped (65534)
+    if c.unshare(CLONE_NEWUSER | flags) != 0:
+        return os.strerror(ctypes.get_errno())
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError as e:
+        return e.strerror or str(e)
+    return ""
+
+
+def own_namespaces(net):
+    """Puts this process (and so the run) in an IPC namespace of its own, and with net a network namespace of its
+    own (only a loopback, down): SysV shared memory, semaphores and message queues, POSIX message queues, abstract
+    unix sockets and any socket over IP that the run makes reach nothing outside it, and go with it. Unprivileged
+    only through a user namespace, which some systems forbid (a sysctl, AppArmor): it is tried in a child first,
+    as a process left half in one (its uid unmapped) could write no file. Returns a phrase for the line."""
+    flags = CLONE_NEWIPC | (CLONE_NEWNET if net else 0)
+    what = "IPC and network namespaces of its own" if net else "an IPC namespace of its own"
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        os.write(write, enter_own_namespaces(flags).encode() or b"-")
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        why = f.read().decode(errors="replace")
+    os.waitpid(child, 0)
+    why = enter_own_namespaces(flags) if why == "-" else why or "the trial child died"
+    return f"; no {what} ({why})" if why else f"; {what}"
+
+
+# -----------------------------------------------------------------------------
 # Confining this process, then becoming the run
 
 
@@ -110,6 +155,7 @@ def confine(folders, ports=()):
             rule = NetPortAttr(NET_CONNECT_TCP, port)
             if c.syscall(SYS_ADD_RULE, ruleset, RULE_NET_PORT, ctypes.byref(rule), 0) != 0:
                 return f"not confined: a rule for TCP port {port} failed ({os.strerror(ctypes.get_errno())})"
+        spaces = own_namespaces(net=not ports)
         if c.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or c.syscall(SYS_RESTRICT_SELF, ruleset, 0) != 0:
             return f"not confined: landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
     finally:
@@ -117,7 +163,7 @@ def confine(folders, ports=()):
     tcp = "" if not net else (f"; TCP only to port {', '.join(map(str, sorted(set(ports))))}" if ports else
                               "; no TCP")
     signals = "; signals and abstract unix sockets only within the run" if abi >= 6 else ""
-    return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{tcp}{signals}"
+    return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{tcp}{signals}{spaces}"
 
 
 def will_confine(env, truncate=False):

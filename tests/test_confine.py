@@ -1,5 +1,7 @@
-"""A confined run (autoresearch/confine.py, Linux Landlock): what it may write and signal, and the hostile
-stand-ins of the other tests run confined, where the kernel stops each write before the loop's checks see it."""
+"""A confined run (autoresearch/confine.py, Linux Landlock and namespaces): what it may write, signal and reach,
+and the hostile stand-ins of the other tests run confined, where the kernel stops each write before the loop's
+checks see it."""
+import ctypes
 import os
 import socket
 import subprocess
@@ -16,8 +18,8 @@ ABI, WHY = landlock_abi()
 pytestmark = pytest.mark.skipif(not ABI, reason=f"no confinement here: {WHY}")
 
 TRIES = textwrap.dedent("""
-    import os, socket, subprocess, sys
-    allowed, other, abstract, served, named = sys.argv[1:6]
+    import ctypes, os, socket, subprocess, sys
+    allowed, other, abstract, served, udp, key = sys.argv[1:7]
 
     def connect_abstract():  # a socket of another process of yours (it could write for the run)
         socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect("\\0" + abstract)
@@ -26,6 +28,10 @@ TRIES = textwrap.dedent("""
         code = f"open({os.path.join(other, 'c')!r}, 'w')"
         if subprocess.run([sys.executable, "-c", code], capture_output=True).returncode:
             raise PermissionError(13, "the child could not")
+
+    def sysv_shared_memory():  # outlives its process: the next run could attach to it
+        if ctypes.CDLL(None, use_errno=True).shmget(int(key), 4096, 0o1000 | 0o600) < 0:
+            raise OSError(ctypes.get_errno(), "shmget")
 
     for what, act in [
             ("write allowed", lambda: open(os.path.join(allowed, "a"), "w").write("x")),
@@ -40,55 +46,80 @@ TRIES = textwrap.dedent("""
             ("connect abstract socket", connect_abstract),
             # a server of yours on this machine could keep what the run sends it, for the next run
             ("connect tcp", lambda: socket.create_connection(("127.0.0.1", int(served)), timeout=10).close()),
-            ("connect tcp to a port named", lambda: socket.create_connection(("127.0.0.1", int(named)),
-                                                                             timeout=10).close()),
-            ("listen tcp", lambda: socket.create_server(("127.0.0.1", 0)).close())]:
+            ("listen tcp", lambda: socket.create_server(("127.0.0.1", 0)).close()),
+            ("send udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1",
+                                                                                              int(udp)))),
+            ("sysv shared memory", sysv_shared_memory)]:
         try:
             act()
             print(f"{what}: done")
         except OSError:
             print(f"{what}: refused")
 """)
+LIBC = ctypes.CDLL(None, use_errno=True)
+# where this kernel lets a process of ours have namespaces of its own (a user namespace first): a throwaway probe
+SPACES = subprocess.run([sys.executable, "-c", "from autoresearch.confine import own_namespaces as o; print(o(True))"],
+                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True).stdout.startswith(
+                            "; IPC and network")
 
 
-def tries(tmp_path, extra_env=None):
-    """What TRIES could do, confined to write in tmp_path/allowed: {what: "done" or "refused"}, the line the
-    confinement printed, and tmp_path/other."""
+def tries(tmp_path, extra_env=None, ports=False):
+    """What TRIES could do, confined to write in tmp_path/allowed (ports: and to connect to the TCP server's):
+    {what: "done" or "refused"}, the line the confinement printed, tmp_path/other, and whether the SysV shared
+    memory the run made outlived it (then removed)."""
     allowed, other = tmp_path / "allowed", tmp_path / "other"
     (allowed / "d").mkdir(parents=True)  # renames between folders: what compile caches do
     other.mkdir()
     (other / "kept").write_text("as it was")
-    name = f"autoresearch-test-{os.getpid()}-{tmp_path.name}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening, \
-            socket.create_server(("127.0.0.1", 0)) as served, socket.create_server(("127.0.0.1", 0)) as named:
+    name, key = f"autoresearch-test-{os.getpid()}-{tmp_path.name}", 0x5EED0000 + os.getpid() % 0xFFFF
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening, socket.create_server(("127.0.0.1", 0)) \
+            as served, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         listening.bind("\0" + name)
         listening.listen()
-        ports = [str(server.getsockname()[1]) for server in (served, named)]
-        command = [sys.executable, "-c", TRIES, str(allowed), str(other), name, *ports]
-        p = subprocess.run(confined(command, [allowed, "/dev"], ports=[int(ports[1])]), capture_output=True,
+        udp.bind(("127.0.0.1", 0))
+        port = served.getsockname()[1]
+        command = [sys.executable, "-c", TRIES, str(allowed), str(other), name, str(port),
+                   str(udp.getsockname()[1]), str(key)]
+        p = subprocess.run(confined(command, [allowed, "/dev"], ports=[port] if ports else ()), capture_output=True,
                            text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
     assert p.returncode == 0, p.stderr
-    return dict(line.rsplit(": ", 1) for line in p.stdout.splitlines()), p.stderr, other
+    segment = LIBC.shmget(key, 0, 0)
+    if segment >= 0:
+        LIBC.shmctl(segment, 0, None)  # IPC_RMID
+    return dict(line.rsplit(": ", 1) for line in p.stdout.splitlines()), p.stderr, other, segment >= 0
 
 
 def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signal_nothing_outside(tmp_path):
-    outcome, said, other = tries(tmp_path)
-    assert outcome == {"write allowed": "done", "write other": "refused", "append other": "refused",
-                       "rename inside": "done", "rename other": "refused", "link other": "refused",
-                       "signal parent": "refused" if ABI >= 6 else "done",
-                       "child writes other": "refused", "write /dev/null": "done",
-                       "connect abstract socket": "refused" if ABI >= 6 else "done",
-                       "connect tcp": "refused" if ABI >= 4 else "done", "connect tcp to a port named": "done",
-                       "listen tcp": "refused" if ABI >= 4 else "done"}, outcome
+    outcome, said, other, outlived = tries(tmp_path)
+    expected = {"write allowed": "done", "write other": "refused", "append other": "refused",
+                "rename inside": "done", "rename other": "refused", "link other": "refused",
+                "signal parent": "refused" if ABI >= 6 else "done",
+                "child writes other": "refused", "write /dev/null": "done",
+                # abstract unix sockets belong to a network namespace too
+                "connect abstract socket": "refused" if ABI >= 6 or SPACES else "done",
+                "connect tcp": "refused" if ABI >= 4 or SPACES else "done",
+                "listen tcp": "refused" if ABI >= 4 else outcome["listen tcp"],  # before 6.7, not promised
+                "send udp": "refused" if SPACES else "done", "sysv shared memory": "done"}
+    assert outcome == expected, outcome
+    assert outlived is not SPACES  # in an IPC namespace of its own, it went with the run
     assert (other / "kept").read_text() == "as it was" and sorted(p.name for p in other.iterdir()) == ["kept"]
     assert f"confined (Landlock ABI {ABI}): writes only in {tmp_path / 'allowed'}, /dev" in said, said
-    assert ("; TCP only to port " in said) is (ABI >= 4), said
+    assert ("; no TCP" in said) is (ABI >= 4) and ("; IPC and network namespaces of its own" in said) is SPACES, said
+
+
+def test_a_confined_command_reaches_the_tcp_ports_named_and_only_they_leave_it_the_machines_network(tmp_path):
+    # where a GPU could load FA3: the hub's ports (fa3.download_ports), and no network namespace of its own
+    outcome, said, _, outlived = tries(tmp_path, ports=True)
+    assert (outcome["connect tcp"], outcome["send udp"], outcome["sysv shared memory"]) == ("done", "done", "done")
+    assert outlived is not SPACES, said
+    assert ("; TCP only to port " in said) is (ABI >= 4) and ("; an IPC namespace of its own" in said) is SPACES
 
 
 def test_confinement_turned_off_says_so_and_writes_anywhere(tmp_path):
-    outcome, said, other = tries(tmp_path, {CONFINE_ENV: "0"})
+    outcome, said, other, outlived = tries(tmp_path, {CONFINE_ENV: "0"})
     assert outcome["write other"] == "done" and outcome["child writes other"] == "done", outcome
     assert outcome["connect abstract socket"] == "done" and outcome["connect tcp"] == "done", outcome
+    assert outcome["send udp"] == "done" and outlived
     assert f"not confined: {CONFINE_ENV}=0" in said, said
 
 
