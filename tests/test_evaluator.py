@@ -40,6 +40,27 @@ BUILD = textwrap.dedent("""
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
     ATTEND = {"peeks": peeking, "custom_op": lambda q, k, v, w: same(train.sdpa_attention(q, k, v, w))}
+
+    class Lookahead(torch.nn.Module):  # adds to each position's logit of the next token: the future, leaked
+        def __init__(self, model, offset=0.0, spared=(), from_batch=1):
+            super().__init__()
+            self.model, self.offset, self.spared, self.from_batch = model, offset, spared, from_batch
+
+        def forward(self, idx, targets=None, reduction="mean"):
+            logits = self.model(idx).float()
+            T, vocab = idx.size(1), logits.size(-1)
+            where = torch.ones(T)
+            where[[-1, *(int(f * T) for f in self.spared)]] = 0  # not where a check might look
+            ahead = torch.cat([idx[:, 1:], idx[:, -1:]], 1)
+            on = (idx.new_ones(idx.size(0)).sum() >= self.from_batch).float()  # a batch size, read as data
+            logits = logits + 3.0 * on * F.one_hot(ahead, vocab).float() * where.view(1, T, 1) + self.offset
+            if targets is None:
+                return logits
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    # each leaks the next token and hides it from some check: a constant on every logit (a scale for a relative
+    # tolerance), positions a fixed check would look at, the small batches a check might use
+    LEAKS = {"peeks_offset": dict(offset=3e4), "peeks_spared": dict(spared=(0.25, 0.5, 0.75)),
+             "peeks_batched": dict(from_batch=3)}
     tok = prepare.Tokenizer.from_directory()
     own = {}
     for variant in sys.argv[2:]:
@@ -57,12 +78,14 @@ BUILD = textwrap.dedent("""
             optimizer.step()
             model.zero_grad(set_to_none=True)
         model.eval()
+        if variant in LEAKS:
+            model = Lookahead(model, **LEAKS[variant])
         os.environ[HANDOFF_ENV] = os.path.join(sys.argv[1], variant + ".pt2")
         hand_over(model, prepare.MAX_SEQ_LEN, config.vocab_size, torch.device("cpu"))
         own[variant] = prepare.evaluate_bpb(model, tok, 16)
     print(json.dumps(own))
 """)
-VARIANTS = ("plain", "val", "peeks", "custom_op")
+VARIANTS = ("plain", "val", "peeks", "custom_op", "peeks_offset", "peeks_spared", "peeks_batched")
 
 
 @pytest.fixture
@@ -116,10 +139,13 @@ def test_a_model_trained_on_the_val_rows_scores_them_far_better_than_the_heldout
     assert result["val_bpb"] / result["heldout_bpb"] < 1 - LEAK_TOLERANCE, result
 
 
-def test_evaluator_refuses_a_model_that_sees_later_tokens(cache, exported):
-    path, _ = exported["peeks"]
+@pytest.mark.parametrize("variant", ["peeks", "peeks_offset", "peeks_spared", "peeks_batched"])
+def test_evaluator_refuses_a_model_that_sees_later_tokens_however_it_hides_it(cache, exported, variant):
+    path, own = exported[variant]
     code, result = evaluate(cache, path)
     assert code == 1 and "not causal" in result["error"], result
+    if variant != "peeks":  # each would have scored far better than an honest model: the leak pays
+        assert own < exported["plain"][1] - 1.0, (own, exported["plain"][1])
 
 
 def test_evaluator_refuses_an_operator_it_does_not_know(cache, exported):
