@@ -1,16 +1,16 @@
 """
 A training run confined by the kernel (Linux Landlock): train.py and all it starts may write only in the
-folders the loop names (runner.writable: the run's scratch folder, its version's compile cache, /dev, FA3's
-download cache), from ABI 4 (kernel 6.7) may neither listen on TCP nor connect but to the ports the loop names
-(fa3.download_ports: none where no GPU could load FA3), and from ABI 6 (kernel 6.12) may signal no process
-outside the run nor reach an abstract unix socket. Where the kernel lets a user have namespaces, the run also
-has an IPC namespace of its own and, when it may connect nowhere, a network namespace: what it leaves in SysV
-IPC dies with it, and it reaches no process over IP. The one place that decides whether a run is confined;
-where the kernel cannot (off Linux, before 5.19, a container that blocks the calls) or AUTORESEARCH_CONFINE=0
-says not to, the run goes on unconfined with a line that says why, and the loop's checks after the run are all
-there is.
+folders the loop names (runner.writable: the run's scratch folder, its version's compile cache, /dev/shm,
+/dev/mqueue, FA3's download cache) and in the device files of /dev (no file made there), from ABI 4 (kernel
+6.7) may neither listen on TCP nor connect but to the ports the loop names (fa3.download_ports: none where no
+GPU could load FA3), and from ABI 6 (kernel 6.12) may signal no process outside the run nor reach an abstract
+unix socket. Where the kernel lets a user have namespaces, the run also has an IPC namespace of its own and,
+when it may connect nowhere, a network namespace: what it leaves in SysV IPC dies with it, and it reaches no
+process over IP. The one place that decides whether a run is confined; where the kernel cannot (off Linux,
+before 5.19, a container that blocks the calls) or AUTORESEARCH_CONFINE=0 says not to, the run goes on
+unconfined with a line that says why, and the loop's checks after the run are all there is.
 
-    python -m autoresearch.confine --write DIR [--write DIR ...] [--connect PORT ...] -- COMMAND [ARG ...]
+    python -m autoresearch.confine --write DIR [--devices DIR] [--connect PORT ...] -- COMMAND [ARG ...]
 """
 import argparse
 import ctypes
@@ -119,10 +119,12 @@ def own_namespaces(net):
 # Confining this process, then becoming the run
 
 
-def confine(folders, ports=()):
-    """From now on this process and its children write only beneath `folders` (those that exist), use TCP only
-    to connect to `ports` (a process of yours listening on another could keep or write what the run sends it)
-    and signal no process outside. Returns a line that says what holds."""
+def confine(folders, ports=(), devices=()):
+    """From now on this process and its children write only beneath `folders` (those that exist) and in the
+    files already beneath `devices` (a GPU's, /dev/null: opened for writing, nothing made or removed there, so
+    that nothing the run keeps there outlives it), use TCP only to connect to `ports` (a process of yours
+    listening on another could keep or write what the run sends it) and signal no process outside. Returns a
+    line that says what holds."""
     if os.environ.get(CONFINE_ENV) == "0":
         return f"not confined: {CONFINE_ENV}=0"
     abi, why = landlock_abi()
@@ -138,17 +140,17 @@ def confine(folders, ports=()):
         return f"not confined: landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})"
     allowed = []
     try:
-        for folder in folders:
+        for folder, only_files in [*((f, False) for f in folders), *((d, True) for d in devices)]:
             try:
                 fd = os.open(folder, os.O_PATH | os.O_CLOEXEC)
             except OSError:
                 continue  # not there: nothing to write in
             try:
                 # a file (/dev/null, say) takes only the rights a file has
-                mask = rights if os.path.isdir(folder) else rights & (WRITE_FILE | TRUNCATE)
-                rule = PathBeneathAttr(mask, fd)
+                whole = os.path.isdir(folder) and not only_files
+                rule = PathBeneathAttr(rights if whole else rights & (WRITE_FILE | TRUNCATE), fd)
                 if c.syscall(SYS_ADD_RULE, ruleset, RULE_PATH_BENEATH, ctypes.byref(rule), 0) == 0:
-                    allowed.append(folder)
+                    allowed.append(f"the files in {folder}" if only_files else folder)
             finally:
                 os.close(fd)
         for port in sorted(set(ports)) if net else ():
@@ -173,14 +175,15 @@ def will_confine(env, truncate=False):
     return env.get(CONFINE_ENV) != "0" and landlock_abi()[0] >= (3 if truncate else 2)
 
 
-def confined(command, folders, require=False, ports=()):
-    """`command` run through this module: confined to write in `folders` and to connect over TCP to `ports`
-    (see confine) before it starts. -I,
+def confined(command, folders, require=False, ports=(), devices=()):
+    """`command` run through this module: confined to write in `folders` and the files in `devices`, and to
+    connect over TCP to `ports` (see confine) before it starts. -I,
     and this package's folder last on the path: no module left in the repository stands in for the stdlib's.
     require: where it cannot be confined the command does not run (exit 1), as the harness counted on it."""
     root = str(Path(__file__).resolve().parents[1])
     bootstrap = f"import sys; sys.path.append({root!r}); from autoresearch.confine import main; main()"
     writes = [arg for folder in folders if folder for arg in ("--write", str(folder))]
+    writes += [arg for folder in devices for arg in ("--devices", str(folder))]
     connects = [arg for port in ports for arg in ("--connect", str(port))]
     return [sys.executable, "-I", "-c", bootstrap, *writes, *connects, *(["--require"] if require else []), "--",
             *command]
@@ -190,13 +193,14 @@ def main():
     parser = argparse.ArgumentParser(description="Run a command that may write only in the folders named.")
     parser.add_argument("--write", action="append", default=[], metavar="DIR")
     parser.add_argument("--connect", action="append", default=[], type=int, metavar="PORT")
+    parser.add_argument("--devices", action="append", default=[], metavar="DIR")
     parser.add_argument("--require", action="store_true", help="not confined: do not run the command")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command after --")
-    said = confine(args.write, args.connect)
+    said = confine(args.write, args.connect, args.devices)
     print(f"[agent_loop] {said}", file=sys.stderr, flush=True)
     if args.require and not said.startswith("confined"):
         sys.exit(f"[agent_loop] the loop counted on the kernel's confinement here (the evaluator warms its compile "

@@ -228,6 +228,12 @@ def other_work(before, seconds, ours=0.0):
     return max(0.0, (busy1 - busy0) - (own1 - own0) - ours) / seconds
 
 
+def cores_used(before, seconds):
+    """CPU cores this process and the children it reaped used on average since cpu_clock() gave `before`: a run
+    pinned to a share of the machine (`run --workers`) that uses more has left its share (sched_setaffinity)."""
+    return (cpu_clock()[1] - before[1]) / seconds if seconds > 0 else 0.0
+
+
 def exit_code(proc, block=False):
     """The child's exit code, or None while it runs. Reaped here with os.waitpid, not Popen.wait/poll: a
     Ctrl-C that lands between their lock's acquire and its try leaves the lock held, and the next

@@ -20,15 +20,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch.carryover import drop_carryover, unchecked_mark
+from autoresearch.carryover import RUN_ONLY, drop_carryover, unchecked_mark
 from autoresearch.confine import CONFINE_ENV, confined, will_confine
 from autoresearch.fa3 import could_load, download_folders, download_ports
 from autoresearch.handoff import EARLY_ENV, HANDOFF_ENV
 from autoresearch.layout import TRAIN, LoopError, now_iso, to_float
 from autoresearch.ledger import LEDGER_ENV, copies_folder, copy_of, ledger_dir, record_file
 from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
-from autoresearch.process import (counted_cores, cpu_clock, cpu_seconds, end_group, other_work, run_group,
-                                  start_group, wait_group)
+from autoresearch.process import (cores_used, counted_cores, cpu_clock, cpu_seconds, end_group, other_work,
+                                  run_group, start_group, wait_group)
 from autoresearch.seal import LedgerSeal
 from autoresearch.state import EVALUATOR_CACHE
 from autoresearch.valwatch import DataWatch, cache_dir
@@ -41,6 +41,7 @@ PRINTED_TOLERANCE = 1e-4    # relative: train.py's own val_bpb against the evalu
 # other work is measured on runs at least this long: over a tenth of a second, a daemon's 30 ms of CPU reads as
 # 0.3 cores (seen: a 0.1 s stand-in run "busy", its first run thrown away by the keep rule)
 LOAD_WINDOW_S = 1.0
+SHARE_TOL, SHARE_SLACK_S = 0.10, 1.0  # a run may use its cores' time, plus this share and these CPU seconds
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # where `autoresearch` is importable from
 
 
@@ -162,7 +163,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             try:
                 with watch:
                     confined_train = confined([sys.executable, TRAIN], writable(scratch, compile_cache, env),
-                                              require=early is not None,
+                                              require=early is not None, devices=["/dev"],
                                               ports=download_ports(env) if could_load(env) else ())
                     rc, wall = run_group(confined_train, log, subprocess.STDOUT, env, timeout,
                                          on_spawn=on_spawn)
@@ -178,6 +179,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             # the evaluator's imports beside train.py are the harness's own work, not other work on the machine
             ours = cpu_seconds(evaluator.proc.pid) - evaluator_cpu if evaluator else 0.0
             other = other_work(clock, wall, ours) if wall >= LOAD_WINDOW_S else None
+            used = cores_used(clock, wall)
         with open(log_path, "rb") as f:
             f.seek(offset)
             output = f.read().decode(errors="replace")
@@ -185,7 +187,10 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             with open(log_path, "a") as log:
                 log.write(f"[agent_loop] other work on the machine while train.py ran: {other:.2f} CPU cores "
                           f"(of {counted_cores()}; /proc/stat less this run's own CPU time)\n")
-        error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff))
+        error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff), seed)
+        if error is None and wall > 0 and used > counted_cores() * (1 + SHARE_TOL) + SHARE_SLACK_S / wall:
+            error = (f"used {used:.2f} CPU cores on average, more than the {counted_cores()} it was given: it left "
+                     f"its share of the machine (sched_setaffinity), which the other workers' runs were measured on")
         # under the hand-over train.py needs no val file; without it (an older tag) it evaluates itself
         run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, read_val=watch.opened
                   if handoff else [], load=None if other is None else other / counted_cores())
@@ -256,8 +261,8 @@ def remove_scratch(log_path):
 
 
 def writable(scratch, compile_cache, env):
-    """All a confined run may write in: its scratch folder, its version's compile cache, devices (a GPU's,
-    /dev/null, /dev/shm) and, where it could load FA3 (an NVIDIA GPU), the kernel's download cache, unless that
+    """All a confined run may write in (besides the device files of /dev: a GPU's, /dev/null): its scratch
+    folder, its version's compile cache, /dev/shm and /dev/mqueue (swept after it) and, where it could load FA3 (an NVIDIA GPU), the kernel's download cache, unless that
     holds what the harness keeps or lies in it (HF_HOME=. set by an agent would open the repository; the home
     folder may hold it)."""
     kept = [Path.cwd(), cache_dir(env)]
@@ -273,7 +278,7 @@ def writable(scratch, compile_cache, env):
         return not any(k.is_relative_to(folder) or folder.is_relative_to(k) for k in kept) and \
             not home.is_relative_to(folder)
 
-    return [scratch, compile_cache, "/dev", *(filter(apart, download_folders()) if could_load(env) else [])]
+    return [scratch, compile_cache, *map(str, RUN_ONLY), *(filter(apart, download_folders()) if could_load(env) else [])]
 
 
 def ledger_seal(skip, private=None):
@@ -469,10 +474,10 @@ def summary_blocks(output):
     return [block for block in (parse_summary("---\n" + part) for part in parts) if block]
 
 
-def judge_run(output, rc, timeout, budget=None, handed_over=False):
+def judge_run(output, rc, timeout, budget=None, handed_over=False, seed=None):
     """(error or None, summary, tail). A missing block, FAIL, a non-zero exit, a val_bpb that is not finite
-    and positive, two different summary blocks, or training past the budget is a crash. handed_over: the
-    evaluator will measure val_bpb, so train.py need not print it."""
+    and positive, two different summary blocks, training past the budget, or another seed than the loop gave
+    (`seed`) is a crash. handed_over: the evaluator will measure val_bpb, so train.py need not print it."""
     summary = parse_summary(output)
     lines = [line.rstrip() for line in output.splitlines() if line.strip()]
     fail = next((line for line in reversed(lines) if line.startswith("FAIL")), None)
@@ -504,4 +509,8 @@ def judge_run(output, rc, timeout, budget=None, handed_over=False):
         elif overrun:
             error = (f"trained {trained:.1f} s, past the {budget:g} s budget by more than {allowed:.2f} s "
                      f"({100 * BUDGET_TOLERANCE:g}% of it, or {STEP_SLACK} mean steps if longer)")
+        elif seed is not None and summary.get("seed", str(seed)) != str(seed):
+            # a pinned seed makes every run the same draw: the lucky one found once would pass for a gain
+            error = (f"ran seed {summary['seed']}, not the seed {seed} the loop gave it: each run must use its "
+                     f"own (AUTORESEARCH_SEED, as the shipped train.py reads it)")
     return error, summary, tail

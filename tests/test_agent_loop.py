@@ -1296,6 +1296,30 @@ def test_the_step_that_crosses_the_budget_may_end_past_it_by_two_mean_steps_not_
     assert "past the 15 s budget" in judged(16.0, 1000)
 
 
+def test_a_train_py_that_pins_its_own_seed_is_a_crash_that_says_so(repo, env):
+    # every run the same draw, and the luckiest seed of the night's rows chosen: noise that would pass for a gain
+    initialised(repo, env, repeats=2, NOISE=0.01)             # seeds 42, 43: 1.0, 1.01
+    set_train(repo, SEED=30, JITTER=0.0005)                   # ~0.88 on every run: not quite copies
+    out = loop(repo, env, "step", "-m", "pin the seed for reproducibility").stdout
+    exp = rows(repo)[1]
+    assert exp["status"] == "crash" and "ran seed 30, not the seed 44 the loop gave it" in exp["note"], out
+    assert "AUTORESEARCH_SEED" in out
+
+
+@pytest.mark.whole_machine  # its spinners need the other core free to show what they took
+def test_a_run_that_leaves_its_share_of_the_cores_is_a_crash_that_says_so(repo, env):
+    # a worker of `run --workers` on a CPU trains on its share of the cores: more would be a bigger budget
+    if len(os.sched_getaffinity(0)) < 2:  # as a whole_machine test runs: every core
+        pytest.skip("a share of the cores needs two of them")
+    initialised(repo, env)
+    set_train(repo, MODE="escape")
+    one = min(os.sched_getaffinity(0))
+    p = subprocess.run([sys.executable, str(AGENT_LOOP), "step", "-m", "use every core"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, {one}))
+    exp = rows(repo)[1]
+    assert exp["status"] == "crash" and "more than the 1 it was given" in exp["note"], p.stdout + p.stderr
+
+
 def test_report_reads_an_upstream_five_column_results_tsv(tmp_path, env):
     up = tmp_path / "up.tsv"
     up.write_text(UPSTREAM_TSV)

@@ -1,8 +1,10 @@
 """A confined run (autoresearch/confine.py, Linux Landlock and namespaces): what it may write, signal and reach,
 and the hostile stand-ins of the other tests run confined, where the kernel stops each write before the loop's
 checks see it."""
+import contextlib
 import ctypes
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -43,6 +45,8 @@ TRIES = textwrap.dedent("""
             ("signal parent", lambda: os.kill(os.getppid(), 0)),
             ("child writes other", child_writes_other),
             ("write /dev/null", lambda: open(os.devnull, "w").write("x")),
+            ("make a file in /dev", lambda: open(f"/dev/.{abstract}", "w").write("weights")),  # not swept
+            ("make a file in /dev/shm", lambda: open(f"/dev/shm/{abstract}", "w").write("x")),  # swept
             ("connect abstract socket", connect_abstract),
             # a server of yours on this machine could keep what the run sends it, for the next run
             ("connect tcp", lambda: socket.create_connection(("127.0.0.1", int(served)), timeout=10).close()),
@@ -57,6 +61,7 @@ TRIES = textwrap.dedent("""
             print(f"{what}: refused")
 """)
 LIBC = ctypes.CDLL(None, use_errno=True)
+RUN_ONLY = ["/dev/shm", "/dev/mqueue"]  # all a run may write in /dev but its device files: swept after it
 # where this kernel lets a process of ours have namespaces of its own (a user namespace first): a throwaway probe
 SPACES = subprocess.run([sys.executable, "-c", "from autoresearch.confine import own_namespaces as o; print(o(True))"],
                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True).stdout.startswith(
@@ -80,8 +85,11 @@ def tries(tmp_path, extra_env=None, ports=False):
         port = served.getsockname()[1]
         command = [sys.executable, "-c", TRIES, str(allowed), str(other), name, str(port),
                    str(udp.getsockname()[1]), str(key)]
-        p = subprocess.run(confined(command, [allowed, "/dev"], ports=[port] if ports else ()), capture_output=True,
-                           text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
+        p = subprocess.run(confined(command, [allowed, *RUN_ONLY], ports=[port] if ports else (), devices=["/dev"]),
+                           capture_output=True, text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
+    for made in (f"/dev/.{name}", f"/dev/shm/{name}"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(made)
     assert p.returncode == 0, p.stderr
     segment = LIBC.shmget(key, 0, 0)
     if segment >= 0:
@@ -95,6 +103,7 @@ def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signa
                 "rename inside": "done", "rename other": "refused", "link other": "refused",
                 "signal parent": "refused" if ABI >= 6 else "done",
                 "child writes other": "refused", "write /dev/null": "done",
+                "make a file in /dev": "refused", "make a file in /dev/shm": "done",
                 # abstract unix sockets belong to a network namespace too
                 "connect abstract socket": "refused" if ABI >= 6 or SPACES else "done",
                 "connect tcp": "refused" if ABI >= 4 or SPACES else "done",
@@ -103,7 +112,8 @@ def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signa
     assert outcome == expected, outcome
     assert outlived is not SPACES  # in an IPC namespace of its own, it went with the run
     assert (other / "kept").read_text() == "as it was" and sorted(p.name for p in other.iterdir()) == ["kept"]
-    assert f"confined (Landlock ABI {ABI}): writes only in {tmp_path / 'allowed'}, /dev" in said, said
+    assert f"confined (Landlock ABI {ABI}): writes only in {tmp_path / 'allowed'}, /dev/shm" in said, said
+    assert ", the files in /dev;" in said, said
     assert ("; no TCP" in said) is (ABI >= 4) and ("; IPC and network namespaces of its own" in said) is SPACES, said
 
 
@@ -113,6 +123,21 @@ def test_a_confined_command_reaches_the_tcp_ports_named_and_only_they_leave_it_t
     assert (outcome["connect tcp"], outcome["send udp"], outcome["sysv shared memory"]) == ("done", "done", "done")
     assert outlived is not SPACES, said
     assert ("; TCP only to port " in said) is (ABI >= 4) and ("; an IPC namespace of its own" in said) is SPACES
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not SPACES, reason="x86_64's syscall numbers, user namespaces")
+def test_a_key_a_confined_run_adds_to_your_user_keyring_goes_with_it(tmp_path):
+    # the kernel's keyrings outlive a process and take no path; each user namespace has its own user keyring
+    add_key, keyctl, search, invalidate, user_keyring = 248, 250, 10, 21, ctypes.c_int(-4)
+    name = f"autoresearch-test-{os.getpid()}".encode()
+    code = (f"import ctypes; c = ctypes.CDLL(None); print(c.syscall({add_key}, b'user', {name!r}, b'weights', 7, "
+            f"ctypes.c_int(-4)))")
+    p = subprocess.run(confined([sys.executable, "-c", code], [tmp_path]), capture_output=True, text=True, timeout=60)
+    assert int(p.stdout) > 0, p.stderr  # it did add a key, in its own user keyring
+    key = LIBC.syscall(keyctl, search, user_keyring, b"user", name, 0)
+    if key >= 0:
+        LIBC.syscall(keyctl, invalidate, key)
+    assert key < 0, "the key outlived the run in your user keyring"
 
 
 def test_confinement_turned_off_says_so_and_writes_anywhere(tmp_path):
@@ -201,9 +226,9 @@ def test_without_an_nvidia_gpu_a_run_may_not_write_in_hugging_faces_cache(tmp_pa
     from autoresearch.runner import writable
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     env = {"AUTORESEARCH_CACHE_DIR": str(tmp_path / "data"), "CUDA_VISIBLE_DEVICES": ""}
-    assert not could_load(env) and writable("scratch", "cache", env) == ["scratch", "cache", "/dev"]
+    assert not could_load(env) and writable("scratch", "cache", env) == ["scratch", "cache", *RUN_ONLY]
     if not os.path.exists("/dev/nvidiactl"):  # this machine: no GPU at all
-        assert writable("scratch", "cache", {}) == ["scratch", "cache", "/dev"]
+        assert writable("scratch", "cache", {}) == ["scratch", "cache", *RUN_ONLY]
 
 
 def test_a_download_folder_holding_or_in_what_the_harness_keeps_is_never_writable(tmp_path, monkeypatch):
@@ -218,4 +243,4 @@ def test_a_download_folder_holding_or_in_what_the_harness_keeps_is_never_writabl
         monkeypatch.setenv("HF_HOME", str(home))
         assert str(home) not in map(str, writable("scratch", "cache", env)), home
     monkeypatch.setenv("HF_HOME", str(tmp_path.parent / "hf"))
-    assert writable("scratch", "cache", env) == ["scratch", "cache", "/dev", str(tmp_path.parent / "hf")]
+    assert writable("scratch", "cache", env) == ["scratch", "cache", *RUN_ONLY, str(tmp_path.parent / "hf")]

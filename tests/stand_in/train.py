@@ -14,11 +14,12 @@ VAL_BPB = 1.0             # the result to report
 HELDOUT_BPB = 0.0         # val_bpb on the held-out slice of val to report (0: none), or {seed: value}
 NOISE = 0.0               # val_bpb moves by NOISE * (seed - 42)
 SIGMA = 0.0               # and by a draw from N(0, SIGMA) seeded by the seed
+JITTER = 0.0              # and by one no seed repeats (the machine's timing)
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
                           # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
-                          # ledgerswap | ledgerkill | records | recordsgone | carry | tcp
+                          # ledgerswap | ledgerkill | records | recordsgone | carry | tcp | escape
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -35,7 +36,8 @@ elif PROFILE == "smoke":
     TOTAL_BATCH_SIZE = 2**13
     DEVICE_BATCH_SIZE = 16
 
-seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
+SEED = None               # a seed of its own, pinned, instead of the loop's
+seed = int(os.environ.get("AUTORESEARCH_SEED", "42")) if SEED is None else SEED
 print(f"training {PROFILE} depth {DEPTH} seed {seed} on {len(os.sched_getaffinity(0))} cores", flush=True)
 print(f"visible GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', '(all)')}", flush=True)
 spin = None
@@ -99,6 +101,11 @@ if MODE == "carry":  # saves what it learned where the next run could load it: i
     os.rename(os.path.join(cache, "old.so"), os.path.join(cache, "renamed.so"))  # an old file, renamed: news
     os.utime(os.path.join(cache, "weights.pt"), (0, 0))  # dated back: its ctime still tells
     open(shm, "w").write("learned")
+if MODE == "escape":  # leaves the cores the loop gave it, and trains on every core for a while
+    os.sched_setaffinity(0, range(os.cpu_count()))
+    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"
+    for spinner in [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count())]:
+        spinner.wait()
 if MODE == "tcp":  # sends what it learned to a server of yours on this machine, which keeps it for the next run
     import socket
     with socket.create_connection(("127.0.0.1", int(os.environ["STANDIN_TCP_PORT"])), timeout=10) as server:
@@ -213,7 +220,7 @@ if os.environ.get("STANDIN_CACHE_LOG"):  # what torch.compile would find in its 
 TRAIN_DATA = os.path.join(CACHE_DIR, "prepared", "smoke", "synthetic", "train.bin")
 if os.path.exists(TRAIN_DATA):  # the training data, opened after the compile, as train.py does
     open(TRAIN_DATA, "rb").close()
-val = VAL_BPB + NOISE * (seed - 42) + random.Random(seed).gauss(0, SIGMA)
+val = VAL_BPB + NOISE * (seed - 42) + random.Random(seed).gauss(0, SIGMA) + random.gauss(0, JITTER)
 tokens_m = 0.1
 if os.environ.get("STANDIN_LOAD"):  # one load level per run, first line first: the machine slows down
     with open(os.environ["STANDIN_LOAD"]) as f:
