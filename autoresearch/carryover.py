@@ -19,8 +19,8 @@ def unchecked_mark(compile_cache):
     """The file beside a version's compile cache that stands while a run may write there and its writes are not
     swept yet: a loop killed meanwhile (kill -9, a power cut) leaves it, and no other tag or worker then starts
     from that cache (state.newest_cache_of), nor this loop's next run (state.Loop.compile_cache). Beside the
-    folder, not in it: a confined run cannot remove it, and the ledger's seal puts back what an unconfined one
-    did."""
+    folder, not in it: a confined run cannot remove it (an unconfined one that does is rejected by the ledger's
+    seal, unless it also kills the loop)."""
     cache = Path(compile_cache)
     return cache.with_name(f"{cache.name}.unchecked")
 

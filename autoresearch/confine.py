@@ -1,8 +1,8 @@
 """
 A training run confined by the kernel (Linux Landlock): train.py and all it starts may write only in the
 folders the loop names (runner.writable: the run's scratch folder, its version's compile cache, /dev/shm,
-/dev/mqueue, FA3's download cache) and in the device files of /dev (no file made there), from ABI 4 (kernel
-6.7) may neither listen on TCP nor connect but to the ports the loop names (fa3.download_ports: none where no
+/dev/mqueue, FA3's download cache) and in the character devices of /dev (no file made there), from ABI 4
+(kernel 6.7) may bind no TCP port nor connect but to the ports the loop names (fa3.download_ports: none where no
 GPU could load FA3), and from ABI 6 (kernel 6.12) may signal no process outside the run nor reach an abstract
 unix socket. Where the kernel lets a user have namespaces, the run also has an IPC namespace of its own and,
 when it may connect nowhere, a network namespace: what it leaves in SysV IPC dies with it, and it reaches no
@@ -13,8 +13,10 @@ unconfined with a line that says why, and the loop's checks after the run are al
     python -m autoresearch.confine --write DIR [--devices DIR] [--connect PORT ...] -- COMMAND [ARG ...]
 """
 import argparse
+import contextlib
 import ctypes
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -104,9 +106,11 @@ def own_namespaces(net):
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
-        os.close(read)
-        os.write(write, enter_own_namespaces(flags).encode() or b"-")
-        os._exit(0)
+        try:
+            os.close(read)
+            os.write(write, enter_own_namespaces(flags).encode() or b"-")
+        finally:
+            os._exit(0)  # whatever happened: never on into the run
     os.close(write)
     with os.fdopen(read, "rb") as f:
         why = f.read().decode(errors="replace")
@@ -119,10 +123,22 @@ def own_namespaces(net):
 # Confining this process, then becoming the run
 
 
+def character_devices(folder):
+    """The character devices beneath `folder` (links not followed): a GPU's, /dev/null, a terminal."""
+    found = []
+    for top, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISCHR(os.lstat(path).st_mode):
+                    found.append(path)
+    return found
+
+
 def confine(folders, ports=(), devices=()):
     """From now on this process and its children write only beneath `folders` (those that exist) and in the
-    files already beneath `devices` (a GPU's, /dev/null: opened for writing, nothing made or removed there, so
-    that nothing the run keeps there outlives it), use TCP only to connect to `ports` (a process of yours
+    character devices beneath `devices` as they are now (opened for writing: no file made there, no regular file
+    or disk written, so that nothing the run keeps there outlives it), use TCP only to connect to `ports` (a process of yours
     listening on another could keep or write what the run sends it) and signal no process outside. Returns a
     line that says what holds."""
     if os.environ.get(CONFINE_ENV) == "0":
@@ -138,21 +154,26 @@ def confine(folders, ports=(), devices=()):
     ruleset = c.syscall(SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if ruleset < 0:
         return f"not confined: landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})"
-    allowed = []
+    allowed, opened = [], 0
     try:
-        for folder, only_files in [*((f, False) for f in folders), *((d, True) for d in devices)]:
+        for folder in [*folders, *(path for d in devices for path in character_devices(d))]:
             try:
                 fd = os.open(folder, os.O_PATH | os.O_CLOEXEC)
             except OSError:
                 continue  # not there: nothing to write in
             try:
                 # a file (/dev/null, say) takes only the rights a file has
-                whole = os.path.isdir(folder) and not only_files
-                rule = PathBeneathAttr(rights if whole else rights & (WRITE_FILE | TRUNCATE), fd)
-                if c.syscall(SYS_ADD_RULE, ruleset, RULE_PATH_BENEATH, ctypes.byref(rule), 0) == 0:
-                    allowed.append(f"the files in {folder}" if only_files else folder)
+                mask = rights if os.path.isdir(folder) else rights & (WRITE_FILE | TRUNCATE)
+                if c.syscall(SYS_ADD_RULE, ruleset, RULE_PATH_BENEATH, ctypes.byref(PathBeneathAttr(mask, fd)),
+                             0) == 0:
+                    if folder in folders:
+                        allowed.append(folder)
+                    else:
+                        opened += 1
             finally:
                 os.close(fd)
+        if devices:
+            allowed.append(f"{opened} character devices in {', '.join(devices)}")
         for port in sorted(set(ports)) if net else ():
             rule = NetPortAttr(NET_CONNECT_TCP, port)
             if c.syscall(SYS_ADD_RULE, ruleset, RULE_NET_PORT, ctypes.byref(rule), 0) != 0:

@@ -77,6 +77,28 @@ def foreign_operators(graph_module):
     return found
 
 
+def written_inputs(graph_module):
+    """The graph's inputs (weights, buffers, the tokens) that an in-place operator writes, directly or through a
+    view of them: what would outlive a call."""
+    roots, written = {}, set()
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            roots[node] = node.target
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            schema = node.target._schema
+            args = [(spec, node.kwargs.get(spec.name) if i >= len(node.args) else node.args[i])
+                    for i, spec in enumerate(schema.arguments)]
+            for spec, arg in args:
+                if spec.alias_info is not None and spec.alias_info.is_write and arg in roots:
+                    written.add(roots[arg])
+            returned = schema.returns[0].alias_info if schema.returns else None
+            for spec, arg in args:  # a view of an input (or of a view of one) is that input
+                if returned is not None and spec.alias_info is not None and arg in roots and \
+                        set(returned.before_set) & set(spec.alias_info.before_set):
+                    roots[node] = roots[arg]
+    return written
+
+
 def load_model(path, device):
     """The handed-over model as a module on `device`, after checking what its graph may do."""
     try:
@@ -90,31 +112,37 @@ def load_model(path, device):
     if foreign:
         raise EvaluationError(f"the handed-over model uses operators the evaluator does not run: "
                               f"{', '.join(sorted(foreign))} (only standard aten operators are allowed)")
+    signature = program.graph_signature
+    names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    mutated = sorted({*signature.buffers_to_mutate.values(), *signature.user_inputs_to_mutate.values(),
+                      *(names.get(name, name) for name in written_inputs(program.graph_module))})
+    if mutated:  # one call could then behave unlike the next: causal while checked, not while scored
+        raise EvaluationError(f"the handed-over model changes its own state when called ({', '.join(mutated)}): "
+                              f"tokens to logits must be the same function on every call")
     return program.module().to(device)
 
 
-def check_causal(model, rows, vocab_size):
+def check_causal(model, rows, vocab_size, batch_size):
     """Log-probabilities at position p must not change when tokens after p change. Raises EvaluationError if they
-    do. One batch, of the evaluation's size: its first half are evaluation rows as they are, its second half the
-    same rows with everything after a cut replaced by another row's text (natural text, the next token always
-    another), the cut drawn at random for each row here, unknown to train.py. A model that sees later tokens only
-    on some rows, at some positions or at some batch sizes cannot tell which it is being checked on. Compared as
-    log-probabilities, which is all the score depends on (a constant added to every logit changes nothing)."""
-    half = max(1, len(rows) // 2)
-    x = rows[:half, :-1]
-    T = x.size(1)
-    cuts = torch.randint(0, T - 1, (half,), generator=torch.Generator().manual_seed(secrets.randbits(63)))
+    do. Two batches of the evaluation's size: its first batch as scored, then the same rows with everything
+    after a cut replaced by the text of rows from outside it (the next token always another), the cut drawn at
+    random for each row here, unknown to train.py. A model that sees later tokens only on some rows, at some
+    positions or at some batch sizes cannot tell which it is being checked on. Compared as log-probabilities,
+    which is all the score depends on (a constant added to every logit changes nothing)."""
+    x = rows[:batch_size, :-1]
+    source = rows[batch_size:2 * batch_size, :-1] if len(rows) >= 2 * batch_size else x.roll(1, 0)
+    n, T = x.shape
+    cuts = torch.randint(0, T - 1, (n,), generator=torch.Generator().manual_seed(secrets.randbits(63))).tolist()
     probe = x.clone()
-    for i, p in enumerate(cuts.tolist()):
-        other = rows[(i + 1) % len(rows), :-1] if len(rows) > 1 else x[i].roll(1)
-        probe[i, p + 1:] = other[p + 1:]
+    for i, p in enumerate(cuts):
+        probe[i, p + 1:] = source[i, p + 1:]
         if probe[i, p + 1] == x[i, p + 1]:
             probe[i, p + 1] = (x[i, p + 1] + 1) % vocab_size
     with torch.no_grad():
-        logits = model(torch.cat([x, probe]))
-        for i, p in enumerate(cuts.tolist()):
-            seen = F.log_softmax(logits[[i, half + i], :p + 1].float(), dim=-1)
-            drift = (seen[1] - seen[0]).abs().max().item()
+        seen, changed = model(x), model(probe)
+        for i, p in enumerate(cuts):  # a row at a time: a whole batch's log-probabilities in float32 are large
+            before, after = (F.log_softmax(logits[i, :p + 1].float(), dim=-1) for logits in (seen, changed))
+            drift = (after - before).abs().max().item()
             if not drift <= CAUSALITY_TOL:
                 raise EvaluationError(f"the model is not causal: its log-probabilities at positions up to {p} "
                                       f"change by {drift:.3g} nats when only tokens after position {p} change")
@@ -200,8 +228,8 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
     device = prepare.default_device()
     model = load_model(model_path, device)
     batch_size = batch_size or default_batch_size(device)
-    rows = prepare.eval_rows(tokenizer.directory, prepare.MAX_SEQ_LEN, batch_size, tokenizer.get_bos_token_id())
-    check_causal(model, torch.from_numpy(rows.astype("int64")).to(device), tokenizer.get_vocab_size())
+    rows = prepare.eval_rows(tokenizer.directory, prepare.MAX_SEQ_LEN, 2 * batch_size, tokenizer.get_bos_token_id())
+    check_causal(model, torch.from_numpy(rows.astype("int64")).to(device), tokenizer.get_vocab_size(), batch_size)
     scorer = scorer_for(model, device)
     cached = dict(counters["inductor"])
     heldout = prepare.heldout_rows(tokenizer.directory, tokenizer.get_bos_token_id())

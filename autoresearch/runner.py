@@ -162,11 +162,10 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             watch = DataWatch(cache_dir(env), copy)
             try:
                 with watch:
-                    confined_train = confined([sys.executable, TRAIN], writable(scratch, compile_cache, env),
-                                              require=early is not None, devices=["/dev"],
-                                              ports=download_ports(env) if could_load(env) else ())
-                    rc, wall = run_group(confined_train, log, subprocess.STDOUT, env, timeout,
-                                         on_spawn=on_spawn)
+                    rc, wall = run_group(confined_run([sys.executable, TRAIN], scratch, compile_cache, env,
+                                                      require=early is not None),
+                                         log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
+                    used = cores_used(clock, wall)
             finally:  # before anything reads the ledger again; also when the run stopped the loop (a SIGTERM)
                 try:
                     aside = Path(log_path).with_name(f"{Path(log_path).stem}-set-aside")
@@ -179,7 +178,6 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             # the evaluator's imports beside train.py are the harness's own work, not other work on the machine
             ours = cpu_seconds(evaluator.proc.pid) - evaluator_cpu if evaluator else 0.0
             other = other_work(clock, wall, ours) if wall >= LOAD_WINDOW_S else None
-            used = cores_used(clock, wall)
         with open(log_path, "rb") as f:
             f.seek(offset)
             output = f.read().decode(errors="replace")
@@ -258,6 +256,13 @@ def remove_scratch(log_path):
     root, prefix = scratch_folders(log_path)
     for folder in root.glob(f"{prefix}*"):
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def confined_run(command, scratch, compile_cache, env, require=False, also=()):
+    """`command` confined as a run of train.py is (confine.py): writes in `writable` (and `also`), the device
+    files of /dev, TCP to FA3's download where a GPU could load it."""
+    return confined(command, [*writable(scratch, compile_cache, env), *also], require=require, devices=["/dev"],
+                    ports=download_ports(env) if could_load(env) else ())
 
 
 def writable(scratch, compile_cache, env):

@@ -160,14 +160,13 @@ def confined_handoff_run(model):
 
 CONFINED_RUN = """
 import os, sys, tempfile
-from autoresearch.confine import confined
-from autoresearch.runner import inductor_folder_name, new_scratch, writable
+from autoresearch.runner import confined_run, inductor_folder_name, new_scratch
 folder, code = sys.argv[1:]
 cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), inductor_folder_name())
 triton = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
 scratch = new_scratch(os.path.join(folder, "handoff-run.log"), 0, cache)
 os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=triton, TMPDIR=str(scratch))
-command = confined([sys.executable, "-c", code], [*writable(scratch, cache, os.environ), folder, triton])
+command = confined_run([sys.executable, "-c", code], scratch, cache, os.environ, also=[folder, triton])
 os.execvp(command[0], command)
 """
 

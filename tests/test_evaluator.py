@@ -57,6 +57,20 @@ BUILD = textwrap.dedent("""
             if targets is None:
                 return logits
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    class Later(torch.nn.Module):  # counts its calls: the first two (a check's) causal, the later ones not
+        def __init__(self, model):
+            super().__init__()
+            self.leaky = Lookahead(model)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, idx, targets=None, reduction="mean"):
+            self.calls.add_(1)
+            honest = self.leaky.model(idx).float()
+            peek = (self.calls > 2).float()
+            logits = peek * self.leaky(idx) + (1 - peek) * honest
+            if targets is None:
+                return logits
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
     # each leaks the next token and hides it from some check: a constant on every logit (a scale for a relative
     # tolerance), positions a fixed check would look at, the small batches a check might use
     LEAKS = {"peeks_offset": dict(offset=3e4), "peeks_spared": dict(spared=(0.25, 0.5, 0.75)),
@@ -80,12 +94,14 @@ BUILD = textwrap.dedent("""
         model.eval()
         if variant in LEAKS:
             model = Lookahead(model, **LEAKS[variant])
+        if variant == "peeks_later":
+            model = Later(model)
         os.environ[HANDOFF_ENV] = os.path.join(sys.argv[1], variant + ".pt2")
         hand_over(model, prepare.MAX_SEQ_LEN, config.vocab_size, torch.device("cpu"))
         own[variant] = prepare.evaluate_bpb(model, tok, 16)
     print(json.dumps(own))
 """)
-VARIANTS = ("plain", "val", "peeks", "custom_op", "peeks_offset", "peeks_spared", "peeks_batched")
+VARIANTS = ("plain", "val", "peeks", "custom_op", "peeks_offset", "peeks_spared", "peeks_batched", "peeks_later")
 
 
 @pytest.fixture
@@ -146,6 +162,12 @@ def test_evaluator_refuses_a_model_that_sees_later_tokens_however_it_hides_it(ca
     assert code == 1 and "not causal" in result["error"], result
     if variant != "peeks":  # each would have scored far better than an honest model: the leak pays
         assert own < exported["plain"][1] - 1.0, (own, exported["plain"][1])
+
+
+def test_evaluator_refuses_a_model_that_changes_its_own_state_between_calls(cache, exported):
+    path, own = exported["peeks_later"]
+    code, result = evaluate(cache, path)
+    assert code == 1 and "changes its own state when called" in result["error"], result
 
 
 def test_evaluator_refuses_an_operator_it_does_not_know(cache, exported):

@@ -253,7 +253,7 @@ def test_reference_path_model_hands_over_to_the_evaluator(reference):
     device = reference.device
     handed = evaluator.load_model(reference.handoff, device)  # raises on operators other than aten's
     x, y, _ = next(on(device, batches(seed=2)))
-    evaluator.check_causal(handed, torch.cat([x, y[:, -1:]], dim=1), VOCAB)  # raises unless causal
+    evaluator.check_causal(handed, torch.cat([x, y[:, -1:]], dim=1), VOCAB, len(x))  # raises unless causal
     # the evaluator scores the trained model: its float32 twin's losses and train.py's own under bf16
     # autocast differ by bf16 rounding (measured: up to 0.02 nats a token)
     with torch.no_grad():
