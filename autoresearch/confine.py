@@ -137,10 +137,10 @@ def character_devices(folder):
 
 def confine(folders, ports=(), devices=()):
     """From now on this process and its children write only beneath `folders` (those that exist) and in the
-    character devices beneath `devices` as they are now (opened for writing: no file made there, no regular file
-    or disk written, so that nothing the run keeps there outlives it), use TCP only to connect to `ports` (a process of yours
-    listening on another could keep or write what the run sends it) and signal no process outside. Returns a
-    line that says what holds."""
+    character devices beneath `devices` as they are now (opened for writing: no file made there, no regular
+    file or disk written, so that nothing the run keeps there outlives it), use TCP only to connect to `ports`
+    (a process of yours listening on another could keep or write what the run sends it) and signal no process
+    outside. Returns a line that says what holds."""
     if os.environ.get(CONFINE_ENV) == "0":
         return f"not confined: {CONFINE_ENV}=0"
     abi, why = landlock_abi()

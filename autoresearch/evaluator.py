@@ -228,7 +228,8 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
     device = prepare.default_device()
     model = load_model(model_path, device)
     batch_size = batch_size or default_batch_size(device)
-    rows = prepare.eval_rows(tokenizer.directory, prepare.MAX_SEQ_LEN, 2 * batch_size, tokenizer.get_bos_token_id())
+    rows = prepare.eval_rows(tokenizer.directory, prepare.MAX_SEQ_LEN, 2 * batch_size,
+                             tokenizer.get_bos_token_id())
     check_causal(model, torch.from_numpy(rows.astype("int64")).to(device), tokenizer.get_vocab_size(), batch_size)
     scorer = scorer_for(model, device)
     cached = dict(counters["inductor"])

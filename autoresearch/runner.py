@@ -187,8 +187,9 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
                           f"(of {counted_cores()}; /proc/stat less this run's own CPU time)\n")
         error, summary, tail = judge_run(output, rc, timeout, config.get("time_budget"), bool(handoff), seed)
         if error is None and wall > 0 and used > counted_cores() * (1 + SHARE_TOL) + SHARE_SLACK_S / wall:
-            error = (f"used {used:.2f} CPU cores on average, more than the {counted_cores()} it was given: it left "
-                     f"its share of the machine (sched_setaffinity), which the other workers' runs were measured on")
+            error = (f"used {used:.2f} CPU cores on average, more than the {counted_cores()} it was given: it "
+                     f"left its share of the machine (sched_setaffinity), which the other workers' runs were "
+                     f"measured on")
         # under the hand-over train.py needs no val file; without it (an older tag) it evaluates itself
         run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, read_val=watch.opened
                   if handoff else [], load=None if other is None else other / counted_cores())
@@ -259,17 +260,17 @@ def remove_scratch(log_path):
 
 
 def confined_run(command, scratch, compile_cache, env, require=False, also=()):
-    """`command` confined as a run of train.py is (confine.py): writes in `writable` (and `also`), the device
-    files of /dev, TCP to FA3's download where a GPU could load it."""
+    """`command` confined as a run of train.py is (confine.py): writes in `writable` (and `also`) and the
+    character devices of /dev, TCP only to FA3's download where a GPU could load it."""
     return confined(command, [*writable(scratch, compile_cache, env), *also], require=require, devices=["/dev"],
                     ports=download_ports(env) if could_load(env) else ())
 
 
 def writable(scratch, compile_cache, env):
-    """All a confined run may write in (besides the device files of /dev: a GPU's, /dev/null): its scratch
-    folder, its version's compile cache, /dev/shm and /dev/mqueue (swept after it) and, where it could load FA3 (an NVIDIA GPU), the kernel's download cache, unless that
-    holds what the harness keeps or lies in it (HF_HOME=. set by an agent would open the repository; the home
-    folder may hold it)."""
+    """All a confined run may write in (besides the character devices of /dev: a GPU's, /dev/null): its scratch
+    folder, its version's compile cache, /dev/shm and /dev/mqueue (swept after it) and, where it could load FA3
+    (an NVIDIA GPU), the kernel's download cache, unless that holds what the harness keeps or lies in it
+    (HF_HOME=. set by an agent would open the repository; the home folder may hold it)."""
     kept = [Path.cwd(), cache_dir(env)]
     try:
         kept += [ledger_dir(), copies_folder()]
@@ -283,7 +284,8 @@ def writable(scratch, compile_cache, env):
         return not any(k.is_relative_to(folder) or folder.is_relative_to(k) for k in kept) and \
             not home.is_relative_to(folder)
 
-    return [scratch, compile_cache, *map(str, RUN_ONLY), *(filter(apart, download_folders()) if could_load(env) else [])]
+    downloads = filter(apart, download_folders()) if could_load(env) else []
+    return [scratch, compile_cache, *map(str, RUN_ONLY), *downloads]
 
 
 def ledger_seal(skip, private=None):
