@@ -4,11 +4,13 @@ folders the loop names (runner.writable: the run's scratch folder, its version's
 /dev/mqueue, FA3's download cache) and in the character devices of /dev (no file made there), from ABI 4
 (kernel 6.7) may bind no TCP port nor connect but to the ports the loop names (fa3.download_ports: none where no
 GPU could load FA3), and from ABI 6 (kernel 6.12) may signal no process outside the run nor reach an abstract
-unix socket. Where the kernel lets a user have namespaces, the run also has an IPC namespace of its own and,
-when it may connect nowhere, a network namespace: what it leaves in SysV IPC dies with it, and it reaches no
-process over IP. The one place that decides whether a run is confined; where the kernel cannot (off Linux,
-before 5.19, a container that blocks the calls) or AUTORESEARCH_CONFINE=0 says not to, the run goes on
-unconfined with a line that says why, and the loop's checks after the run are all there is.
+unix socket. Where the kernel lets a user have namespaces, the run also has an IPC namespace of its own, a
+mount namespace where every file but its folders is read-only and, when it may connect nowhere, a network
+namespace: what it leaves in SysV IPC dies with it, it marks no file of yours and reaches no process over IP. A
+seccomp filter (x86-64, ARM64) keeps it from unix sockets with a path. The one place that decides whether a run
+is confined; where the kernel cannot (off Linux, before 5.19, a container that blocks the calls) or
+AUTORESEARCH_CONFINE=0 says not to, the run goes on unconfined with a line that says why, and the loop's checks
+after the run are all there is.
 
     python -m autoresearch.confine --write DIR [--devices DIR] [--connect PORT ...] -- COMMAND [ARG ...]
 """
@@ -75,9 +77,17 @@ def write_rights(abi):
 
 
 # -----------------------------------------------------------------------------
-# Namespaces of the run's own: what it leaves in SysV IPC and on the network dies with it
+# Namespaces of the run's own: what it leaves in SysV IPC and on the network dies with it, and it sees every file
+# but its folders read-only
 
-CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET = 0x10000000, 0x08000000, 0x40000000
+CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS = 0x10000000, 0x08000000, 0x40000000, 0x00020000
+MS_BIND, MS_REC, MS_PRIVATE = 1 << 12, 1 << 14, 1 << 18
+SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 1
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
 
 
 def enter_own_namespaces(flags):
@@ -95,28 +105,132 @@ def enter_own_namespaces(flags):
     return ""
 
 
-def own_namespaces(net):
+def read_only_view(folders):
+    """In this process's own mount namespace: every mount read-only but `folders` (bound onto themselves) and
+    /proc (where the next namespace's maps are written), then a user and mount namespace inside it, which locks
+    that view: no process in it can make a mount writable again or unmount one. So a run can set no extended
+    attribute, mode or time on a file outside its folders (a few KB of weights each that would outlive it).
+    Devices open for writing on a read-only mount. Returns why not, or an empty string."""
+    c, size = libc(), ctypes.sizeof(MountAttr)
+
+    def writable(path):
+        return not os.statvfs(path).f_flag & os.ST_RDONLY
+
+    def mount_attr(path, attr):
+        return c.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, os.fsencode(path), AT_RECURSIVE, ctypes.byref(attr), size)
+
+    own = [path for path in dict.fromkeys(map(os.path.realpath, folders))
+           if os.path.exists(path) and writable(path)]
+    if c.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return f"making mounts private: {os.strerror(ctypes.get_errno())}"
+    for path in own:
+        if c.mount(os.fsencode(path), os.fsencode(path), None, MS_BIND | MS_REC, None) != 0:
+            return f"binding {path}: {os.strerror(ctypes.get_errno())}"
+    if mount_attr("/", MountAttr(attr_set=MOUNT_ATTR_RDONLY)) != 0:
+        return f"mount_setattr: {os.strerror(ctypes.get_errno())}"
+    for path in [*own, "/proc"]:
+        mount_attr(path, MountAttr(attr_clr=MOUNT_ATTR_RDONLY))
+    why = enter_own_namespaces(CLONE_NEWNS)
+    if why:
+        return f"locking it: {why}"
+    stuck = [path for path in own if not writable(path)]
+    return f"{stuck[0]} stayed read-only" if stuck else ""
+
+
+def own_namespaces(net, folders=None):
     """Puts this process (and so the run) in an IPC namespace of its own, and with net a network namespace of its
     own (only a loopback, down): SysV shared memory, semaphores and message queues, POSIX message queues, abstract
-    unix sockets and any socket over IP that the run makes reach nothing outside it, and go with it. Unprivileged
-    only through a user namespace, which some systems forbid (a sysctl, AppArmor): it is tried in a child first,
-    as a process left half in one (its uid unmapped) could write no file. Returns a phrase for the line."""
+    unix sockets and any socket over IP that the run makes reach nothing outside it, and go with it. With folders,
+    also a mount namespace where all else is read-only (read_only_view). Unprivileged only through a user
+    namespace, which some systems forbid (a sysctl, AppArmor): it is tried in a child first, as a process left
+    half in one (its uid unmapped) could write no file. Returns a phrase for the line."""
     flags = CLONE_NEWIPC | (CLONE_NEWNET if net else 0)
     what = "IPC and network namespaces of its own" if net else "an IPC namespace of its own"
+    view = folders is not None
+
+    def enter(view):
+        why = enter_own_namespaces(flags | (CLONE_NEWNS if view else 0))
+        return (why, "") if why or not view else ("", read_only_view(folders))
+
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
         try:
             os.close(read)
-            os.write(write, enter_own_namespaces(flags).encode() or b"-")
+            why, view_why = enter(view)
+            os.write(write, f"{why}\n{view_why}".encode())
         finally:
             os._exit(0)  # whatever happened: never on into the run
     os.close(write)
     with os.fdopen(read, "rb") as f:
-        why = f.read().decode(errors="replace")
+        why, said, tried_view = f.read().decode(errors="replace").partition("\n")
     os.waitpid(child, 0)
-    why = enter_own_namespaces(flags) if why == "-" else why or "the trial child died"
-    return f"; no {what} ({why})" if why else f"; {what}"
+    why = why if said else "the trial child died"
+    if not why:
+        why, view_why = enter(view and not tried_view)
+        view_why = view_why or tried_view
+    if why:
+        return f"; no {what} ({why})"
+    if not view:
+        return f"; {what}"
+    return f"; {what}" + (f"; no read-only view ({view_why})" if view_why else
+                         "; every file but its folders read-only (a mount namespace of its own)")
+
+
+# -----------------------------------------------------------------------------
+# No unix socket with a path: Landlock does not confine connecting to one, and a process of yours that listens on
+# one (started by an agent, say) could keep what a run sends it for the next. A seccomp filter refuses a unix
+# socket (socketpair's streams stay: multiprocessing's pipes), io_uring (which makes sockets without the call)
+# and the 32-bit system calls, which the filter would not see.
+
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+RET_ALLOW, RET_ERRNO = 0x7FFF0000, 0x00050000
+LOAD, JUMP_EQ, JUMP_GE, AND, RET = 0x20, 0x15, 0x35, 0x54, 0x06  # BPF: ld [k]; jeq, jge #k; and #k; ret #k
+AF_UNIX, SOCK_DGRAM, IO_URING_SETUP = 1, 2, 425
+# machine: (its audit arch, socket, socketpair, the first syscall number of another ABI sharing it: x32)
+SYSCALLS = {"x86_64": (0xC000003E, 41, 53, 0x40000000), "aarch64": (0xC00000B7, 198, 199, None)}
+
+
+class SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
+
+
+def socket_filter(machine):
+    """The seccomp program (a list of (code, jump if true, jump if false, k), jumps to labels) for `machine`."""
+    arch, sock, pair, other_abi = SYSCALLS[machine]
+    program = [(LOAD, 0, 0, 4), (JUMP_EQ, 0, "abi", arch), (LOAD, 0, 0, 0),  # seccomp_data: nr, arch, ip, args
+               *([(JUMP_GE, "abi", 0, other_abi)] if other_abi else []),
+               (JUMP_EQ, "deny", 0, IO_URING_SETUP), (JUMP_EQ, "socket", 0, sock), (JUMP_EQ, 0, "allow", pair),
+               (LOAD, 0, 0, 16), (JUMP_EQ, 0, "allow", AF_UNIX), (LOAD, 0, 0, 24), (AND, 0, 0, 0xF),
+               (JUMP_EQ, "deny", "allow", SOCK_DGRAM),  # a datagram pair could still send to a path
+               "socket", (LOAD, 0, 0, 16), (JUMP_EQ, "deny", "allow", AF_UNIX),
+               "allow", (RET, 0, 0, RET_ALLOW), "deny", (RET, 0, 0, RET_ERRNO | 1),  # EPERM
+               "abi", (RET, 0, 0, RET_ERRNO | 38)]  # ENOSYS
+    labels, code = {}, []
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = len(code)
+        else:
+            code.append(item)
+    return [(op, *(labels[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf)), k)
+            for i, (op, jt, jf, k) in enumerate(code)]
+
+
+def refuse_unix_sockets():
+    """This process and its children may open no unix socket (see above). Needs no_new_privs set. Returns a
+    phrase for the line."""
+    machine = os.uname().machine
+    if machine not in SYSCALLS:
+        return f"; unix sockets not refused (no filter for {machine})"
+    program = socket_filter(machine)
+    filters = (SockFilter * len(program))(*(SockFilter(*op) for op in program))
+    if libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(SockFprog(len(program), filters)), 0, 0):
+        return f"; unix sockets not refused (seccomp: {os.strerror(ctypes.get_errno())})"
+    return "; no unix socket but a socketpair's stream"
 
 
 # -----------------------------------------------------------------------------
@@ -178,9 +292,10 @@ def confine(folders, ports=(), devices=()):
             rule = NetPortAttr(NET_CONNECT_TCP, port)
             if c.syscall(SYS_ADD_RULE, ruleset, RULE_NET_PORT, ctypes.byref(rule), 0) != 0:
                 return f"not confined: a rule for TCP port {port} failed ({os.strerror(ctypes.get_errno())})"
-        spaces = own_namespaces(net=not ports)
+        spaces = own_namespaces(net=not ports, folders=folders)
         if c.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or c.syscall(SYS_RESTRICT_SELF, ruleset, 0) != 0:
             return f"not confined: landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
+        spaces += refuse_unix_sockets()
     finally:
         os.close(ruleset)
     tcp = "" if not net else (f"; TCP only to port {', '.join(map(str, sorted(set(ports))))}" if ports else

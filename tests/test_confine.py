@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not ABI, reason=f"no confinement here: {WHY}")
 
 TRIES = textwrap.dedent("""
     import ctypes, os, socket, subprocess, sys
-    allowed, other, abstract, served, udp, key, devices = sys.argv[1:8]
+    allowed, other, abstract, served, udp, key, devices, path = sys.argv[1:9]
 
     def connect_abstract():  # a socket of another process of yours (it could write for the run)
         socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect("\\0" + abstract)
@@ -31,6 +31,13 @@ TRIES = textwrap.dedent("""
         code = f"open({os.path.join(other, 'c')!r}, 'w')"
         if subprocess.run([sys.executable, "-c", code], capture_output=True).returncode:
             raise PermissionError(13, "the child could not")
+
+    def send_from_a_datagram_pair():  # a pair made by socketpair(), then pointed at a path
+        socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)[0].sendto(b"weights", path + ".dgram")
+
+    def io_uring():  # its requests make and connect sockets without the system calls
+        if ctypes.CDLL(None, use_errno=True).syscall(425, 1, ctypes.create_string_buffer(120)) < 0:
+            raise OSError(ctypes.get_errno(), "io_uring_setup")
 
     def sysv_shared_memory():  # outlives its process: the next run could attach to it
         if ctypes.CDLL(None, use_errno=True).shmget(int(key), 4096, 0o1000 | 0o600) < 0:
@@ -52,6 +59,16 @@ TRIES = textwrap.dedent("""
             ("make a file among devices", lambda: open(os.path.join(devices, "new"), "w").write("weights")),
             ("make a file in /dev/shm", lambda: open(f"/dev/shm/{abstract}", "w").write("x")),  # swept
             ("connect abstract socket", connect_abstract),
+            # a process of yours listening on a path (an agent's) could keep what the run sends it
+            ("connect path socket", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(path)),
+            ("send from a datagram pair", send_from_a_datagram_pair),
+            ("stream socketpair", lambda: socket.socketpair()),  # multiprocessing's pipes
+            ("io_uring", io_uring),
+            # what a file it may read could carry for the next run: attributes, mode, times
+            ("set an attribute other", lambda: os.setxattr(os.path.join(other, "meta"), "user.w", b"weights")),
+            ("chmod other", lambda: os.chmod(os.path.join(other, "meta"), 0o600)),
+            ("touch other", lambda: os.utime(os.path.join(other, "meta"), (1, 1))),
+            ("chmod allowed", lambda: os.chmod(os.path.join(allowed, "d"), 0o700)),
             # a server of yours on this machine could keep what the run sends it, for the next run
             ("connect tcp", lambda: socket.create_connection(("127.0.0.1", int(served)), timeout=10).close()),
             ("listen tcp", lambda: socket.create_server(("127.0.0.1", 0)).close()),
@@ -66,10 +83,13 @@ TRIES = textwrap.dedent("""
 """)
 LIBC = ctypes.CDLL(None, use_errno=True)
 RUN_ONLY = ["/dev/shm", "/dev/mqueue"]  # all a run may write in /dev but its device files: swept after it
-# where this kernel lets a process of ours have namespaces of its own (a user namespace first): a throwaway probe
-SPACES = subprocess.run([sys.executable, "-c", "from autoresearch.confine import own_namespaces as o; print(o(True))"],
-                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True).stdout.startswith(
-                            "; IPC and network")
+# where this kernel lets a process of ours have namespaces of its own (a user namespace first), and a read-only
+# view of the files in a mount namespace: a throwaway probe
+PROBE = subprocess.run([sys.executable, "-c", "from autoresearch.confine import own_namespaces as o; "
+                        "print(o(True, ['/tmp']))"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True).stdout
+SPACES, VIEW = PROBE.startswith("; IPC and network"), "but its folders read-only" in PROBE
+FILTER = platform.machine() in ("x86_64", "aarch64")  # confine.SYSCALLS: where unix sockets are refused
 
 
 def tries(tmp_path, extra_env=None, ports=False):
@@ -80,17 +100,25 @@ def tries(tmp_path, extra_env=None, ports=False):
     (allowed / "d").mkdir(parents=True)  # renames between folders: what compile caches do
     other.mkdir()
     (other / "kept").write_text("as it was")
+    (other / "meta").write_text("its mode, times and attributes as they were")
     devices.mkdir()
     (devices / "kept").write_text("as it was")
     name, key = f"autoresearch-test-{os.getpid()}-{tmp_path.name}", 0x5EED0000 + os.getpid() % 0xFFFF
+    path = tmp_path / "sockets" / "s"
+    path.parent.mkdir()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening, socket.create_server(("127.0.0.1", 0)) \
-            as served, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            as served, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as on_path, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
         listening.bind("\0" + name)
         listening.listen()
+        on_path.bind(str(path))
+        on_path.listen()
+        dgram.bind(f"{path}.dgram")
         udp.bind(("127.0.0.1", 0))
         port = served.getsockname()[1]
         command = [sys.executable, "-c", TRIES, str(allowed), str(other), name, str(port),
-                   str(udp.getsockname()[1]), str(key), str(devices)]
+                   str(udp.getsockname()[1]), str(key), str(devices), str(path)]
         p = subprocess.run(confined(command, [allowed, *RUN_ONLY], ports=[port] if ports else (),
                                     devices=["/dev", devices]),
                            capture_output=True, text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
@@ -116,14 +144,23 @@ def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signa
                 "connect abstract socket": "refused" if ABI >= 6 or SPACES else "done",
                 "connect tcp": "refused" if ABI >= 4 or SPACES else "done",
                 "listen tcp": "refused" if ABI >= 4 else outcome["listen tcp"],  # before 6.7, not promised
-                "send udp": "refused" if SPACES else "done", "sysv shared memory": "done"}
+                "send udp": "refused" if SPACES else "done", "sysv shared memory": "done",
+                "connect path socket": "refused" if FILTER else "done",
+                "send from a datagram pair": "refused" if FILTER else "done",
+                "stream socketpair": "done", "io_uring": "refused" if FILTER else outcome["io_uring"],
+                "set an attribute other": "refused" if VIEW else "done",
+                "chmod other": "refused" if VIEW else "done", "touch other": "refused" if VIEW else "done",
+                "chmod allowed": "done"}
     assert outcome == expected, outcome
     assert outlived is not SPACES  # in an IPC namespace of its own, it went with the run
-    assert (other / "kept").read_text() == "as it was" and sorted(p.name for p in other.iterdir()) == ["kept"]
+    assert (other / "kept").read_text() == "as it was"
+    assert sorted(p.name for p in other.iterdir()) == ["kept", "meta"]
     assert f"confined (Landlock ABI {ABI}): writes only in {tmp_path / 'allowed'}, /dev/shm" in said, said
     assert re.search(r", \d+ character devices in /dev, ", said), said
     assert (tmp_path / "devices" / "kept").read_text() == "as it was"
     assert ("; no TCP" in said) is (ABI >= 4) and ("; IPC and network namespaces of its own" in said) is SPACES, said
+    assert ("; every file but its folders read-only" in said) is VIEW, said
+    assert ("; no unix socket but a socketpair's stream" in said) is FILTER, said
 
 
 def test_a_confined_command_reaches_the_tcp_ports_named_and_only_they_leave_it_the_machines_network(tmp_path):
@@ -131,7 +168,50 @@ def test_a_confined_command_reaches_the_tcp_ports_named_and_only_they_leave_it_t
     outcome, said, _, outlived = tries(tmp_path, ports=True)
     assert (outcome["connect tcp"], outcome["send udp"], outcome["sysv shared memory"]) == ("done", "done", "done")
     assert outlived is not SPACES, said
+    # the files and sockets stay as closed as without the ports
+    assert (outcome["chmod other"], outcome["connect path socket"]) == ("refused" if VIEW else "done",
+                                                                         "refused" if FILTER else "done"), outcome
     assert ("; TCP only to port " in said) is (ABI >= 4) and ("; an IPC namespace of its own" in said) is SPACES
+
+
+UNDO = textwrap.dedent("""
+    import ctypes, os, sys
+    from autoresearch.confine import AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MS_BIND, MountAttr, libc
+    from autoresearch.confine import own_namespaces
+    allowed, other = sys.argv[1:3]
+    print(own_namespaces(True, [allowed]).strip("; "), file=sys.stderr)
+    c, clear, top = libc(), MountAttr(attr_clr=MOUNT_ATTR_RDONLY), other
+    while not os.path.ismount(top):
+        top = os.path.dirname(top)
+    for what, act in [  # with every capability its user namespace gives it, and no Landlock to stop it
+            ("make the view writable", lambda: c.syscall(442, AT_FDCWD, top.encode(), AT_RECURSIVE,
+                                                        ctypes.byref(clear), ctypes.sizeof(clear))),
+            ("unmount a folder's own mount", lambda: c.umount2(allowed.encode(), 2)),  # MNT_DETACH
+            # it may mount (this shows the refusals are the lock's): over what it may not write, it writes nothing
+            ("bind a folder of its own over the other",
+             lambda: c.mount(allowed.encode(), other.encode(), None, MS_BIND, None) or c.umount2(other.encode(), 2)),
+            ("chmod other", lambda: os.chmod(os.path.join(other, "f"), 0o600))]:
+        try:
+            print(f"{what}: " + ("refused" if act() else "done"))
+        except OSError:
+            print(f"{what}: refused")
+""")
+
+
+@pytest.mark.skipif(not VIEW, reason="no user and mount namespaces here")
+def test_a_runs_read_only_view_of_the_files_cannot_be_made_writable_from_inside(tmp_path):
+    allowed, other = tmp_path / "allowed", tmp_path / "other"
+    allowed.mkdir()
+    other.mkdir()
+    (other / "f").write_text("as it was")
+    p = subprocess.run([sys.executable, "-c", UNDO, str(allowed), str(other)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=60)
+    outcome = dict(line.rsplit(": ", 1) for line in p.stdout.splitlines())
+    assert "every file but its folders read-only" in p.stderr, p.stderr
+    # the view is locked by the nested namespace: no Landlock is needed to keep it (a confined run has both)
+    assert outcome == {"make the view writable": "refused", "unmount a folder's own mount": "refused",
+                       "bind a folder of its own over the other": "done", "chmod other": "refused"}, outcome
+    assert os.stat(other / "f").st_mode & 0o777 != 0o600
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not SPACES, reason="x86_64's syscall numbers, user namespaces")
@@ -154,6 +234,8 @@ def test_confinement_turned_off_says_so_and_writes_anywhere(tmp_path):
     assert outcome["write other"] == "done" and outcome["child writes other"] == "done", outcome
     assert outcome["connect abstract socket"] == "done" and outcome["connect tcp"] == "done", outcome
     assert outcome["send udp"] == "done" and outlived
+    assert outcome["connect path socket"] == "done" and outcome["send from a datagram pair"] == "done", outcome
+    assert outcome["chmod other"] == "done" and outcome["touch other"] == "done", outcome
     assert f"not confined: {CONFINE_ENV}=0" in said, said
 
 
@@ -202,8 +284,10 @@ def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo,
     if mode == "daemon":
         assert candidate["status"] == "keep" and "forged" not in (repo / "results.tsv").read_text(), out
     else:
-        assert candidate["status"] == "crash" and "PermissionError" in log and not candidate["note"].startswith(
-            "rejected"), (out, candidate)  # caught by the kernel, not by the checks after the run
+        # caught by the kernel (Landlock, or the read-only view of its mount namespace), not by the checks after it
+        refused = "PermissionError" in log or "Read-only file system" in log
+        assert candidate["status"] == "crash" and refused and not candidate["note"].startswith("rejected"), \
+            (out, candidate)
     after = {p: p.read_bytes() for p in before if p.is_file()}
     changed = [str(p) for p in before if after.get(p) != before[p] and p.name not in ("results.tsv", "state.json")]
     assert not [p for p in changed if "forged" in after.get(p, b"").decode(errors="replace")] and \
