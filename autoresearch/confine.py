@@ -223,7 +223,7 @@ def socket_filter(machine):
 def refuse_unix_sockets():
     """This process and its children may open no unix socket (see above). Needs no_new_privs set. Returns a
     phrase for the line."""
-    machine = os.uname().machine
+    machine = os.uname().machine if sys.maxsize > 2**32 else "a 32-bit Python"  # its calls are the other ABI's
     if machine not in SYSCALLS:
         return f"; unix sockets not refused (no filter for {machine})"
     program = socket_filter(machine)
