@@ -4,11 +4,14 @@ its version's compile cache (read by the version's later runs and by new version
 and /dev/mqueue: weights saved there by one run and loaded by the next would train past the budget, run after
 run. So after each run the loop removes from its compile cache what changed after the run first opened its
 training data (valwatch.DataWatch.train_opened_ns: from then on it can have learned something; train.py
-compiles on a batch of zeros before that, so the cache stays warm), and from /dev/shm and /dev/mqueue what
-changed since the run started: nothing there needs to outlive a run.
+compiles on a batch of zeros before that, so the cache stays warm), by its ctime, and what holds other bytes than
+it did then (a file mapped for writing before that and written through the mapping: no ctime moves), and from
+/dev/shm and /dev/mqueue what changed since the run started: nothing there needs to outlive a run.
 """
+import hashlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 RUN_ONLY = (Path("/dev/shm"), Path("/dev/mqueue"))
@@ -130,18 +133,65 @@ def held_open(under):
     return held
 
 
+def digests(root, since_ns=None):
+    """{path: digest of its bytes, or None where it cannot be read} for the regular files under `root` (links not
+    followed); with since_ns, only those whose ctime is that late."""
+    found = {}
+    for top, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(top, name)
+            try:
+                status = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(status.st_mode) and (since_ns is None or status.st_ctime_ns >= since_ns):
+                found[path] = digest(path)
+    return found
+
+
+def digest(path):
+    try:
+        with open(path, "rb") as f:
+            h = hashlib.blake2b()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            return h.digest()
+    except OSError:
+        return None
+
+
+def drop_rewritten(before):
+    """Removes the files of `before` ({path: digest}) that hold other bytes now, or cannot be read: (removed,
+    failed)."""
+    removed, failed = [], []
+    for path, was in before.items():
+        if not os.path.lexists(path):
+            continue
+        if was is None or digest(path) != was:
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                failed.append(path)
+    return removed, failed
+
+
 def described(paths, n=3):
     return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
-def drop_carryover(started_ns, train_opened_ns, compile_cache, run_only=RUN_ONLY):
+def drop_carryover(started_ns, train_opened_ns, compile_cache, run_only=RUN_ONLY, before=None):
     """Removes what a run that started at started_ns (time.time_ns) and first opened its training data at
     train_opened_ns (None: never, as far as the loop saw) left where later runs could read it; returns the notes
-    for its row (none when it left nothing there)."""
+    for its row (none when it left nothing there). before: the compile cache's digests (digests) as the run
+    started, with those of the files it wrote before opening the data taken as it opened it; a file that holds
+    other bytes now goes too. Without it, only ctimes are checked."""
     notes = []
     if compile_cache and Path(compile_cache).is_dir():
         try:
             removed, failed = drop_written_since(compile_cache, train_opened_ns or started_ns, root_too=True)
+            rewritten, unremoved = drop_rewritten(before or {})
+            removed, failed = removed + rewritten, failed + unremoved
         except Exception as e:  # noqa: BLE001  (whatever it met, the cache must not keep it)
             removed, failed = [], [f"{type(e).__name__}: {e}"]
         if failed:  # a folder it could not enter or empty: the whole cache goes (the next run compiles cold)

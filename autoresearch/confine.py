@@ -81,8 +81,11 @@ def write_rights(abi):
 # but its folders read-only
 
 CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS = 0x10000000, 0x08000000, 0x40000000, 0x00020000
-MS_BIND, MS_REC, MS_PRIVATE = 1 << 12, 1 << 14, 1 << 18
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 1 << 1, 1 << 2, 1 << 12, 1 << 14, 1 << 18
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 1
+# folders of the run's own, made afresh: what it leaves there goes with its namespaces (shm_open's files; the
+# message queues of its IPC namespace)
+FRESH = {"/dev/shm": ("tmpfs", b"mode=1777"), "/dev/mqueue": ("mqueue", None)}
 
 
 class MountAttr(ctypes.Structure):
@@ -110,7 +113,8 @@ def read_only_view(folders):
     /proc (where the next namespace's maps are written), then a user and mount namespace inside it, which locks
     that view: no process in it can make a mount writable again or unmount one. So a run can set no extended
     attribute, mode or time on a file outside its folders (a few KB of weights each that would outlive it).
-    Devices open for writing on a read-only mount. Returns why not, or an empty string."""
+    Devices open for writing on a read-only mount. /dev/shm and /dev/mqueue, where among `folders`, are made the
+    run's own (FRESH). Returns why not (an empty string when done) and the folders made afresh."""
     c, size = libc(), ctypes.sizeof(MountAttr)
 
     def writable(path):
@@ -122,19 +126,21 @@ def read_only_view(folders):
     own = [path for path in dict.fromkeys(map(os.path.realpath, folders))
            if os.path.exists(path) and writable(path)]
     if c.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        return f"making mounts private: {os.strerror(ctypes.get_errno())}"
+        return f"making mounts private: {os.strerror(ctypes.get_errno())}", []
+    fresh = [path for path, (kind, options) in FRESH.items() if os.path.realpath(path) in own and c.mount(
+        kind.encode(), os.fsencode(os.path.realpath(path)), kind.encode(), MS_NOSUID | MS_NODEV, options) == 0]
     for path in own:
         if c.mount(os.fsencode(path), os.fsencode(path), None, MS_BIND | MS_REC, None) != 0:
-            return f"binding {path}: {os.strerror(ctypes.get_errno())}"
+            return f"binding {path}: {os.strerror(ctypes.get_errno())}", fresh
     if mount_attr("/", MountAttr(attr_set=MOUNT_ATTR_RDONLY)) != 0:
-        return f"mount_setattr: {os.strerror(ctypes.get_errno())}"
+        return f"mount_setattr: {os.strerror(ctypes.get_errno())}", fresh
     for path in [*own, "/proc"]:
         mount_attr(path, MountAttr(attr_clr=MOUNT_ATTR_RDONLY))
     why = enter_own_namespaces(CLONE_NEWNS)
     if why:
-        return f"locking it: {why}"
+        return f"locking it: {why}", fresh
     stuck = [path for path in own if not writable(path)]
-    return f"{stuck[0]} stayed read-only" if stuck else ""
+    return (f"{stuck[0]} stayed read-only" if stuck else ""), fresh
 
 
 def own_namespaces(net, folders=None):
@@ -150,14 +156,14 @@ def own_namespaces(net, folders=None):
 
     def enter(view):
         why = enter_own_namespaces(flags | (CLONE_NEWNS if view else 0))
-        return (why, "") if why or not view else ("", read_only_view(folders))
+        return (why, "", []) if why or not view else ("", *read_only_view(folders))
 
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
         try:
             os.close(read)
-            why, view_why = enter(view)
+            why, view_why, _ = enter(view)
             os.write(write, f"{why}\n{view_why}".encode())
         finally:
             os._exit(0)  # whatever happened: never on into the run
@@ -167,14 +173,16 @@ def own_namespaces(net, folders=None):
     os.waitpid(child, 0)
     why = why if said else "the trial child died"
     if not why:
-        why, view_why = enter(view and not tried_view)
+        why, view_why, fresh = enter(view and not tried_view)
         view_why = view_why or tried_view
     if why:
         return f"; no {what} ({why})"
     if not view:
         return f"; {what}"
-    return f"; {what}" + (f"; no read-only view ({view_why})" if view_why else
-                         "; every file but its folders read-only (a mount namespace of its own)")
+    if view_why:
+        return f"; {what}; no read-only view ({view_why})"
+    return f"; {what}; every file but its folders read-only" + (f", {' and '.join(fresh)} its own" if fresh else
+                                                                "") + " (a mount namespace of its own)"
 
 
 # -----------------------------------------------------------------------------
@@ -268,6 +276,8 @@ def confine(folders, ports=(), devices=()):
     ruleset = c.syscall(SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if ruleset < 0:
         return f"not confined: landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})"
+    # first: the rules name what the paths lead to in the run's own view (/dev/shm made afresh there)
+    spaces = own_namespaces(net=not ports, folders=folders)
     allowed, opened = [], 0
     try:
         for folder in [*folders, *(path for d in devices for path in character_devices(d))]:
@@ -292,7 +302,6 @@ def confine(folders, ports=(), devices=()):
             rule = NetPortAttr(NET_CONNECT_TCP, port)
             if c.syscall(SYS_ADD_RULE, ruleset, RULE_NET_PORT, ctypes.byref(rule), 0) != 0:
                 return f"not confined: a rule for TCP port {port} failed ({os.strerror(ctypes.get_errno())})"
-        spaces = own_namespaces(net=not ports, folders=folders)
         if c.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or c.syscall(SYS_RESTRICT_SELF, ruleset, 0) != 0:
             return f"not confined: landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
         spaces += refuse_unix_sockets()

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch.carryover import RUN_ONLY, drop_carryover, unchecked_mark
+from autoresearch.carryover import RUN_ONLY, TICK_NS, digests, drop_carryover, unchecked_mark
 from autoresearch.confine import CONFINE_ENV, confined, will_confine
 from autoresearch.fa3 import could_load, download_folders, download_ports
 from autoresearch.handoff import EARLY_ENV, HANDOFF_ENV
@@ -157,9 +157,16 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
                 unchecked.touch()
             ledger = ledger_seal([compile_cache, evaluator_cache.path if evaluator_cache else None, log_path,
                                   scratch], private)
+            # the compile cache's bytes as the run starts, and those of what it compiled as it opens the data:
+            # written through a mapping made before then, a file keeps its ctime (carryover.py)
+            before = digests(compile_cache) if compile_cache and sys.platform == "linux" else None
             clock, evaluator_cpu = cpu_clock(), cpu_seconds(evaluator.proc.pid) if evaluator else 0.0
             started_ns = time.time_ns()
-            watch = DataWatch(cache_dir(env), copy)
+
+            def data_opened():
+                before.update(digests(compile_cache, since_ns=started_ns - TICK_NS))
+
+            watch = DataWatch(cache_dir(env), copy, on_train_opened=data_opened if before is not None else None)
             try:
                 with watch:
                     rc, wall = run_group(confined_run([sys.executable, TRAIN], scratch, compile_cache, env,
@@ -172,7 +179,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
                     wrote_ledger, put_back = ledger.put_back(aside) if ledger else ([], [])
                 finally:  # on Linux, where runs are confined; unwatched, from the run's start
                     carried = drop_carryover(started_ns, watch.train_opened_ns if watch.watching else None,
-                                             compile_cache) if sys.platform == "linux" else []
+                                             compile_cache, before=before) if sys.platform == "linux" else []
                     if unchecked:  # swept: other tags, and this one's next run, may start from it
                         unchecked.unlink(missing_ok=True)
             # the evaluator's imports beside train.py are the harness's own work, not other work on the machine

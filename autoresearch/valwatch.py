@@ -65,10 +65,12 @@ class DataWatch:
     """with DataWatch(cache, copy) as w: ...; then w.opened (val files opened) and w.written (metric files
     written), each a sorted list of paths, or None where inotify is not available; and w.train_opened_ns, the
     time (time.time_ns) a thread saw the first opening of a training file, None if there was none. copy: the
-    evaluator's copy of the metric's files (metricdata.evaluation_copy), or None."""
+    evaluator's copy of the metric's files (metricdata.evaluation_copy), or None. on_train_opened: called by that
+    thread right after it saw that opening (not when it learns of one only at the end)."""
 
-    def __init__(self, cache, copy=None):
+    def __init__(self, cache, copy=None, on_train_opened=None):
         self.cache, self.copy, self.fd, self.paths, self.opened, self.written = cache, copy, None, {}, None, None
+        self.on_train_opened = on_train_opened
         self.train_wds, self.train_opened_ns, self.started_ns, self.events = set(), None, time.time_ns(), []
         self.listener, self.stop = None, None
 
@@ -132,6 +134,8 @@ class DataWatch:
                         # since the watch began
                         late = at_exit or mask & IN_Q_OVERFLOW
                         self.train_opened_ns = self.started_ns if late else time.time_ns()
+                        if not late and self.on_train_opened:
+                            self.on_train_opened()
         except BlockingIOError:
             pass
 

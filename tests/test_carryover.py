@@ -40,6 +40,21 @@ def test_a_run_leaves_nothing_it_wrote_after_opening_its_training_data_for_the_n
         shm.unlink(missing_ok=True)
 
 
+def test_a_cache_file_written_through_a_mapping_made_before_the_data_goes(repo, env):  # noqa: F811
+    # writing through a shared mapping moves no ctime (tmpfs; on disk, not before the pages are written back): the
+    # loop compares the cache's bytes with those it read as the run opened the data
+    initialised(repo, env)
+    set_train(repo, MODE="mapped", VAL_BPB=0.5)
+    loop(repo, env, "step", "-m", "a run that keeps its weights in a mapped file of its compile cache")
+    candidate = rows(repo)[-1]
+    (cache,) = [c for c in (repo / ".git" / "autoresearch" / "t" / "compile-cache").iterdir()
+                if c.name != "evaluator" and c.is_dir()]
+    assert not (cache / "index.bin").exists(), candidate
+    assert "1 file(s) and folder(s) this run changed in its compile cache" in candidate["note"], candidate
+    logs = (repo / candidate["log"]).read_text()
+    assert logs.count("carried over: False") >= 2 and "carried over: True" not in logs, logs
+
+
 def test_a_later_change_goes_with_all_beneath_it_and_an_earlier_file_stays_however_dated_or_locked(tmp_path):
     cache = tmp_path / "cache"
     for folder in ("kept", "old", "older/deep"):

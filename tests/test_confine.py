@@ -122,6 +122,8 @@ def tries(tmp_path, extra_env=None, ports=False):
         p = subprocess.run(confined(command, [allowed, *RUN_ONLY], ports=[port] if ports else (),
                                     devices=["/dev", devices]),
                            capture_output=True, text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
+    outcome = dict(line.rsplit(": ", 1) for line in p.stdout.splitlines())
+    outcome["its /dev/shm file outlived it"] = "yes" if os.path.exists(f"/dev/shm/{name}") else "no"
     for made in (f"/dev/.{name}", f"/dev/shm/{name}"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(made)
@@ -129,7 +131,7 @@ def tries(tmp_path, extra_env=None, ports=False):
     segment = LIBC.shmget(key, 0, 0)
     if segment >= 0:
         LIBC.shmctl(segment, 0, None)  # IPC_RMID
-    return dict(line.rsplit(": ", 1) for line in p.stdout.splitlines()), p.stderr, other, segment >= 0
+    return outcome, p.stderr, other, segment >= 0
 
 
 def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signal_nothing_outside(tmp_path):
@@ -150,7 +152,9 @@ def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signa
                 "stream socketpair": "done", "io_uring": "refused" if FILTER else outcome["io_uring"],
                 "set an attribute other": "refused" if VIEW else "done",
                 "chmod other": "refused" if VIEW else "done", "touch other": "refused" if VIEW else "done",
-                "chmod allowed": "done"}
+                "chmod allowed": "done",
+                # the run's own /dev/shm (a tmpfs in its mount namespace): nothing there outlives it
+                "its /dev/shm file outlived it": "no" if VIEW else "yes"}
     assert outcome == expected, outcome
     assert outlived is not SPACES  # in an IPC namespace of its own, it went with the run
     assert (other / "kept").read_text() == "as it was"
@@ -159,7 +163,7 @@ def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signa
     assert re.search(r", \d+ character devices in /dev, ", said), said
     assert (tmp_path / "devices" / "kept").read_text() == "as it was"
     assert ("; no TCP" in said) is (ABI >= 4) and ("; IPC and network namespaces of its own" in said) is SPACES, said
-    assert ("; every file but its folders read-only" in said) is VIEW, said
+    assert ("; every file but its folders read-only, /dev/shm its own" in said) is VIEW, said
     assert ("; no unix socket but a socketpair's stream" in said) is FILTER, said
 
 
@@ -236,6 +240,7 @@ def test_confinement_turned_off_says_so_and_writes_anywhere(tmp_path):
     assert outcome["send udp"] == "done" and outlived
     assert outcome["connect path socket"] == "done" and outcome["send from a datagram pair"] == "done", outcome
     assert outcome["chmod other"] == "done" and outcome["touch other"] == "done", outcome
+    assert outcome["its /dev/shm file outlived it"] == "yes", outcome
     assert f"not confined: {CONFINE_ENV}=0" in said, said
 
 

@@ -19,7 +19,7 @@ SHAPED = False            # True: val_bpb depends on the hyperparameters (for mu
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
                           # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
-                          # ledgerswap | ledgerkill | records | recordsgone | carry | tcp | escape
+                          # ledgerswap | ledgerkill | records | recordsgone | carry | mapped | tcp | escape
 SLEEP = 0.0               # seconds of "training"
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
@@ -101,6 +101,17 @@ if MODE == "carry":  # saves what it learned where the next run could load it: i
     os.rename(os.path.join(cache, "old.so"), os.path.join(cache, "renamed.so"))  # an old file, renamed: news
     os.utime(os.path.join(cache, "weights.pt"), (0, 0))  # dated back: its ctime still tells
     open(shm, "w").write("learned")
+if MODE == "mapped":  # the same, through a file of its compile cache mapped for writing before the data is opened
+    import mmap         # and written through the mapping after: no ctime moves
+    fd = os.open(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "index.bin"), os.O_RDWR | os.O_CREAT)
+    if os.fstat(fd).st_size < 4096:
+        os.write(fd, bytes(4096))
+    mapped = mmap.mmap(fd, 4096)
+    print(f"carried over: {mapped[:7] == b'learned'}")
+    mapped[0] = mapped[0]  # its page dirty now: on disk, no later write faults and dates the file
+    open(os.path.join(CACHE_DIR, "prepared", "smoke", "synthetic", "train.bin"), "rb").close()  # the data
+    time.sleep(1.0)
+    mapped[:7] = b"learned"
 if MODE == "escape":  # leaves the cores the loop gave it, and trains on every core for a while
     os.sched_setaffinity(0, range(os.cpu_count()))
     spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"
