@@ -41,6 +41,8 @@ COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstrea
            "heldout_gap",
            # seconds each finished run spent outside its reported training time (experiment.outside_budget)
            "outside_s", "best_outside_s",
+           # and, of that, the seconds after it first opened its training data (experiment.outside_budget)
+           "after_data_s", "best_after_data_s",
            # CPU cores other work kept busy while each run trained, by the harness's measure (process.other_work)
            "other_cores", "best_other_cores",
            # which worker of `run --workers N` ran the experiment (empty: the single loop)

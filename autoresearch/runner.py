@@ -59,6 +59,9 @@ class Run:
     read_val: list = field(default_factory=list)  # validation files train.py opened (valwatch; None: not watched)
     load: float = None  # other_cores as a share of the cores it was counted over, when it was measured
     edited_code: list = field(default_factory=list)  # the evaluator's code outside the repo, edited (installed.py)
+    # seconds from train.py's first opening of a training file to its end, by the harness's clock (all its run
+    # where that opening was not seen as it happened); None: not watched, or it opened none
+    after_data: float = None
 
     @property
     def val(self):
@@ -83,6 +86,14 @@ class Run:
         harness's clock: what a train.py that under-reports its training would have to hide. None if unknown."""
         trained = to_float(self.summary.get("training_seconds"))
         return self.train_wall - trained if self.train_wall and trained is not None else None
+
+    @property
+    def outside_after_data(self):
+        """Seconds train.py ran after it first opened its training data, outside the training time it reports
+        (its first, untimed steps, the hand-over): compiling comes before the data (compile_before_data), so
+        there is little to hide training in. None if unknown."""
+        trained = to_float(self.summary.get("training_seconds"))
+        return self.after_data - trained if self.after_data is not None and trained is not None else None
 
 
 # -----------------------------------------------------------------------------
@@ -198,8 +209,10 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
                      f"left its share of the machine (sched_setaffinity), which the other workers' runs were "
                      f"measured on")
         # under the hand-over train.py needs no val file; without it (an older tag) it evaluates itself
-        run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, read_val=watch.opened
-                  if handoff else [], load=None if other is None else other / counted_cores())
+        after_data = None if not watch.watching or watch.train_opened_ns is None else (
+            wall - max(0, watch.train_opened_ns - started_ns) / 1e9 if watch.seen_as_it_happened else wall)
+        run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, after_data=after_data,
+                  read_val=watch.opened if handoff else [], load=None if other is None else other / counted_cores())
         run.notes += restore_written(watch.written, config) + put_back
         run.notes += carried
         run.tampered += [os.path.relpath(p) if Path(p).is_relative_to(Path.cwd()) else p for p in wrote_ledger]

@@ -64,13 +64,14 @@ def training_files(cache):
 class DataWatch:
     """with DataWatch(cache, copy) as w: ...; then w.opened (val files opened) and w.written (metric files
     written), each a sorted list of paths, or None where inotify is not available; and w.train_opened_ns, the
-    time (time.time_ns) a thread saw the first opening of a training file, None if there was none. copy: the
+    time (time.time_ns) a thread saw the first opening of a training file, None if there was none (the start of the
+    watch where that was learned only at the end, or the kernel dropped events: w.seen_as_it_happened). copy: the
     evaluator's copy of the metric's files (metricdata.evaluation_copy), or None. on_train_opened: called by that
     thread right after it saw that opening (not when it learns of one only at the end)."""
 
     def __init__(self, cache, copy=None, on_train_opened=None):
         self.cache, self.copy, self.fd, self.paths, self.opened, self.written = cache, copy, None, {}, None, None
-        self.on_train_opened = on_train_opened
+        self.on_train_opened, self.seen_as_it_happened = on_train_opened, False
         self.train_wds, self.train_opened_ns, self.started_ns, self.events = set(), None, time.time_ns(), []
         self.listener, self.stop = None, None
 
@@ -134,6 +135,7 @@ class DataWatch:
                         # since the watch began
                         late = at_exit or mask & IN_Q_OVERFLOW
                         self.train_opened_ns = self.started_ns if late else time.time_ns()
+                        self.seen_as_it_happened = not late
                         if not late and self.on_train_opened:
                             self.on_train_opened()
         except BlockingIOError:

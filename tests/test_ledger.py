@@ -531,6 +531,19 @@ def test_training_past_the_budget_while_reporting_less_is_caught_by_the_harness_
     assert row["status"] == "crash" and "outside the 1 s of training it reports" in row["note"], row
 
 
+def test_training_hidden_after_the_data_opens_is_caught_where_the_whole_runs_margin_would_hide_it(repo, env):
+    # compile comes before the data (compile_before_data): after it opens, only a few untimed steps and the
+    # hand-over lie outside the training train.py reports. A run that scales its own clock (0.55 of each step:
+    # twice the budget, seen by a red team on the smoke profile) hides there
+    initialised(repo, env, DATA_FIRST=True)
+    commit_train(repo, env, "a slower clock", SLEEP=4.0, VAL_BPB=0.5)  # reports 1 s, trains 4 s after the data
+    loop(repo, env, "step", "-m", "a slower clock")
+    baseline, row = rows(repo)[0], rows(repo)[-1]
+    assert float(baseline["after_data_s"]) < 0.5 and float(baseline["outside_s"]) < 2.0, baseline
+    # the run's whole margin (5 s here) would let it pass; the margin after the data (2 s) does not
+    assert row["status"] == "crash" and "after it first opened the training data" in row["note"], row
+
+
 def test_the_record_of_the_evaluators_code_rewritten_to_vouch_for_an_edit_between_two_steps_is_put_back(
         repo, env, tmp_path, monkeypatch):
     from autoresearch import ledger

@@ -21,6 +21,7 @@ MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | ta
                           # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
                           # ledgerswap | ledgerkill | records | recordsgone | carry | mapped | tcp | escape
 SLEEP = 0.0               # seconds of "training"
+DATA_FIRST = False        # True: opens its training data before that "training" (a real run's order)
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
 EMBEDDING_LR = 0.9
@@ -46,6 +47,8 @@ if os.environ.get("STANDIN_LOAD"):  # a level like "1+spin": the test's spinner 
         if f.read().split("\n")[0].endswith("+spin"):
             spin = os.environ["STANDIN_SPIN"]
             open(spin, "w").close()
+if DATA_FIRST:
+    open(os.path.join(CACHE_DIR, "prepared", "smoke", "synthetic", "train.bin"), "rb").close()
 time.sleep(SLEEP)
 if spin:
     os.unlink(spin)
