@@ -187,16 +187,19 @@ def own_namespaces(net, folders=None):
 
 # -----------------------------------------------------------------------------
 # No unix socket with a path: Landlock does not confine connecting to one, and a process of yours that listens on
-# one (started by an agent, say) could keep what a run sends it for the next. A seccomp filter refuses a unix
-# socket (socketpair's streams stay: multiprocessing's pipes), io_uring (which makes sockets without the call)
-# and the 32-bit system calls, which the filter would not see.
+# one (started by an agent, say) could keep what a run sends it for the next. Nor the kernel's keyrings: a run can
+# reach your user's keyring by its number (/proc/keys) and keep megabytes of keys there. A seccomp filter refuses a
+# unix socket (socketpair's streams stay: multiprocessing's pipes), the key calls, io_uring (which makes sockets
+# without the call) and the 32-bit system calls, which the filter would not see.
 
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 RET_ALLOW, RET_ERRNO = 0x7FFF0000, 0x00050000
 LOAD, JUMP_EQ, JUMP_GE, AND, RET = 0x20, 0x15, 0x35, 0x54, 0x06  # BPF: ld [k]; jeq, jge #k; and #k; ret #k
 AF_UNIX, SOCK_DGRAM, IO_URING_SETUP = 1, 2, 425
-# machine: (its audit arch, socket, socketpair, the first syscall number of another ABI sharing it: x32)
-SYSCALLS = {"x86_64": (0xC000003E, 41, 53, 0x40000000), "aarch64": (0xC00000B7, 198, 199, None)}
+# machine: (its audit arch, socket, socketpair, the first syscall number of another ABI sharing it (x32), the
+# calls refused whatever their arguments: add_key, request_key, keyctl)
+SYSCALLS = {"x86_64": (0xC000003E, 41, 53, 0x40000000, (248, 249, 250)),
+            "aarch64": (0xC00000B7, 198, 199, None, (217, 218, 219))}
 
 
 class SockFilter(ctypes.Structure):
@@ -209,10 +212,11 @@ class SockFprog(ctypes.Structure):
 
 def socket_filter(machine):
     """The seccomp program (a list of (code, jump if true, jump if false, k), jumps to labels) for `machine`."""
-    arch, sock, pair, other_abi = SYSCALLS[machine]
+    arch, sock, pair, other_abi, refused = SYSCALLS[machine]
     program = [(LOAD, 0, 0, 4), (JUMP_EQ, 0, "abi", arch), (LOAD, 0, 0, 0),  # seccomp_data: nr, arch, ip, args
                *([(JUMP_GE, "abi", 0, other_abi)] if other_abi else []),
-               (JUMP_EQ, "deny", 0, IO_URING_SETUP), (JUMP_EQ, "socket", 0, sock), (JUMP_EQ, 0, "allow", pair),
+               *((JUMP_EQ, "deny", 0, call) for call in (IO_URING_SETUP, *refused)),
+               (JUMP_EQ, "socket", 0, sock), (JUMP_EQ, 0, "allow", pair),
                (LOAD, 0, 0, 16), (JUMP_EQ, 0, "allow", AF_UNIX), (LOAD, 0, 0, 24), (AND, 0, 0, 0xF),
                (JUMP_EQ, "deny", "allow", SOCK_DGRAM),  # a datagram pair could still send to a path
                "socket", (LOAD, 0, 0, 16), (JUMP_EQ, "deny", "allow", AF_UNIX),
@@ -238,7 +242,7 @@ def refuse_unix_sockets():
     filters = (SockFilter * len(program))(*(SockFilter(*op) for op in program))
     if libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(SockFprog(len(program), filters)), 0, 0):
         return f"; unix sockets not refused (seccomp: {os.strerror(ctypes.get_errno())})"
-    return "; no unix socket but a socketpair's stream"
+    return "; no unix socket but a socketpair's stream, no keyring"
 
 
 # -----------------------------------------------------------------------------
