@@ -12,12 +12,13 @@ is confined; where the kernel cannot (off Linux, before 5.19, a container that b
 AUTORESEARCH_CONFINE=0 says not to, the run goes on unconfined with a line that says why, and the loop's checks
 after the run are all there is.
 
-    python -m autoresearch.confine --write DIR [--devices DIR] [--connect PORT ...] -- COMMAND [ARG ...]
+    python -m autoresearch.confine --write DIR [--devices DIR] [--connect PORT ...] [--hide PATH ...] -- COMMAND
 """
 import argparse
 import contextlib
 import ctypes
 import os
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -81,8 +82,10 @@ def write_rights(abi):
 # but its folders read-only
 
 CLONE_NEWUSER, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS = 0x10000000, 0x08000000, 0x40000000, 0x00020000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 1 << 1, 1 << 2, 1 << 12, 1 << 14, 1 << 18
+CLONE_NEWPID = 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1 << 1, 1 << 2, 1 << 3, 1 << 12, 1 << 14, 1 << 18
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 1
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = 428, 429, 1, 4
 # folders of the run's own, made afresh: what it leaves there goes with its namespaces (shm_open's files; the
 # message queues of its IPC namespace)
 FRESH = {"/dev/shm": ("tmpfs", b"mode=1777"), "/dev/mqueue": ("mqueue", None)}
@@ -108,13 +111,15 @@ def enter_own_namespaces(flags):
     return ""
 
 
-def read_only_view(folders):
+def read_only_view(folders, hidden=()):
     """In this process's own mount namespace: every mount read-only but `folders` (bound onto themselves) and
-    /proc (where the next namespace's maps are written), then a user and mount namespace inside it, which locks
-    that view: no process in it can make a mount writable again or unmount one. So a run can set no extended
-    attribute, mode or time on a file outside its folders (a few KB of weights each that would outlive it).
-    Devices open for writing on a read-only mount. /dev/shm and /dev/mqueue, where among `folders`, are made the
-    run's own (FRESH). Returns why not (an empty string when done) and the folders made afresh."""
+    /proc (where the next namespace's maps are written), then a user, mount and PID namespace inside it, which
+    locks that view: no process in it can make a mount writable again or unmount one. So a run can set no
+    extended attribute, mode or time on a file outside its folders (a few KB of weights each that would outlive
+    it). Devices open for writing on a read-only mount. /dev/shm and /dev/mqueue, where among `folders`, are made
+    the run's own (FRESH). `hidden` shows empty (a folder) or as /dev/null (a file), but for the folders beneath
+    it: what earlier runs left that a run could read (its logs, say). Returns why not (an empty string when
+    done) and the folders made afresh."""
     c, size = libc(), ctypes.sizeof(MountAttr)
 
     def writable(path):
@@ -129,6 +134,10 @@ def read_only_view(folders):
         return f"making mounts private: {os.strerror(ctypes.get_errno())}", []
     fresh = [path for path, (kind, options) in FRESH.items() if os.path.realpath(path) in own and c.mount(
         kind.encode(), os.fsencode(os.path.realpath(path)), kind.encode(), MS_NOSUID | MS_NODEV, options) == 0]
+    for path in dict.fromkeys(map(os.path.realpath, hidden)):
+        why = hide(path, [folder for folder in own if folder != path and folder.startswith(path + os.sep)])
+        if why:
+            return f"hiding {path}: {why}", fresh
     for path in own:
         if c.mount(os.fsencode(path), os.fsencode(path), None, MS_BIND | MS_REC, None) != 0:
             return f"binding {path}: {os.strerror(ctypes.get_errno())}", fresh
@@ -136,27 +145,62 @@ def read_only_view(folders):
         return f"mount_setattr: {os.strerror(ctypes.get_errno())}", fresh
     for path in [*own, "/proc"]:
         mount_attr(path, MountAttr(attr_clr=MOUNT_ATTR_RDONLY))
-    why = enter_own_namespaces(CLONE_NEWNS)
+    why = enter_own_namespaces(CLONE_NEWNS | CLONE_NEWPID)
     if why:
         return f"locking it: {why}", fresh
     stuck = [path for path in own if not writable(path)]
     return (f"{stuck[0]} stayed read-only" if stuck else ""), fresh
 
 
-def own_namespaces(net, folders=None):
+def hide(path, beneath):
+    """`path` shows empty (a folder: a tmpfs, made read-only with the rest; a file: /dev/null) but for the
+    folders `beneath` it, cloned before and put back in the same places. Returns why not, or ''."""
+    c = libc()
+    if not os.path.isdir(path):
+        if os.path.exists(path) and c.mount(b"/dev/null", os.fsencode(path), None, MS_BIND, None) != 0:
+            return os.strerror(ctypes.get_errno())
+        return ""
+    clones = []
+    for folder in beneath:
+        fd = c.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(folder), OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+        if fd < 0:
+            return f"open_tree {folder}: {os.strerror(ctypes.get_errno())}"
+        clones.append((folder, fd))
+    if c.mount(b"tmpfs", os.fsencode(path), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755,size=16m") != 0:
+        return os.strerror(ctypes.get_errno())
+    for folder, fd in clones:
+        os.makedirs(folder, exist_ok=True)
+        moved = c.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, os.fsencode(folder), MOVE_MOUNT_F_EMPTY_PATH)
+        os.close(fd)
+        if moved != 0:
+            return f"move_mount {folder}: {os.strerror(ctypes.get_errno())}"
+    return ""
+
+
+def fresh_proc():
+    """/proc of this PID namespace, over the machine's (whose /proc/PID/root would show any process's view of the
+    files, yours included): called as its first process. Returns why not, or ''."""
+    if libc().mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
+        return os.strerror(ctypes.get_errno())
+    return ""
+
+
+def own_namespaces(net, folders=None, hidden=()):
     """Puts this process (and so the run) in an IPC namespace of its own, and with net a network namespace of its
     own (only a loopback, down): SysV shared memory, semaphores and message queues, POSIX message queues, abstract
     unix sockets and any socket over IP that the run makes reach nothing outside it, and go with it. With folders,
-    also a mount namespace where all else is read-only (read_only_view). Unprivileged only through a user
-    namespace, which some systems forbid (a sysctl, AppArmor): it is tried in a child first, as a process left
-    half in one (its uid unmapped) could write no file. Returns a phrase for the line."""
+    also a mount namespace where all else is read-only and `hidden` empty (read_only_view), and a PID namespace
+    whose first process (the next this one forks) mounts a /proc of its own (fresh_proc). Unprivileged only
+    through a user namespace, which some systems forbid (a sysctl, AppArmor): it is all tried in a child first,
+    as a process left half in one (its uid unmapped) could write no file. Returns a phrase for the line, and
+    whether the next fork starts a PID namespace."""
     flags = CLONE_NEWIPC | (CLONE_NEWNET if net else 0)
     what = "IPC and network namespaces of its own" if net else "an IPC namespace of its own"
     view = folders is not None
 
     def enter(view):
         why = enter_own_namespaces(flags | (CLONE_NEWNS if view else 0))
-        return (why, "", []) if why or not view else ("", *read_only_view(folders))
+        return (why, "", []) if why or not view else ("", *read_only_view(folders, hidden))
 
     read, write = os.pipe()
     child = os.fork()
@@ -164,6 +208,12 @@ def own_namespaces(net, folders=None):
         try:
             os.close(read)
             why, view_why, _ = enter(view)
+            if view and not why and not view_why:  # the PID namespace's first process: its own /proc
+                first = os.fork()
+                if first == 0:
+                    os._exit(1 if fresh_proc() else 0)
+                if os.waitstatus_to_exitcode(os.waitpid(first, 0)[1]) != 0:
+                    view_why = "a /proc of its own: mounting it failed"
             os.write(write, f"{why}\n{view_why}".encode())
         finally:
             os._exit(0)  # whatever happened: never on into the run
@@ -176,13 +226,61 @@ def own_namespaces(net, folders=None):
         why, view_why, fresh = enter(view and not tried_view)
         view_why = view_why or tried_view
     if why:
-        return f"; no {what} ({why})"
+        return f"; no {what} ({why})", False
     if not view:
-        return f"; {what}"
+        return f"; {what}", False
     if view_why:
-        return f"; {what}; no read-only view ({view_why})"
+        return f"; {what}; no read-only view ({view_why})", False
     return f"; {what}; every file but its folders read-only" + (f", {' and '.join(fresh)} its own" if fresh else
-                                                                "") + " (a mount namespace of its own)"
+                                                                "") + " (a mount namespace of its own)", True
+
+
+def first_process():
+    """Forks into the PID namespace own_namespaces made: the child goes on as its first process (PID 1), with a
+    /proc of its own; this process waits for it and ends as the run it starts ended (run_as_first)."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    status_read, status_write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(status_read)
+        os.set_inheritable(status_write, False)
+        fresh_proc()
+        return status_write
+    os.close(status_write)
+    for number in signals:  # the loop's signals reach the run itself, in the same process group: its end is ours
+        signal.signal(number, signal.SIG_IGN)
+    with os.fdopen(status_read, "rb") as f:
+        told = f.read()
+    waited = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    status = int(told) if told else None
+    if status is None:  # the first process died before the run ended
+        sys.exit(waited if waited >= 0 else 128 - waited)
+    if os.WIFSIGNALED(status):  # as the run's own end: killed by this signal (the out-of-memory killer's, say)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL's cannot be set, and needs not
+            signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    sys.exit(os.waitstatus_to_exitcode(status))
+
+
+def run_as_first(command, status_write):
+    """As the PID namespace's first process: runs `command` as its child (in the same process group, where the
+    loop's signals reach it; a first process ignores those it has no handler for), reaps every orphan, and when
+    the command ends tells its wait status to the process outside, then ends (and the kernel kills what is left
+    in the namespace)."""
+    run = os.fork()
+    if run == 0:
+        os.execvp(command[0], command)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid == run:
+            os.write(status_write, str(status).encode())
+            break
+    os._exit(0)
 
 
 # -----------------------------------------------------------------------------
@@ -261,27 +359,31 @@ def character_devices(folder):
     return found
 
 
-def confine(folders, ports=(), devices=()):
+def confine(folders, ports=(), devices=(), hidden=()):
     """From now on this process and its children write only beneath `folders` (those that exist) and in the
     character devices beneath `devices` as they are now (opened for writing: no file made there, no regular
     file or disk written, so that nothing the run keeps there outlives it), use TCP only to connect to `ports`
-    (a process of yours listening on another could keep or write what the run sends it) and signal no process
-    outside. Returns a line that says what holds."""
+    (a process of yours listening on another could keep or write what the run sends it), signal no process
+    outside and see `hidden` empty. Returns a line that says what holds, and where this process became the
+    first of a PID namespace of its own (the process that called this waits outside), the pipe to tell the
+    run's end on (run_as_first); else None."""
     if os.environ.get(CONFINE_ENV) == "0":
-        return f"not confined: {CONFINE_ENV}=0"
+        return f"not confined: {CONFINE_ENV}=0", None
     abi, why = landlock_abi()
     if not abi:
-        return f"not confined: {why}"
+        return f"not confined: {why}", None
     if abi < 2:  # every rename between folders refused, also inside the allowed ones: triton's cache would fail
-        return "not confined: Landlock ABI 1 (a kernel before 5.19) refuses the renames compile caches make"
+        return "not confined: Landlock ABI 1 (a kernel before 5.19) refuses the renames compile caches make", None
     c, rights = libc(), write_rights(abi)
     net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
     attr = RulesetAttr(rights, net, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
     ruleset = c.syscall(SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if ruleset < 0:
-        return f"not confined: landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})"
+        return f"not confined: landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})", None
     # first: the rules name what the paths lead to in the run's own view (/dev/shm made afresh there)
-    spaces = own_namespaces(net=not ports, folders=folders)
+    spaces, pid_namespace = own_namespaces(net=not ports, folders=folders, hidden=hidden)
+    status = first_process() if pid_namespace else None
+    spaces += "; a PID namespace and /proc of its own" if pid_namespace else ""
     allowed, opened = [], 0
     try:
         for folder in [*folders, *(path for d in devices for path in character_devices(d))]:
@@ -305,16 +407,16 @@ def confine(folders, ports=(), devices=()):
         for port in sorted(set(ports)) if net else ():
             rule = NetPortAttr(NET_CONNECT_TCP, port)
             if c.syscall(SYS_ADD_RULE, ruleset, RULE_NET_PORT, ctypes.byref(rule), 0) != 0:
-                return f"not confined: a rule for TCP port {port} failed ({os.strerror(ctypes.get_errno())})"
+                return f"not confined: a rule for TCP port {port} failed ({os.strerror(ctypes.get_errno())})", status
         if c.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or c.syscall(SYS_RESTRICT_SELF, ruleset, 0) != 0:
-            return f"not confined: landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})"
+            return f"not confined: landlock_restrict_self failed ({os.strerror(ctypes.get_errno())})", status
         spaces += refuse_unix_sockets()
     finally:
         os.close(ruleset)
     tcp = "" if not net else (f"; TCP only to port {', '.join(map(str, sorted(set(ports))))}" if ports else
                               "; no TCP")
     signals = "; signals and abstract unix sockets only within the run" if abi >= 6 else ""
-    return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{tcp}{signals}{spaces}"
+    return f"confined (Landlock ABI {abi}): writes only in {', '.join(allowed)}{tcp}{signals}{spaces}", status
 
 
 def will_confine(env, truncate=False):
@@ -324,9 +426,9 @@ def will_confine(env, truncate=False):
     return env.get(CONFINE_ENV) != "0" and landlock_abi()[0] >= (3 if truncate else 2)
 
 
-def confined(command, folders, require=False, ports=(), devices=()):
-    """`command` run through this module: confined to write in `folders` and the files in `devices`, and to
-    connect over TCP to `ports` (see confine) before it starts. -I,
+def confined(command, folders, require=False, ports=(), devices=(), hidden=()):
+    """`command` run through this module: confined to write in `folders` and the files in `devices`, to
+    connect over TCP to `ports` and to see `hidden` empty (see confine) before it starts. -I,
     and this package's folder last on the path: no module left in the repository stands in for the stdlib's.
     require: where it cannot be confined the command does not run (exit 1), as the harness counted on it."""
     root = str(Path(__file__).resolve().parents[1])
@@ -334,8 +436,9 @@ def confined(command, folders, require=False, ports=(), devices=()):
     writes = [arg for folder in folders if folder for arg in ("--write", str(folder))]
     writes += [arg for folder in devices for arg in ("--devices", str(folder))]
     connects = [arg for port in ports for arg in ("--connect", str(port))]
-    return [sys.executable, "-I", "-c", bootstrap, *writes, *connects, *(["--require"] if require else []), "--",
-            *command]
+    hides = [arg for path in hidden for arg in ("--hide", str(path))]
+    return [sys.executable, "-I", "-c", bootstrap, *writes, *connects, *hides, *(["--require"] if require else []),
+            "--", *command]
 
 
 def main():
@@ -343,18 +446,26 @@ def main():
     parser.add_argument("--write", action="append", default=[], metavar="DIR")
     parser.add_argument("--connect", action="append", default=[], type=int, metavar="PORT")
     parser.add_argument("--devices", action="append", default=[], metavar="DIR")
+    parser.add_argument("--hide", action="append", default=[], metavar="PATH")
     parser.add_argument("--require", action="store_true", help="not confined: do not run the command")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command after --")
-    said = confine(args.write, args.connect, args.devices)
+    said, status = confine(args.write, args.connect, args.devices, args.hide)
     print(f"[agent_loop] {said}", file=sys.stderr, flush=True)
     if args.require and not said.startswith("confined"):
-        sys.exit(f"[agent_loop] the loop counted on the kernel's confinement here (the evaluator warms its compile "
-                 f"cache beside the run), so the run does not start. Set {CONFINE_ENV}=0 at `init` where the "
-                 f"kernel offers Landlock but refuses it")
+        message = (f"[agent_loop] the loop counted on the kernel's confinement here (the evaluator warms its "
+                   f"compile cache beside the run), so the run does not start. Set {CONFINE_ENV}=0 at `init` "
+                   f"where the kernel offers Landlock but refuses it")
+        if status is not None:
+            print(message, file=sys.stderr, flush=True)
+            os.write(status, str(1 << 8).encode())  # a wait status: exit code 1
+            os._exit(1)
+        sys.exit(message)
+    if status is not None:
+        run_as_first(command, status)
     os.execvp(command[0], command)
 
 

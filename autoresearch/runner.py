@@ -24,8 +24,8 @@ from autoresearch.carryover import RUN_ONLY, TICK_NS, digests, drop_carryover, u
 from autoresearch.confine import CONFINE_ENV, confined, will_confine
 from autoresearch.fa3 import could_load, download_folders, download_ports
 from autoresearch.handoff import EARLY_ENV, HANDOFF_ENV
-from autoresearch.layout import TRAIN, LoopError, now_iso, to_float
-from autoresearch.ledger import LEDGER_ENV, copies_folder, copy_of, ledger_dir, record_file
+from autoresearch.layout import LOGS_DIR, RESULTS, TRAIN, WORKTREES_DIR, LoopError, now_iso, to_float
+from autoresearch.ledger import LEDGER_ENV, copies_folder, copy_of, ledger_dir, record_file, record_folder
 from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, verify_metric_files
 from autoresearch.process import (cores_used, counted_cores, cpu_clock, cpu_seconds, end_group, other_work,
                                   run_group, start_group, wait_group)
@@ -281,9 +281,32 @@ def remove_scratch(log_path):
 
 def confined_run(command, scratch, compile_cache, env, require=False, also=()):
     """`command` confined as a run of train.py is (confine.py): writes in `writable` (and `also`) and the
-    character devices of /dev, TCP only to FA3's download where a GPU could load it."""
+    character devices of /dev, TCP only to FA3's download where a GPU could load it, and sees `unreadable`
+    empty."""
     return confined(command, [*writable(scratch, compile_cache, env), *also], require=require, devices=["/dev"],
-                    ports=download_ports(env) if could_load(env) else ())
+                    ports=download_ports(env) if could_load(env) else (), hidden=unreadable(env))
+
+
+def unreadable(env):
+    """What earlier runs left that a run could read and learn from (a red team's run printed its weights, and the
+    next read them back from its log): the logs and results of this checkout and of the repository's others (its
+    worktrees), the repository's git folder (the ledgers, their logs and records; the run's compile cache in it
+    stays), and the loop's records outside it. Never a folder that holds the checkout, the data or Python."""
+    top, found = Path.cwd().resolve(), []
+    try:
+        common = Path(subprocess.run(["git", "rev-parse", "--git-common-dir"], capture_output=True, text=True,
+                                     check=True).stdout.strip()).resolve()
+        found.append(common)
+        tops = {top, common.parent}
+    except (OSError, subprocess.CalledProcessError):  # not in a repository (bench/gpu_check.py): its folder
+        tops = {top}
+    checkouts = [*tops, *(worktree for t in tops if (t / WORKTREES_DIR).is_dir()
+                           for worktree in sorted((t / WORKTREES_DIR).iterdir()))]
+    for checkout in checkouts:
+        found += [checkout / LOGS_DIR, checkout / RESULTS]
+    found.append(record_folder().parent)
+    needed = [top, Path(cache_dir(env)).resolve(), Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()]
+    return [str(p) for p in found if os.path.lexists(p) and not any(n.is_relative_to(p) for n in needed)]
 
 
 def writable(scratch, compile_cache, env):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not ABI, reason=f"no confinement here: {WHY}")
 
 TRIES = textwrap.dedent("""
     import ctypes, os, socket, subprocess, sys
-    allowed, other, abstract, served, udp, key, devices, path = sys.argv[1:9]
+    allowed, other, abstract, served, udp, key, devices, path, loop = sys.argv[1:10]
 
     def connect_abstract():  # a socket of another process of yours (it could write for the run)
         socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect("\\0" + abstract)
@@ -50,7 +50,7 @@ TRIES = textwrap.dedent("""
             ("rename inside", lambda: os.rename(os.path.join(allowed, "a"), os.path.join(allowed, "d", "a"))),
             ("rename other", lambda: os.rename(os.path.join(other, "kept"), os.path.join(allowed, "kept"))),
             ("link other", lambda: os.link(os.path.join(other, "kept"), os.path.join(allowed, "linked"))),
-            ("signal parent", lambda: os.kill(os.getppid(), 0)),
+            ("signal the loop", lambda: os.kill(int(loop), 0)),  # in a PID namespace of its own: not even seen
             ("child writes other", child_writes_other),
             ("write /dev/null", lambda: open(os.devnull, "w").write("x")),
             ("make a file in /dev", lambda: open(f"/dev/.{abstract}", "w").write("weights")),  # not swept
@@ -86,7 +86,7 @@ RUN_ONLY = ["/dev/shm", "/dev/mqueue"]  # all a run may write in /dev but its de
 # where this kernel lets a process of ours have namespaces of its own (a user namespace first), and a read-only
 # view of the files in a mount namespace: a throwaway probe
 PROBE = subprocess.run([sys.executable, "-c", "from autoresearch.confine import own_namespaces as o; "
-                        "print(o(True, ['/tmp']))"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                        "print(o(True, ['/tmp'])[0])"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                        text=True).stdout
 SPACES, VIEW = PROBE.startswith("; IPC and network"), "but its folders read-only" in PROBE
 FILTER = platform.machine() in ("x86_64", "aarch64")  # confine.SYSCALLS: where unix sockets are refused
@@ -118,7 +118,7 @@ def tries(tmp_path, extra_env=None, ports=False):
         udp.bind(("127.0.0.1", 0))
         port = served.getsockname()[1]
         command = [sys.executable, "-c", TRIES, str(allowed), str(other), name, str(port),
-                   str(udp.getsockname()[1]), str(key), str(devices), str(path)]
+                   str(udp.getsockname()[1]), str(key), str(devices), str(path), str(os.getpid())]
         p = subprocess.run(confined(command, [allowed, *RUN_ONLY], ports=[port] if ports else (),
                                     devices=["/dev", devices]),
                            capture_output=True, text=True, env={**os.environ, **(extra_env or {})}, timeout=60)
@@ -138,7 +138,7 @@ def test_a_confined_command_and_its_children_write_only_in_its_folders_and_signa
     outcome, said, other, outlived = tries(tmp_path)
     expected = {"write allowed": "done", "write other": "refused", "append other": "refused",
                 "rename inside": "done", "rename other": "refused", "link other": "refused",
-                "signal parent": "refused" if ABI >= 6 else "done",
+                "signal the loop": "refused" if ABI >= 6 or VIEW else "done",
                 "child writes other": "refused", "write /dev/null": "done",
                 "make a file in /dev": "refused", "make a file in /dev/shm": "done",
                 "write a file among devices": "refused", "make a file among devices": "refused",
@@ -183,7 +183,7 @@ UNDO = textwrap.dedent("""
     from autoresearch.confine import AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MS_BIND, MountAttr, libc
     from autoresearch.confine import own_namespaces
     allowed, other = sys.argv[1:3]
-    print(own_namespaces(True, [allowed]).strip("; "), file=sys.stderr)
+    print(own_namespaces(True, [allowed])[0].strip("; "), file=sys.stderr)
     c, clear, top = libc(), MountAttr(attr_clr=MOUNT_ATTR_RDONLY), other
     while not os.path.ismount(top):
         top = os.path.dirname(top)
@@ -290,11 +290,16 @@ def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo,
     candidate = rows(repo)[-1]
     log = (repo / candidate["log"]).read_text()
     assert f"confined (Landlock ABI {ABI})" in log, log
+    caches = repo / ".git" / "autoresearch" / "t" / "compile-cache"
     if mode == "daemon":
         assert candidate["status"] == "keep" and "forged" not in (repo / "results.tsv").read_text(), out
+    elif mode in ("cachepoison", "evalpoison") and VIEW:  # .git shows empty but for its own cache: no other
+        poisoned = [p.relative_to(caches) for p in caches.rglob("poisoned.py")]  # cache to reach (own: its own)
+        assert all(p.parts[0] == candidate["train_py"] for p in poisoned), (out, candidate, poisoned)
     else:
-        # caught by the kernel (Landlock, or the read-only view of its mount namespace), not by the checks after it
-        refused = "PermissionError" in log or "Read-only file system" in log
+        # caught by the kernel (Landlock; the read-only view of its mount namespace, where .git shows empty), not by
+        # the checks after the run
+        refused = any(said in log for said in ("PermissionError", "Read-only file system", "No such file"))
         assert candidate["status"] == "crash" and refused and not candidate["note"].startswith("rejected"), \
             (out, candidate)
     after = {p: p.read_bytes() for p in before if p.is_file()}
@@ -306,6 +311,20 @@ def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo,
     server.setblocking(False)
     with pytest.raises(BlockingIOError), server:
         server.accept()  # nobody connected
+
+
+@pytest.mark.skipif(not VIEW, reason="no user and mount namespaces here")
+def test_a_run_cannot_read_what_earlier_runs_printed_in_their_logs(repo, env):  # noqa: F811
+    # a red team's run printed its weights, and the next read them back from its log: logs, results and the
+    # repository's git folder (the ledgers) show empty to a run, and so do the loop's records outside it
+    env = {k: v for k, v in env.items() if k != CONFINE_ENV}
+    initialised(repo, env)
+    set_train(repo, MODE="readlogs", VAL_BPB=0.5)
+    loop(repo, env, "step", "-m", "a run that reads back what the last one printed")
+    candidate = rows(repo)[-1]
+    log = (repo / candidate["log"]).read_text()
+    assert log.count("read back: []") >= 2 and "CARRIED-WEIGHTS" in log, log
+    assert len(re.findall(r"^read back: ", log, re.M)) == log.count("read back: []"), log
 
 
 def test_whether_runs_are_confined_is_decided_at_init_not_by_a_later_step(repo, env):  # noqa: F811
