@@ -5,9 +5,10 @@ folders the loop names (runner.writable: the run's scratch folder, its version's
 (kernel 6.7) may bind no TCP port nor connect but to the ports the loop names (fa3.download_ports: none where no
 GPU could load FA3), and from ABI 6 (kernel 6.12) may signal no process outside the run nor reach an abstract
 unix socket. Where the kernel lets a user have namespaces, the run also has an IPC namespace of its own, a
-mount namespace where every file but its folders is read-only and, when it may connect nowhere, a network
-namespace: what it leaves in SysV IPC dies with it, it marks no file of yours and reaches no process over IP. A
-seccomp filter (x86-64, ARM64) keeps it from unix sockets with a path. The one place that decides whether a run
+mount namespace where every file but its folders is read-only and what earlier runs left (their logs) shows
+empty, a PID namespace with its own /proc and, when it may connect nowhere, a network namespace: what it leaves
+in SysV IPC dies with it, it marks no file of yours, reads no earlier run's output and reaches no process over
+IP. A seccomp filter (x86-64, ARM64) keeps it from unix sockets with a path and from the kernel's keyrings. The one place that decides whether a run
 is confined; where the kernel cannot (off Linux, before 5.19, a container that blocks the calls) or
 AUTORESEARCH_CONFINE=0 says not to, the run goes on unconfined with a line that says why, and the loop's checks
 after the run are all there is.
