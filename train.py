@@ -562,7 +562,8 @@ def main():
     on_cuda = device.type == "cuda"  # the one device flag: bf16 autocast, bf16 embeddings, compiled optimizer
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    autocast_dtype = torch.bfloat16 if on_cuda else None
+    autocast = torch.amp.autocast("cuda", dtype=autocast_dtype) if on_cuda else contextlib.nullcontext()
 
     tokenizer = Tokenizer.from_directory()
     model, attention = build_model(tokenizer.get_vocab_size(), device)
@@ -662,8 +663,8 @@ def main():
     t_eval = time.time()
     model.eval()
     val_bpb = None
-    if handoff_path():
-        hand_over(sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device)
+    if handoff_path():  # the graph carries the training's autocast, and is scored as it is
+        hand_over(sdpa_twin(model), MAX_SEQ_LEN, config.vocab_size, device, autocast=autocast_dtype)
     else:
         with torch.no_grad(), autocast:
             val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)

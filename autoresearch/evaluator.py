@@ -189,8 +189,10 @@ def scorer_for(model, device):
 
 
 def scoring_autocast(device):
-    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-            else torch.autocast(device.type, enabled=False))
+    """No autocast of the evaluator's own: the graph carries the numerics train.py exported it with (its bf16
+    autocast on CUDA), so the causality check and the scoring run the same computation. An autocast added here
+    would also fail the dtype asserts export leaves for casts that were no-ops when it traced (`.float()`)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def default_batch_size(device):

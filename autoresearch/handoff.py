@@ -43,8 +43,9 @@ def handoff_path():
     return os.environ.get(HANDOFF_ENV) or None
 
 
-def export_logits(model, seq_len, vocab_size, device):
-    """torch.export program of model(idx) -> logits, for any batch size at this sequence length."""
+def export_logits(model, seq_len, vocab_size, device, autocast=None):
+    """torch.export program of model(idx) -> logits, for any batch size at this sequence length; with autocast (a
+    dtype), run under that autocast inside the graph (an autocast around the export would not be recorded)."""
     import torch
 
     class Logits(torch.nn.Module):  # the one signature the evaluator calls: tokens -> logits
@@ -53,7 +54,10 @@ def export_logits(model, seq_len, vocab_size, device):
             self.model = model
 
         def forward(self, idx):
-            return self.model(idx)
+            if autocast is None:
+                return self.model(idx)
+            with torch.autocast(device.type, dtype=autocast):
+                return self.model(idx)
 
     example = torch.zeros(2, seq_len, dtype=torch.long, device=device)  # no draw: the run's RNG is left alone
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -61,16 +65,18 @@ def export_logits(model, seq_len, vocab_size, device):
         return torch.export.export(Logits(model).eval(), (example,), dynamic_shapes={"idx": {0: batch}})
 
 
-def hand_over(model, seq_len, vocab_size, device, path=None):
-    """Export the model to the harness's file (or `path`). Returns the seconds it took, or None when there is no
-    harness. The file is whole or not there: the early one is read while train.py runs."""
+def hand_over(model, seq_len, vocab_size, device, path=None, autocast=None):
+    """Export the model to the harness's file (or `path`), with autocast (a dtype: train.py's, bf16 on CUDA) in
+    the graph: the evaluator adds none, and scores the computation the graph holds. Returns the seconds it took,
+    or None when there is no harness. The file is whole or not there: the early one is read while train.py
+    runs."""
     path = path or handoff_path()
     if path is None:
         return None
     import torch
     start = time.time()
     partial = os.path.join(os.path.dirname(path), f".partial-{os.path.basename(path)}")  # torch wants .pt2
-    torch.export.save(export_logits(model, seq_len, vocab_size, device), partial)
+    torch.export.save(export_logits(model, seq_len, vocab_size, device, autocast), partial)
     os.replace(partial, path)
     return time.time() - start
 

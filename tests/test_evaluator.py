@@ -107,12 +107,15 @@ BUILD = textwrap.dedent("""
         if variant == "peeks_later":
             model = Later(model)
         os.environ[HANDOFF_ENV] = os.path.join(sys.argv[1], variant + ".pt2")
-        hand_over(model, prepare.MAX_SEQ_LEN, config.vocab_size, torch.device("cpu"))
-        own[variant] = prepare.evaluate_bpb(model, tok, 16)
+        # "autocast": the graph carries train.py's autocast (bf16 on CUDA; here the CPU's), and is scored under it
+        dtype = torch.bfloat16 if variant == "autocast" else None
+        hand_over(model, prepare.MAX_SEQ_LEN, config.vocab_size, torch.device("cpu"), autocast=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            own[variant] = prepare.evaluate_bpb(model, tok, 16)
     print(json.dumps(own))
 """)
 VARIANTS = ("plain", "val", "peeks", "custom_op", "peeks_offset", "peeks_spared", "peeks_batched", "peeks_later",
-            "peeks_rare")
+            "peeks_rare", "autocast")
 
 
 @pytest.fixture
@@ -156,6 +159,16 @@ def test_evaluator_gives_the_val_bpb_train_py_computes(cache, plain):
     assert result["val_bpb"] == pytest.approx(own, rel=1e-6) and result["restored"] == []
     assert 1.0 < result["val_bpb"] < 20.0
     assert abs(result["val_bpb"] / result["heldout_bpb"] - 1) < 0.05  # an honest model scores both slices alike
+
+
+def test_a_graph_exported_under_autocast_is_checked_and_scored_as_train_py_ran_it(cache, exported):
+    # the evaluator adds no autocast: one added around an exported graph fails its dtype asserts (a cast that was
+    # a no-op when export traced, `.float()`), and a check in one precision with scoring in another could differ
+    path, own = exported["autocast"]
+    code, result = evaluate(cache, path)
+    assert code == 0, result
+    assert result["val_bpb"] == pytest.approx(own, rel=1e-6), (result, own)
+    assert result["val_bpb"] != pytest.approx(exported["plain"][1], rel=1e-9)  # bf16 numerics: not plain's
 
 
 def test_a_model_trained_on_the_val_rows_scores_them_far_better_than_the_heldout_slice(cache, exported):
