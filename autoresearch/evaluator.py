@@ -78,13 +78,24 @@ def foreign_operators(graph_module):
     return found
 
 
-def written_inputs(graph_module):
+def written_inputs(graph_module, names=None):
     """The graph's inputs (weights, buffers, the tokens) that an in-place operator writes, directly or through a
-    view of them: what would outlive a call."""
-    roots, written = {}, set()
+    view of them: what would outlive a call. Also inside the subgraphs of export's wrappers (an autocast region:
+    under hand_over(..., autocast=...) the whole model), whose inputs are the wrapper's operands, in order.
+    names: what to call the graph's placeholders (a subgraph's: the outer inputs they stand for, or None)."""
+    roots, written, placeholders = {}, set(), iter(names or [])
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
-            roots[node] = node.target
+            name = next(placeholders, None) if names is not None else node.target
+            if name is not None:
+                roots[node] = name
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            subgraphs = [getattr(graph_module, a.target) for a in node.args
+                         if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+            operands = [roots.get(a) for a in node.args if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
+            for sub in subgraphs:
+                if isinstance(sub, torch.fx.GraphModule):
+                    written |= written_inputs(sub, operands)
         elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             schema = node.target._schema
             args = [(spec, node.kwargs.get(spec.name) if i >= len(node.args) else node.args[i])

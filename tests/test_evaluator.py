@@ -104,18 +104,18 @@ BUILD = textwrap.dedent("""
         model.eval()
         if variant in LEAKS:
             model = Lookahead(model, **LEAKS[variant])
-        if variant == "peeks_later":
+        if variant.startswith("peeks_later"):
             model = Later(model)
         os.environ[HANDOFF_ENV] = os.path.join(sys.argv[1], variant + ".pt2")
         # "autocast": the graph carries train.py's autocast (bf16 on CUDA; here the CPU's), and is scored under it
-        dtype = torch.bfloat16 if variant == "autocast" else None
+        dtype = torch.bfloat16 if variant.endswith("autocast") else None
         hand_over(model, prepare.MAX_SEQ_LEN, config.vocab_size, torch.device("cpu"), autocast=dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
             own[variant] = prepare.evaluate_bpb(model, tok, 16)
     print(json.dumps(own))
 """)
 VARIANTS = ("plain", "val", "peeks", "custom_op", "peeks_offset", "peeks_spared", "peeks_batched", "peeks_later",
-            "peeks_rare", "autocast")
+            "peeks_rare", "autocast", "peeks_later_autocast")
 
 
 @pytest.fixture
@@ -188,8 +188,9 @@ def test_evaluator_refuses_a_model_that_sees_later_tokens_however_it_hides_it(ca
         assert own < exported["plain"][1] - 1.0, (own, exported["plain"][1])
 
 
-def test_evaluator_refuses_a_model_that_changes_its_own_state_between_calls(cache, exported):
-    path, own = exported["peeks_later"]
+@pytest.mark.parametrize("variant", ["peeks_later", "peeks_later_autocast"])  # also inside an autocast region
+def test_evaluator_refuses_a_model_that_changes_its_own_state_between_calls(cache, exported, variant):
+    path, own = exported[variant]
     code, result = evaluate(cache, path)
     assert code == 1 and "changes its own state when called" in result["error"], result
 
