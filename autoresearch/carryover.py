@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 
 RUN_ONLY = (Path("/dev/shm"), Path("/dev/mqueue"))
+DIGEST_MAX_BYTES = 1 << 30  # a compile cache's largest file is a few MB: one past this is dropped, not hashed
 TICK_NS = 50_000_000  # before kernel 6.13 a ctime is a clock tick coarse and lags the time: a margin where free
 
 
@@ -149,15 +150,24 @@ def digests(root, since_ns=None):
     return found
 
 
-def digest(path):
+def digest(path, largest=DIGEST_MAX_BYTES):
+    """The digest of a regular file's bytes, or None: not one (a FIFO, a link, a device put in its place would
+    hang or never end a read), unreadable, or larger than `largest` (a file that big is dropped, not read)."""
     try:
-        with open(path, "rb") as f:
-            h = hashlib.blake2b()
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-            return h.digest()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        status = os.fstat(f.fileno())
+        if not stat.S_ISREG(status.st_mode) or status.st_size > largest:
+            return None
+        h = hashlib.blake2b()
+        try:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        except OSError:
+            return None
+        return h.digest()
 
 
 def drop_rewritten(before):

@@ -238,15 +238,17 @@ def own_namespaces(net, folders=None, hidden=()):
 
 def first_process():
     """Forks into the PID namespace own_namespaces made: the child goes on as its first process (PID 1), with a
-    /proc of its own; this process waits for it and ends as the run it starts ended (run_as_first)."""
+    /proc of its own, and gets (the pipe to tell the run's end on, why it has no /proc of its own or ''); this
+    process waits for it and ends as the run it starts ended (run_as_first)."""
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     status_read, status_write = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(status_read)
         os.set_inheritable(status_write, False)
-        fresh_proc()
-        return status_write
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an ignored SIGCHLD would leave it no child to wait for
+        signal.signal(signal.SIGINT, lambda *_: None)  # a Ctrl-C is the run's to handle (a handler, not
+        return status_write, fresh_proc()               # SIG_IGN: that would outlive the exec into the run)
     os.close(status_write)
     for number in signals:  # the loop's signals reach the run itself, in the same process group: its end is ours
         signal.signal(number, signal.SIG_IGN)
@@ -254,8 +256,8 @@ def first_process():
         told = f.read()
     waited = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
     status = int(told) if told else None
-    if status is None:  # the first process died before the run ended
-        sys.exit(waited if waited >= 0 else 128 - waited)
+    if status is None:  # the first process died before the run ended: a failure, whatever its code
+        sys.exit(waited if waited > 0 else 128 - waited if waited < 0 else 1)
     if os.WIFSIGNALED(status):  # as the run's own end: killed by this signal (the out-of-memory killer's, say)
         with contextlib.suppress(OSError, ValueError):  # SIGKILL's cannot be set, and needs not
             signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
@@ -383,8 +385,10 @@ def confine(folders, ports=(), devices=(), hidden=()):
         return f"not confined: landlock_create_ruleset failed ({os.strerror(ctypes.get_errno())})", None
     # first: the rules name what the paths lead to in the run's own view (/dev/shm made afresh there)
     spaces, pid_namespace = own_namespaces(net=not ports, folders=folders, hidden=hidden)
-    status = first_process() if pid_namespace else None
-    spaces += "; a PID namespace and /proc of its own" if pid_namespace else ""
+    status, no_proc = first_process() if pid_namespace else (None, "")
+    if pid_namespace:
+        spaces += f"; a PID namespace, but the machine's /proc ({no_proc})" if no_proc else \
+            "; a PID namespace and /proc of its own"
     allowed, opened = [], 0
     try:
         for folder in [*folders, *(path for d in devices for path in character_devices(d))]:

@@ -4,6 +4,7 @@ appended to the experiment's log, and the verdict read from that output: the sum
 `---` line, or why the run counts as a crash. With the real prepare.py (config["harness_eval"]), train.py
 hands its model over and val_bpb is the harness's evaluator's (autoresearch/evaluator.py), not train.py's.
 """
+import contextlib
 import functools
 import getpass
 import hashlib
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,10 +181,10 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
 
             watch = DataWatch(cache_dir(env), copy, on_train_opened=data_opened if before is not None else None)
             try:
-                with watch:
+                with watch, relayed(log) as output:
                     rc, wall = run_group(confined_run([sys.executable, TRAIN], scratch, compile_cache, env,
                                                       require=early is not None),
-                                         log, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
+                                         output, subprocess.STDOUT, env, timeout, on_spawn=on_spawn)
                     used = cores_used(clock, wall)
             finally:  # before anything reads the ledger again; also when the run stopped the loop (a SIGTERM)
                 try:
@@ -209,7 +211,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
                      f"left its share of the machine (sched_setaffinity), which the other workers' runs were "
                      f"measured on")
         # under the hand-over train.py needs no val file; without it (an older tag) it evaluates itself
-        after_data = None if not watch.watching or watch.train_opened_ns is None else (
+        # unknown where the watch was blind; all the run where the kernel dropped events (a run can make it)
+        after_data = None if not watch.watching or watch.blind or watch.train_opened_ns is None else (
             wall - max(0, watch.train_opened_ns - started_ns) / 1e9 if watch.seen_as_it_happened else wall)
         run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, after_data=after_data,
                   read_val=watch.opened if handoff else [], load=None if other is None else other / counted_cores())
@@ -287,6 +290,28 @@ def confined_run(command, scratch, compile_cache, env, require=False, also=()):
                     ports=download_ports(env) if could_load(env) else (), hidden=unreadable(env))
 
 
+@contextlib.contextmanager
+def relayed(log):
+    """A pipe for a run's output, which a thread appends to its log as it comes: the run holds no descriptor of
+    the log, which it could open again through /proc/self/fd and read what the experiment's earlier runs printed
+    there (weights, say)."""
+    read, write = os.pipe()
+
+    def copy():
+        with os.fdopen(read, "rb", buffering=0) as source:
+            while chunk := source.read(1 << 16):
+                log.flush()
+                os.write(log.fileno(), chunk)
+
+    copier = threading.Thread(target=copy, daemon=True)
+    copier.start()
+    try:
+        with os.fdopen(write, "wb", buffering=0) as output:
+            yield output
+    finally:
+        copier.join(timeout=10)  # the run's whole group has ended by now: every writer is gone
+
+
 def unreadable(env):
     """What earlier runs left that a run could read and learn from (a red team's run printed its weights, and the
     next read them back from its log): the logs and results of this checkout and of the repository's others (its
@@ -304,7 +329,9 @@ def unreadable(env):
                            for worktree in sorted((t / WORKTREES_DIR).iterdir()))]
     for checkout in checkouts:
         found += [checkout / LOGS_DIR, checkout / RESULTS]
-    found.append(record_folder().parent)
+    # and the loop's own in the temporary folder: other runs' scratch (a worker's, say, with its model) and the
+    # evaluators' copies of the val files; the run's own scratch stays
+    found += [record_folder().parent, Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}"]
     needed = [top, Path(cache_dir(env)).resolve(), Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()]
     return [str(p) for p in found if os.path.lexists(p) and not any(n.is_relative_to(p) for n in needed)]
 

@@ -71,7 +71,8 @@ class DataWatch:
 
     def __init__(self, cache, copy=None, on_train_opened=None):
         self.cache, self.copy, self.fd, self.paths, self.opened, self.written = cache, copy, None, {}, None, None
-        self.on_train_opened, self.seen_as_it_happened = on_train_opened, False
+        # blind: some opening may have gone unseen (no watch on a file, the listener failed)
+        self.on_train_opened, self.seen_as_it_happened, self.blind = on_train_opened, False, False
         self.train_wds, self.train_opened_ns, self.started_ns, self.events = set(), None, time.time_ns(), []
         self.listener, self.stop = None, None
 
@@ -92,7 +93,7 @@ class DataWatch:
             if wd >= 0:
                 self.train_wds.add(wd)
             else:  # out of watches, say: an opening of this file would go unseen, so count one at the start
-                self.train_opened_ns = time.time_ns()
+                self.train_opened_ns, self.blind = time.time_ns(), True
         self.started_ns = time.time_ns()
         self.stop = os.pipe()
         self.listener = threading.Thread(target=self.listen, daemon=True)
@@ -117,6 +118,7 @@ class DataWatch:
                 if self.stop[0] in ready:
                     return
         except (OSError, ValueError):  # blind from here on: as if the data had been opened when the watch began
+            self.blind = True
             if self.train_opened_ns is None:
                 self.train_opened_ns = self.started_ns
 

@@ -55,6 +55,22 @@ def test_a_cache_file_written_through_a_mapping_made_before_the_data_goes(repo, 
     assert logs.count("carried over: False") >= 2 and "carried over: True" not in logs, logs
 
 
+def test_a_cache_file_swapped_for_a_fifo_or_a_link_to_dev_zero_goes_without_hanging_the_loop(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("fifo", "endless", "kept"):
+        (cache / name).write_text("compiled")
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from autoresearch.carryover import digests, "
+            "drop_rewritten; cache = sys.argv[2]; before = digests(cache); "
+            "os.unlink(cache + '/fifo'); os.mkfifo(cache + '/fifo'); "
+            "os.unlink(cache + '/endless'); os.symlink('/dev/zero', cache + '/endless'); "
+            "print(sorted(os.path.basename(p) for p in drop_rewritten(before)[0]))")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), str(cache)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.split("\n")[0] == "['endless', 'fifo']", done.stdout + done.stderr
+    assert sorted(p.name for p in cache.iterdir()) == ["kept"]
+
+
 def test_a_later_change_goes_with_all_beneath_it_and_an_earlier_file_stays_however_dated_or_locked(tmp_path):
     cache = tmp_path / "cache"
     for folder in ("kept", "old", "older/deep"):

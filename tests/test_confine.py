@@ -6,9 +6,11 @@ import ctypes
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -316,11 +318,19 @@ def test_a_confined_run_cannot_write_outside_its_folders_nor_kill_the_loop(repo,
 @pytest.mark.skipif(not VIEW, reason="no user and mount namespaces here")
 def test_a_run_cannot_read_what_earlier_runs_printed_in_their_logs(repo, env):  # noqa: F811
     # a red team's run printed its weights, and the next read them back from its log: logs, results and the
-    # repository's git folder (the ledgers) show empty to a run, and so do the loop's records outside it
+    # repository's git folder (the ledgers) show empty to a run, and so do the loop's records outside it and the
+    # evaluators' copies of the val files; its output goes through a pipe (the log, reopened through
+    # /proc/self/fd/1, held the experiment's earlier runs), and another red team trained on another loop's copy
     env = {k: v for k, v in env.items() if k != CONFINE_ENV}
     initialised(repo, env)
     set_train(repo, MODE="readlogs", VAL_BPB=0.5)
-    loop(repo, env, "step", "-m", "a run that reads back what the last one printed")
+    other_loops = Path(tempfile.gettempdir()) / f"autoresearch-{os.getuid()}" / "metric" / f"test-{os.getpid()}"
+    other_loops.mkdir(parents=True, exist_ok=True)
+    (other_loops / "val.bin").write_bytes(b"\0" * 64)  # another loop's copy of the val files
+    try:
+        loop(repo, env, "step", "-m", "a run that reads back what the last one printed")
+    finally:
+        shutil.rmtree(other_loops)
     candidate = rows(repo)[-1]
     log = (repo / candidate["log"]).read_text()
     assert log.count("read back: []") >= 2 and "CARRIED-WEIGHTS" in log, log
