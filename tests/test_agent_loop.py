@@ -981,11 +981,14 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
         return (state.get("n") == 2 == len(rows(repo)) and state.get("phase") == "train" and "pgid" in state
                 and process.proc_start_time(state["pgid"]) is not None)
     assert wait_for(training_second_experiment, 60)
+    state = json.loads(running.read_text())
+    # its output goes to the loop's pipe: killed, the loop would end it at its next line. Stopped, it is a run
+    # that prints nothing for a while, which only the resume can end
+    os.killpg(state["pgid"], signal.SIGSTOP)
     proc.kill()
     proc.wait()
-    state = json.loads(running.read_text())
     finished = rows(repo)
-    assert state["n"] == 2 == len(finished)
+    assert state == json.loads(running.read_text()) and state["n"] == 2 == len(finished)
     assert process.proc_start_time(state["pgid"]) is not None  # the orphan train.py still runs
     scratch, prefix = runner.scratch_folders((repo / state["log"]).resolve())
     assert list(scratch.glob(f"{prefix}*"))  # its scratch folder
