@@ -25,6 +25,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,10 +73,11 @@ def one_line(text, limit=None):
     return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
-def write_atomic(path, data, own_tmp=False):
-    """Write bytes via a temp file + rename: a kill leaves the old file or the new one, never half. own_tmp: a
-    temp file named for this process, for a file that other processes write too."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp" if own_tmp else f"{path}.tmp")
+def write_atomic(path, data):
+    """Write bytes via a temp file + rename: a kill leaves the old file or the new one, never half. The temp file
+    is this thread's: a worker's seal and the coordinator put back the same record at once (one renamed the
+    other's temp file away, and its own rename failed)."""
+    tmp = Path(f"{path}.{os.getpid()}-{threading.get_ident()}.tmp")
     if tmp.is_dir() and not tmp.is_symlink():  # whatever a kill left or a run planted there: not written through
         shutil.rmtree(tmp)
     elif os.path.lexists(tmp):
@@ -526,7 +528,7 @@ def keep_file(path, data):
         if data is None:
             Path(path).unlink(missing_ok=True)
         else:
-            write_atomic(path, data, own_tmp=True)  # the workers of a tag share some (installed-code.json)
+            write_atomic(path, data)  # the workers of a tag share some (installed-code.json)
         if copied and owned(path):
             KEPT_WRITTEN[Path(path)] = data
 

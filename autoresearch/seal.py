@@ -261,14 +261,13 @@ def regular_file_bytes(path, limit):
 
 def clear_the_way(path, folder):
     """Whatever stands where a file of the ledger must be written again: a link or a file in place of one of
-    its folders, a folder in place of it or of its temporary file (ledger.write_atomic)."""
+    its folders, a folder in place of it."""
     for parent in reversed(Path(path).relative_to(folder).parents[:-1]):
         place = folder / parent
         if os.path.islink(place) or (os.path.lexists(place) and not place.is_dir()):
             os.unlink(place)
-    for place in (f"{path}.tmp", path):
-        if os.path.isdir(place) and not os.path.islink(place):
-            shutil.rmtree(place)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 

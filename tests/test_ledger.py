@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_agent_loop import env, git, initialised, loop, repo, rows, set_train  # noqa: E402,F401  (fixtures)
+from test_agent_loop import REPO, env, git, initialised, loop, repo, rows, set_train  # noqa: E402,F401  (fixtures)
 pytestmark = pytest.mark.long(minutes=1.5)  # on one core; conftest hands out the longest files first
 
 
@@ -179,7 +179,7 @@ def test_a_row_an_agent_forges_in_the_ledger_and_its_record_alike_during_run_is_
     # `run` lives across the experiments: it knows the record as it last wrote it, whatever was written since
     initialised(repo, env)
     ledger = repo / ".git" / "autoresearch" / "results.tsv"
-    # a folder where the loop writes the record's temporary file, too: it is cleared, not written through
+    # and a folder where the loop once wrote the record's temporary file: nothing is written through it
     agent = (f"{forge_keep_row(ledger, record_of(repo))}; mkdir -p {record_of(repo)}.tmp/x; "
              f"sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo better")
     out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
@@ -586,3 +586,20 @@ def test_a_record_swapped_for_a_link_out_of_the_ledger_is_put_back_and_the_loop_
     assert "init.json was written by something other than this loop" in p.stdout, p.stdout
     assert not pinned.is_symlink() and pinned.read_bytes() == before
     assert rows(repo)[-1]["status"] == "crash" and "past the 1 s budget" in rows(repo)[-1]["note"]
+
+
+def test_two_processes_and_two_threads_writing_one_record_at_once_each_write_it_whole(tmp_path):
+    # a worker's seal and the coordinator put back the same record at once: a temporary file both used was
+    # renamed away under one of them, and its write failed
+    record = tmp_path / "init.json"
+    writer = ("import sys, threading; sys.path.insert(0, sys.argv[1]); from autoresearch.ledger import write_atomic\n"
+              "def write(mark):\n"
+              "    for i in range(300):\n"
+              "        write_atomic(sys.argv[2], (mark * 1000).encode())\n"
+              "threads = [threading.Thread(target=write, args=(m,)) for m in sys.argv[3:]]\n"
+              "[t.start() for t in threads]; [t.join() for t in threads]\n")
+    writers = [subprocess.Popen([sys.executable, "-c", writer, str(REPO), str(record), *marks],
+                                stderr=subprocess.PIPE, text=True) for marks in (["a", "b"], ["c", "d"])]
+    errors = [w.communicate(timeout=120)[1] for w in writers]
+    assert errors == ["", ""], errors
+    assert record.read_text() in {m * 1000 for m in "abcd"} and list(tmp_path.iterdir()) == [record]
