@@ -16,6 +16,7 @@ import collections
 import contextlib
 import fcntl
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -75,8 +76,17 @@ def one_line(text, limit=None):
 
 def write_atomic(path, data):
     """Write bytes via a temp file + rename: a kill leaves the old file or the new one, never half. The temp file
-    is this thread's: a worker's seal and the coordinator put back the same record at once (one renamed the
-    other's temp file away, and its own rename failed)."""
+    is this thread's (a worker's seal and the coordinator put back one record at once: one renamed the other's
+    temp file away, and its own rename failed); one that a killed process left goes at the next write."""
+    name = Path(path).name
+    for stale in Path(path).parent.glob(f"{glob.escape(name)}.*-*.tmp"):
+        pid = stale.name[len(name) + 1:].split("-", 1)[0]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     tmp = Path(f"{path}.{os.getpid()}-{threading.get_ident()}.tmp")
     if tmp.is_dir() and not tmp.is_symlink():  # whatever a kill left or a run planted there: not written through
         shutil.rmtree(tmp)
@@ -87,6 +97,16 @@ def write_atomic(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 # -----------------------------------------------------------------------------

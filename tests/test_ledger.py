@@ -3,6 +3,7 @@ ledger under .git, logs and the commits of discarded experiments are kept beside
 left running can write a row. Hostile stand-ins in real git repositories."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_agent_loop import REPO, env, git, initialised, loop, repo, rows, set_train  # noqa: E402,F401  (fixtures)
+from test_agent_loop import REPO, env, git, initialised, loop, repo, rows, set_train  # noqa: E402,F401
 pytestmark = pytest.mark.long(minutes=1.5)  # on one core; conftest hands out the longest files first
 
 
@@ -179,8 +180,7 @@ def test_a_row_an_agent_forges_in_the_ledger_and_its_record_alike_during_run_is_
     # `run` lives across the experiments: it knows the record as it last wrote it, whatever was written since
     initialised(repo, env)
     ledger = repo / ".git" / "autoresearch" / "results.tsv"
-    # and a folder where the loop once wrote the record's temporary file: nothing is written through it
-    agent = (f"{forge_keep_row(ledger, record_of(repo))}; mkdir -p {record_of(repo)}.tmp/x; "
+    agent = (f"{forge_keep_row(ledger, record_of(repo))}; "
              f"sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo better")
     out = loop(repo, env, "run", "--agent", agent, "--max-experiments", "1").stdout
     assert "the ledger's record" in out and "was written by something other than this loop" in out, out
@@ -592,7 +592,12 @@ def test_two_processes_and_two_threads_writing_one_record_at_once_each_write_it_
     # a worker's seal and the coordinator put back the same record at once: a temporary file both used was
     # renamed away under one of them, and its write failed
     record = tmp_path / "init.json"
-    writer = ("import sys, threading; sys.path.insert(0, sys.argv[1]); from autoresearch.ledger import write_atomic\n"
+    left = tmp_path / "init.json.4194305-1.tmp"  # by a process killed mid-write (no such pid): it goes
+    left.write_text("half")
+    writing = tmp_path / f"init.json.{os.getpid()}-1.tmp"  # by a live process: it stays
+    writing.write_text("half")
+    writer = ("import sys, threading; sys.path.insert(0, sys.argv[1])\n"
+              "from autoresearch.ledger import write_atomic\n"
               "def write(mark):\n"
               "    for i in range(300):\n"
               "        write_atomic(sys.argv[2], (mark * 1000).encode())\n"
@@ -602,4 +607,4 @@ def test_two_processes_and_two_threads_writing_one_record_at_once_each_write_it_
                                 stderr=subprocess.PIPE, text=True) for marks in (["a", "b"], ["c", "d"])]
     errors = [w.communicate(timeout=120)[1] for w in writers]
     assert errors == ["", ""], errors
-    assert record.read_text() in {m * 1000 for m in "abcd"} and list(tmp_path.iterdir()) == [record]
+    assert record.read_text() in {m * 1000 for m in "abcd"} and sorted(tmp_path.iterdir()) == [record, writing]
