@@ -51,7 +51,7 @@ def proc_start_time(pid):
 
 def kill_group(pgid, alive):
     """SIGTERM the whole group, KILL_GRACE_S for its leader to exit, then SIGKILL what is left
-    (its children too). alive() tells whether the leader still runs. A stopped group (Ctrl-Z, a debugger) is
+    (its children too). alive() tells whether the leader still runs. A stopped group (Ctrl-Z, SIGSTOP) is
     continued, or the SIGTERM would wait the whole grace for it."""
     try:
         os.killpg(pgid, signal.SIGTERM)

@@ -970,7 +970,7 @@ def test_mutate_loop_runs_distinct_experiments_and_leaves_the_best(repo, env):
             git(repo, env, "rev-parse", f"refs/autoresearch/t/discarded/{r['n']}")
 
 
-def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
+def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env, request):
     initialised(repo, env, tag="k", SLEEP=1.5)
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--max-experiments", "10"],
                             cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -985,6 +985,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env):
     # its output goes to the loop's pipe: killed, the loop would end it at its next line. Stopped, it is a run
     # that prints nothing for a while, which only the resume can end
     os.killpg(state["pgid"], signal.SIGSTOP)
+    request.addfinalizer(lambda: pid_gone(state["pgid"]) or os.killpg(state["pgid"], signal.SIGKILL))  # failed
     proc.kill()
     proc.wait()
     finished = rows(repo)

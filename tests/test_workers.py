@@ -163,7 +163,7 @@ echo "try $N"
     out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "3").stdout
     # the coordinator says what it put back: the row (the record too, unless the worker's seal put that back
     # first, or the coordinator's next row was written over it: which of them comes first is the machine's)
-    assert "was written by something other than this loop" in out, out
+    assert f"the ledger ({ledger / 'results.tsv'}) was written by something other than this loop" in out, out
     assert "forged" not in (ledger / "results.tsv").read_text() and "forged" not in (repo / "results.tsv").read_text()
     assert (ledger / "t" / "init.json").read_bytes() == pinned
     # rejected: the run that wrote them (and, as the config is the tag's, any other worker's run meanwhile)

@@ -181,7 +181,6 @@ if MODE == "ledger":  # the records under .git/: a forged keep, the pinned budge
     with open(os.path.join(ledger, "t", "init.json"), "w") as f:
         json.dump(dict(pinned, time_budget=100), f)
     open(os.path.join(ledger, "t", "planted.json"), "w").close()
-    os.makedirs(os.path.join(ledger, "t", "init.json.tmp"))  # in the way of the loop's atomic write
     os.makedirs(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef"))
     open(os.path.join(ledger, "u", "compile-cache", "0123456789abcdef", "kernel.py"), "w").close()
 if MODE in ("records", "recordsgone"):  # the records outside the repository too: a row in the ledger and its
