@@ -279,18 +279,25 @@ def outside_budget(loop, run):
     (torch.export, longer for a larger graph and on a busy machine). Allowed there: 2x the baseline's longest,
     over the square of the share of the cores other work left the run (at least half: a machine made busy on
     purpose buys at most 4x; two threads on two cores slow down more than the cores they lose), plus max(2 s,
-    5% of the budget)."""
+    5% of the budget). A run that never opened the training data where the baseline's did (it trained on a copy
+    the agent made, say) has all its time outside counted there."""
     budget, free = float(loop.config["time_budget"]), 1 - min(run.load or 0.0, 0.5)
+    after_data, where_data = run.outside_after_data, (
+        "after it first opened the training data (its first steps, the hand-over; compile before the data, as "
+        "compile_before_data does)")
+    if run.opened_data is False:
+        after_data, where_data = run.outside, (
+            "and it never opened the training data, which the baseline's runs did right after compiling: all "
+            "of it counts as after the data")
     for column, spent, scale, slack, where in (
             ("outside_s", run.outside, 1.5, max(5.0, min(budget, 30.0), 0.1 * budget),
              "(start-up, compile, hand-over)"),
-            ("after_data_s", run.outside_after_data, 2.0 / free ** 2, max(2.0, 0.05 * budget),
-             "after it first opened the training data (its first steps, the hand-over; compile before the data, "
-             "as compile_before_data does)")):
+            ("after_data_s", after_data, 2.0 / free ** 2, max(2.0, 0.05 * budget), where_data)):
         base = [x for x in map(to_float, loop.rows[0].get(column, "").split(",")) if x is not None]
         if not base or spent is None or (column == "after_data_s" and loop.worker):
-            continue  # a tag started before the column, a run that opened no training data, or one of several
-            # workers: inotify does not say who opened the data, and another worker's run counts too
+            continue  # a tag started before the column, a baseline that opened no training data (or a run,
+            # where the watch could not tell), or one of several workers: inotify does not say who opened the
+            # data, and another worker's run counts too
         allowed = scale * max(0.0, *base) + slack
         if spent > allowed:
             return (f"ran {spent:.0f} s outside the {budget:g} s of training it reports {where}, the "

@@ -69,6 +69,7 @@ class Run:
     # seconds from train.py's first opening of a training file to its end, by the harness's clock (all its run
     # where that opening was not seen as it happened); None: not watched, or it opened none
     after_data: float = None
+    opened_data: bool = None  # whether it opened a training file at all; None: the watch cannot tell
 
     @property
     def val(self):
@@ -219,7 +220,9 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
         # unknown where the watch was blind; all the run where the kernel dropped events (a run can make it)
         after_data = None if not watch.watching or watch.blind or watch.train_opened_ns is None else (
             wall - max(0, watch.train_opened_ns - started_ns) / 1e9 if watch.seen_as_it_happened else wall)
+        opened = None if not watch.watching or watch.blind else watch.train_opened_ns is not None
         run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, after_data=after_data,
+                  opened_data=opened,
                   read_val=watch.opened if handoff else [], load=None if other is None else other / counted_cores())
         run.notes += restore_written(watch.written, config) + put_back
         run.notes += carried

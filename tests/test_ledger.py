@@ -544,13 +544,23 @@ def test_training_hidden_after_the_data_opens_is_caught_where_the_whole_runs_mar
     assert row["status"] == "crash" and "after it first opened the training data" in row["note"], row
 
 
-# Open (issue 10): the agent is not confined, so it can copy the training data where a run reads it (the checkout,
-# /tmp, $HOME); the run trains on the copy in what looks like start-up and never opens the data the watch times
-# from. Only the whole run's margin bounds it (5 s here; ~13 s on smoke, ~65 s on the reference profile).
-@pytest.mark.xfail(strict=True, reason="training on a copy of the data before start-up ends is not caught yet")
-def test_training_hidden_before_the_data_opens_on_a_copy_of_it_is_caught(repo, env):
+def test_training_on_a_copy_of_the_data_that_never_opens_it_counts_all_its_time_as_after_the_data(repo, env):
+    # the agent is not confined: it can copy the training data where a run reads it (the checkout, /tmp,
+    # $HOME), and the run trains on the copy in what looks like start-up. An honest train.py opens the data right
+    # after compiling, as the baseline did: one that never opens it has all its time outside counted after it
     initialised(repo, env, DATA_FIRST=True)
-    commit_train(repo, env, "a copy", DATA_FIRST=False, SLEEP=4.0, VAL_BPB=0.5)  # trains 4 s, reports 1 s
+    commit_train(repo, env, "a copy", DATA_FIRST=False, OPENS_DATA=False, SLEEP=4.0, VAL_BPB=0.5)  # trains 4 s
+    loop(repo, env, "step", "-m", "a copy")
+    row = rows(repo)[-1]
+    assert row["status"] == "crash" and "never opened the training data" in row["note"], row
+
+
+# Open (issue 10): the same run opening the real data at its end is timed from there. Only the whole run's
+# margin bounds it (5 s here; ~13 s on smoke, ~65 s on the reference profile).
+@pytest.mark.xfail(strict=True, reason="training on a copy of the data, then opening it late, is not caught yet")
+def test_training_on_a_copy_of_the_data_before_opening_it_late_is_caught(repo, env):
+    initialised(repo, env, DATA_FIRST=True)
+    commit_train(repo, env, "a copy", DATA_FIRST=False, SLEEP=4.0, VAL_BPB=0.5)  # opens the data at its end
     loop(repo, env, "step", "-m", "a copy")
     row = rows(repo)[-1]
     assert row["status"] == "crash" and "outside the 1 s of training it reports" in row["note"], row

@@ -22,6 +22,7 @@ MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | ta
                           # ledgerswap | ledgerkill | records | recordsgone | carry | mapped | readlogs | tcp | escape
 SLEEP = 0.0               # seconds of "training"
 DATA_FIRST = False        # True: opens its training data before that "training" (a real run's order)
+OPENS_DATA = True         # False: never opens its training data (a run that trained on a copy the agent made)
 TRAINED = 1.0             # training_seconds it reports (the stand-in budget is 1 s)
 MATRIX_LR = 0.04          # hyperparameters in the real train.py's layout, for mutate
 EMBEDDING_LR = 0.9
@@ -248,7 +249,7 @@ if os.environ.get("STANDIN_CACHE_LOG"):  # what torch.compile would find in its 
         f.write(f"{VAL_BPB} {cache} {','.join(found)}\n")
     open(os.path.join(cache, f"by-{VAL_BPB}"), "w").close()
 TRAIN_DATA = os.path.join(CACHE_DIR, "prepared", "smoke", "synthetic", "train.bin")
-if os.path.exists(TRAIN_DATA):  # the training data, opened after the compile, as train.py does
+if OPENS_DATA and os.path.exists(TRAIN_DATA):  # the training data, opened after the compile, as train.py does
     open(TRAIN_DATA, "rb").close()
 val = VAL_BPB + NOISE * (seed - 42) + random.Random(seed).gauss(0, SIGMA) + random.gauss(0, JITTER)
 tokens_m = 0.1
