@@ -222,8 +222,8 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             wall - max(0, watch.train_opened_ns - started_ns) / 1e9 if watch.seen_as_it_happened else wall)
         opened = None if not watch.watching or watch.blind else watch.train_opened_ns is not None
         run = Run(seed, summary, error, tail, wall, train_wall=wall, other_cores=other, after_data=after_data,
-                  opened_data=opened,
-                  read_val=watch.opened if handoff else [], load=None if other is None else other / counted_cores())
+                  opened_data=opened, read_val=watch.opened if handoff else [],
+                  load=None if other is None else other / counted_cores())
         run.notes += restore_written(watch.written, config) + put_back
         run.notes += carried
         run.tampered += [os.path.relpath(p) if Path(p).is_relative_to(Path.cwd()) else p for p in wrote_ledger]
