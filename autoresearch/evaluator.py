@@ -240,8 +240,9 @@ def warm_up(path, batch_size=None):
 
 
 def evaluate(model_path, expect=None, batch_size=None, data=None):
-    """{"val_bpb", "heldout_bpb", "eval_seconds", "restored": [...]} for the handed-over model (heldout_bpb None
-    when the val split is too small for a held-out slice); EvaluationError if refused. data: the folder of the
+    """{"val_bpb", "heldout_bpb", "heldout_seed", "eval_seconds", "restored": [...]} for the handed-over model
+    (heldout_bpb None when the val split is too small for a held-out slice; heldout_seed: held_out_slice's);
+    EvaluationError if refused. data: the folder of the
     metric's files (default: the prepared dataset's, in the cache)."""
     import prepare  # the contract: rows, byte counts and the metric itself
     from torch._dynamo.utils import counters
@@ -261,7 +262,7 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
     check_causal(model, torch.from_numpy(rows.astype("int64")).to(device), tokenizer.get_vocab_size(), batch_size)
     scorer = scorer_for(model, device)
     cached = dict(counters["inductor"])
-    heldout = prepare.heldout_rows(tokenizer.directory, tokenizer.get_bos_token_id())
+    heldout, heldout_seed = held_out_slice(tokenizer)
     if len(heldout) >= batch_size:
         heldout = heldout[:len(heldout) - len(heldout) % batch_size]  # whole batches: no recompile for the last
     with torch.no_grad(), scoring_autocast(device):
@@ -271,8 +272,19 @@ def evaluate(model_path, expect=None, batch_size=None, data=None):
     # the compile cache's hits and misses: a warm-up that did its work leaves no miss
     looked_up = {kind: counters["inductor"][f"fxgraph_cache_{kind}"] - cached.get(f"fxgraph_cache_{kind}", 0)
                  for kind in ("hit", "miss")}
-    return {"val_bpb": val_bpb, "heldout_bpb": heldout_bpb, "eval_seconds": round(time.time() - start, 2),
-            "restored": restored, "compile_cache": looked_up}
+    return {"val_bpb": val_bpb, "heldout_bpb": heldout_bpb, "heldout_seed": heldout_seed,
+            "eval_seconds": round(time.time() - start, 2), "restored": restored, "compile_cache": looked_up}
+
+
+def held_out_slice(tokenizer):
+    """(rows, seed) of the text scored beside the pinned rows: the val file's held-out slice (seed None), or for
+    the synthetic dataset, whose val text a run can generate again, fresh text from a seed drawn now."""
+    import prepare
+    meta = json.loads((tokenizer.directory / "meta.json").read_text())  # a metric file: verified above
+    if meta.get("dataset") == "synthetic":
+        seed = secrets.randbits(32)
+        return prepare.synthetic_heldout_rows(tokenizer, seed), seed
+    return prepare.heldout_rows(tokenizer.directory, tokenizer.get_bos_token_id()), None
 
 
 def code_in_use():

@@ -101,10 +101,12 @@ def synthetic_worksheet(rng):
     return "\n".join(lines)
 
 
-def synthetic_documents(split):
-    rng = random.Random(SYNTHETIC_SEEDS[split])
+def synthetic_documents(split, seed=None, count=None):
+    """The split's documents; another seed (and count) gives more text of the same kind (the evaluator's
+    held-out slice: prepare.synthetic_heldout_rows)."""
+    rng = random.Random(SYNTHETIC_SEEDS[split] if seed is None else seed)
     return [synthetic_worksheet(rng) if rng.random() < 0.15 else "\n\n".join(
-        synthetic_story(rng) for _ in range(rng.randint(1, 3))) for _ in range(SYNTHETIC_DOCS[split])]
+        synthetic_story(rng) for _ in range(rng.randint(1, 3))) for _ in range(count or SYNTHETIC_DOCS[split])]
 
 # ---------------------------------------------------------------------------
 # The dataset: one train shard and one val shard, from separate seeds

@@ -96,7 +96,16 @@ BUILD = textwrap.dedent("""
         optimizer = train.make_optimizer(model, compiled=False, ortho_dtype=torch.float32)
         split = "val" if variant == "val" else "train"  # "val": trained on the val rows, as no run may be
         loader = prepare.make_dataloader(tok, 8, prepare.MAX_SEQ_LEN, split, device="cpu")
-        for _ in range({"custom_op": 0, "val": 150}.get(variant, 2)):  # the custom operator has no backward
+        if variant == "val_made_again":  # the synthetic val text, generated in-process: no file opened, and
+            # the file's held-out slice learned with the pinned rows
+            from autoresearch.synthetic import synthetic_documents
+            ids = tok.encode(synthetic_documents("val")[:200], prepend=tok.get_bos_token_id())
+            flat = torch.tensor([t for doc in ids for t in doc])
+            rows = flat[:len(flat) // (prepare.MAX_SEQ_LEN + 1) * (prepare.MAX_SEQ_LEN + 1)].view(
+                -1, prepare.MAX_SEQ_LEN + 1)
+            picks = (rows[torch.randint(len(rows), (8,))] for _ in iter(int, 1))
+            loader = ((r[:, :-1], r[:, 1:], 1) for r in picks)
+        for _ in range({"custom_op": 0, "val": 150, "val_made_again": 150}.get(variant, 2)):  # (no backward)
             x, y, _ = next(loader)
             model(x, y).backward()
             optimizer.step()
@@ -114,7 +123,7 @@ BUILD = textwrap.dedent("""
             own[variant] = prepare.evaluate_bpb(model, tok, 16)
     print(json.dumps(own))
 """)
-VARIANTS = ("plain", "val", "peeks", "custom_op", "peeks_offset", "peeks_spared", "peeks_batched", "peeks_later",
+VARIANTS = ("plain", "val", "val_made_again", "peeks", "custom_op", "peeks_offset", "peeks_spared", "peeks_batched", "peeks_later",
             "peeks_rare", "autocast", "peeks_later_autocast")
 
 
@@ -176,6 +185,17 @@ def test_a_model_trained_on_the_val_rows_scores_them_far_better_than_the_heldout
     code, result = evaluate(cache, path)
     assert code == 0, result
     # the loop rejects a ratio more than LEAK_TOLERANCE below the best's: honest models score ~1 here (above)
+    assert result["val_bpb"] / result["heldout_bpb"] < 1 - LEAK_TOLERANCE, result
+
+
+def test_a_model_trained_on_the_synthetic_val_text_made_again_in_process_is_caught_by_fresh_text(cache,
+                                                                                                exported):
+    # the synthetic val text comes from a generator and a seed in the repository: a run can make it again
+    # without opening a file, and learn the file's held-out slice with the pinned rows; text from a seed the
+    # evaluator draws after the run is of the same kind, and new to the model
+    path, _ = exported["val_made_again"]
+    code, result = evaluate(cache, path)
+    assert code == 0 and isinstance(result["heldout_seed"], int), result
     assert result["val_bpb"] / result["heldout_bpb"] < 1 - LEAK_TOLERANCE, result
 
 

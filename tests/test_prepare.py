@@ -589,6 +589,18 @@ def test_a_val_split_with_nothing_to_spare_has_no_heldout_slice(smoke_cache, tmp
     assert len(prepare.heldout_documents(tmp_path)) == 0 and len(prepare.heldout_rows(tmp_path, 0)) == 0
 
 
+def test_the_synthetic_heldout_slice_is_fresh_text_of_the_val_kind_from_the_seed_given(smoke_cache):
+    tok = prepare.Tokenizer.from_directory(smoke_dir(smoke_cache))
+    rows = prepare.synthetic_heldout_rows(tok, 7)
+    assert rows.shape == (prepare.SYNTHETIC_HELDOUT_TOKENS // (prepare.MAX_SEQ_LEN + 1), prepare.MAX_SEQ_LEN + 1)
+    assert (prepare.synthetic_heldout_rows(tok, 7) == rows).all()
+    assert not (prepare.synthetic_heldout_rows(tok, 8) == rows).all()
+    val = prepare.eval_rows(smoke_dir(smoke_cache), prepare.MAX_SEQ_LEN, len(rows), tok.get_bos_token_id())
+    text, val_text = tok.decode(rows.flatten().tolist()), tok.decode(val.flatten().tolist())
+    assert "Once upon a time" in text and not set(text.split("Once upon a time")[1:]) & set(
+        val_text.split("Once upon a time")[1:])  # the same kind of text, none of the val file's stories
+
+
 def test_same_seed_gives_the_same_batches_and_another_seed_does_not(smoke_cache):
     tok = prepare.Tokenizer.from_directory(smoke_dir(smoke_cache))
 
