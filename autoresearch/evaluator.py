@@ -242,8 +242,8 @@ def warm_up(path, batch_size=None):
 def evaluate(model_path, expect=None, batch_size=None, data=None):
     """{"val_bpb", "heldout_bpb", "heldout_seed", "eval_seconds", "restored": [...]} for the handed-over model
     (heldout_bpb None when the val split is too small for a held-out slice; heldout_seed: held_out_slice's);
-    EvaluationError if refused. data: the folder of the
-    metric's files (default: the prepared dataset's, in the cache)."""
+    EvaluationError if refused. data: the folder of the metric's files (default: the prepared dataset's, in the
+    cache)."""
     import prepare  # the contract: rows, byte counts and the metric itself
     from torch._dynamo.utils import counters
     start = time.time()
