@@ -392,13 +392,10 @@ def synthetic_heldout_rows(tokenizer, seed):
     """The held-out slice for the synthetic dataset, whose val text a run can make again without opening a file
     (its generator and seed are in the repository) and so learn both the pinned rows and the file's held-out
     slice: text of the same kind from a seed the evaluator draws after the run, packed as heldout_rows packs."""
-    n_rows, capacity, count = SYNTHETIC_HELDOUT_TOKENS // (MAX_SEQ_LEN + 1), MAX_SEQ_LEN + 1, 8
-    while True:  # packing drops no token, and the last, partial row is the only one not yielded
-        docs = tokenizer.encode(synthetic.synthetic_documents("val", seed=seed, count=count),
-                                prepend=tokenizer.get_bos_token_id())
-        if sum(map(len, docs)) >= (n_rows + 1) * capacity:
-            break
-        count *= 2
+    n_rows, capacity = SYNTHETIC_HELDOUT_TOKENS // (MAX_SEQ_LEN + 1), MAX_SEQ_LEN + 1
+    stream, docs = synthetic.synthetic_stream(seed), []
+    while sum(map(len, docs)) < (n_rows + 1) * capacity:  # packing drops no token; only a partial last row
+        docs += tokenizer.encode(list(itertools.islice(stream, 64)), prepend=tokenizer.get_bos_token_id())
     tokens = np.fromiter(itertools.chain.from_iterable(docs), np.int64)
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
     rows = best_fit_rows(document_stream(offsets, shuffle=False, seed=0, epochs=1), capacity)

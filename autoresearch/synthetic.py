@@ -5,6 +5,7 @@ week and arithmetic, plus worksheets of sums: structure that a small model can l
 separate generator seeds.
 """
 
+import itertools
 import random
 
 from autoresearch.cachefiles import FORMAT_VERSION, load_manifest, shard_name, write_dataset
@@ -101,12 +102,17 @@ def synthetic_worksheet(rng):
     return "\n".join(lines)
 
 
-def synthetic_documents(split, seed=None, count=None):
-    """The split's documents; another seed (and count) gives more text of the same kind (the evaluator's
-    held-out slice: prepare.synthetic_heldout_rows)."""
-    rng = random.Random(SYNTHETIC_SEEDS[split] if seed is None else seed)
-    return [synthetic_worksheet(rng) if rng.random() < 0.15 else "\n\n".join(
-        synthetic_story(rng) for _ in range(rng.randint(1, 3))) for _ in range(count or SYNTHETIC_DOCS[split])]
+def synthetic_stream(seed):
+    """Documents without end from one seed: a split's are the first SYNTHETIC_DOCS of its seed's; another seed
+    gives more text of the same kind (the evaluator's held-out text: prepare.synthetic_heldout_rows)."""
+    rng = random.Random(seed)
+    while True:
+        yield synthetic_worksheet(rng) if rng.random() < 0.15 else "\n\n".join(
+            synthetic_story(rng) for _ in range(rng.randint(1, 3)))
+
+
+def synthetic_documents(split):
+    return list(itertools.islice(synthetic_stream(SYNTHETIC_SEEDS[split]), SYNTHETIC_DOCS[split]))
 
 # ---------------------------------------------------------------------------
 # The dataset: one train shard and one val shard, from separate seeds
