@@ -64,7 +64,7 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
         fixes.append(INSTALLED_FIX)
     if why and strict:
         if head() != best:
-            fixes.insert(0, f"`git reset --soft {best[:7]}` (undoes the commits, keeps the changes)")
+            fixes.insert(0, f"`git reset --soft {best}` (undoes the commits, keeps the changes)")
         raise LoopError(f"{' and '.join(why)}; nothing was run. Fix: {', then '.join(fixes)}, then step again")
     note_extra = f"; agent created untracked files (left in place): {', '.join(sorted(untracked_new))}" \
         if untracked_new else ""
@@ -217,15 +217,15 @@ def broken_rules(changed, best, modules=()):
         fixes.append("move them out of the repository (or commit them on a branch of your own)")
     if symlinked_train():
         why.append(f"made {TRAIN} a symlink")
-        fixes.append(f"replace it with a regular file: `git checkout {best[:7]} -- {TRAIN}`")
+        fixes.append(f"replace it with a regular file: `git checkout {best} -- {TRAIN}`")
     others = sorted(changed - {TRAIN})
     if others:
         why.append(f"changed {', '.join(others)} (only {TRAIN} may change)")
         fixes.append(f"set them aside with `git stash push -- {' '.join(others)}` (or undo them with "
-                     f"`git checkout {best[:7]} -- {' '.join(others)}`)")
+                     f"`git checkout {best} -- {' '.join(others)}`)")
     if not Path(TRAIN).exists():
         why.append(f"deleted {TRAIN}")
-        fixes.append(f"restore {TRAIN} with `git checkout {best[:7]} -- {TRAIN}`")
+        fixes.append(f"restore {TRAIN} with `git checkout {best} -- {TRAIN}`")
     return why, fixes
 
 
@@ -236,7 +236,12 @@ def best_run(loop, sha, seed, log, flight):
         f.write(f"\n===== the best, #{loop.best['n']} ({loop.best['commit']}), runs again for a pair =====\n")
     git("checkout", loop.best_commit, "--", TRAIN)
     try:
-        return sealed_run(loop, seed, log, flight, blob_hash(Path(TRAIN).read_bytes()))
+        version = blob_hash(Path(TRAIN).read_bytes())
+        if loop.best.get("train_py") and version != loop.best["train_py"]:  # its runs count as the best's
+            raise LoopError(f"the best's commit {loop.best_commit} holds a {TRAIN} ({version}) other than the one "
+                            f"the ledger measured ({loop.best['train_py']}): nothing was run. Fix: start a new tag "
+                            f"with `uv run agent_loop.py init --tag NEW`")
+        return sealed_run(loop, seed, log, flight, version)
     finally:
         git("checkout", sha, "--", TRAIN)
 

@@ -59,6 +59,19 @@ def short(sha):
     return git("rev-parse", "--short=7", sha)
 
 
+def commit_named(prefix):
+    """The full id of the one commit whose id begins with `prefix` (the ledger's short ids), looked up among
+    objects only: `git rev-parse` takes a branch or tag of that name first (with a warning on stderr), and the
+    agent can make one, so that another commit than the ledger's would run as the best."""
+    found = [sha for sha in (git("rev-parse", f"--disambiguate={prefix}", check=False) or "").split()
+             if git("cat-file", "-t", sha, check=False) == "commit"]
+    if len(found) != 1:
+        raise LoopError(f"the ledger's commit {prefix} is {'no' if not found else 'more than one'} commit of "
+                        f"this repository{': ' + ', '.join(found) if found else ''}. Fix: start a new tag with "
+                        f"`uv run agent_loop.py init --tag NEW`")
+    return found[0]
+
+
 def git_root():
     root = git("rev-parse", "--show-toplevel", check=False)
     if root is None:

@@ -88,7 +88,7 @@ def check_position(loop, allow_ahead):
         return
     raise LoopError(f"{loop.branch} is at {here[:7]}, not at the best kept commit {best[:7]} "
                     f"(experiment #{loop.best['n']}). Fix: `git branch keep-{here[:7]} {here[:7]} && "
-                    f"git reset --keep {best[:7]}` (your commits stay on branch keep-{here[:7]})")
+                    f"git reset --keep {best}` (your commits stay on branch keep-{here[:7]})")
 
 
 def check_clean(loop):

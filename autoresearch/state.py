@@ -22,7 +22,7 @@ from autoresearch.cachefiles import sha256_of
 from autoresearch.carryover import drop_carryover, remove_tree, unchecked_mark
 from autoresearch.confine import CONFINE_ENV
 from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
-from autoresearch.gitrepo import git
+from autoresearch.gitrepo import commit_named, git
 from autoresearch.installed import RECORD_NAME as INSTALLED_RECORD, InstalledCode
 from autoresearch.layout import (BRANCH_PREFIX, LOGS_DIR, PREPARE, REF_PREFIX, UV_LOCK, LoopError, now_iso,
                                  read_json)
@@ -111,7 +111,7 @@ class Loop:
 
     @property
     def best_commit(self):
-        return git("rev-parse", f"{self.best['commit']}^{{commit}}")
+        return commit_named(self.best["commit"])
 
     def noise(self):
         """The pooled run-to-run noise, from every version's repeated runs."""
@@ -422,11 +422,12 @@ def put_back_profile_pins(tag, config):
     if not rows:
         return None
     baseline = rows[0]["commit"]
-    commit = git("rev-parse", "--verify", "-q", f"{baseline}^{{commit}}", check=False)
-    if commit is None:
+    try:
+        commit = commit_named(baseline)
+    except LoopError:
         raise LoopError(f"the baseline's commit {baseline} of tag {tag} is not one commit of this repository: "
                         f"its {PREPARE} cannot vouch for {config_path(tag)}. Fix: start a new tag with `uv run "
-                        f"agent_loop.py init --tag {tag}b`")
+                        f"agent_loop.py init --tag {tag}b`") from None
     source = git("show", f"{commit}:{PREPARE}", check=False)
     profile = rows[0].get("profile") or config.get("profile")
     pins = profile_pins(source, profile) if source else None

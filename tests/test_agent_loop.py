@@ -210,6 +210,23 @@ def test_step_outside_an_autoresearch_branch_names_init(repo, env):
 # step: keep, discard, crash, timeout, NaN, duplicates
 
 
+def test_a_tag_named_like_the_best_commit_never_runs_as_the_best(repo, env):
+    # git takes a ref before an abbreviated id of the same name (a warning on stderr only): an agent's tag named
+    # like the best's short id, on a commit whose train.py is far worse, would run as the best's re-runs, and a
+    # change that is no better would be kept beside it
+    initialised(repo, env)
+    best = rows(repo)[0]["commit"]
+    set_train(repo, VAL_BPB=3.0)
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "the shadow")
+    git(repo, env, "tag", best, "HEAD")
+    git(repo, env, "reset", "-q", "--hard", "HEAD~1")
+    set_train(repo, VAL_BPB=0.99)
+    out = loop(repo, env, "step", "-m", "lower the loss").stdout
+    exp = rows(repo)[1]
+    assert exp["best_val_bpb_runs"] == "1.000000" and exp["best_train_py"] == rows(repo)[0]["train_py"], out
+    assert git(repo, env, "rev-parse", "HEAD~1") == git(repo, env, "rev-parse", "--disambiguate=" + best)
+
+
 def test_step_keeps_a_real_improvement_after_a_confirming_pair_and_prints_one_line(repo, env):
     initialised(repo, env)
     set_train(repo, VAL_BPB=0.99)
