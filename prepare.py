@@ -81,6 +81,7 @@ HELDOUT_TOKENS = EVAL_TOKENS // 8  # the held-out slice of val (see heldout_docu
 # that its own sampling error stays well inside experiment.LEAK_TOLERANCE: smoke's 4096 tokens spread the ratio
 # val/held-out by sd 0.070 across 40 seeds (a trained smoke model), 2**15 (+0.5 s a run) by sd 0.016
 SYNTHETIC_HELDOUT_TOKENS = max(HELDOUT_TOKENS, 2**15)
+FRESH_HELDOUT_DATASETS = ("synthetic",)  # the harness scores synthetic_heldout_rows for these, not the file's slice
 
 # ---------------------------------------------------------------------------
 # Cache layout: raw shards per dataset, artifacts per dataset and profile, the active dataset per profile

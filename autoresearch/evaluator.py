@@ -281,7 +281,7 @@ def held_out_slice(tokenizer):
     the synthetic dataset, whose val text a run can generate again, fresh text from a seed drawn now."""
     import prepare
     meta = json.loads((tokenizer.directory / "meta.json").read_text())  # a metric file: verified above
-    if meta.get("dataset") == "synthetic":
+    if meta.get("dataset") in prepare.FRESH_HELDOUT_DATASETS:
         seed = secrets.randbits(32)
         return prepare.synthetic_heldout_rows(tokenizer, seed), seed
     return prepare.heldout_rows(tokenizer.directory, tokenizer.get_bos_token_id()), None

@@ -307,6 +307,7 @@ def pinned_config(prepare, tag, repeats):
             "cache_dir": str(prepare.CACHE_DIR), "time_budget": prepare.TIME_BUDGET, "max_seq_len": prepare.MAX_SEQ_LEN,
             "base_seed": int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED)), "repeats": repeats,
             "harness_eval": harness_eval, "metric_hashes": hashes, "packages": installed_packages(),
+            "fresh_heldout": harness_eval and prepare.DATASET in getattr(prepare, "FRESH_HELDOUT_DATASETS", ()),
             "confine": os.environ.get(CONFINE_ENV) != "0", "created": now_iso()}
 
 

@@ -496,7 +496,9 @@ def test_ray_makes_each_workers_evaluator_copy_on_every_node_before_any_run(smok
     nodes = tmp_path / f"nodes-{uuid.uuid4().hex[:8]}"
     e = user_env(tmp_path, smoke_cache, AUTORESEARCH_RAY_HOME=str(nodes))
     loop(lab, e, "init", "--tag", "real", "--repeats", "1", timeout=600)
-    hashes = json.loads((lab / ".git" / "autoresearch" / "real" / "init.json").read_text())["metric_hashes"]
+    pinned = json.loads((lab / ".git" / "autoresearch" / "real" / "init.json").read_text())
+    hashes = pinned["metric_hashes"]
+    assert pinned["fresh_heldout"] is True  # synthetic data: its held-out text is fresh from each evaluation
 
     def copy_of(worker):  # metricdata.evaluation_copy's folder for the ledger of the worker's checkout on a node
         ledger = (nodes / f"real-w{worker}" / ".git").resolve() / "autoresearch"
