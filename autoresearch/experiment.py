@@ -89,6 +89,10 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
                        f"[skipped: identical to #{twin['n']}] {description}")
         return (f"skip identical to #{twin['n']} ({twin['commit']}, {twin['status']} val_bpb={twin['val_bpb']}): "
                 f"not run again; {TRAIN} reset to the best")
+    if git("hash-object", TRAIN)[:12] != train_py:  # what runs is the file; what the branch keeps, git's blob
+        raise LoopError(f"git would store a {TRAIN} other than the file (a clean filter or an end-of-line rule in "
+                        f".gitattributes, .git/info/attributes or .git/config): the branch would keep code that "
+                        f"never ran; nothing was run. Fix: remove that rule for {TRAIN}, then step again")
     sha = commit([TRAIN], description) if TRAIN in tree_status()[0] else head()
     log = str(loop.dir / f"{n:03d}-{sha[:7]}.log")
     write_log_header(loop, log, n, sha, best, description)

@@ -21,9 +21,10 @@ def git(*args, check=True):
     """stdout of a git command (trailing newline removed); None on failure when check=False. Bytes
     that are not UTF-8 (a path, a diff of a train.py the agent wrote in latin-1) round-trip as
     surrogates: paths still work as arguments, and files written from it use errors="replace"."""
-    # hooks never run: a hook is code the agent could have written, and overnight nothing may prompt
-    p = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], capture_output=True, text=True,
-                       errors="surrogateescape")
+    # hooks never run: a hook is code the agent could have written, and overnight nothing may prompt; nor do
+    # replacement objects (`git replace`), with which any commit could stand for another
+    p = subprocess.run(["git", "--no-replace-objects", "-c", "core.hooksPath=/dev/null", *args],
+                       capture_output=True, text=True, errors="surrogateescape")
     if p.returncode:
         if check:
             raise LoopError(f"`git {' '.join(args)}` failed: {(p.stderr or p.stdout).strip()}")

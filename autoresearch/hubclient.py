@@ -239,7 +239,8 @@ class HubClient:
         blob = git("rev-parse", f"{sha}:{TRAIN}", check=False) if fetched is not None else None
         if blob is None or blob[:12] in measured_versions(self.loop.rows):
             return None  # unusable, no train.py there, or a version measured here already (our own push, say)
-        source = subprocess.run(["git", "cat-file", "blob", blob], capture_output=True, check=True).stdout
+        source = subprocess.run(["git", "--no-replace-objects", "cat-file", "blob", blob], capture_output=True,
+                                check=True).stdout
         Path(TRAIN).write_bytes(source)
         first = one_line((claim["description"] or "").split("\n")[0], 80)
         description = f"from the hub: {sha[:7]} of {claim['agent_id']} ({first})"

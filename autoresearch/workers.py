@@ -262,8 +262,8 @@ def again(loop, retry):
         paths = []
         for name, rev in (("best", "HEAD"), ("base", retry["base"]), ("exp", retry["commit"])):
             paths.append(Path(tmp) / name)  # the bytes, final newline and line ends included
-            paths[-1].write_bytes(subprocess.run(["git", "cat-file", "blob", f"{rev}:{TRAIN}"], check=True,
-                                                 capture_output=True).stdout)
+            paths[-1].write_bytes(subprocess.run(["git", "--no-replace-objects", "cat-file", "blob", f"{rev}:{TRAIN}"],
+                                                 check=True, capture_output=True).stdout)
         p = subprocess.run(["git", "merge-file", "-p", "-q", *map(str, paths)], capture_output=True)
     description = f"{retry['description']} (again, on top of the new best)"
     if p.returncode != 0:

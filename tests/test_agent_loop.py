@@ -210,21 +210,39 @@ def test_step_outside_an_autoresearch_branch_names_init(repo, env):
 # step: keep, discard, crash, timeout, NaN, duplicates
 
 
-def test_a_tag_named_like_the_best_commit_never_runs_as_the_best(repo, env):
-    # git takes a ref before an abbreviated id of the same name (a warning on stderr only): an agent's tag named
-    # like the best's short id, on a commit whose train.py is far worse, would run as the best's re-runs, and a
-    # change that is no better would be kept beside it
+@pytest.mark.parametrize("stand_in", ["tag", "replace"])
+def test_a_commit_standing_in_for_the_best_never_runs_as_the_best(repo, env, stand_in):
+    # git takes a ref before an abbreviated id of the same name (a warning on stderr only), and a replacement
+    # object (`git replace`) for the commit itself: an agent's shadow commit, whose train.py is far worse, would
+    # run as the best's re-runs, and a change that is no better would be kept beside them
     initialised(repo, env)
     best = rows(repo)[0]["commit"]
     set_train(repo, VAL_BPB=3.0)
     git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "the shadow")
-    git(repo, env, "tag", best, "HEAD")
+    if stand_in == "tag":
+        git(repo, env, "tag", best, "HEAD")
+    else:
+        git(repo, env, "replace", git(repo, env, "rev-parse", "HEAD~1"), "HEAD")
     git(repo, env, "reset", "-q", "--hard", "HEAD~1")
     set_train(repo, VAL_BPB=0.99)
     out = loop(repo, env, "step", "-m", "lower the loss").stdout
     exp = rows(repo)[1]
     assert exp["best_val_bpb_runs"] == "1.000000" and exp["best_train_py"] == rows(repo)[0]["train_py"], out
     assert git(repo, env, "rev-parse", "HEAD~1") == git(repo, env, "rev-parse", "--disambiguate=" + best)
+
+
+def test_a_clean_filter_that_would_commit_another_train_py_than_the_one_that_runs_stops_the_step(repo, env):
+    # git stores what a clean filter (or an end-of-line rule) makes of the file: the branch would keep code that
+    # never ran
+    initialised(repo, env)
+    git(repo, env, "config", "filter.sneak.clean", "sed 's/^VAL_BPB = .*/VAL_BPB = 0.5/'")
+    (repo / ".git" / "info").mkdir(exist_ok=True)
+    (repo / ".git" / "info" / "attributes").write_text("train.py filter=sneak\n")
+    head = git(repo, env, "rev-parse", "HEAD")
+    set_train(repo, VAL_BPB=0.99)
+    p = loop(repo, env, "step", "-m", "lower the loss", check=False)
+    assert p.returncode != 0 and "git would store a train.py other than the file" in p.stderr, p.stderr
+    assert len(rows(repo)) == 1 and git(repo, env, "rev-parse", "HEAD") == head
 
 
 def test_step_keeps_a_real_improvement_after_a_confirming_pair_and_prints_one_line(repo, env):
