@@ -244,12 +244,7 @@ def best_run(loop, sha, seed, log, flight):
         f.write(f"\n===== the best, #{loop.best['n']} ({loop.best['commit']}), runs again for a pair =====\n")
     git("checkout", loop.best_commit, "--", TRAIN)
     try:
-        version = blob_hash(Path(TRAIN).read_bytes())
-        if loop.best.get("train_py") and version != loop.best["train_py"]:  # its runs count as the best's
-            raise LoopError(f"the best's commit {loop.best_commit} holds a {TRAIN} ({version}) other than the one "
-                            f"the ledger measured ({loop.best['train_py']}): nothing was run. Fix: start a new tag "
-                            f"with `uv run agent_loop.py init --tag NEW`")
-        return sealed_run(loop, seed, log, flight, version)
+        return sealed_run(loop, seed, log, flight, loop.best.get("train_py") or blob_hash(Path(TRAIN).read_bytes()))
     finally:
         git("checkout", sha, "--", TRAIN)
 
@@ -260,13 +255,18 @@ def sealed_run(loop, seed, log, flight, version):
     beside the log), train.py itself if the run rewrote it (the next run would be other code under the same
     commit), files in another version's compile cache, and in the evaluator's (seal.HarnessFolder). A worker of
     `--executor ray` has the run made on a node of the cluster, which checks the same (rayexec.run_on_node)."""
+    code = Path(TRAIN).read_bytes()
+    if blob_hash(code) != version:  # the runs are recorded under version: the file must be it, byte for byte
+        raise LoopError(f"the {TRAIN} about to run ({blob_hash(code)}) is not the version its runs would be "
+                        f"recorded under ({version}); nothing was run. Fix: remove what changes {TRAIN} between "
+                        f"git and the file (a filter or end-of-line rule in .gitattributes, .git/info/attributes or "
+                        f".git/config), then run again")
     if getattr(loop.link, "remote", False):
         return loop.link.run_remote(loop, seed, log, version)
     # forced before every run (0.3 s): a resumed step's runs and a worker's too never load what was left there
     modules = untracked_modules()
     bytecode = module_bytecode(force=True, untracked=modules)
     times = write_times([*modules, *bytecode])
-    code = Path(TRAIN).read_bytes()
     cache = loop.compile_cache(version)
     caches = loop.other_compile_caches(version)
     run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache,

@@ -131,7 +131,10 @@ def hidden_by_index_flags():
 
 def differs_from_tree(rev):
     """Paths of rev's tree whose file in the working tree has other content, another kind (a symlink where a
-    file was) or is missing, computed from the bytes on disk, whatever the index says."""
+    file was) or is missing, computed from the bytes on disk, whatever the index says, and never through git's
+    filters: a clean filter the agent configures would hand git the committed bytes of an edited prepare.py (a
+    red team's scaled the metric and got a comment kept), so a repository whose files git stores otherwise than
+    they are on disk (Git LFS, end-of-line conversion) shows them as changed."""
     changed = set()
     for entry in git("ls-tree", "-r", "-z", rev).split("\0"):
         if not entry:
@@ -145,8 +148,6 @@ def differs_from_tree(rev):
             same = file.is_symlink() and git_blob_id(str(file.readlink()).encode()) == blob
         else:
             same = file.is_file() and not file.is_symlink() and git_blob_id(file.read_bytes()) == blob
-        if not same and file.is_file() and not file.is_symlink():  # clean filters (LFS, eol) change the bytes
-            same = git("hash-object", f"--path={path}", "--", path, check=False) == blob
         if not same and not (file.exists() or file.is_symlink()) and path in sparse_outside():
             same = True
         if not same:

@@ -231,6 +231,40 @@ def test_a_commit_standing_in_for_the_best_never_runs_as_the_best(repo, env, sta
     assert git(repo, env, "rev-parse", "HEAD~1") == git(repo, env, "rev-parse", "--disambiguate=" + best)
 
 
+def test_a_smudge_filter_that_checks_out_another_best_train_py_runs_nothing_as_the_best(repo, env):
+    # git writes what a smudge filter makes of the blob: the best's re-run would be other code than the ledger's
+    initialised(repo, env)
+    git(repo, env, "config", "filter.sm.smudge", "sed 's/^VAL_BPB = 1.0 /VAL_BPB = 3.0 /'")
+    git(repo, env, "config", "filter.sm.clean", "cat")
+    (repo / ".git" / "info").mkdir(exist_ok=True)
+    (repo / ".git" / "info" / "attributes").write_text("train.py filter=sm\n")
+    set_train(repo, VAL_BPB=0.99)
+    p = loop(repo, env, "step", "-m", "lower the loss", check=False)
+    assert p.returncode == 2 and "is not the version its runs would be recorded under" in p.stderr, p.stderr
+    assert len(rows(repo)) == 1 and "#1 candidate run" in p.stderr and "#1 best run" not in p.stderr
+
+
+def test_an_edit_to_prepare_py_hidden_from_git_by_a_clean_filter_is_caught(repo, env, tmp_path):
+    # the filter hands git the committed bytes, so `git status` shows nothing; a red team's edit of the metric
+    # in prepare.py, hidden so, got a comment-only change kept
+    initialised(repo, env)
+    original = tmp_path / "prepare.py"
+    original.write_bytes((repo / "prepare.py").read_bytes())
+    git(repo, env, "config", "filter.rt.clean", f"cat {original}")
+    git(repo, env, "config", "filter.rt.smudge", "cat")
+    (repo / ".git" / "info").mkdir(exist_ok=True)
+    (repo / ".git" / "info" / "attributes").write_text("prepare.py filter=rt\n")
+    with open(repo / "prepare.py", "a") as f:
+        f.write("TIME_BUDGET = 2\n")
+    git(repo, env, "add", "prepare.py")
+    assert git(repo, env, "status", "--porcelain", "--untracked-files=no") == ""  # hidden from git
+    set_train(repo, VAL_BPB=0.99)
+    p = loop(repo, env, "step", "-m", "a comment", check=False)
+    assert p.returncode == 2 and "changed prepare.py (only train.py may change); nothing was run" in p.stderr, \
+        p.stdout + p.stderr
+    assert len(rows(repo)) == 1
+
+
 def test_a_clean_filter_that_would_commit_another_train_py_than_the_one_that_runs_stops_the_step(repo, env):
     # git stores what a clean filter (or an end-of-line rule) makes of the file: the branch would keep code that
     # never ran
