@@ -60,12 +60,17 @@ def short(sha):
     return git("rev-parse", "--short=7", sha)
 
 
-def commit_named(prefix):
+def commit_named(prefix, within=None):
     """The full id of the one commit whose id begins with `prefix` (the ledger's short ids), looked up among
     objects only: `git rev-parse` takes a branch or tag of that name first (with a warning on stderr), and the
-    agent can make one, so that another commit than the ledger's would run as the best."""
+    agent can make one, so that another commit than the ledger's would run as the best. When several commits
+    share the prefix (a hub's lab found one sharing a best's 7 digits in 18 s), the one on the first-parent
+    history of `within` (the tag's branch, where every keep and the baseline are) is the ledger's."""
     found = [sha for sha in (git("rev-parse", f"--disambiguate={prefix}", check=False) or "").split()
              if git("cat-file", "-t", sha, check=False) == "commit"]
+    if len(found) > 1 and within:
+        history = set((git("rev-list", "--first-parent", within, check=False) or "").split())
+        found = [sha for sha in found if sha in history] or found
     if len(found) != 1:
         raise LoopError(f"the ledger's commit {prefix} is {'no' if not found else 'more than one'} commit of "
                         f"this repository{': ' + ', '.join(found) if found else ''}. Fix: start a new tag with "

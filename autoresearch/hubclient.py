@@ -24,7 +24,7 @@ from pathlib import Path
 
 import requests
 
-from autoresearch.gitrepo import git, identity
+from autoresearch.gitrepo import commit_named, git, identity
 from autoresearch.layout import TRAIN, LoopError, read_json
 from autoresearch.ledger import ledger_dir, measured_versions, not_judged, one_line, tag_rows, write_atomic
 from autoresearch.proposers import Proposal
@@ -151,8 +151,11 @@ class HubClient:
         try:
             for r in waiting:
                 val, memory = float(r["val_bpb"]), float(r.get("memory_gb") or 0)
+                # the full id: another lab can make a commit that shares the first 7 digits, and the hub could
+                # then name neither
+                full = commit_named(r["commit"], within=f"refs/heads/{self.loop.branch}")
                 self.call("POST", f"/api/channels/{RESULTS_CHANNEL}/posts", json={
-                    "content": f"commit:{r['commit'][:7]} platform:{self.platform} val_bpb:{val:.6f} "
+                    "content": f"commit:{full} platform:{self.platform} val_bpb:{val:.6f} "
                                f"vram_gb:{memory:.1f} | {r['status']}: {r['description']}"})
                 with self.changing_state() as state:
                     state["posted"] = state.get("posted", []) + [r.get("n")]
@@ -236,8 +239,10 @@ class HubClient:
                     state["tried"] = [t for t in state["tried"] if t != sha]
             say(self.loop, f"hub: {e}; the loop goes on without it")
             return None
-        blob = git("rev-parse", f"{sha}:{TRAIN}", check=False) if fetched is not None else None
-        if blob is None or blob[:12] in measured_versions(self.loop.rows):
+        entry = (git("ls-tree", sha, "--", TRAIN, check=False) or "").split() if fetched is not None else []
+        mode, kind, blob = entry[:3] if len(entry) >= 3 else (None, None, "")
+        # a train.py that is no file (a folder, a symlink, a submodule) crashed the loop at its read
+        if kind != "blob" or mode not in ("100644", "100755") or blob[:12] in measured_versions(self.loop.rows):
             return None  # unusable, no train.py there, or a version measured here already (our own push, say)
         source = subprocess.run(["git", "--no-replace-objects", "cat-file", "blob", blob], capture_output=True,
                                 check=True).stdout

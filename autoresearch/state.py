@@ -111,7 +111,7 @@ class Loop:
 
     @property
     def best_commit(self):
-        return commit_named(self.best["commit"])
+        return commit_named(self.best["commit"], within=f"refs/heads/{self.branch}")
 
     def noise(self):
         """The pooled run-to-run noise, from every version's repeated runs."""
@@ -424,7 +424,7 @@ def put_back_profile_pins(tag, config):
         return None
     baseline = rows[0]["commit"]
     try:
-        commit = commit_named(baseline)
+        commit = commit_named(baseline, within=f"refs/heads/{BRANCH_PREFIX}{tag}")
     except LoopError:
         raise LoopError(f"the baseline's commit {baseline} of tag {tag} is not one commit of this repository: "
                         f"its {PREPARE} cannot vouch for {config_path(tag)}. Fix: start a new tag with `uv run "

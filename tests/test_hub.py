@@ -454,6 +454,26 @@ def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, re
         f"from the hub: {honest[:7]}")
 
 
+def test_a_hub_commit_whose_train_py_is_no_file_is_passed_over_and_the_loop_goes_on(hub, repo, lab_env, tmp_path):
+    # a folder named train.py in a hostile lab's commit crashed `run` at the read of its "file"
+    initialised(repo, lab_env)
+    auth, clone = hub.register("hostile"), tmp_path / "hostile"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, env=lab_env, capture_output=True)
+    (clone / "train.py").unlink()
+    (clone / "train.py").mkdir()
+    (clone / "train.py" / "x").write_text("not a train.py\n")
+    subprocess.run(["git", "add", "-A"], cwd=clone, check=True)
+    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "a folder"], cwd=clone,
+                   check=True)
+    subprocess.run(["git", "bundle", "create", "-q", "b.bundle", "HEAD"], cwd=clone, check=True)
+    assert hub.post("/api/git/push", auth, data=(clone / "b.bundle").read_bytes()).status_code == 201
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    hub.post("/api/results", auth, json={"commit": sha, "val_bpb": 0.3, "platform": "here", "status": "keep"})
+    out = loop(repo, lab_env, "run", "--agent", "true", "--hub", hub.url, "--hub-platform", "here",
+               "--max-experiments", "1").stdout
+    assert "hub: trying" not in out and (repo / "train.py").is_file(), out
+
+
 def test_a_hub_claim_not_judged_here_is_tried_again(hub, repo, lab_env, tmp_path):
     if not Path("/proc/stat").exists():
         pytest.skip("needs /proc/stat (Linux)")

@@ -10,6 +10,8 @@ import time
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_agent_loop import env, git, initialised, loop, repo, rows, set_train  # noqa: E402,F401  (fixtures)
 
@@ -227,3 +229,29 @@ def test_an_emptied_evaluator_cache_starts_from_another_loops_that_holds_just_wh
         assert new.clean() == fresh and (fresh / "fx" / "kernel.py").read_text() == "# compiled by t's evaluator"
         only_planted = HarnessFolder(ledger / "x" / "compile-cache" / "evaluator", kin=lambda p: [forged, vouched])
         assert not any(only_planted.clean().iterdir())
+
+
+def test_a_commit_sharing_the_ledgers_short_id_is_told_apart_by_the_branchs_first_parent_history(repo, env):
+    # a hub's lab made a commit sharing a best's 7 digits in 18 s (4 here: the test's own brute force), and
+    # the tag could no longer name its best
+    import hashlib
+    from autoresearch.gitrepo import commit_named
+    from autoresearch.layout import LoopError
+    best = git(repo, env, "rev-parse", "HEAD")
+    tree, prefix = git(repo, env, "rev-parse", "HEAD^{tree}"), best[:4]
+    for nonce in range(10**7):
+        body = f"tree {tree}\nparent {best}\nauthor e <e@e> 0 +0000\ncommitter e <e@e> 0 +0000\n\n{nonce}\n"
+        if hashlib.sha1(b"commit %d\0" % len(body) + body.encode()).hexdigest().startswith(prefix):
+            break
+    twin = subprocess.run(["git", "hash-object", "-t", "commit", "-w", "--stdin"], cwd=repo, env=env, input=body,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    git(repo, env, "update-ref", "refs/hub/twin", twin)  # fetched, off the branch's first-parent history
+    assert twin != best and twin.startswith(prefix)
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        assert commit_named(prefix, within="refs/heads/main") == best
+        with pytest.raises(LoopError, match="more than one commit"):
+            commit_named(prefix)
+    finally:
+        os.chdir(cwd)
