@@ -82,6 +82,10 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
             note_extra += f"; untracked modules moved to {loop.dir / f'{n:03d}-set-aside'}: {', '.join(moved)}"
         return reject(loop, n, best, description, " and ".join(why), started, note_extra)
     train_py = blob_hash(Path(TRAIN).read_bytes())
+    if git("hash-object", TRAIN)[:12] != train_py:  # what runs is the file; what the branch keeps, git's blob
+        raise LoopError(f"git would store a {TRAIN} other than the file (a clean filter or an end-of-line rule in "
+                        f".gitattributes, .git/info/attributes or .git/config): the branch would keep code that "
+                        f"never ran; nothing was run. Fix: remove that rule for {TRAIN}, then step again")
     # a worker's coordinator also knows what the other workers measured since, and what they run now
     twin = loop.link.claim(n, train_py, description) if loop.link else measured_versions(loop.rows).get(train_py)
     if twin:
@@ -89,10 +93,6 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
                        f"[skipped: identical to #{twin['n']}] {description}")
         return (f"skip identical to #{twin['n']} ({twin['commit']}, {twin['status']} val_bpb={twin['val_bpb']}): "
                 f"not run again; {TRAIN} reset to the best")
-    if git("hash-object", TRAIN)[:12] != train_py:  # what runs is the file; what the branch keeps, git's blob
-        raise LoopError(f"git would store a {TRAIN} other than the file (a clean filter or an end-of-line rule in "
-                        f".gitattributes, .git/info/attributes or .git/config): the branch would keep code that "
-                        f"never ran; nothing was run. Fix: remove that rule for {TRAIN}, then step again")
     sha = commit([TRAIN], description) if TRAIN in tree_status()[0] else head()
     log = str(loop.dir / f"{n:03d}-{sha[:7]}.log")
     write_log_header(loop, log, n, sha, best, description)
