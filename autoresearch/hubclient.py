@@ -152,8 +152,11 @@ class HubClient:
             for r in waiting:
                 val, memory = float(r["val_bpb"]), float(r.get("memory_gb") or 0)
                 # the full id: another lab can make a commit that shares the first 7 digits, and the hub could
-                # then name neither
-                full = commit_named(r["commit"], within=f"refs/heads/{self.loop.branch}")
+                # then name neither (a discarded commit, off the branch, stays ambiguous: its short id goes)
+                try:
+                    full = commit_named(r["commit"], within=f"refs/heads/{self.loop.branch}")
+                except LoopError:
+                    full = r["commit"]
                 self.call("POST", f"/api/channels/{RESULTS_CHANNEL}/posts", json={
                     "content": f"commit:{full} platform:{self.platform} val_bpb:{val:.6f} "
                                f"vram_gb:{memory:.1f} | {r['status']}: {r['description']}"})
