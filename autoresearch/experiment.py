@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from autoresearch.decide import BUSY_LOAD, Obs, format_evidence, outcome_line, run_until_decided
-from autoresearch.gitrepo import blob_hash, changed_since, commit, git, head, short, tree_status
+from autoresearch.gitrepo import (blob_hash, changed_since, commands_in_config, commit, git, head, short,
+                                  tree_status)
 from autoresearch.installed import FIX as INSTALLED_FIX
 from autoresearch.layout import PROGRAM, TRAIN, LoopError, now_iso, read_json, to_float
 from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_copies, keep_file, measured_versions,
@@ -51,6 +52,11 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
     deadline (time.monotonic() seconds, `step`): start no run that would end after it. n: the experiment's
     number (a worker's comes from its coordinator), else the next row's."""
     description = one_line(description, DESCRIPTION_MAX) or "(no description)"
+    commands = commands_in_config()
+    if commands:
+        raise LoopError(f"the repository's git config names commands git would run inside the loop, unconfined "
+                        f"({', '.join(commands)}); nothing was run. Fix: "
+                        + " && ".join(f"git config --unset-all {key}" for key in commands) + ", then run again")
     n, best = loop.next_n() if n is None else n, loop.best_commit
     if not strict and git("merge-base", "--is-ancestor", best, "HEAD", check=False) is None:
         git("reset", "-q", "--soft", best)  # the agent rewrote history (amend, rebase): keep its files only
@@ -255,7 +261,7 @@ def sealed_run(loop, seed, log, flight, version):
     beside the log), train.py itself if the run rewrote it (the next run would be other code under the same
     commit), files in another version's compile cache, and in the evaluator's (seal.HarnessFolder). A worker of
     `--executor ray` has the run made on a node of the cluster, which checks the same (rayexec.run_on_node)."""
-    code = Path(TRAIN).read_bytes()
+    code, code_ctime = Path(TRAIN).read_bytes(), os.lstat(TRAIN).st_ctime_ns
     if blob_hash(code) != version:  # the runs are recorded under version: the file must be it, byte for byte
         raise LoopError(f"the {TRAIN} about to run ({blob_hash(code)}) is not the version its runs would be "
                         f"recorded under ({version}); nothing was run. Fix: remove what changes {TRAIN} between "
@@ -278,7 +284,8 @@ def sealed_run(loop, seed, log, flight, version):
         module_bytecode(force=True)
     set_aside(created, Path(log).with_name(f"{Path(log).stem}-set-aside"))
     run.tampered = sorted(set(run.tampered) | set(written) | set(created)
-                          | ({TRAIN} if not Path(TRAIN).is_file() or Path(TRAIN).read_bytes() != code else set())
+                          | ({TRAIN} if not Path(TRAIN).is_file() or Path(TRAIN).read_bytes() != code
+                             or os.lstat(TRAIN).st_ctime_ns != code_ctime else set())
                           | {p for p in set(caches) | set(after) if caches.get(p) != after.get(p)})
     return run
 

@@ -5,6 +5,7 @@ tree, keeps the loop's own outputs ignored, and computes git's blob id of a file
 """
 import functools
 import hashlib
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,10 +22,12 @@ def git(*args, check=True):
     """stdout of a git command (trailing newline removed); None on failure when check=False. Bytes
     that are not UTF-8 (a path, a diff of a train.py the agent wrote in latin-1) round-trip as
     surrogates: paths still work as arguments, and files written from it use errors="replace"."""
-    # hooks never run: a hook is code the agent could have written, and overnight nothing may prompt; nor do
-    # replacement objects (`git replace`), with which any commit could stand for another
-    p = subprocess.run(["git", "--no-replace-objects", "-c", "core.hooksPath=/dev/null", *args],
-                       capture_output=True, text=True, errors="surrogateescape")
+    # hooks never run: a hook is code the agent could have written, and overnight nothing may prompt; nor does
+    # an fsmonitor command (the repository's config names it: a red team's ran inside the loop, unconfined, and
+    # left a process that swapped the runs' models), nor replacement objects (`git replace`), with which any
+    # commit could stand for another
+    p = subprocess.run(["git", "--no-replace-objects", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
+                        *args], capture_output=True, text=True, errors="surrogateescape")
     if p.returncode:
         if check:
             raise LoopError(f"`git {' '.join(args)}` failed: {(p.stderr or p.stdout).strip()}")
@@ -58,6 +61,20 @@ def head():
 
 def short(sha):
     return git("rev-parse", "--short=7", sha)
+
+
+# keys of the repository's own git config (an agent confined to the checkout can write .git/config) with which
+# git runs a command of its choosing inside the loop: filters, diff drivers, and what includes another file
+COMMAND_KEYS = re.compile(r"^(filter\.[^=]*\.(clean|smudge|process)|diff\.[^=]*\.(textconv|command)|diff\.external"
+                          r"|merge\.[^=]*\.driver|core\.(sshcommand|pager|editor|askpass)|include\.path"
+                          r"|includeif\.[^=]*)=", re.I)
+
+
+def commands_in_config():
+    """The keys of the repository's own config (local and worktree scope) with which git would run a command."""
+    listed = git("config", "--list", "--show-scope", check=False) or ""
+    return sorted({line.split("\t", 1)[1].split("=", 1)[0] for line in listed.splitlines()
+                   if line.startswith(("local\t", "worktree\t")) and COMMAND_KEYS.match(line.split("\t", 1)[1])})
 
 
 def commit_named(prefix, within=None):

@@ -946,6 +946,33 @@ def test_train_py_that_rewrites_itself_while_running_is_rejected_before_another_
     assert not (repo / "train.py").read_text().endswith("# rewritten while running\n") and clean_tracked(repo, env)
 
 
+def test_train_py_swapped_and_put_back_while_it_runs_is_rejected(repo, env):
+    # a process the agent left could run other code from the checkout and put the bytes back before the check
+    initialised(repo, env)
+    set_train(repo, MODE="swapback", VAL_BPB=0.5)
+    out = loop(repo, env, "step", "-m", "swaps itself").stdout
+    assert out.startswith("discard rejected: train.py wrote train.py while running (even if it changed them back)")
+
+
+def test_commands_the_repositorys_git_config_names_never_run_inside_the_loop(repo, env, tmp_path):
+    # an agent confined to the checkout can still write .git/config: a red team's fsmonitor command ran inside
+    # the loop, unconfined, and left a process that swapped the runs' models
+    initialised(repo, env)
+    ran = tmp_path / "ran"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    hook.chmod(0o755)
+    git(repo, env, "config", "core.fsmonitor", str(hook))
+    git(repo, env, "config", "diff.x.textconv", str(hook))
+    set_train(repo, VAL_BPB=0.99)
+    p = loop(repo, env, "step", "-m", "lower the loss", check=False)
+    assert p.returncode == 2 and "names commands git would run inside the loop" in p.stderr, p.stderr
+    assert "git config --unset-all diff.x.textconv" in p.stderr and len(rows(repo)) == 1
+    git(repo, env, "config", "--unset-all", "diff.x.textconv")
+    assert loop(repo, env, "step", "-m", "lower the loss").stdout.startswith("keep")
+    assert not ran.exists()  # the fsmonitor command, set all along, never ran
+
+
 # -----------------------------------------------------------------------------
 # run: agents, mutate, interruption and resume
 

@@ -18,7 +18,7 @@ JITTER = 0.0              # and by one no seed repeats (the machine's timing)
 SHAPED = False            # True: val_bpb depends on the hyperparameters (for mutate runs)
 MODE = "ok"               # ok | crash | fail | nan | hang | stubborn | oom | tamper | restore | daemon |
                           # nosummary | twice | selfedit | cachepoison | killparent | readval | forgeeval |
-                          # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback |
+                          # shadow | evalpoison | evalpoisoncrash | evalforge | vanish | ledger | ledgerback | swapback |
                           # ledgerswap | ledgerkill | records | recordsgone | carry | mapped | readlogs | tcp | escape
 SLEEP = 0.0               # seconds of "training"
 DATA_FIRST = False        # True: opens its training data before that "training" (a real run's order)
@@ -81,6 +81,11 @@ if MODE == "restore":  # bends prepare.py for a moment and puts it back before t
     time.sleep(0.05)
     with open("prepare.py", "w") as f:
         f.write(original)
+if MODE == "swapback":  # another train.py for a moment, then its own bytes back: what ran was not the commit
+    own = open(__file__, "rb").read()
+    open(__file__, "wb").write(own + b"# another train.py\n")
+    time.sleep(0.05)
+    open(__file__, "wb").write(own)
 if MODE == "selfedit":  # rewrites itself: the runs after this one would be other code under the same commit
     with open(__file__, "a") as f:
         f.write("VAL_BPB = 2.0  # rewritten while running\n")
