@@ -232,10 +232,12 @@ def test_a_commit_standing_in_for_the_best_never_runs_as_the_best(repo, env, sta
 
 
 def test_a_smudge_filter_that_checks_out_another_best_train_py_runs_nothing_as_the_best(repo, env):
-    # git writes what a smudge filter makes of the blob: the best's re-run would be other code than the ledger's
+    # git writes what a smudge filter makes of the blob: the best's re-run would be other code than the ledger's.
+    # The filters of these tests are in the user's git config (an unconfined agent can write it), which the loop
+    # does not refuse as it refuses the repository's own: what they do is caught all the same
     initialised(repo, env)
-    git(repo, env, "config", "filter.sm.smudge", "sed 's/^VAL_BPB = 1.0 /VAL_BPB = 3.0 /'")
-    git(repo, env, "config", "filter.sm.clean", "cat")
+    git(repo, env, "config", "--global", "filter.sm.smudge", "sed 's/^VAL_BPB = 1.0 /VAL_BPB = 3.0 /'")
+    git(repo, env, "config", "--global", "filter.sm.clean", "cat")
     (repo / ".git" / "info").mkdir(exist_ok=True)
     (repo / ".git" / "info" / "attributes").write_text("train.py filter=sm\n")
     set_train(repo, VAL_BPB=0.99)
@@ -250,8 +252,8 @@ def test_an_edit_to_prepare_py_hidden_from_git_by_a_clean_filter_is_caught(repo,
     initialised(repo, env)
     original = tmp_path / "prepare.py"
     original.write_bytes((repo / "prepare.py").read_bytes())
-    git(repo, env, "config", "filter.rt.clean", f"cat {original}")
-    git(repo, env, "config", "filter.rt.smudge", "cat")
+    git(repo, env, "config", "--global", "filter.rt.clean", f"cat {original}")
+    git(repo, env, "config", "--global", "filter.rt.smudge", "cat")
     (repo / ".git" / "info").mkdir(exist_ok=True)
     (repo / ".git" / "info" / "attributes").write_text("prepare.py filter=rt\n")
     with open(repo / "prepare.py", "a") as f:
@@ -269,7 +271,7 @@ def test_a_clean_filter_that_would_commit_another_train_py_than_the_one_that_run
     # git stores what a clean filter (or an end-of-line rule) makes of the file: the branch would keep code that
     # never ran
     initialised(repo, env)
-    git(repo, env, "config", "filter.sneak.clean", "sed 's/^VAL_BPB = .*/VAL_BPB = 0.5/'")
+    git(repo, env, "config", "--global", "filter.sneak.clean", "sed 's/^VAL_BPB = .*/VAL_BPB = 0.5/'")
     (repo / ".git" / "info").mkdir(exist_ok=True)
     (repo / ".git" / "info" / "attributes").write_text("train.py filter=sneak\n")
     head = git(repo, env, "rev-parse", "HEAD")
