@@ -26,8 +26,8 @@ def git(*args, check=True):
     # an fsmonitor command (the repository's config names it: a red team's ran inside the loop, unconfined, and
     # left a process that swapped the runs' models), nor replacement objects (`git replace`), with which any
     # commit could stand for another
-    p = subprocess.run(["git", "--no-replace-objects", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
-                        *args], capture_output=True, text=True, errors="surrogateescape")
+    p = subprocess.run(["git", "--no-replace-objects", "-c", "core.hooksPath=/dev/null",
+                        "-c", "core.fsmonitor=false", *args], capture_output=True, text=True, errors="surrogateescape")
     if p.returncode:
         if check:
             raise LoopError(f"`git {' '.join(args)}` failed: {(p.stderr or p.stdout).strip()}")
