@@ -250,7 +250,9 @@ def best_run(loop, sha, seed, log, flight):
         f.write(f"\n===== the best, #{loop.best['n']} ({loop.best['commit']}), runs again for a pair =====\n")
     git("checkout", loop.best_commit, "--", TRAIN)
     try:
-        return sealed_run(loop, seed, log, flight, loop.best.get("train_py") or blob_hash(Path(TRAIN).read_bytes()))
+        # the version the ledger measured (the file's own for a ledger from before the column)
+        version = loop.best.get("train_py") or blob_hash(Path(TRAIN).read_bytes())
+        return sealed_run(loop, seed, log, flight, version)
     finally:
         git("checkout", sha, "--", TRAIN)
 
