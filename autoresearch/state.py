@@ -473,12 +473,12 @@ class InFlight:
 
     def mark(self, **state):
         self.state = state
-        for attempt in range(3):  # the agent, running meanwhile, may delete logs/ (`git clean -fdx`)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
+        for attempt in range(3):  # the agent, running meanwhile, may delete logs/ (`git clean -fdx`), even
+            try:                    # between mkdir's "it exists" and its check that it is a folder
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(self.path, json.dumps(state).encode())
                 return
-            except FileNotFoundError:
+            except (FileNotFoundError, FileExistsError):
                 if attempt == 2:
                     raise
 

@@ -1005,6 +1005,29 @@ def test_agent_that_deletes_results_and_logs_gets_them_back(repo, env):
     assert [(r["n"], r["description"]) for r in rows(repo)] == [("0", "baseline"), ("1", "clean up and lower")]
 
 
+def test_the_loops_record_of_its_run_is_written_when_the_agent_deletes_its_folder_as_mkdir_finds_it(
+        tmp_path, monkeypatch):
+    # the race the test above met once in ~50 suites: mkdir found logs/TAG, then `git clean` removed it before
+    # mkdir's check that it is a folder, and the loop died with FileExistsError
+    import pathlib
+    from types import SimpleNamespace
+    from autoresearch.state import InFlight
+    logs = tmp_path / "logs"
+    flight = InFlight(SimpleNamespace(dir=logs / "t"))
+    flight.mark(n=1, phase="agent")
+    is_dir = pathlib.Path.is_dir
+    deleted = []
+
+    def deleted_first(path, *args, **kwargs):
+        if path == logs / "t" and not deleted:
+            shutil.rmtree(logs)
+            deleted.append(path)
+        return is_dir(path, *args, **kwargs)
+    monkeypatch.setattr(pathlib.Path, "is_dir", deleted_first)
+    flight.spawned(os.getpid())
+    assert deleted and flight.read()["pgid"] == os.getpid() and flight.read()["phase"] == "agent"
+
+
 def test_agent_that_changes_nothing_is_skipped_without_training(repo, env):
     initialised(repo, env)
     out = loop(repo, env, "run", "--agent", "echo 'I changed nothing'", "--max-experiments", "2").stdout
