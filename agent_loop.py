@@ -29,7 +29,7 @@ from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_bas
 from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head
 from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
-from autoresearch.ledger import best_row, ensure_results_header, put_back, tag_rows
+from autoresearch.ledger import best_row, ensure_results_header, put_back, refuse_another_ledger, tag_rows
 from autoresearch.preflight import check_clean, check_position, setup_problems, shared_environment
 from autoresearch.process import Stop, raise_stop
 from autoresearch.proposers import make_proposer
@@ -72,6 +72,7 @@ def cmd_init(args):
     if args.repeats < 1:
         raise LoopError(f"--repeats {args.repeats}: the baseline needs at least one run (2 or more measure "
                         f"the noise)")
+    refuse_another_ledger(tag)
     branch = BRANCH_PREFIX + tag
     resume = current_branch() == branch and best_row(tag_rows(tag)) is None
     problems = setup_problems(tag, resume)

@@ -437,8 +437,9 @@ def finish(loop, row, log, started, train_wall):
     """Write the row, then keep (branch stays) or save under refs/ and reset; explain in the log. Returns the
     row as recorded."""
     row["loop_s"] = f"{time.monotonic() - started - train_wall:.2f}"
+    base = loop.best_commit
     if loop.link:  # the coordinator records it; a keep whose base is no longer the best becomes a discard
-        row = loop.link.record(dict(row, worker=str(loop.worker)), base=loop.best_commit, sha=head())
+        row = loop.link.record(dict(row, worker=str(loop.worker)), base=base, sha=head())
     else:
         append_row(row)
     loop.rows.append(row)
@@ -458,7 +459,7 @@ def finish(loop, row, log, started, train_wall):
     with open(log, "a") as f:
         f.write(f"\n===== decision =====\n{row['note']}\n{after}\n"
                 f"loop overhead {overhead:.2f} s (git, parsing, logging; excludes training and the agent)\n")
-    keep_copies(loop.tag, row["n"], log, sha)
+    keep_copies(loop.tag, row["n"], log, sha, base)
     return row
 
 

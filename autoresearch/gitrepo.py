@@ -5,6 +5,7 @@ tree, keeps the loop's own outputs ignored, and computes git's blob id of a file
 """
 import functools
 import hashlib
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -18,6 +19,21 @@ GIT_FALLBACK_IDENTITY = (("user.name", "autoresearch"), ("user.email", "autorese
 # Running git
 
 
+# Variables with which the environment `step` runs in (the agent's shell) would point git at another repository,
+# index or object store than the checkout's, or give commits other parents; the loop's git never sees them.
+GIT_REDIRECTS = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR",
+                 "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_NAMESPACE", "GIT_REPLACE_REF_BASE", "GIT_GRAFT_FILE")
+
+
+def git_env():
+    """The environment of every git command of the loop. .git/info/grafts (deprecated, but git 2.39 still reads
+    it, --no-replace-objects or not) gives any commit other parents: a red team's made an experiment's recorded
+    patch another change than the one that ran. GIT_GRAFT_FILE at an empty file switches it off."""
+    env = {k: v for k, v in os.environ.items() if k not in GIT_REDIRECTS}
+    env["GIT_GRAFT_FILE"] = os.devnull
+    return env
+
+
 def git(*args, check=True):
     """stdout of a git command (trailing newline removed); None on failure when check=False. Bytes
     that are not UTF-8 (a path, a diff of a train.py the agent wrote in latin-1) round-trip as
@@ -27,7 +43,8 @@ def git(*args, check=True):
     # left a process that swapped the runs' models), nor replacement objects (`git replace`), with which any
     # commit could stand for another
     p = subprocess.run(["git", "--no-replace-objects", "-c", "core.hooksPath=/dev/null",
-                        "-c", "core.fsmonitor=false", *args], capture_output=True, text=True, errors="surrogateescape")
+                        "-c", "core.fsmonitor=false", "-c", "advice.graftFileDeprecated=false", *args],
+                       env=git_env(), capture_output=True, text=True, errors="surrogateescape")
     if p.returncode:
         if check:
             raise LoopError(f"`git {' '.join(args)}` failed: {(p.stderr or p.stdout).strip()}")

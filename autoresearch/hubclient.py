@@ -24,7 +24,7 @@ from pathlib import Path
 
 import requests
 
-from autoresearch.gitrepo import commit_named, git, identity
+from autoresearch.gitrepo import commit_named, git, git_env, identity
 from autoresearch.layout import TRAIN, LoopError, read_json
 from autoresearch.ledger import ledger_dir, measured_versions, not_judged, one_line, tag_rows, write_atomic
 from autoresearch.proposers import Proposal
@@ -248,7 +248,7 @@ class HubClient:
         if kind != "blob" or mode not in ("100644", "100755") or blob[:12] in measured_versions(self.loop.rows):
             return None  # unusable, no train.py there, or a version measured here already (our own push, say)
         source = subprocess.run(["git", "--no-replace-objects", "cat-file", "blob", blob], capture_output=True,
-                                check=True).stdout
+                                env=git_env(), check=True).stdout
         Path(TRAIN).write_bytes(source)
         first = one_line((claim["description"] or "").split("\n")[0], 80)
         description = f"from the hub: {sha[:7]} of {claim['agent_id']} ({first})"

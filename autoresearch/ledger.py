@@ -176,17 +176,27 @@ def render_results():
     return True
 
 
-def keep_copies(tag, n, log, commit):
+def keep_copies(tag, n, log, commit, base=None):
     """The experiment's log and its commit as a patch, beside the ledger: what `rm -rf logs` or deleted refs
-    and `git gc` would otherwise take away for good."""
+    and `git gc` would otherwise take away for good. The patch is the change from base (the best it ran
+    against), named by the loop: not from the commit's parent, which the agent chooses (its own commits on top
+    of the best, .git/shallow)."""
     folder = ledger_dir() / tag
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     if log and Path(log).exists():
         shutil.copyfile(log, folder / "logs" / Path(log).name)
-    if commit:
+    if not commit:
+        return
+    if not base:  # the baseline: its own commit
         patch = git("format-patch", "-1", "--stdout", commit, check=False)
-        if patch is not None:
-            (folder / f"{int(n):03d}-{commit[:7]}.patch").write_text(patch + "\n", errors="replace")
+    else:
+        message = git("show", "-s", f"--format=From %H Mon Sep 17 00:00:00 2001%nFrom: %an <%ae>%nDate: %aD%n"
+                                    f"Subject: [PATCH] %s%n%n%b%nthe change from the best, {base}%n---", commit,
+                      check=False)
+        diff = git("diff", "--binary", "--full-index", base, commit, check=False)
+        patch = None if message is None or diff is None else f"{message}\n{diff}"
+    if patch is not None:
+        (folder / f"{int(n):03d}-{commit[:7]}.patch").write_text(patch + "\n", errors="replace")
 
 
 def restore_logs(rows):
@@ -419,6 +429,49 @@ def forget_gone_repositories():
             path.unlink(missing_ok=True)
 
 
+def recorded_elsewhere(tag):
+    """Another ledger of this repository (its main checkout's or a worktree's) where the loop recorded rows of
+    `tag`, when this checkout's ledger is not that one: None when there is none. A tag has one ledger: a
+    worktree's is a fresh folder (and AUTORESEARCH_LEDGER_DIR any folder) with no record of the loop's, whose
+    rows would be taken as they are: a red team's copy of the tag's ledger, with the best's rows made worse,
+    had a comment-only change kept on the tag's branch."""
+    common = Path(git("rev-parse", "--git-common-dir")).resolve()
+    mine = ledger_path().resolve()
+    for record in record_folder().glob("*"):
+        if not record.is_file() or ".old-" in record.name:
+            continue
+        try:
+            head, _, data = record.read_bytes().partition(b"\n")
+            ledger = Path(json.loads(head)["ledger"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if ledger == mine or not ledger.is_relative_to(common) or not ledger.parent.parent.exists():
+            continue  # this ledger, another repository's, or a worktree since removed
+        lines = data.decode(errors="replace").splitlines()
+        header = lines[0].split("\t") if lines else []
+        if "tag" in header and any(len(cells) > header.index("tag") and cells[header.index("tag")] == tag
+                                   for cells in (line.split("\t") for line in lines[1:])):
+            return ledger
+    return None
+
+
+def refuse_another_ledger(tag):
+    """Stop before this checkout's ledger is read or recorded when `tag`'s rows are in another one
+    (recorded_elsewhere), naming where the tag's loop runs."""
+    theirs = recorded_elsewhere(tag)
+    if theirs is None:
+        return
+    git_dir = theirs.parent.parent
+    checkout = git_dir.parent if git_dir.name == ".git" else (
+        Path((git_dir / "gitdir").read_text().strip()).parent if (git_dir / "gitdir").is_file() else git_dir)
+    why = (f" ({LEDGER_ENV} is set: it is for the workers of `run --workers`, which set it themselves)"
+           if os.environ.get(LEDGER_ENV) else "")
+    raise LoopError(f"tag {tag}'s rows are in the ledger {theirs}, which the loop wrote; this checkout's ledger "
+                    f"({ledger_path()}){why} is another, which the loop never wrote for {tag}: nothing was run. "
+                    f"Fix: run the loop in {checkout}, or start a new tag here with "
+                    f"`uv run agent_loop.py init --tag NEW`")
+
+
 def put_back():
     """The ledger and the loop's other records (kept_files) as the loop last wrote them, where something else
     wrote them since: the lines that say what was put back (none when all is as the loop left it)."""
@@ -451,14 +504,15 @@ def put_back_ledger():
 
 
 # The loop's other records in the ledger folder decide how its runs are judged: the config pinned at init, an
-# experiment a `step` left half-confirmed (its runs so far), the untracked modules the seal compares with, what
-# the evaluator's cache held, the evaluator's code outside the repository as first seen. Each is written with
-# keep_file, which keeps a copy beside the ledger's record, and each command puts back an edit of one (an agent
-# between two `step`s) as it does the ledger's. The workers of a tag write some of them at the same time as
-# their coordinator checks them: a lock makes each copy and its file one write.
+# experiment a `step` left half-confirmed (its runs so far), the run in flight (what a killed loop finishes), the
+# untracked modules the seal compares with, what the evaluator's cache held, the evaluator's code outside the
+# repository as first seen. Each is written with keep_file, which keeps a copy beside the ledger's record, and
+# each command puts back an edit of one (an agent between two `step`s) as it does the ledger's. The workers of a
+# tag write some of them at the same time as their coordinator checks them: a lock makes each copy and its file
+# one write.
 
 KEPT = ("*/init.json", "*/pending.json", "*/modules.json", "*/w*/modules.json", "*/compile-cache/evaluator.json",
-        "*/w*/compile-cache/evaluator.json", "*/installed-code.json")
+        "*/w*/compile-cache/evaluator.json", "*/installed-code.json", "*/running.json", "*/w*/running.json")
 
 
 # The records of this process's own folders (remember_records) as it found or last wrote them (path: bytes, or
@@ -604,7 +658,7 @@ def remember_records(folder):
     A process that lives across experiments then puts back what else writes them with their copies alike."""
     if Path(folder) not in OWN_FOLDERS:
         OWN_FOLDERS.append(Path(folder))
-    for name in ("init.json", "pending.json", "modules.json", "compile-cache/evaluator.json"):
+    for name in ("init.json", "pending.json", "modules.json", "compile-cache/evaluator.json", "running.json"):
         path = Path(folder) / name
         if is_kept(path.relative_to(ledger_dir())) and owned(path) and not path.is_symlink():
             KEPT_WRITTEN.setdefault(path, path.read_bytes() if path.is_file() else None)

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from autoresearch.gitrepo import git
+from autoresearch.gitrepo import git, git_env
 from autoresearch.layout import TRAIN, LoopError, read_json
 from autoresearch.ledger import LEDGER_ENV, ledger_dir, write_atomic
 from autoresearch.process import KILL_GRACE_S, kill_leftover, proc_start_time
@@ -144,7 +144,8 @@ def check_node(bundle, sha, config, tag, workers):
 
 def bundle_of_head():
     """A git bundle of HEAD and its history, from the current folder (this repository's scale: under a MB)."""
-    return subprocess.run(["git", "bundle", "create", "-q", "-", "HEAD"], capture_output=True, check=True).stdout
+    return subprocess.run(["git", "bundle", "create", "-q", "-", "HEAD"], capture_output=True, env=git_env(),
+                          check=True).stdout
 
 
 class RayExecutor:

@@ -12,7 +12,7 @@ from pathlib import Path
 from autoresearch.gitrepo import changed_since, commit, current_branch, git, git_root, head, short, tree_status
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, TRAIN, WORKTREES_DIR, LoopError, now_iso
 from autoresearch.ledger import (INTERRUPTED, append_row, keep_file, ledger_dir, ledger_path, put_back,
-                                 remember_records, render_results, restore_logs, tag_rows)
+                                 refuse_another_ledger, remember_records, render_results, restore_logs, tag_rows)
 from autoresearch.preflight import shared_environment, tracked_outputs
 from autoresearch.process import kill_leftover
 from autoresearch.runner import default_timeout, evaluator_data, remove_scratch
@@ -41,7 +41,10 @@ def save_and_reset(loop, name, message):
         commit(sorted(dirty), message)
     if head() == best:
         return None
-    ref = loop.ref(name)
+    ref, k = loop.ref(name), 1
+    while git("rev-parse", "-q", "--verify", ref, check=False) not in (None, head()):
+        k += 1  # never over work saved there before: a running.json the agent wrote named an experiment's number
+        ref = f"{loop.ref(name)}.{k}"
     git("update-ref", ref, head())
     git("reset", "-q", "--hard", best)
     return ref
@@ -123,7 +126,7 @@ def reconcile(loop, reason=KILLED, restart=True):
 
 
 def reconcile_worker(loop, number, reason=KILLED):
-    """What worker `number` of a `run --workers` left in flight (logs/TAG/wN/running.json), finished as reconcile
+    """What worker `number` of a `run --workers` left in flight (its running.json), finished as reconcile
     does, in its worktree (worktrees/TAG-wN), once its process has let go of its lock. With the worktree gone,
     the experiment still gets its row, and its commit a ref. Leaves the worktree at the best when clean."""
     ledger_dir()  # this checkout's ledger, before the worktree (its own git dir) is the current folder
@@ -194,6 +197,7 @@ def open_loop(timeout=None, min_delta=0.0):
         raise LoopError(f"not on an autoresearch branch (on {branch or 'a detached HEAD'}). "
                         f"Start one with `uv run agent_loop.py init --tag mytag`{hint}")
     tag = branch[len(BRANCH_PREFIX):]
+    refuse_another_ledger(tag)
     if problem := tracked_outputs():
         raise LoopError(f"{problem}, then start a new run from there with `init --tag {tag}b`")
     lock(Path(LOGS_DIR) / tag)
@@ -203,7 +207,7 @@ def open_loop(timeout=None, min_delta=0.0):
     remember_records(loop.private_dir)
     repair_records(loop, edited)
     reconcile(loop)
-    for running in sorted(loop.dir.glob("w*/running.json")):  # workers of a `run --workers` that was killed
+    for running in sorted(loop.private_dir.glob("w*/running.json")):  # a killed `run --workers`'s workers
         reconcile_worker(loop, int(running.parent.name[1:]))
     if not loop.rows or loop.rows[0]["status"] != "keep":
         raise LoopError(f"{RESULTS} has no baseline for {tag}: run `uv run agent_loop.py init --tag {tag}` "

@@ -25,6 +25,7 @@ from pathlib import Path
 from autoresearch.carryover import RUN_ONLY, TICK_NS, digests, drop_carryover, unchecked_mark
 from autoresearch.confine import CONFINE_ENV, confined, will_confine
 from autoresearch.fa3 import could_load, download_folders, download_ports
+from autoresearch.gitrepo import git_env
 from autoresearch.handoff import EARLY_ENV, HANDOFF_ENV
 from autoresearch.layout import LOGS_DIR, RESULTS, TRAIN, WORKTREES_DIR, LoopError, now_iso, to_float
 from autoresearch.ledger import LEDGER_ENV, copies_folder, copy_of, ledger_dir, record_file, record_folder
@@ -175,7 +176,7 @@ def train_once(config, timeout, seed, log_path, on_spawn=None, compile_cache=Non
             if unchecked:  # before the seal: the run cannot remove it unseen
                 unchecked.touch()
             ledger = ledger_seal([compile_cache, evaluator_cache.path if evaluator_cache else None, log_path,
-                                  scratch], private)
+                                  scratch, *in_flight_record(private)], private)
             # the compile cache's bytes as the run starts, and those of what it compiled as it opens the data:
             # written through a mapping made before then, a file keeps its ctime (carryover.py)
             before = digests(compile_cache) if compile_cache and sys.platform == "linux" else None
@@ -328,7 +329,7 @@ def unreadable(env):
     top, found = Path.cwd().resolve(), []
     try:
         common = Path(subprocess.run(["git", "rev-parse", "--git-common-dir"], capture_output=True, text=True,
-                                     check=True).stdout.strip()).resolve()
+                                     env=git_env(), check=True).stdout.strip()).resolve()
         found.append(common)
         tops = {top, common.parent}
     except (OSError, subprocess.CalledProcessError):  # not in a repository (bench/gpu_check.py): its folder
@@ -364,6 +365,17 @@ def writable(scratch, compile_cache, env):
 
     downloads = filter(apart, download_folders()) if could_load(env) else []
     return [scratch, compile_cache, *map(str, RUN_ONLY), *downloads]
+
+
+def in_flight_record(private):
+    """The loop's record of the run in flight (state.InFlight) and its copy: the loop writes them while the run
+    trains (the run's process group, for a resumed loop to end it), after the seal, and over them after it."""
+    if private is None:
+        return []
+    try:
+        return [Path(private) / "running.json", copy_of(Path(private) / "running.json")]
+    except (LoopError, ValueError):  # no repository, not in its ledger
+        return []
 
 
 def ledger_seal(skip, private=None):

@@ -300,7 +300,7 @@ class LedgerSeal:
         found = ledger_files(self.folder, self.skip)
         for path in self.outside:
             if path in self.folders:
-                found.update(ledger_files(path))
+                found.update(ledger_files(path, self.skip))
             else:
                 with contextlib.suppress(FileNotFoundError):  # none there, or gone since
                     found[str(path)] = os.lstat(path).st_ctime_ns

@@ -1,7 +1,7 @@
 """
 The loop's state for one tag: the Loop (this tag's rows of results.tsv, the config pinned at init in
 .git/autoresearch/TAG/init.json, the limits and keep rule of this invocation), the lock that allows one agent_loop per
-tag, the experiment in flight (logs/TAG/running.json) and the loop's own record (logs/TAG/loop.log).
+tag, the experiment in flight (.git/autoresearch/TAG/running.json) and the loop's own record (logs/TAG/loop.log).
 """
 import ast
 import fcntl
@@ -454,7 +454,9 @@ def put_back_profile_pins(tag, config):
 
 
 class InFlight:
-    """logs/TAG/running.json names the experiment in flight, so that a killed loop can be resumed.
+    """.git/autoresearch/TAG/running.json (a worker's: TAG/wN/) names the experiment in flight, so that a killed
+    loop can be resumed. A record of the loop's (ledger.KEPT): what the agent writes or deletes there between two
+    `step`s (a crash row for code that never ran, a confirmation called off, an attempt erased) is put back.
     This is the one place that writes and removes it:
 
         with InFlight(loop) as flight:
@@ -465,7 +467,7 @@ class InFlight:
     resumable=False (the baseline, which init simply runs again) removes it on Ctrl-C and SIGTERM too."""
 
     def __init__(self, loop, resumable=True):
-        self.path, self.resumable, self.state = loop.dir / "running.json", resumable, {}
+        self.path, self.resumable, self.state = loop.private_dir / "running.json", resumable, {}
 
     def read(self):
         """What an earlier loop left in flight, or None."""
@@ -473,14 +475,7 @@ class InFlight:
 
     def mark(self, **state):
         self.state = state
-        for attempt in range(3):  # the agent, running meanwhile, may delete logs/ (`git clean -fdx`), even
-            try:                    # between mkdir's "it exists" and its check that it is a folder
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(self.path, json.dumps(state).encode())
-                return
-            except (FileNotFoundError, FileExistsError):
-                if attempt == 2:
-                    raise
+        keep_file(self.path, json.dumps(state).encode())
 
     def spawned(self, pid):
         """A child started (train.py or the agent): its process group and start time let a resumed
@@ -492,5 +487,5 @@ class InFlight:
 
     def __exit__(self, kind, value, traceback):
         if kind is None or (not self.resumable and issubclass(kind, (KeyboardInterrupt, Stop))):
-            self.path.unlink(missing_ok=True)
+            keep_file(self.path, None)
         return False

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git
+from autoresearch.gitrepo import changed_since, current_branch, ensure_ignored, git, git_env
 from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
 from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, put_back,
                                  put_back_own, remember_records, render_results, tag_rows, write_atomic)
@@ -263,7 +263,7 @@ def again(loop, retry):
         for name, rev in (("best", "HEAD"), ("base", retry["base"]), ("exp", retry["commit"])):
             paths.append(Path(tmp) / name)  # the bytes, final newline and line ends included
             paths[-1].write_bytes(subprocess.run(["git", "--no-replace-objects", "cat-file", "blob", f"{rev}:{TRAIN}"],
-                                                 check=True, capture_output=True).stdout)
+                                                 env=git_env(), check=True, capture_output=True).stdout)
         p = subprocess.run(["git", "merge-file", "-p", "-q", *map(str, paths)], capture_output=True)
     description = f"{retry['description']} (again, on top of the new best)"
     if p.returncode != 0:

@@ -409,7 +409,7 @@ def test_a_compile_cache_a_killed_loops_run_wrote_in_unchecked_seeds_no_tag_and_
     git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "lower the loss")
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "step", "-m", "lower the loss"], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    running = repo / "logs" / "k" / "running.json"
+    running = repo / ".git" / "autoresearch" / "k" / "running.json"
 
     def training():
         state = json.loads(running.read_text()) if running.exists() else {}
@@ -1005,28 +1005,6 @@ def test_agent_that_deletes_results_and_logs_gets_them_back(repo, env):
     assert [(r["n"], r["description"]) for r in rows(repo)] == [("0", "baseline"), ("1", "clean up and lower")]
 
 
-def test_the_loops_record_of_its_run_is_written_when_the_agent_deletes_its_folder_as_mkdir_finds_it(
-        tmp_path, monkeypatch):
-    # the race the test above met once in ~50 suites: mkdir found logs/TAG, then `git clean` removed it before
-    # mkdir's check that it is a folder, and the loop died with FileExistsError
-    import pathlib
-    from types import SimpleNamespace
-    from autoresearch.state import InFlight
-    logs = tmp_path / "logs"
-    flight = InFlight(SimpleNamespace(dir=logs / "t"))
-    flight.mark(n=1, phase="agent")
-    is_dir = pathlib.Path.is_dir
-    deleted = []
-
-    def deleted_first(path, *args, **kwargs):
-        if path == logs / "t" and not deleted:
-            shutil.rmtree(logs)
-            deleted.append(path)
-        return is_dir(path, *args, **kwargs)
-    monkeypatch.setattr(pathlib.Path, "is_dir", deleted_first)
-    flight.spawned(os.getpid())
-    assert deleted and flight.read()["pgid"] == os.getpid() and flight.read()["phase"] == "agent"
-
 
 def test_agent_that_changes_nothing_is_skipped_without_training(repo, env):
     initialised(repo, env)
@@ -1062,7 +1040,8 @@ def test_kill_9_during_the_agent_saves_its_partial_edit_on_resume(repo, env, tmp
     agent.chmod(0o755)
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", str(agent)], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for(lambda: (tmp_path / "agent.pid").exists() and "pgid" in (repo / "logs/t/running.json").read_text())
+    running = repo / ".git" / "autoresearch" / "t" / "running.json"
+    assert wait_for(lambda: (tmp_path / "agent.pid").exists() and "pgid" in running.read_text())
     proc.kill()
     proc.wait()
     out = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0").stdout
@@ -1091,7 +1070,7 @@ def test_hours_limit_lets_the_running_experiment_finish_and_starts_no_other(repo
     assert started[0] < limit[0], out                   # said when it stopped, after the one experiment
     assert [r["n"] for r in rows(repo)] == ["0", "1"]
     assert sorted(p.name[:3] for p in (repo / "logs" / "t").glob("0*.log")) == ["000", "001"]
-    assert not (repo / "logs" / "t" / "running.json").exists() and clean_tracked(repo, env)
+    assert not (repo / ".git" / "autoresearch" / "t" / "running.json").exists() and clean_tracked(repo, env)
 
 
 def test_mutate_loop_runs_distinct_experiments_and_leaves_the_best(repo, env):
@@ -1113,7 +1092,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(repo, env, request
     initialised(repo, env, tag="k", SLEEP=1.5)
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--max-experiments", "10"],
                             cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    running = repo / "logs" / "k" / "running.json"
+    running = repo / ".git" / "autoresearch" / "k" / "running.json"
 
     def training_second_experiment():  # experiment #2's train.py is running, its row not yet written
         state = json.loads(running.read_text()) if running.exists() else {}
@@ -1188,21 +1167,41 @@ def test_an_environment_hard_linked_to_uvs_cache_is_named_with_the_fix(repo, env
     assert "hard links" not in loop(repo, env, "step", "-m", "same again").stderr  # copies: nothing said
 
 
-def test_a_stale_running_json_never_kills_a_process_that_is_not_ours(repo, env, tmp_path):
+def test_a_running_json_the_agent_writes_between_steps_records_no_run_that_never_happened(repo, env):
+    initialised(repo, env)
+    # a commit on no branch, named in a record of a run "killed" during training: it would get a crash row (a
+    # finding on record that never ran), and its seed would move every later seed
+    ghost = git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit-tree", "HEAD^{tree}", "-p", "HEAD",
+                "-m", "4x wider MLP (val_bpb would have been 0.30)")
+    (repo / ".git" / "autoresearch" / "t" / "running.json").write_text(json.dumps(
+        {"n": 1, "phase": "train", "commit": ghost, "log": "logs/t/001-ghost.log", "seeds": [900]}))
+    set_train(repo, VAL_BPB=0.9)
+    p = loop(repo, env, "step", "-m", "lower")
+    assert "running.json was written by something other than this loop since it last wrote it: set aside" in p.stdout
+    assert [(r["n"], r["status"], r["description"]) for r in rows(repo)] == [
+        ("0", "keep", "baseline"), ("1", "keep", "lower")]
+    assert all(int(seed) < 900 for seed in rows(repo)[1]["seeds"].split(","))
+
+
+def test_a_stale_running_json_never_kills_a_process_that_is_not_ours(repo, env, tmp_path, monkeypatch):
+    from autoresearch import ledger
     initialised(repo, env)
     # someone else's process (a group leader, as a shell job is) now holds the pid that running.json names:
     # the killed loop's child is long gone and the pid was reused, so the start time differs
     other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    monkeypatch.chdir(repo)
+    ledger.ledger_dir.cache_clear()
     try:
         started = int(process.proc_start_time(other.pid))
-        (repo / "logs" / "t" / "running.json").write_text(json.dumps(
-            {"n": 1, "phase": "propose", "pgid": other.pid, "started": str(started - 1)}))
+        ledger.keep_file(repo / ".git" / "autoresearch" / "t" / "running.json", json.dumps(  # as a loop wrote it
+            {"n": 1, "phase": "propose", "pgid": other.pid, "started": str(started - 1)}).encode())
         p = loop(repo, env, "run", "--agent", "mutate", "--max-experiments", "0")
         time.sleep(0.5)                                  # a SIGTERM sent would have ended sleep by now
         assert other.poll() is None and process.proc_start_time(other.pid) == str(started)
         assert "killed the leftover" not in p.stderr and len(rows(repo)) == 1
-        assert not (repo / "logs" / "t" / "running.json").exists()   # reconciled all the same
+        assert not (repo / ".git" / "autoresearch" / "t" / "running.json").exists()   # reconciled all the same
     finally:
+        ledger.ledger_dir.cache_clear()
         other.kill()
         other.wait()
 
@@ -1211,7 +1210,7 @@ def kill_9_during_training(repo, env, *args):
     """Start agent_loop with these arguments, kill -9 it while experiment #1's train.py runs."""
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), *args], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    running = repo / "logs" / "t" / "running.json"
+    running = repo / ".git" / "autoresearch" / "t" / "running.json"
 
     def training():
         state = json.loads(running.read_text()) if running.exists() else {}
@@ -1239,13 +1238,18 @@ def test_resume_never_resets_files_edited_after_a_kill(repo, env):
     assert "VAL_BPB = 0.9" in git(repo, env, "show", "refs/autoresearch/t/discarded/1:train.py")
 
 
-def test_step_after_a_killed_step_runs_the_new_edit_of_train_py(repo, env):
+@pytest.mark.parametrize("running_json", ["left", "deleted"])
+def test_step_after_a_killed_step_runs_the_new_edit_of_train_py(repo, env, running_json):
     initialised(repo, env)
     set_train(repo, VAL_BPB=0.95, SLEEP=60.0)
     kill_9_during_training(repo, env, "step", "-m", "slow")
+    if running_json == "deleted":  # the agent erasing the attempt (its seed would then be used again)
+        (repo / ".git" / "autoresearch" / "t" / "running.json").unlink()
     set_train(repo, VAL_BPB=0.9, SLEEP=0.0)                 # the coding agent moves on to its next idea
     out = loop(repo, env, "step", "-m", "next idea").stdout
     assert "your uncommitted edit of train.py is kept" in out and "keep val_bpb=0.900000" in out
+    assert ("running.json was written by something other than this loop since it last wrote it: made again"
+            in out) == (running_json == "deleted")
     assert [(r["n"], r["status"]) for r in rows(repo)] == [("0", "keep"), ("1", "crash"), ("2", "keep")]
     assert "SLEEP = 60.0" in git(repo, env, "show", "refs/autoresearch/t/discarded/1~1:train.py")
 

@@ -4,6 +4,7 @@ left running can write a row. Hostile stand-ins in real git repositories."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_results_and_logs_added_to_git_by_the_agent_come_back_after_the_reset(re
     # and the loop goes on from there
     loop(repo, env, "run", "--agent", "sed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py; echo next",
          "--max-experiments", "1")
-    assert [r["status"] for r in rows(repo)] == ["keep", "discard", "keep"]
+    assert [r["status"] for r in rows(repo)] == ["keep", "discard", "keep"], rows(repo)[-1]["note"]
 
 
 def test_deleted_logs_are_restored_and_an_edited_results_tsv_is_rendered_again(repo, env):
@@ -64,6 +65,51 @@ def test_a_discarded_experiment_survives_deleted_refs_and_gc(repo, env):
     patches = list((repo / ".git" / "autoresearch" / "t").glob("001-*.patch"))
     assert len(patches) == 1 and "VAL_BPB = 1.5" in patches[0].read_text()
     git(repo, env, "apply", "--check", str(patches[0]))  # still applies on the best commit
+
+
+def test_the_patch_kept_is_the_change_from_the_best_whatever_parent_grafts_give_the_commit(repo, env):
+    initialised(repo, env)
+    best = git(repo, env, "rev-parse", "HEAD")
+    ident = ("-c", "user.name=t", "-c", "user.email=t@t")
+    set_train(repo, VAL_BPB=0.5)  # the change that runs, hidden in a shadow commit on the best
+    git(repo, env, "add", "train.py")
+    shadow = git(repo, env, *ident, "commit-tree", git(repo, env, "write-tree"), "-p", best, "-m", "shadow")
+    git(repo, env, "reset", "-q")
+    with open(repo / "train.py", "a") as f:
+        f.write("# a comment\n")
+    git(repo, env, *ident, "commit", "-qam", "a comment")
+    # .git/info/grafts (git 2.39 reads it, --no-replace-objects or not): the commit's parent is the shadow, and
+    # format-patch -1 would show the comment alone
+    (repo / ".git" / "info" / "grafts").write_text(f"{git(repo, env, 'rev-parse', 'HEAD')} {shadow}\n")
+    loop(repo, env, "step", "-m", "a comment")
+    (patch,) = (repo / ".git" / "autoresearch" / "t").glob("001-*.patch")
+    assert "+VAL_BPB = 0.5" in patch.read_text() and "+# a comment" in patch.read_text()
+    (repo / ".git" / "info" / "grafts").unlink()
+    git(repo, env, "checkout", "-q", best)
+    git(repo, env, "apply", "--check", str(patch))  # on the best's train.py
+
+
+@pytest.mark.parametrize("where", ["worktree", "ledger_env"])
+def test_a_copy_of_the_tags_ledger_with_a_worse_best_runs_nothing(repo, env, where):
+    initialised(repo, env)
+    best = git(repo, env, "rev-parse", "HEAD")
+    ledger = repo / ".git" / "autoresearch"
+    if where == "worktree":  # a worktree's ledger is a folder of its own, with no record of the loop's
+        checkout = repo / "worktrees" / "x"
+        git(repo, env, "worktree", "add", "-q", "-f", str(checkout), "autoresearch/t")
+        forged = repo / ".git" / "worktrees" / "x" / "autoresearch"
+    else:  # AUTORESEARCH_LEDGER_DIR (the workers' coordinator's) set in the agent's shell
+        checkout, forged = repo, repo / ".git" / "autoresearch-x"
+        env = dict(env, AUTORESEARCH_LEDGER_DIR=str(forged))
+    shutil.copytree(ledger, forged, dirs_exist_ok=True)
+    results = forged / "results.tsv"
+    results.write_text(results.read_text().replace("1.000000", "1.500000"))  # the best's runs made worse
+    set_train(checkout, VAL_BPB=1.2)  # worse than the real best
+    p = loop(checkout, env, "step", "-m", "a worse change", check=False)
+    assert p.returncode == 2 and f"tag t's rows are in the ledger {ledger / 'results.tsv'}" in p.stderr, p
+    assert "nothing was run" in p.stderr and f"run the loop in {repo}" in p.stderr
+    assert git(repo, env, "rev-parse", "autoresearch/t") == best and len(rows(repo)) == 1
+    assert len(results.read_text().splitlines()) == 2  # the copy got no row either
 
 
 def test_a_run_that_edits_prepare_py_and_changes_it_back_is_rejected(repo, env):

@@ -293,7 +293,7 @@ def test_kill_9_of_the_coordinator_stops_every_worker_and_the_next_run_resumes_t
     initialised(repo, gpus, SLEEP=3.0)
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--workers", "2"],
                             cwd=repo, env=gpus, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    running = [repo / "logs" / "t" / f"w{i}" / "running.json" for i in (1, 2)]
+    running = [repo / ".git" / "autoresearch" / "t" / f"w{i}" / "running.json" for i in (1, 2)]
 
     def both_training():
         states = [json.loads(p.read_text()) if p.exists() else {} for p in running]
@@ -335,7 +335,7 @@ def test_kill_9_of_the_coordinator_also_ends_the_agents_of_its_workers(repo, gpu
     proc.wait()
     assert wait_for(lambda: all(pid_gone(int(p.read_text())) for p in pids), 20)   # no agent edits on alone
     loop(repo, gpus, "run", "--agent", "mutate", "--max-experiments", "0")
-    assert len(rows(repo)) == 1 and not list((repo / "logs" / "t").glob("w*/running.json"))
+    assert len(rows(repo)) == 1 and not list((repo / ".git" / "autoresearch" / "t").glob("w*/running.json"))
     assert_all_at_best(repo, gpus)
 
 
@@ -377,7 +377,7 @@ def test_a_worker_that_dies_gets_a_crash_row_and_is_started_again(repo, gpus):
     proc = subprocess.Popen([sys.executable, str(AGENT_LOOP), "run", "--agent", "mutate", "--workers", "2",
                              "--max-experiments", "4"], cwd=repo, env=gpus, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
-    running = repo / "logs" / "t" / "w1" / "running.json"
+    running = repo / ".git" / "autoresearch" / "t" / "w1" / "running.json"
 
     def training():
         state = json.loads(running.read_text()) if running.exists() else {}
