@@ -29,7 +29,8 @@ from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_bas
 from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head
 from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
-from autoresearch.ledger import best_row, ensure_results_header, put_back, refuse_another_ledger, tag_rows
+from autoresearch.ledger import (as_last_written, best_row, ensure_results_header, put_back, refuse_another_ledger,
+                                 tag_rows)
 from autoresearch.preflight import check_clean, check_position, setup_problems, shared_environment
 from autoresearch.process import Stop, raise_stop
 from autoresearch.proposers import make_proposer
@@ -236,8 +237,17 @@ def say_done(loop):
 def cmd_report(args):
     path, own_path = args.results or args.path, default_results_path()
     own = path is None or Path(path).resolve() == Path(own_path).resolve()
-    path = path or own_path
-    s = summarize(rows_of_run(path, args.tag))
+    path, text = path or own_path, None
+    ledger = as_last_written() if own and git("rev-parse", "--git-dir", check=False) else None
+    if ledger:  # the loop's rows, not the checkout's rendering of them, which anyone may have edited since
+        if current_branch().startswith(BRANCH_PREFIX):
+            refuse_another_ledger(current_branch()[len(BRANCH_PREFIX):])
+        shown = Path(path).read_text(errors="replace") if Path(path).is_file() else None
+        if shown != ledger[1]:
+            print(f"warning: {path} differs from the rows the loop last wrote: the report reads those "
+                  f"({ledger[0]}; the loop's next command writes {RESULTS} again)", file=sys.stderr)
+        path, text = ledger
+    s = summarize(rows_of_run(path, args.tag, text))
     s["pending"] = pending_of(s["tag"]) if own else None
     if args.json:
         print(json.dumps({"results": path, **s}, indent=1))

@@ -113,12 +113,12 @@ def process_alive(pid):
 # Reading
 
 
-def read_results(path):
-    """Header and rows of a results.tsv, ours or upstream's 5 columns. In ours, a last line
-    without a newline and without all its columns is a row cut by a crash mid-write and is
-    ignored. An empty file has no rows."""
+def read_results(path, text=None):
+    """Header and rows of a results.tsv (or of its text, named path), ours or upstream's 5 columns. In ours, a
+    last line without a newline and without all its columns is a row cut by a crash mid-write and is ignored.
+    An empty file has no rows."""
     try:
-        text = Path(path).read_text(errors="replace")
+        text = Path(path).read_text(errors="replace") if text is None else text
     except FileNotFoundError:
         raise LoopError(f"{path} not found: start a run with `uv run agent_loop.py init --tag TAG`") from None
     if not text.strip():
@@ -470,6 +470,21 @@ def refuse_another_ledger(tag):
                     f"({ledger_path()}){why} is another, which the loop never wrote for {tag}: nothing was run. "
                     f"Fix: run the loop in {checkout}, or start a new tag here with "
                     f"`uv run agent_loop.py init --tag NEW`")
+
+
+def as_last_written():
+    """(where, text) of this repository's rows as the loop last wrote them, for a reader that writes nothing
+    (`report`): the record outside the repository, else the ledger; None where there is neither. results.tsv in
+    the checkout is a rendering anyone can edit after the loop's last command (a keep forged for the morning)."""
+    try:
+        known = last_written()
+        if known is not None:
+            return str(ledger_path()), known.decode(errors="replace")
+        if ledger_path().is_file():
+            return str(ledger_path()), ledger_path().read_text(errors="replace")
+    except (OSError, LoopError):
+        pass
+    return None
 
 
 def put_back():

@@ -27,10 +27,10 @@ def default_results_path():
     return str(Path(root or ".") / RESULTS)
 
 
-def rows_of_run(path, tag=None):
+def rows_of_run(path, tag=None, text=None):
     """The rows of one run: those of `tag`, else of the current branch's run, else of the latest one.
-    An upstream file has no tag column: all its rows."""
-    header, rows = read_results(path)
+    An upstream file has no tag column: all its rows. text: the file's, read already."""
+    header, rows = read_results(path, text)
     if "tag" in header:
         chosen = tag
         if chosen is None:  # the current branch's run, else the latest one

@@ -67,6 +67,21 @@ def test_a_discarded_experiment_survives_deleted_refs_and_gc(repo, env):
     git(repo, env, "apply", "--check", str(patches[0]))  # still applies on the best commit
 
 
+def test_the_morning_report_shows_the_rows_the_loop_wrote_not_a_keep_forged_after_its_last_command(repo, env):
+    initialised(repo, env)
+    commit_train(repo, env, "worse", VAL_BPB=1.5)
+    loop(repo, env, "step", "-m", "worse")
+    real = json.loads(loop(repo, env, "report", "--json").stdout)
+    forged = "\t".join(["abcdef0", "0.500000", "0.0", "keep", "a breakthrough", "t", "2"]) + "\n"
+    for path in (repo / "results.tsv", repo / ".git" / "autoresearch" / "results.tsv"):
+        with open(path, "a") as f:  # the agent's last act of the night: no command of the loop comes after it
+            f.write(forged)
+        p = loop(repo, env, "report", "--json")
+        assert json.loads(p.stdout) == dict(real, results=str(repo / ".git" / "autoresearch" / "results.tsv"))
+        assert "results.tsv differs from the rows the loop last wrote" in p.stderr
+        assert "a breakthrough" not in loop(repo, env, "report").stdout
+
+
 def test_the_patch_kept_is_the_change_from_the_best_whatever_parent_grafts_give_the_commit(repo, env):
     initialised(repo, env)
     best = git(repo, env, "rev-parse", "HEAD")
