@@ -26,7 +26,7 @@ from pathlib import Path
 
 from autoresearch.demo import run_demo
 from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_baseline, run_experiment
-from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head
+from autoresearch.gitrepo import commit_named, current_branch, ensure_ignored, git, git_root, head
 from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
 from autoresearch.ledger import (as_last_written, best_row, ensure_results_header, put_back, refuse_another_ledger,
@@ -249,6 +249,8 @@ def cmd_report(args):
         path, text = ledger
     s = summarize(rows_of_run(path, args.tag, text))
     s["pending"] = pending_of(s["tag"]) if own else None
+    if own and s["tag"] and s["best"]:
+        warn_branch_not_at_best(BRANCH_PREFIX + s["tag"], s["best"]["commit"])
     if args.json:
         print(json.dumps({"results": path, **s}, indent=1))
     else:
@@ -257,6 +259,24 @@ def cmd_report(args):
         plot(s, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def warn_branch_not_at_best(branch, best):
+    """A line when the tag's branch is not at its best commit: the morning's code is the best's, whatever moved
+    the branch after the loop's last command."""
+    tip = git("rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False)
+    try:
+        best = commit_named(best, within=branch)
+    except LoopError:
+        return
+    if tip is None or tip == best:
+        return
+    if git("merge-base", "--is-ancestor", best, tip, check=False) is not None:
+        where = "past the best: a change not judged yet, or one being confirmed"
+    else:
+        where = (f"neither at the best nor past it (moved since). Fix: `git checkout {branch} && "
+                 f"git reset --keep {best}`")
+    print(f"warning: {branch} is at {tip[:7]}, {where}; the best's code is {best[:7]}", file=sys.stderr)
 
 
 def cmd_demo(args):

@@ -80,6 +80,13 @@ def test_the_morning_report_shows_the_rows_the_loop_wrote_not_a_keep_forged_afte
         assert json.loads(p.stdout) == dict(real, results=str(repo / ".git" / "autoresearch" / "results.tsv"))
         assert "results.tsv differs from the rows the loop last wrote" in p.stderr
         assert "a breakthrough" not in loop(repo, env, "report").stdout
+    # and the branch moved to another commit after the loop's last command: said, with the fix
+    best = git(repo, env, "rev-parse", "HEAD")
+    other = git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit-tree", "HEAD^{tree}", "-m", "x")
+    git(repo, env, "reset", "-q", other)
+    p = loop(repo, env, "report")
+    assert f"autoresearch/t is at {other[:7]}, neither at the best nor past it" in p.stderr, p.stderr
+    assert f"git checkout autoresearch/t && git reset --keep {best}" in p.stderr
 
 
 def test_the_patch_kept_is_the_change_from_the_best_whatever_parent_grafts_give_the_commit(repo, env):
