@@ -441,13 +441,13 @@ def recorded_elsewhere(tag):
         if not record.is_file() or ".old-" in record.name:
             continue
         try:
-            head, _, data = record.read_bytes().partition(b"\n")
-            ledger = Path(json.loads(head)["ledger"])
+            with open(record, "rb") as f:
+                ledger = Path(json.loads(f.readline())["ledger"]).resolve()
+                if ledger == mine or not ledger.is_relative_to(common) or not ledger.parent.parent.exists():
+                    continue  # this ledger, another repository's, or a worktree since removed
+                lines = f.read().decode(errors="replace").splitlines()
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if ledger == mine or not ledger.is_relative_to(common) or not ledger.parent.parent.exists():
-            continue  # this ledger, another repository's, or a worktree since removed
-        lines = data.decode(errors="replace").splitlines()
         header = lines[0].split("\t") if lines else []
         if "tag" in header and any(len(cells) > header.index("tag") and cells[header.index("tag")] == tag
                                    for cells in (line.split("\t") for line in lines[1:])):
