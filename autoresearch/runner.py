@@ -110,9 +110,11 @@ class Run:
 
 
 def child_env(config, seed, compile_cache=None):
-    """train.py's environment: the seed, the profile/dataset/cache pinned at init unless set, whether it is
-    confined as pinned at init, and the folder torch.compile caches in (inductor's and triton's), when the loop
-    gives one."""
+    """train.py's environment: the seed, the profile/dataset/cache and the variables that decide what Python and
+    the loader run (state.RUN_ENV) as pinned at init, whatever the shell of a later command says (a `step` whose
+    AUTORESEARCH_CACHE_DIR named a copy of the cache with its training data garbled had the best's re-runs train
+    on it, and a comment-only change kept), whether it is confined as pinned at init, and the folder
+    torch.compile caches in (inductor's and triton's), when the loop gives one."""
     env = dict(os.environ, AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
     env.pop(LEDGER_ENV, None)  # a run has no business with the ledger
     if "confine" in config:  # pinned at init
@@ -124,8 +126,13 @@ def child_env(config, seed, compile_cache=None):
                    TRITON_CACHE_DIR=str(Path(compile_cache) / "triton"))
     for key, field in (("AUTORESEARCH_PROFILE", "profile"), ("AUTORESEARCH_DATASET", "dataset"),
                        ("AUTORESEARCH_CACHE_DIR", "cache_dir")):
-        if not env.get(key) and config.get(field):
+        if config.get(field):
             env[key] = str(config[field])
+    for key, value in (config.get("run_env") or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
     return env
 
 
@@ -462,6 +469,8 @@ def start_evaluator(config, seed, handoff, compile_cache=None, early=None):
                  f"from autoresearch.handoff import stand_aside; stand_aside(); "
                  f"from autoresearch.evaluator import run_and_exit; run_and_exit()")
     env = child_env(config, seed, compile_cache.path if compile_cache else None)  # read only after the word
+    for key in ("LD_PRELOAD", "LD_AUDIT"):  # the harness's code only: no library the agent chose rides along
+        env.pop(key, None)
     out = tempfile.TemporaryFile()
     command = [sys.executable, "-I", "-c", bootstrap, str(handoff), "--wait"]
     group = start_group(command + (["--early", str(early)] if early else []), out, subprocess.STDOUT, env,

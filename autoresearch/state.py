@@ -297,6 +297,13 @@ def import_prepare():
     return prepare
 
 
+# The variables of the shell that starts `init` that decide what Python and the loader run in train.py, pinned
+# for every run of the tag (runner.child_env): a later command's shell (the agent's) cannot set them for some
+# runs only, the best's re-runs say.
+RUN_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONNOUSERSITE", "LD_PRELOAD",
+           "LD_AUDIT")
+
+
 def pinned_config(prepare, tag, repeats):
     """What makes two experiments comparable, from prepare.py, recorded at init. With the real prepare.py
     (it defines the metric), the harness evaluates every run itself, against the metric files' hashes. Whether
@@ -308,7 +315,8 @@ def pinned_config(prepare, tag, repeats):
             "base_seed": int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED)), "repeats": repeats,
             "harness_eval": harness_eval, "metric_hashes": hashes, "packages": installed_packages(),
             "fresh_heldout": harness_eval and prepare.DATASET in getattr(prepare, "FRESH_HELDOUT_DATASETS", ()),
-            "confine": os.environ.get(CONFINE_ENV) != "0", "created": now_iso()}
+            "confine": os.environ.get(CONFINE_ENV) != "0", "run_env": {k: os.environ.get(k) for k in RUN_ENV},
+            "created": now_iso()}
 
 
 def installed_packages():
@@ -359,11 +367,19 @@ def load_config(tag):
         keep_file(config_path(tag), json.dumps(config, indent=1).encode())
     if note := put_back_profile_pins(tag, config):
         print(f"note: {note}", flush=True)
-    for key, field in (("AUTORESEARCH_PROFILE", "profile"), ("AUTORESEARCH_DATASET", "dataset")):
-        if os.environ.get(key) and config.get(field) and os.environ[key] != config[field]:
+    for key, field in (("AUTORESEARCH_PROFILE", "profile"), ("AUTORESEARCH_DATASET", "dataset"),
+                       ("AUTORESEARCH_CACHE_DIR", "cache_dir")):
+        value, pinned = os.environ.get(key), config.get(field)
+        if key == "AUTORESEARCH_CACHE_DIR" and value and pinned:  # the same folder, however it is named
+            value, pinned = str(Path(value).expanduser().resolve()), str(Path(pinned).resolve())
+        if value and pinned and value != pinned:
             raise LoopError(f"{key}={os.environ[key]}, but {BRANCH_PREFIX}{tag} was initialised with "
                             f"{config[field]}: results would not be comparable. Fix: `export {key}="
                             f"{config[field]}` (or `unset {key}`), or start a new tag with `init`")
+    changed = [k for k, v in (config.get("run_env") or {}).items() if os.environ.get(k) != v]
+    if changed:
+        print(f"note: the shell's {', '.join(changed)} not as pinned at init: every run of {tag} has the pinned "
+              f"value", flush=True)
     return config
 
 

@@ -89,6 +89,29 @@ def test_the_morning_report_shows_the_rows_the_loop_wrote_not_a_keep_forged_afte
     assert f"git checkout autoresearch/t && git reset --keep {best}" in p.stderr
 
 
+def test_a_step_whose_shell_names_another_cache_is_refused_and_its_pythonpath_never_reaches_a_run(
+        repo, env, tmp_path):
+    initialised(repo, env)
+    # a copy of the cache whose training data the agent garbled, for the best's re-runs only: refused
+    copy = tmp_path / "copy"
+    shutil.copytree(env["AUTORESEARCH_CACHE_DIR"], copy)
+    commit_train(repo, env, "comment only", VAL_BPB=1.0)
+    p = loop(repo, dict(env, AUTORESEARCH_CACHE_DIR=str(copy)), "step", "-m", "comment only", check=False)
+    assert p.returncode == 2 and f"AUTORESEARCH_CACHE_DIR={copy}, but autoresearch/t was initialised with" in p.stderr
+    assert len(rows(repo)) == 1
+    # the pinned cache named another way is the same cache; a PYTHONPATH set now is not the one pinned at init
+    # (none): a sitecustomize there would run in the best's re-runs alone
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(  # which scripts it ran in (the loop's own Python has it too)
+        f"import atexit, sys\natexit.register(lambda: open({str(tmp_path / 'ran')!r}, 'a').write(sys.argv[0] + '\\n'))\n")
+    named = Path(env["AUTORESEARCH_CACHE_DIR"]).parent / "." / Path(env["AUTORESEARCH_CACHE_DIR"]).name
+    p = loop(repo, dict(env, AUTORESEARCH_CACHE_DIR=str(named), PYTHONPATH=str(site)), "step", "-m", "comment only")
+    assert "the shell's PYTHONPATH not as pinned at init: every run of t has the pinned value" in p.stdout
+    assert rows(repo)[-1]["description"] == "comment only" and "agent_loop.py" in (tmp_path / "ran").read_text()
+    assert "train.py" not in (tmp_path / "ran").read_text()
+
+
 def test_the_patch_kept_is_the_change_from_the_best_whatever_parent_grafts_give_the_commit(repo, env):
     initialised(repo, env)
     best = git(repo, env, "rev-parse", "HEAD")
