@@ -22,7 +22,8 @@ from autoresearch.ledger import (DESCRIPTION_MAX, REJECTED, append_row, keep_cop
                                  one_line, render_results, restore_logs)
 from autoresearch.process import counted_cores
 from autoresearch.resume import save_and_reset, spare_name
-from autoresearch.runner import Run, train_once
+from autoresearch.metricdata import file_stamps
+from autoresearch.runner import Run, metric_folder, train_once
 from autoresearch.seal import (changed_modules, set_aside, symlinked_train, module_bytecode, untracked_modules,
                                write_times, written_since)
 from autoresearch.state import InFlight, environment_changes, say
@@ -269,6 +270,12 @@ def sealed_run(loop, seed, log, flight, version):
                         f"recorded under ({version}); nothing was run. Fix: remove what changes {TRAIN} between "
                         f"git and the file (a filter or end-of-line rule in .gitattributes, .git/info/attributes or "
                         f".git/config), then run again")
+    pinned, folder = loop.config.get("train_data"), metric_folder(loop.config)
+    changed = [name for name, stamp in (pinned or {}).items() if file_stamps(folder, [name])[name] != stamp]
+    if changed:  # an agent between two steps garbled them for the best's re-runs alone, say
+        raise LoopError(f"the training data of tag {loop.tag} changed since init ({', '.join(changed)} in "
+                        f"{folder}): no run now trains on the data the best's runs did; nothing was run. Fix: "
+                        f"prepare it again if it is damaged (`uv run prepare.py`), and start a new tag with `init`")
     if getattr(loop.link, "remote", False):
         return loop.link.run_remote(loop, seed, log, version)
     # forced before every run (0.3 s): a resumed step's runs and a worker's too never load what was left there

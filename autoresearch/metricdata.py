@@ -21,6 +21,20 @@ class MetricDataError(Exception):
     """A metric file is damaged and cannot be restored: the message names the fix."""
 
 
+def file_stamps(directory, names):
+    """{name: [size, mtime_ns, ctime_ns, inode]} of these files (None for one that is missing): the training
+    files, too large to hash before every run, are pinned at init by these; a write, even one changed back,
+    moves the ctime, which no process can set back."""
+    stamps = {}
+    for name in names:
+        try:
+            info = os.stat(Path(directory) / name)
+            stamps[name] = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+        except OSError:
+            stamps[name] = None
+    return stamps
+
+
 def seal_metric_files(directory):
     """Read-only copies of the metric's files and their hashes, in directory/.pristine (idempotent)."""
     directory = Path(directory)

@@ -26,10 +26,11 @@ from autoresearch.gitrepo import commit_named, git
 from autoresearch.installed import RECORD_NAME as INSTALLED_RECORD, InstalledCode
 from autoresearch.layout import (BRANCH_PREFIX, LOGS_DIR, PREPARE, REF_PREFIX, UV_LOCK, LoopError, now_iso,
                                  read_json)
-from autoresearch.metricdata import seal_metric_files
+from autoresearch.metricdata import file_stamps, seal_metric_files
 from autoresearch.ledger import best_row, keep_file, ledger_dir, tag_rows, write_atomic
 from autoresearch.process import KILL_GRACE_S, Stop, counted_cores, proc_start_time
 from autoresearch.seal import harness_folder, untracked_modules
+from autoresearch.valwatch import TRAIN_FILES
 
 DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_SEED overrides at init
 EVALUATOR_CACHE = "evaluator"                # the evaluator's folder among the versions' compile caches
@@ -315,6 +316,7 @@ def pinned_config(prepare, tag, repeats):
             "base_seed": int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED)), "repeats": repeats,
             "harness_eval": harness_eval, "metric_hashes": hashes, "packages": installed_packages(),
             "fresh_heldout": harness_eval and prepare.DATASET in getattr(prepare, "FRESH_HELDOUT_DATASETS", ()),
+            "train_data": harness_eval and file_stamps(prepare.prepared_dir(prepare.DATASET), TRAIN_FILES),
             "confine": os.environ.get(CONFINE_ENV) != "0", "run_env": {k: os.environ.get(k) for k in RUN_ENV},
             "created": now_iso()}
 

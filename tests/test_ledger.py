@@ -112,6 +112,29 @@ def test_a_step_whose_shell_names_another_cache_is_refused_and_its_pythonpath_ne
     assert "train.py" not in (tmp_path / "ran").read_text()
 
 
+def test_training_data_written_between_two_steps_even_changed_back_stops_the_tag_before_any_run(repo, env):
+    from autoresearch.metricdata import file_stamps
+    from autoresearch.valwatch import TRAIN_FILES
+    from test_agent_loop import pin
+    folder = Path(env["AUTORESEARCH_CACHE_DIR"]) / "prepared" / "synthetic" / "smoke"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.bin").write_bytes(bytes(range(256)) * 16)
+    (folder / "train.offsets.npy").write_bytes(b"\0" * 64)
+    initialised(repo, env)
+    pin(repo, train_data=file_stamps(folder, TRAIN_FILES))  # as init pins them with the real prepare.py
+    commit_train(repo, env, "lower", VAL_BPB=0.99)
+    assert loop(repo, env, "step", "-m", "lower").stdout.startswith("keep")
+    # the agent garbles the training data for the best's re-runs of its next step, and puts it back after
+    data = (folder / "train.bin").read_bytes()
+    (folder / "train.bin").write_bytes(data[::-1])
+    (folder / "train.bin").write_bytes(data)
+    commit_train(repo, env, "lower again", VAL_BPB=0.98)
+    p = loop(repo, env, "step", "-m", "lower again", check=False)
+    assert p.returncode == 2 and f"the training data of tag t changed since init (train.bin in {folder})" \
+        in p.stderr and "nothing was run" in p.stderr, p
+    assert len(rows(repo)) == 2
+
+
 def test_the_patch_kept_is_the_change_from_the_best_whatever_parent_grafts_give_the_commit(repo, env):
     initialised(repo, env)
     best = git(repo, env, "rev-parse", "HEAD")
