@@ -246,7 +246,8 @@ def cmd_report(args):
         if shown != ledger[1]:
             print(f"warning: {path} differs from the rows the loop last wrote: the report reads those "
                   f"({ledger[0]}; the loop's next command writes {RESULTS} again)", file=sys.stderr)
-        path, text = ledger
+            path = ledger[0]
+        text = ledger[1]
     s = summarize(rows_of_run(path, args.tag, text))
     s["pending"] = pending_of(s["tag"]) if own else None
     if own and s["tag"] and s["best"]:
