@@ -445,12 +445,10 @@ def recorded_elsewhere(tag):
                 ledger = Path(json.loads(f.readline())["ledger"]).resolve()
                 if ledger == mine or not ledger.is_relative_to(common) or not ledger.parent.parent.exists():
                     continue  # this ledger, another repository's, or a worktree since removed
-                lines = f.read().decode(errors="replace").splitlines()
-        except (OSError, ValueError, KeyError, TypeError):
+                _, rows = read_results(ledger, f.read().decode(errors="replace"))
+        except (OSError, ValueError, KeyError, TypeError, LoopError):
             continue
-        header = lines[0].split("\t") if lines else []
-        if "tag" in header and any(len(cells) > header.index("tag") and cells[header.index("tag")] == tag
-                                   for cells in (line.split("\t") for line in lines[1:])):
+        if any(row.get("tag") == tag for row in rows):
             return ledger
     return None
 

@@ -16,7 +16,7 @@ from autoresearch.ledger import (INTERRUPTED, append_row, keep_file, ledger_dir,
 from autoresearch.preflight import shared_environment, tracked_outputs
 from autoresearch.process import kill_leftover
 from autoresearch.runner import default_timeout, evaluator_data, remove_scratch
-from autoresearch.state import InFlight, Loop, load_config, lock, say, take_lock
+from autoresearch.state import IN_FLIGHT, InFlight, Loop, load_config, lock, say, take_lock
 
 KILLED = f"{INTERRUPTED}: the loop was killed during training (kill -9, reboot)"
 STOPPED = f"{INTERRUPTED}: the loop was stopped (Ctrl-C or SIGTERM) during training"
@@ -207,7 +207,7 @@ def open_loop(timeout=None, min_delta=0.0):
     remember_records(loop.private_dir)
     repair_records(loop, edited)
     reconcile(loop)
-    for running in sorted(loop.private_dir.glob("w*/running.json")):  # a killed `run --workers`'s workers
+    for running in sorted(loop.private_dir.glob(f"w*/{IN_FLIGHT}")):  # a killed `run --workers`'s workers
         reconcile_worker(loop, int(running.parent.name[1:]))
     if not loop.rows or loop.rows[0]["status"] != "keep":
         raise LoopError(f"{RESULTS} has no baseline for {tag}: run `uv run agent_loop.py init --tag {tag}` "

@@ -33,7 +33,7 @@ from autoresearch.metricdata import PRISTINE, MetricDataError, evaluation_copy, 
 from autoresearch.process import (cores_used, counted_cores, cpu_clock, cpu_seconds, end_group, other_work,
                                   run_group, start_group, wait_group)
 from autoresearch.seal import LedgerSeal
-from autoresearch.state import EVALUATOR_CACHE
+from autoresearch.state import EVALUATOR_CACHE, IN_FLIGHT
 from autoresearch.valwatch import DataWatch, cache_dir
 
 # training may overrun the budget by 2%, or by the step that crossed it, if longer: up to STEP_SLACK mean steps
@@ -380,7 +380,7 @@ def in_flight_record(private):
     if private is None:
         return []
     try:
-        return [Path(private) / "running.json", copy_of(Path(private) / "running.json")]
+        return [Path(private) / IN_FLIGHT, copy_of(Path(private) / IN_FLIGHT)]
     except (LoopError, ValueError):  # no repository, not in its ledger
         return []
 

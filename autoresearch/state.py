@@ -34,6 +34,7 @@ from autoresearch.valwatch import TRAIN_FILES
 
 DEFAULT_SEED = 42                            # train.py's default; AUTORESEARCH_SEED overrides at init
 EVALUATOR_CACHE = "evaluator"                # the evaluator's folder among the versions' compile caches
+IN_FLIGHT = "running.json"                   # the run in flight, in the tag's (or worker's) ledger folder
 AOTAUTOGRAD_CACHE = "aotautograd"            # AOTAutograd's entries in a version's (inductor's cache layout)
 
 
@@ -485,7 +486,7 @@ class InFlight:
     resumable=False (the baseline, which init simply runs again) removes it on Ctrl-C and SIGTERM too."""
 
     def __init__(self, loop, resumable=True):
-        self.path, self.resumable, self.state = loop.private_dir / "running.json", resumable, {}
+        self.path, self.resumable, self.state = loop.private_dir / IN_FLIGHT, resumable, {}
 
     def read(self):
         """What an earlier loop left in flight, or None."""
