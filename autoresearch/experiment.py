@@ -36,10 +36,10 @@ STEP_LIMIT_S = float(os.environ.get("AUTORESEARCH_STEP_LIMIT_S", 840))
 # 0.928-0.945 (tinystories); trained on val 0.434-0.449 (synthetic). The synthetic dataset's held-out text is
 # now fresh from each evaluation (prepare.synthetic_heldout_rows): 0.953-1.025 over 40 draws for one model.
 LEAK_TOLERANCE = 0.10
-# ... and for a tag whose held-out text is fresh (init.json's fresh_heldout): 10 honest smoke versions (5 recipes x
-# 2 seeds) averaged 0.997-1.002 over 10 draws each, one draw's sd 0.011-0.014. A red team kept a leak of 12% val
-# rows in its batches under 0.10 (ratio drop 0.076, val_bpb -6%); 0.05 is ~4 sd of one draw.
-FRESH_LEAK_TOLERANCE = 0.05
+# Fresh held-out text (init.json's fresh_heldout) does not allow less: 0.05 there (10 honest smoke versions
+# averaged 0.997-1.002 over 10 draws each, one draw's sd 0.011-0.014) rejected an honest MATRIX_LR 0.05 of a
+# worker on one core (0.950 against a baseline's 1.030), so a red team's 12% of val rows in its batches (ratio
+# drop 0.076, val_bpb -6%) stays under the bar.
 
 
 # -----------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def leaked(loop, runs, best_runs=()):
     steps cannot walk the bar down keep by keep; for a best from before the column, its re-runs made here):
     what training on the validation rows does, not a better model. Else None."""
     gap, best_gap = heldout_gap(runs, worst=True), to_float(loop.best.get("heldout_gap"))
-    tolerance = FRESH_LEAK_TOLERANCE if loop.config.get("fresh_heldout") else LEAK_TOLERANCE
+    tolerance = LEAK_TOLERANCE
     best_gap = heldout_gap(best_runs) if best_gap is None else best_gap
     best_gap = max([g for g in (best_gap, to_float(loop.rows[0].get("heldout_gap"))) if g is not None],
                    default=None)

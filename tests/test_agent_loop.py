@@ -347,19 +347,6 @@ def test_small_leaks_cannot_walk_the_heldout_bar_down_keep_by_keep(repo, env):
     assert rows(repo)[2]["note"].startswith("rejected:") and "against 0.980" in rows(repo)[2]["note"]
 
 
-def test_where_the_heldout_text_is_fresh_a_smaller_leak_is_rejected(repo, env):
-    # the synthetic dataset's (init.json's fresh_heldout): honest ratios vary by ~0.012 there, not by a version's
-    # fit to one fixed slice, and a leak kept under 0.10 was a red team's 6% of val_bpb
-    initialised(repo, env, HELDOUT_BPB=1.0)          # 1.000
-    pin(repo, fresh_heldout=True)
-    set_train(repo, VAL_BPB=0.93, HELDOUT_BPB=1.0)  # 0.930: within 0.10, not within 0.05
-    loop(repo, env, "step", "-m", "some val rows in the batches")
-    note = rows(repo)[1]["note"]
-    assert note.startswith("rejected:") and "allowed drop 0.05" in note, note
-    set_train(repo, VAL_BPB=0.96, HELDOUT_BPB=0.99)  # 0.970 and better on both: a better model
-    assert loop(repo, env, "step", "-m", "a better model").stdout.startswith("keep")
-
-
 def test_a_best_from_before_the_heldout_column_is_held_to_its_re_runs(repo, env):
     initialised(repo, env, HELDOUT_BPB=1.02)
     ledger = repo / ".git" / "autoresearch" / "results.tsv"
