@@ -68,7 +68,8 @@ def run_experiment(loop, flight, description, started, strict, untracked_new=(),
     drift = environment_changes(loop.config)
     if drift:  # torch, say, is not the one the best was measured with: no run now compares with the best's
         why.append(f"the Python environment changed since init ({drift})")
-        fixes.append("put it back with `uv sync --locked` (or start a new tag with `init` in the new one)")
+        fixes.append("put it back with `uv sync --locked`, and remove a .pth file no package installed (or start "
+                     "a new tag with `init` in the new environment)")
     edited = loop.installed_code.edited()
     if edited:  # the metric's own code (torch's cross-entropy, say), edited by an agent between runs
         why.append(f"code the evaluator runs was edited since the tag's first evaluation ({', '.join(edited)})")

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import site
 import subprocess
 import sys
 import tempfile
@@ -463,16 +464,20 @@ def start_evaluator(config, seed, handoff, compile_cache=None, early=None):
     evaluate_handoff's word. Its output goes to a file of its own, unnamed (nothing can open it by a path), so
     that nothing it prints can land inside train.py's."""
     # -I: no PYTHON* variables, and neither the current folder nor a script's is put first on sys.path, so a
-    # module the run left in the repository (torch.py, numpy.py) cannot stand in for the real one. Before any
-    # other import it stands aside: no /proc/PID/fd/0 for train.py to write in, and no timed step slowed
-    bootstrap = (f"import sys; sys.path += [{os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
+    # module the run left in the repository (torch.py, numpy.py) cannot stand in for the real one. -S: no site,
+    # so no code in a .pth file of site-packages (nor a sitecustomize) runs before the evaluator's own: one the
+    # agent wrote there between runs is no module, and code_in_use() would not show it. The environment is set
+    # as site sets it, from this process's. Before any other import it stands aside: no /proc/PID/fd/0 for
+    # train.py to write in, and no timed step slowed
+    bootstrap = (f"import sys; sys.prefix, sys.exec_prefix = {sys.prefix!r}, {sys.exec_prefix!r}; "
+                 f"sys.path += [*{site.getsitepackages()!r}, {os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
                  f"from autoresearch.handoff import stand_aside; stand_aside(); "
                  f"from autoresearch.evaluator import run_and_exit; run_and_exit()")
     env = child_env(config, seed, compile_cache.path if compile_cache else None)  # read only after the word
     for key in ("LD_PRELOAD", "LD_AUDIT"):  # the harness's code only: no library the agent chose rides along
         env.pop(key, None)
     out = tempfile.TemporaryFile()
-    command = [sys.executable, "-I", "-c", bootstrap, str(handoff), "--wait"]
+    command = [sys.executable, "-I", "-S", "-c", bootstrap, str(handoff), "--wait"]
     group = start_group(command + (["--early", str(early)] if early else []), out, subprocess.STDOUT, env,
                         stdin=subprocess.PIPE)
     os.set_blocking(group.proc.stdin.fileno(), False)  # a pipe something else filled cannot hang the loop

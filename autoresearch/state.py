@@ -9,9 +9,10 @@ import functools
 import importlib.metadata
 import json
 import operator
-import shutil
 import os
+import shutil
 import signal
+import site
 import statistics
 import sys
 import time
@@ -316,6 +317,7 @@ def pinned_config(prepare, tag, repeats):
             "cache_dir": str(prepare.CACHE_DIR), "time_budget": prepare.TIME_BUDGET, "max_seq_len": prepare.MAX_SEQ_LEN,
             "base_seed": int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED)), "repeats": repeats,
             "harness_eval": harness_eval, "metric_hashes": hashes, "packages": installed_packages(),
+            "startup_files": startup_files(),
             "fresh_heldout": harness_eval and prepare.DATASET in getattr(prepare, "FRESH_HELDOUT_DATASETS", ()),
             "train_data": harness_eval and file_stamps(prepare.prepared_dir(prepare.DATASET), TRAIN_FILES),
             "confine": os.environ.get(CONFINE_ENV) != "0", "run_env": {k: os.environ.get(k) for k in RUN_ENV},
@@ -333,17 +335,27 @@ def installed_packages():
     return found
 
 
+def startup_files():
+    """{path: sha256 (its first 16 digits)} of the .pth files in this Python's site-packages: site runs their `import` lines at the
+    start of every Python of the environment but the evaluator (runner.start_evaluator), the loop's own
+    included, before any module is imported, so the loop's check of the code it imports cannot see them."""
+    return {str(path): sha256_of(path)[:16]
+            for folder in site.getsitepackages() for path in sorted(Path(folder).glob("*.pth")) if path.is_file()}
+
+
 def environment_changes(config):
-    """What changed in installed_packages() since init, as one phrase; None when nothing did (or the tag was made
-    before init pinned them)."""
-    pinned = config.get("packages")
-    if pinned is None:
-        return None
-    now = installed_packages()
-    changes = ([f"+{name} {now[name]}" for name in sorted(now.keys() - pinned.keys())]
-               + [f"-{name} {pinned[name]}" for name in sorted(pinned.keys() - now.keys())]
-               + [f"{name} {pinned[name]} -> {now[name]}" for name in sorted(now.keys() & pinned.keys())
-                  if now[name] != pinned[name]])
+    """What changed in installed_packages() and startup_files() since init, as one phrase; None when nothing did
+    (or the tag was made before init pinned them)."""
+    changes = []
+    for key, now in (("packages", installed_packages), ("startup_files", startup_files)):
+        pinned = config.get(key)
+        if pinned is None:
+            continue
+        now = now()
+        changes += ([f"+{name} {now[name]}" for name in sorted(now.keys() - pinned.keys())]
+                    + [f"-{name} {pinned[name]}" for name in sorted(pinned.keys() - now.keys())]
+                    + [f"{name} {pinned[name]} -> {now[name]}" for name in sorted(now.keys() & pinned.keys())
+                       if now[name] != pinned[name]])
     return ", ".join(changes) or None
 
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -806,6 +807,24 @@ def test_a_package_installed_after_init_stops_the_step_and_names_the_fix(repo, e
     assert "uv sync --locked" in p.stderr and len(rows(repo)) == 1  # nothing was run
     loop(repo, env, "step", "-m", "the same, in the environment of init")
     assert len(rows(repo)) == 2 and "environment" not in rows(repo)[1]["note"]
+
+
+# every core, alone: while the file is there, a step of the other test process's would see it and stop
+@pytest.mark.whole_machine
+def test_a_pth_file_put_in_site_packages_after_init_stops_the_step_and_names_it(repo, env):
+    # its `import` lines would run in the loop's own Python before any module of the loop's (this one has none)
+    initialised(repo, env)
+    pth = Path(sysconfig.get_path("purelib")) / "zz-autoresearch-test.pth"
+    pth.write_text("# an agent's: import lines here run at the start of every Python of the environment\n")
+    try:
+        set_train(repo, VAL_BPB=0.9)
+        p = loop(repo, env, "step", "-m", "faster, with a startup hook", check=False)
+    finally:
+        pth.unlink()
+    assert p.returncode != 0 and f"Python environment changed since init (+{pth} " in p.stderr, p.stderr
+    assert "remove a .pth file" in p.stderr and len(rows(repo)) == 1  # nothing was run
+    loop(repo, env, "step", "-m", "the same, without it")
+    assert len(rows(repo)) == 2
 
 
 def test_code_the_evaluator_runs_edited_between_steps_stops_the_step_until_its_bytes_are_back(repo, env, tmp_path):

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -411,6 +412,24 @@ def test_a_file_the_evaluator_runs_code_from_edited_between_runs_is_caught_until
     # the original bytes back (as a reinstall puts them): a new ctime, and nothing edited
     assert os.stat(TORCH_TARGET).st_ctime_ns != InstalledCode(record).files[TORCH_TARGET][0]
     assert InstalledCode(record).edited() == []
+
+
+@EDITS_TORCH  # every Python of this environment reads the file (it acts only while this test's flag exists)
+def test_a_pth_file_put_in_the_environment_runs_no_code_in_the_evaluator(cache, plain, tmp_path, monkeypatch):
+    # site runs the `import` lines of every .pth in site-packages at start-up, before any module is imported: an
+    # agent's between runs would patch the metric in the evaluator with no file of code_in_use() to show for it
+    flag, seen = tmp_path / "flag", tmp_path / "seen"
+    pth = Path(sysconfig.get_path("purelib")) / "zz-autoresearch-test.pth"
+    pth.write_text(f"import os, sys; os.path.exists({str(flag)!r}) and "
+                   f"open({str(seen)!r}, 'a').write(repr(sys.orig_argv) + chr(10))\n")
+    try:
+        flag.write_text("")
+        run_touching_torch(tmp_path, monkeypatch, cache, plain, "")
+    finally:
+        pth.unlink()
+    started = seen.read_text().splitlines()
+    assert any("train.py" in line for line in started), started  # the file was live: train.py's Python ran it
+    assert not [line for line in started if "--wait" in line], started  # the evaluator's did not
 
 
 @EDITS_TORCH
