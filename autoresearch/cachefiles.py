@@ -14,9 +14,6 @@ import sys
 import threading
 import time
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 FORMAT_VERSION = 1  # bump to invalidate every prepared artifact
 
 # ---------------------------------------------------------------------------
@@ -85,6 +82,7 @@ def sha256_of(path):
 
 def parquet_problem(path):
     """None if `path` is a readable parquet file with a `text` column, else what is wrong with it."""
+    import pyarrow.parquet as pq  # here and below: every command of the loop imports this module, few need it
     try:
         names = pq.ParquetFile(path).schema_arrow.names
     except Exception as e:  # pyarrow raises several types for truncated or corrupt files
@@ -93,6 +91,7 @@ def parquet_problem(path):
 
 
 def shard_record(path):
+    import pyarrow.parquet as pq
     return {"sha256": sha256_of(path), "bytes": path.stat().st_size,
             "documents": pq.ParquetFile(path).metadata.num_rows}
 
@@ -104,6 +103,8 @@ def load_manifest(folder):
 
 
 def write_shard(path, docs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), tmp, compression="zstd", row_group_size=1024)
     os.replace(tmp, path)
