@@ -329,10 +329,23 @@ def installed_packages():
     removed or upgraded later (`uv pip install` by an agent between steps, an upgrade by hand) is then seen."""
     found = {}
     for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            found.setdefault(name.lower(), dist.version)  # the first on sys.path is the one imported
+        headers = metadata_headers(dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "")
+        if headers.get("name"):
+            found.setdefault(headers["name"].lower(), headers.get("version"))  # the first on sys.path is imported
     return found
+
+
+def metadata_headers(text):
+    """{name, version} from a distribution's METADATA headers, without email.parser's reading of the whole
+    file: each command of the loop reads every installed package's (~0.1 s instead of ~0.01 s)."""
+    headers = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, sep, value = line.partition(":")
+        if sep and key.lower() in ("name", "version"):
+            headers.setdefault(key.lower(), value.strip())
+    return headers
 
 
 def startup_files():
