@@ -27,6 +27,7 @@ from pathlib import Path
 from autoresearch.demo import run_demo
 from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_baseline, run_experiment
 from autoresearch.gitrepo import commit_named, current_branch, ensure_ignored, git, git_root, head
+from autoresearch.handoff import dumpable
 from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
 from autoresearch.ledger import (as_last_written, best_row, ensure_results_header, put_back, refuse_another_ledger,
@@ -410,6 +411,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # other processes of the user's (the agent's, left running) cannot open the loop's pipes and files through
+    # /proc/PID/fd, nor its memory: its word to the evaluator, a worker's pipe
+    dumpable(False)
     signal.signal(signal.SIGTERM, raise_stop)
     try:
         return args.func(args)

@@ -27,6 +27,7 @@ from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
 from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, put_back,
                                  put_back_own, remember_records, render_results, tag_rows, write_atomic)
 from autoresearch.experiment import run_experiment
+from autoresearch.handoff import dumpable
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
 from autoresearch.proposers import Proposal, make_proposer
 from autoresearch.runner import PACKAGE_ROOT, evaluator_data, pinned_config_files, worker_found
@@ -175,6 +176,7 @@ def worker_main(options):
     """A worker's whole life: ask for an experiment, propose, run it, report; until told to stop. A stop or a
     kill leaves running.json, and the next command finishes the experiment (resume.reconcile_worker)."""
     o = json.loads(options)
+    dumpable(False)  # before any agent: a process of the user's could write in its pipes through /proc/PID/fd
     signal.signal(signal.SIGTERM, raise_stop)
     try:
         die_with_parent(o["parent"])
@@ -380,6 +382,7 @@ class Coordinator:
                 self.busy_s += time.monotonic() - t
             for w in self.workers:
                 reconcile_worker(self.loop, w.number, STOPPED)  # each worktree at the best it ended on
+            self.branch_at_best()
         except BaseException:  # Ctrl-C, SIGTERM, an error: no worker goes on without its coordinator
             self.stop_all(STOPPED)
             raise
@@ -391,6 +394,7 @@ class Coordinator:
         if op in ("next", "row"):  # before a worker reads the rows (to judge) or one is added
             self.check_ledger()
         if op == "next":
+            self.branch_at_best()
             why = self.why_stop(w)
             if why:
                 w.finished = True
@@ -403,10 +407,18 @@ class Coordinator:
             return self.answer(w, {"n": w.task["n"], "others": others, "retry": w.task["retry"]})
         if op == "seed":
             self.next_seed += 1
+            if w.task is not None:
+                w.task.setdefault("seeds", []).append(str(self.next_seed - 1))
             return self.answer(w, {"seed": self.next_seed - 1})
         if op == "claim":
             return self.answer(w, {"twin": self.claim(w, message)})
         if op == "row":
+            why = self.not_made_by_its_worker(w, message)
+            if why:
+                raise LoopError(f"w{w.number}'s pipe carried a row for #{message['row'].get('n')} that its worker "
+                                f"did not make ({why}): not recorded, and the run stops. Another process wrote in the "
+                                f"pipe (the agent, through /proc, as root or where the worker is dumpable)")
+            w.task["recorded"] = True
             recorded = self.record(w, message)
             self.answer(w, recorded)
             if self.hub:  # after the answer: a slow hub holds the worker back no longer than it must
@@ -476,6 +488,27 @@ class Coordinator:
         w.task.update(train_py=message["train_py"], description=message["description"])
         return None
 
+    def not_made_by_its_worker(self, w, message):
+        """Why the row in `message` cannot be the one w's worker made for the experiment it was handed, or None.
+        A row with runs must be of the train.py the worker claimed, at a commit that holds it on top of its
+        base, from seeds handed to it for this experiment (a row without runs: a proposal set aside unrun)."""
+        row, sha, task = message["row"], message.get("sha") or "", w.task or {}
+        if str(row.get("n")) != str(task.get("n")) or task.get("recorded"):
+            return f"w{w.number} was handed " + (f"#{task['n']}" + (" and recorded it" if task.get("recorded") else "")
+                                                 if task else "no experiment")
+        seeds = [s for key in ("seeds", "best_seeds") for s in (row.get(key) or "").split(",") if s]
+        if not seeds and row.get("status") != "keep":
+            return None
+        if not task.get("train_py") or row.get("train_py") != task["train_py"]:
+            return "not the train.py it claimed"
+        if set(seeds) - set(task.get("seeds", [])):
+            return "seeds it was not handed"
+        blob = git("rev-parse", "-q", "--verify", f"{sha}:{TRAIN}", check=False) or ""
+        if not sha.startswith(row.get("commit") or "-") or not blob.startswith(task["train_py"]) or git(
+                "merge-base", "--is-ancestor", message.get("base") or "-", sha, check=False) is None:
+            return "its commit does not hold that train.py on top of its base"
+        return None
+
     def record(self, w, message):
         """Append the worker's row to the ledger, the one write of it; on a keep move the branch (and this
         checkout) to the experiment's commit. A keep whose base is no longer the best becomes a discard here:
@@ -496,6 +529,23 @@ class Coordinator:
         if row["status"] == "keep":
             self.move_branch(row, message["sha"], base)
         return {"row": row}
+
+    def branch_at_best(self):
+        """The tag's branch back at the best, where anything but a keep moved it (an agent's `git merge` in this
+        checkout, say): what it held is saved under a ref first. Left as it is, the branch would end the night
+        at a change no run measured, and the next keep could not move it."""
+        branch, best = self.loop.branch, self.loop.best_commit
+        tip = git("rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False)
+        if tip is None or tip == best:
+            return
+        ref = self.loop.ref(spare_name(self.loop, "moved", self.next_n))
+        git("update-ref", ref, tip)
+        back = (git("reset", "-q", "--keep", best, check=False) if current_branch() == branch
+                else git("update-ref", f"refs/heads/{branch}", best, tip, check=False))
+        say(self.loop, f"note: {branch} was at {tip[:7]}, not at the best {best[:7]}: moved by something other than "
+                       f"the loop; " + ("put back at the best" if back is not None else
+                                        f"left as it is (this checkout's changes are in the way: `git stash`, then "
+                                        f"`git reset --keep {best[:7]}`)") + f"; what it held is kept at {ref}")
 
     def move_branch(self, row, sha, base):
         """The tag's branch to a keep: with this checkout (a fast-forward, as the single loop's keep leaves it),

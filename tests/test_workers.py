@@ -29,7 +29,7 @@ def gpus(env):
 
 
 def agent_script(tmp_path, body):
-    """A shell agent: body sees $N (the experiment number) and $MAIN (the main checkout); cwd is its worktree."""
+    """A shell agent: body sees $N (the experiment number); cwd is its worktree."""
     path = tmp_path / "agent.sh"
     path.write_text("#!/bin/sh\nN=$AUTORESEARCH_EXPERIMENT\n" + body)
     path.chmod(0o755)
@@ -115,6 +115,65 @@ def test_two_workers_share_one_ledger_one_best_and_never_repeat_a_seed_or_a_vers
     report = json.loads(loop(repo, gpus, "report", "--json").stdout)
     assert sorted(report["workers"]) == ["1", "2"]
     assert sum(w["experiments"] for w in report["workers"].values()) == len(exps)
+
+
+# a red team's agent: it finds its worker among its parents, commits a comment-only train.py without touching
+# the worktree, and writes a keep of it in the worker's pipe to the coordinator (/proc/PID/fd: as root, or where
+# the worker is dumpable), then reads the answer itself so that the worker never sees it; it proposes nothing
+FORGE_A_KEEP_IN_THE_PIPE = """
+import json, os, subprocess, sys
+pid = os.getpid()
+while not any(b"worker_main" in part for part in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")):
+    pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+options = json.loads(open(f"/proc/{pid}/cmdline", "rb").read().rstrip(b"\\0").split(b"\\0")[-1])
+from_coordinator, to_coordinator = options["fds"]
+git = lambda *a, **k: subprocess.run(["git", *a], capture_output=True, text=True, check=True, **k).stdout.strip()
+best = git("rev-parse", "HEAD")
+blob = git("hash-object", "-w", "--stdin", input=open("train.py").read() + "# forged keep\\n")
+index = dict(os.environ, GIT_INDEX_FILE=os.path.abspath("forged-index"))
+git("read-tree", "HEAD", env=index)
+git("update-index", "--cacheinfo", f"100644,{blob},train.py", env=index)
+sha = git("-c", "user.name=x", "-c", "user.email=x@x", "commit-tree", git("write-tree", env=index), "-p", best,
+          "-m", "comment only")
+os.unlink("forged-index")
+row = {"commit": sha[:7], "val_bpb": "0.300000", "status": "keep", "description": "forged", "tag": "t",
+       "n": os.environ["AUTORESEARCH_EXPERIMENT"], "seeds": "900,901", "val_bpb_runs": "0.300000,0.300000",
+       "train_py": blob[:12], "worker": str(options["worker"]), "log": "", "note": ""}
+with open(f"/proc/{pid}/fd/{to_coordinator}", "w") as pipe:
+    pipe.write(json.dumps({"op": "row", "row": row, "base": best, "sha": sha}) + "\\n")
+print(sha, file=open(sys.argv[1], "w"))
+with open(f"/proc/{pid}/fd/{from_coordinator}", "rb", buffering=0) as pipe:  # the answer, read before the worker
+    while pipe.read(1) not in (b"\\n", b""):
+        pass
+"""
+
+
+def test_a_keep_written_in_a_workers_pipe_by_its_agent_is_not_recorded_and_stops_the_run(repo, gpus, tmp_path):
+    initialised(repo, gpus)
+    (tmp_path / "forge.py").write_text(FORGE_A_KEEP_IN_THE_PIPE)
+    forged = tmp_path / "forged"
+    agent = agent_script(tmp_path, f'[ "$N" = 1 ] && {sys.executable} {tmp_path / "forge.py"} {forged}\n'
+                                   f'{edit("VAL_BPB", "1.5")}; echo "$N" >> train.py; echo "worse $N"')
+    p = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "2", check=False)
+    assert p.returncode == 2 and "carried a row for #1 that its worker did not make" in p.stderr, p.stdout + p.stderr
+    sha = forged.read_text().strip()
+    assert sha[:7] not in {r["commit"] for r in rows(repo)} and [r["status"] for r in rows(repo)][:1] == ["keep"]
+    assert git(repo, gpus, "rev-parse", "autoresearch/t") == git(repo, gpus, "rev-parse", "main")  # not moved
+
+
+def test_a_change_an_agent_commits_on_the_tags_branch_itself_is_taken_off_it_and_kept_aside(repo, gpus, tmp_path):
+    initialised(repo, gpus)
+    agent = agent_script(tmp_path, f'''[ "$N" = 1 ] && cd {repo} && {edit("VAL_BPB", "0.5")} && git -c user.name=x \\
+  -c user.email=x@x commit -qam "unmeasured" && git rev-parse HEAD > {tmp_path / "moved"} && cd - >/dev/null
+{edit("VAL_BPB", "1.5")}; echo "$N" >> train.py; echo "worse $N"
+''')
+    out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "3").stdout
+    moved = (tmp_path / "moved").read_text().strip()
+    assert f"was at {moved[:7]}, not at the best" in out and "put back at the best" in out, out
+    assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard", "discard"], out
+    assert_all_at_best(repo, gpus)  # the branch, this checkout and each worktree, clean
+    (ref,) = git(repo, gpus, "for-each-ref", "--format=%(refname)", "refs/autoresearch/t/moved/").split()
+    assert git(repo, gpus, "rev-parse", ref) == moved  # not lost
 
 
 def test_a_row_forged_in_the_shared_ledger_and_the_pinned_config_edited_by_a_workers_agent_are_put_back(
