@@ -26,7 +26,7 @@ from pathlib import Path
 
 from autoresearch.demo import run_demo
 from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_baseline, run_experiment
-from autoresearch.gitrepo import commit_named, current_branch, ensure_ignored, git, git_root, head
+from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head, row_commit
 from autoresearch.handoff import dumpable
 from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
@@ -252,7 +252,7 @@ def cmd_report(args):
     s = summarize(rows_of_run(path, args.tag, text))
     s["pending"] = pending_of(s["tag"]) if own else None
     if own and s["tag"] and s["best"]:
-        warn_branch_not_at_best(BRANCH_PREFIX + s["tag"], s["best"]["commit"])
+        warn_branch_not_at_best(BRANCH_PREFIX + s["tag"], s["best"])
     if args.json:
         print(json.dumps({"results": path, **s}, indent=1))
     else:
@@ -264,11 +264,11 @@ def cmd_report(args):
 
 
 def warn_branch_not_at_best(branch, best):
-    """A line when the tag's branch is not at its best commit: the morning's code is the best's, whatever moved
-    the branch after the loop's last command."""
+    """A line when the tag's branch is not at its best commit (best: the report's, with its short and full
+    id): the morning's code is the best's, whatever moved the branch after the loop's last command."""
     tip = git("rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False)
     try:
-        best = commit_named(best, within=branch)
+        best = row_commit(best, within=branch)
     except LoopError:
         return
     if tip is None or tip == best:

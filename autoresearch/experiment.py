@@ -165,7 +165,7 @@ def confirm(loop, flight, pending, started, deadline=None):
     distrust = untrusted(loop, n, sha, [r for _, r in done]) or leaked(loop, runs, best_runs)
     status, val, note = ("discard", 0.0, distrust) if distrust else verdict(step, done, loop)
     previous_best = loop.best_val
-    row = experiment_row(loop, n, short(sha), status, pending["description"], runs, val,
+    row = experiment_row(loop, n, sha, status, pending["description"], runs, val,
                          note + pending["note_extra"], log, pending["train_py"])
     row.update(run_columns(best_runs, "best_"), best_train_py=loop.best.get("train_py", "") if best_runs else "",
                evidence=format_evidence(step.evidence) if not distrust else "")
@@ -396,7 +396,7 @@ def reject(loop, n, best, description, why, started, note_extra):
     ref = loop.ref(f"discarded/{n}")
     note = f"{REJECTED}: {why}; saved at {ref}, restore a file with `git checkout {ref} -- FILE`{note_extra}"
     train_py = blob_hash(Path(TRAIN).read_bytes()) if Path(TRAIN).exists() else ""
-    row = experiment_row(loop, n, short(sha), "discard", description, [], 0.0, note, log, train_py)
+    row = experiment_row(loop, n, sha, "discard", description, [], 0.0, note, log, train_py)
     finish(loop, row, log, started, 0.0)
     return outcome_line("discard", 0.0, note, log, None, None, None)
 
@@ -431,7 +431,8 @@ def experiment_row(loop, n, sha, status, description, runs, val, note, log, trai
     ok = [r for r in runs if not r.error]
     first = ok[0].summary if ok else {}
     memory = max((to_float(r.summary.get("peak_vram_mb")) or 0.0 for r in ok), default=0.0) / 1024
-    return {"commit": sha, "val_bpb": f"{val:.6f}", "memory_gb": f"{memory if status != 'crash' else 0:.1f}",
+    return {"commit": short(sha), "sha": sha, "val_bpb": f"{val:.6f}",
+            "memory_gb": f"{memory if status != 'crash' else 0:.1f}",
             "status": status, "description": description, "tag": loop.tag, "n": str(n), **run_columns(runs),
             "training_seconds": first.get("training_seconds", ""),
             "total_seconds": first.get("total_seconds", ""),
@@ -510,7 +511,7 @@ def run_baseline(loop, repeats):
                 return 1
             runs.append(run)
         train_wall = sum(r.wall for r in runs)
-        loop.rows = [experiment_row(loop, 0, short(sha), "keep", "baseline", runs,
+        loop.rows = [experiment_row(loop, 0, sha, "keep", "baseline", runs,
                                     statistics.fmean(r.val for r in runs), "", log,
                                     blob_hash(Path(TRAIN).read_bytes()))]
         sigma = statistics.stdev(r.val for r in runs) if repeats > 1 else None

@@ -112,6 +112,18 @@ def commit_named(prefix, within=None):
     return found[0]
 
 
+def row_commit(row, within=None):
+    """The full id of a ledger row's commit: its `sha` column (a commit of this repository, or the ledger names
+    none), else, in a row from before that column, the one commit its short id names (commit_named)."""
+    sha = row.get("sha") or ""
+    if not sha:
+        return commit_named(row["commit"], within)
+    if not sha.startswith(row["commit"]) or git("cat-file", "-t", sha, check=False) != "commit":
+        raise LoopError(f"the ledger's commit {sha} (#{row.get('n')}) is not a commit of this repository. Fix: "
+                        f"start a new tag with `uv run agent_loop.py init --tag NEW`")
+    return sha
+
+
 def git_root():
     root = git("rev-parse", "--show-toplevel", check=False)
     if root is None:

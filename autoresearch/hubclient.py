@@ -24,7 +24,7 @@ from pathlib import Path
 
 import requests
 
-from autoresearch.gitrepo import commit_named, git, git_env, identity
+from autoresearch.gitrepo import git, git_env, identity, row_commit
 from autoresearch.layout import TRAIN, LoopError, read_json
 from autoresearch.ledger import ledger_dir, measured_versions, not_judged, one_line, tag_rows, write_atomic
 from autoresearch.proposers import Proposal
@@ -154,7 +154,7 @@ class HubClient:
                 # the full id: another lab can make a commit that shares the first 7 digits, and the hub could
                 # then name neither (a discarded commit, off the branch, stays ambiguous: its short id goes)
                 try:
-                    full = commit_named(r["commit"], within=f"refs/heads/{self.loop.branch}")
+                    full = row_commit(r, within=f"refs/heads/{self.loop.branch}")
                 except LoopError:
                     full = r["commit"]
                 self.call("POST", f"/api/channels/{RESULTS_CHANNEL}/posts", json={

@@ -48,7 +48,10 @@ COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description",  # upstrea
            # CPU cores other work kept busy while each run trained, by the harness's measure (process.other_work)
            "other_cores", "best_other_cores",
            # which worker of `run --workers N` ran the experiment (empty: the single loop)
-           "worker"]
+           "worker",
+           # the commit's full id, by which the loop finds it (gitrepo.row_commit): an agent can make a commit
+           # that shares the 7 digits of `commit` in a minute, and put it on the branch
+           "sha"]
 DESCRIPTION_MAX = 120
 
 # Rows whose train.py has no trustworthy measurement. The status column keeps upstream's values

@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from autoresearch.gitrepo import commit_named, current_branch, git, tree_status
+from autoresearch.gitrepo import current_branch, git, row_commit, tree_status
 from autoresearch.layout import PROGRAM, RESULTS, TRAIN
 from autoresearch.ledger import LEDGER_ENV, measured_versions, one_line, render_results
 from autoresearch.mutate import propose_mutation
@@ -90,7 +90,7 @@ def build_prompt(loop, n):
     """A fresh context for the agent: the rules of this call, program.md, and the state of the run."""
     program = Path(PROGRAM).read_text() if Path(PROGRAM).exists() else "(this repository has no program.md)"
     report = format_report(summarize(loop.rows), RESULTS, recent=12)
-    base, best = commit_named(loop.rows[0]["commit"], within=f"refs/heads/{loop.branch}"), loop.best_commit
+    base, best = row_commit(loop.rows[0], within=f"refs/heads/{loop.branch}"), loop.best_commit
     diff = git("diff", base, best, "--", TRAIN).split("\n") if base != best else []
     if len(diff) > PROMPT_DIFF_LINES:
         more = len(diff) - PROMPT_DIFF_LINES

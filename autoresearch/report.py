@@ -174,8 +174,8 @@ def summarize(rows):
         "tag": base.get("tag"), "experiments": len(exps), "keeps": count["keep"], "discards": count["discard"],
         "crashes": count["crash"], "keep_rate": round(count["keep"] / len(exps), 4) if exps else None,
         "baseline": {"commit": base["commit"], "val_bpb": base_val, "runs": base_runs},
-        "best": {"n": history[best_i]["n"], "commit": best["commit"], "val_bpb": best_val, "runs": best_runs,
-                 "description": best["description"]},
+        "best": {"n": history[best_i]["n"], "commit": best["commit"], "sha": best.get("sha", ""), "val_bpb": best_val,
+                 "runs": best_runs, "description": best["description"]},
         "improvement": round(base_val - best_val, 6),
         "improvement_percent": round(100 * (base_val - best_val) / base_val, 3) if base_val else None,
         "noise_sigma": round(statistics.stdev(base_runs), 6) if len(base_runs) > 1 else None,  # baseline's runs

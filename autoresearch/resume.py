@@ -174,7 +174,8 @@ def interrupted_row(loop, state, reason):
     with open(state["log"], "a") as log:
         log.write(f"\n===== decision =====\ncrash: {reason}\n")
     say(loop, f"#{state['n']} crash {reason} log={os.path.relpath(state['log'], loop.root)}")
-    return {"commit": short(commit_sha), "val_bpb": "0.000000", "memory_gb": "0.0", "status": "crash",
+    return {"commit": short(commit_sha), "sha": git("rev-parse", commit_sha), "val_bpb": "0.000000",
+            "memory_gb": "0.0", "status": "crash",
             "description": git("log", "-1", "--format=%s", commit_sha), "tag": loop.tag, "n": str(state["n"]),
             "profile": loop.config["profile"], "train_py": git("rev-parse", f"{commit_sha}:{TRAIN}")[:12],
             "seeds": ",".join(str(s) for s in state.get("seeds", [])),

@@ -458,26 +458,33 @@ def restore_written(written, config):
     return notes
 
 
+def harness_python(code, *flags):
+    """The command that runs `code` (after `import sys`) in a Python of the harness's own: the evaluator, a
+    worker. -I: no PYTHON* variables, and neither the current folder nor a script's first on sys.path, so a
+    module left in the repository (torch.py, numpy.py) cannot stand in for the real one. -S: no site, so no
+    code in a .pth file of site-packages (nor a sitecustomize) runs before the harness's: one an agent wrote
+    there between runs is no module, and no check of the code imported would show it. The environment and
+    its packages are set as site sets them, from this process's."""
+    return [sys.executable, "-I", "-S", *flags, "-c",
+            f"import sys; sys.prefix, sys.exec_prefix = {sys.prefix!r}, {sys.exec_prefix!r}; "
+            f"sys.path += {site.getsitepackages()!r}; {code}"]
+
+
 def start_evaluator(config, seed, handoff, compile_cache=None, early=None):
     """The evaluator of this run's hand-over (autoresearch/evaluator.py --wait), started beside train.py: it
     imports while train.py starts, compiles the early graph if train.py puts one at `early`, and waits for
     evaluate_handoff's word. Its output goes to a file of its own, unnamed (nothing can open it by a path), so
     that nothing it prints can land inside train.py's."""
-    # -I: no PYTHON* variables, and neither the current folder nor a script's is put first on sys.path, so a
-    # module the run left in the repository (torch.py, numpy.py) cannot stand in for the real one. -S: no site,
-    # so no code in a .pth file of site-packages (nor a sitecustomize) runs before the evaluator's own: one the
-    # agent wrote there between runs is no module, and code_in_use() would not show it. The environment is set
-    # as site sets it, from this process's. Before any other import it stands aside: no /proc/PID/fd/0 for
-    # train.py to write in, and no timed step slowed
-    bootstrap = (f"import sys; sys.prefix, sys.exec_prefix = {sys.prefix!r}, {sys.exec_prefix!r}; "
-                 f"sys.path += [*{site.getsitepackages()!r}, {os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
-                 f"from autoresearch.handoff import stand_aside; stand_aside(); "
-                 f"from autoresearch.evaluator import run_and_exit; run_and_exit()")
+    # the folder of the run, then the harness's, on its path; before any other import it stands aside: no
+    # /proc/PID/fd/0 for train.py to write in, and no timed step slowed
+    command = harness_python(f"sys.path += [{os.getcwd()!r}, {PACKAGE_ROOT!r}]; "
+                             f"from autoresearch.handoff import stand_aside; stand_aside(); "
+                             f"from autoresearch.evaluator import run_and_exit; run_and_exit()")
     env = child_env(config, seed, compile_cache.path if compile_cache else None)  # read only after the word
     for key in ("LD_PRELOAD", "LD_AUDIT"):  # the harness's code only: no library the agent chose rides along
         env.pop(key, None)
     out = tempfile.TemporaryFile()
-    command = [sys.executable, "-I", "-S", "-c", bootstrap, str(handoff), "--wait"]
+    command += [str(handoff), "--wait"]
     group = start_group(command + (["--early", str(early)] if early else []), out, subprocess.STDOUT, env,
                         stdin=subprocess.PIPE)
     os.set_blocking(group.proc.stdin.fileno(), False)  # a pipe something else filled cannot hang the loop

@@ -23,7 +23,7 @@ from autoresearch.cachefiles import sha256_of
 from autoresearch.carryover import drop_carryover, remove_tree, unchecked_mark
 from autoresearch.confine import CONFINE_ENV
 from autoresearch.decide import SIGMA_FLOOR, pooled_noise, row_runs, version_runs
-from autoresearch.gitrepo import commit_named, git
+from autoresearch.gitrepo import git, row_commit
 from autoresearch.installed import RECORD_NAME as INSTALLED_RECORD, InstalledCode
 from autoresearch.layout import (BRANCH_PREFIX, LOGS_DIR, PREPARE, REF_PREFIX, UV_LOCK, LoopError, now_iso,
                                  read_json)
@@ -114,7 +114,7 @@ class Loop:
 
     @property
     def best_commit(self):
-        return commit_named(self.best["commit"], within=f"refs/heads/{self.branch}")
+        return row_commit(self.best, within=f"refs/heads/{self.branch}")
 
     def noise(self):
         """The pooled run-to-run noise, from every version's repeated runs."""
@@ -329,7 +329,8 @@ def installed_packages():
     removed or upgraded later (`uv pip install` by an agent between steps, an upgrade by hand) is then seen."""
     found = {}
     for dist in importlib.metadata.distributions():
-        headers = metadata_headers(dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "")
+        text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or dist.read_text("")  # "": an .egg-info file
+        headers = metadata_headers(text or "")
         if headers.get("name"):
             found.setdefault(headers["name"].lower(), headers.get("version"))  # the first on sys.path is imported
     return found
@@ -349,11 +350,17 @@ def metadata_headers(text):
 
 
 def startup_files():
-    """{path: sha256 (its first 16 digits)} of the .pth files in this Python's site-packages: site runs their `import` lines at the
-    start of every Python of the environment but the evaluator (runner.start_evaluator), the loop's own
-    included, before any module is imported, so the loop's check of the code it imports cannot see them."""
-    return {str(path): sha256_of(path)[:16]
-            for folder in site.getsitepackages() for path in sorted(Path(folder).glob("*.pth")) if path.is_file()}
+    """{path: sha256 (its first 16 digits)} of what site runs at the start of every Python of the environment
+    before any module of the loop's: the .pth files of site-packages (their `import` lines) and of the user's
+    when site reads those, and sitecustomize and usercustomize as imported here from the installation (one on
+    the shell's PYTHONPATH is that shell's: load_config names it). The harness's own Pythons start without
+    them (runner.harness_python); the loop's command, which the user or the agent starts, not."""
+    folders = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    paths = [path for folder in folders for path in sorted(Path(folder).glob("*.pth"))]
+    installed = tuple(os.path.join(os.path.realpath(p), "") for p in {*folders, sys.prefix, sys.base_prefix})
+    paths += [Path(m.__file__) for m in map(sys.modules.get, ("sitecustomize", "usercustomize"))
+              if isinstance(getattr(m, "__file__", None), str) and os.path.realpath(m.__file__).startswith(installed)]
+    return {str(path): sha256_of(path)[:16] for path in paths if path.is_file()}
 
 
 def environment_changes(config):
@@ -468,7 +475,7 @@ def put_back_profile_pins(tag, config):
         return None
     baseline = rows[0]["commit"]
     try:
-        commit = commit_named(baseline, within=f"refs/heads/{BRANCH_PREFIX}{tag}")
+        commit = row_commit(rows[0], within=f"refs/heads/{BRANCH_PREFIX}{tag}")
     except LoopError:
         raise LoopError(f"the baseline's commit {baseline} of tag {tag} is not one commit of this repository: "
                         f"its {PREPARE} cannot vouch for {config_path(tag)}. Fix: start a new tag with `uv run "

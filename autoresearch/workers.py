@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,18 +28,18 @@ from autoresearch.layout import TRAIN, WORKTREES_DIR, LoopError, read_json
 from autoresearch.ledger import (INTERRUPTED, LEDGER_ENV, append_row, ledger_dir, measured_versions, put_back,
                                  put_back_own, remember_records, render_results, tag_rows, write_atomic)
 from autoresearch.experiment import run_experiment
-from autoresearch.handoff import dumpable
 from autoresearch.process import KILL_GRACE_S, Stop, raise_stop
 from autoresearch.proposers import Proposal, make_proposer
-from autoresearch.runner import PACKAGE_ROOT, evaluator_data, pinned_config_files, worker_found
+from autoresearch.runner import PACKAGE_ROOT, evaluator_data, harness_python, pinned_config_files, worker_found
 from autoresearch.resume import STOPPED, reconcile_worker, save_and_reset, save_failed_proposal, spare_name
 from autoresearch.state import InFlight, Loop, first_free_seed, load_config, lock, say
 
 MAX_RESTARTS = 3          # a worker that dies this many times in a row is not started again
 DIED = f"{INTERRUPTED}: its worker process died during training (killed, out of memory?)"
-# the worker's entry point, run with -I: the harness is imported from the main checkout, never from the worktree
-BOOT = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); from autoresearch.workers import worker_main; "
-        f"sys.exit(worker_main(sys.argv[1]))")
+# the worker's entry point (runner.harness_python): the harness is imported from the main checkout, never from the
+# worktree, and the worker is out of other processes' reach (not dumpable) before it imports the rest
+BOOT = (f"sys.path.insert(0, {PACKAGE_ROOT!r}); from autoresearch.handoff import dumpable; dumpable(False); "
+        f"from autoresearch.workers import worker_main; sys.exit(worker_main(sys.argv[1]))")
 
 
 # -----------------------------------------------------------------------------
@@ -122,8 +123,9 @@ def plan_devices(workers, gpus, share=None):
 class Link:
     """The worker's side of its pipes: one JSON line out, one JSON line back."""
 
-    def __init__(self, rfd, wfd, remote=False):
-        self.inbox, self.outbox = os.fdopen(rfd, "r"), os.fdopen(wfd, "w")
+    def __init__(self, fd, remote=False):
+        channel = socket.socket(fileno=fd)
+        self.inbox, self.outbox = channel.makefile("r"), channel.makefile("w")
         self.others, self.retry, self.remote = [], None, remote  # remote: runs are Ray tasks (rayexec.py)
         self.node = None  # the Ray node of the experiment's runs so far
 
@@ -138,7 +140,7 @@ class Link:
         try:
             self.outbox.write(json.dumps(message) + "\n")
             self.outbox.flush()
-        except BrokenPipeError:
+        except ConnectionError:  # the coordinator is gone
             raise Stop() from None
 
     def seed(self):
@@ -161,6 +163,32 @@ class Link:
         return self.ask({"op": "row", "row": row, "base": base, "sha": sha})["row"]
 
 
+def foreign_row(task, message):
+    """Why the row in a worker's `message` is none of `task` (what the coordinator handed the worker: the number,
+    then the train.py it claimed and the seeds it was given), or None. A row with runs must be of that train.py,
+    from those seeds, at a commit holding it on top of its base; one without (a proposal set aside unrun) and
+    any row only once. A worker's socket is its own, so only a worker running code other than the harness's, or
+    one taken over (by root), sends such a row."""
+    task = task or {}
+    row, sha = message["row"], message.get("sha") or ""
+    if not task or str(row.get("n")) != str(task["n"]) or task.get("recorded"):
+        return (f"it was handed #{task['n']}" + (", already recorded" if task.get("recorded") else "")
+                if task else "it was handed none")
+    seeds = [s for key in ("seeds", "best_seeds") for s in (row.get(key) or "").split(",") if s]
+    if not seeds and row.get("status") != "keep":
+        return None
+    if not task.get("train_py") or row.get("train_py") != task["train_py"]:
+        return "not the train.py it claimed"
+    if set(seeds) - set(task.get("seeds", [])):
+        return "seeds it was not given"
+    blob = git("rev-parse", "-q", "--verify", f"{sha}:{TRAIN}", check=False) or ""
+    base = message.get("base") or "-"
+    on_base = base != sha and git("merge-base", "--is-ancestor", base, sha, check=False) is not None
+    if not sha.startswith(row.get("commit") or "-") or not blob.startswith(task["train_py"]) or not on_base:
+        return "its commit does not hold that train.py on top of its base"
+    return None
+
+
 def die_with_parent(parent):
     """SIGTERM when the coordinator dies, kill -9 included (Linux): the worker then ends its own run."""
     try:
@@ -176,13 +204,12 @@ def worker_main(options):
     """A worker's whole life: ask for an experiment, propose, run it, report; until told to stop. A stop or a
     kill leaves running.json, and the next command finishes the experiment (resume.reconcile_worker)."""
     o = json.loads(options)
-    dumpable(False)  # before any agent: a process of the user's could write in its pipes through /proc/PID/fd
     signal.signal(signal.SIGTERM, raise_stop)
     try:
         die_with_parent(o["parent"])
         if o["cpus"]:
             os.sched_setaffinity(0, o["cpus"])
-        link = Link(*o["fds"], remote=o["remote"])
+        link = Link(o["fd"], remote=o["remote"])
         loop = Loop(o["tag"], load_config(o["tag"]), [], o["timeout"], o["min_delta"], worker=o["worker"],
                     root=o["root"], link=link)
         for path in pinned_config_files(loop.private_dir):  # as found now, before any run: what its seal puts back
@@ -320,22 +347,23 @@ class Coordinator:
             git("worktree", "add", "-q", "--detach", str(w.path), self.loop.best_commit)
 
     def start(self, w):
-        from_coordinator, to_worker = os.pipe()  # (read end, write end)
-        from_worker, to_coordinator = os.pipe()
-        options = dict(tag=self.loop.tag, worker=w.number, root=self.root, fds=[from_coordinator, to_coordinator],
+        # a socket, not pipes: no other process can open it again through /proc/PID/fd (root neither), where an
+        # agent's could write rows in a pipe and read the answers
+        mine, theirs = socket.socketpair()
+        options = dict(tag=self.loop.tag, worker=w.number, root=self.root, fd=theirs.fileno(),
                        parent=os.getpid(), cpus=w.device.cpus, agent=self.args.agent, seed=self.args.seed,
                        agent_timeout=self.args.agent_timeout, timeout=self.loop.timeout,
                        min_delta=self.loop.min_delta, remote=self.executor is not None,
                        hub=self.hub and dict(url=self.hub.url, platform=self.hub.platform,
                                              trust=None if self.hub.trust is None else sorted(self.hub.trust)))
-        w.proc = subprocess.Popen([sys.executable, "-I", "-u", "-c", BOOT, json.dumps(options)], cwd=w.path,
-                                  env={**os.environ, **w.device.env}, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  pass_fds=(from_coordinator, to_coordinator))
-        os.close(from_coordinator)
-        os.close(to_coordinator)
-        w.inbox, w.finished, w.task = os.fdopen(to_worker, "w"), False, None
-        threading.Thread(target=self.listen, args=(w, os.fdopen(from_worker, "r")), daemon=True).start()
+        w.proc = subprocess.Popen(harness_python(BOOT, "-u") + [json.dumps(options)], cwd=w.path,
+                                  env={**os.environ, **w.device.env},
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  pass_fds=(theirs.fileno(),))
+        theirs.close()
+        w.inbox, w.finished, w.task = mine.makefile("w"), False, None
+        threading.Thread(target=self.listen, args=(w, mine.makefile("r")), daemon=True).start()
+        mine.close()  # the two files hold it open
         threading.Thread(target=echo, args=(w.number, w.proc.stdout), daemon=True).start()
 
     def listen(self, w, pipe):
@@ -353,7 +381,7 @@ class Coordinator:
         try:
             w.inbox.write(json.dumps(message) + "\n")
             w.inbox.flush()
-        except (BrokenPipeError, ValueError):  # it died meanwhile: its end is handled when its pipe closes
+        except (ConnectionError, ValueError):  # it died meanwhile: its end is handled when its socket closes
             pass
 
     # ---- the run
@@ -413,11 +441,11 @@ class Coordinator:
         if op == "claim":
             return self.answer(w, {"twin": self.claim(w, message)})
         if op == "row":
-            why = self.not_made_by_its_worker(w, message)
+            why = foreign_row(w.task, message)
             if why:
-                raise LoopError(f"w{w.number}'s pipe carried a row for #{message['row'].get('n')} that its worker "
-                                f"did not make ({why}): not recorded, and the run stops. Another process wrote in the "
-                                f"pipe (the agent, through /proc, as root or where the worker is dumpable)")
+                raise LoopError(f"w{w.number} sent a row for #{message['row'].get('n')} that is none of the "
+                                f"experiment it was handed ({why}): not recorded, and the run stops. Its process "
+                                f"runs code other than the harness's, or another process took it over (root's)")
             w.task["recorded"] = True
             recorded = self.record(w, message)
             self.answer(w, recorded)
@@ -488,27 +516,6 @@ class Coordinator:
         w.task.update(train_py=message["train_py"], description=message["description"])
         return None
 
-    def not_made_by_its_worker(self, w, message):
-        """Why the row in `message` cannot be the one w's worker made for the experiment it was handed, or None.
-        A row with runs must be of the train.py the worker claimed, at a commit that holds it on top of its
-        base, from seeds handed to it for this experiment (a row without runs: a proposal set aside unrun)."""
-        row, sha, task = message["row"], message.get("sha") or "", w.task or {}
-        if str(row.get("n")) != str(task.get("n")) or task.get("recorded"):
-            return f"w{w.number} was handed " + (f"#{task['n']}" + (" and recorded it" if task.get("recorded") else "")
-                                                 if task else "no experiment")
-        seeds = [s for key in ("seeds", "best_seeds") for s in (row.get(key) or "").split(",") if s]
-        if not seeds and row.get("status") != "keep":
-            return None
-        if not task.get("train_py") or row.get("train_py") != task["train_py"]:
-            return "not the train.py it claimed"
-        if set(seeds) - set(task.get("seeds", [])):
-            return "seeds it was not handed"
-        blob = git("rev-parse", "-q", "--verify", f"{sha}:{TRAIN}", check=False) or ""
-        if not sha.startswith(row.get("commit") or "-") or not blob.startswith(task["train_py"]) or git(
-                "merge-base", "--is-ancestor", message.get("base") or "-", sha, check=False) is None:
-            return "its commit does not hold that train.py on top of its base"
-        return None
-
     def record(self, w, message):
         """Append the worker's row to the ledger, the one write of it; on a keep move the branch (and this
         checkout) to the experiment's commit. A keep whose base is no longer the best becomes a discard here:
@@ -524,6 +531,8 @@ class Coordinator:
             write_atomic(self.retries_path, json.dumps(self.retries).encode())
         if os.path.isabs(row.get("log", "")):
             row["log"] = os.path.relpath(row["log"], self.root)
+        if row["status"] == "keep":  # from the best it was compared with, whatever else moved the branch since
+            self.branch_at_best()
         append_row(row)
         self.loop.rows.append(row)
         if row["status"] == "keep":
@@ -536,7 +545,10 @@ class Coordinator:
         at a change no run measured, and the next keep could not move it."""
         branch, best = self.loop.branch, self.loop.best_commit
         tip = git("rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False)
-        if tip is None or tip == best:
+        if tip is None or tip == best or git("merge-base", "--is-ancestor", tip, best, check=False) is not None:
+            return  # behind the best: a keep the user's checkout held back (move_branch said so)
+        saved = git("for-each-ref", "--points-at", tip, "--format=%(refname)", self.loop.ref("moved/"))
+        if saved:  # put back already, and in the way of a checkout's changes since: said once
             return
         ref = self.loop.ref(spare_name(self.loop, "moved", self.next_n))
         git("update-ref", ref, tip)

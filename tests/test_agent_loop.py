@@ -155,6 +155,21 @@ def test_init_creates_branch_header_and_baseline_with_noise(repo, env):
     assert clean_tracked(repo, env)
 
 
+def test_each_row_names_its_commit_by_the_full_id_the_loop_finds_it_by(repo, env):
+    # 7 digits are not an identity: a red team made a commit sharing the baseline's in 33 s, put it on the branch
+    # with a prepare.py that scaled the metric, and the loop took it for the baseline
+    initialised(repo, env)
+    set_train(repo, VAL_BPB=0.9)
+    loop(repo, env, "step", "-m", "better")
+    set_train(repo, VAL_BPB=1.9)
+    loop(repo, env, "step", "-m", "worse")
+    assert [r["status"] for r in rows(repo)] == ["keep", "keep", "discard"]
+    for r in rows(repo):
+        assert len(r["sha"]) == 40 and r["sha"].startswith(r["commit"]), r
+        assert git(repo, env, "cat-file", "-t", r["sha"]) == "commit"
+    assert rows(repo)[1]["sha"] == git(repo, env, "rev-parse", "HEAD")  # the best, where the branch is
+
+
 def test_init_lists_every_failed_check_with_its_fix(repo, env):
     (Path(env["AUTORESEARCH_CACHE_DIR"]) / "ready").unlink()
     (repo / "README.md").write_text("my unsaved notes\n")

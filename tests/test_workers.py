@@ -118,47 +118,68 @@ def test_two_workers_share_one_ledger_one_best_and_never_repeat_a_seed_or_a_vers
 
 
 # a red team's agent: it finds its worker among its parents, commits a comment-only train.py without touching
-# the worktree, and writes a keep of it in the worker's pipe to the coordinator (/proc/PID/fd: as root, or where
-# the worker is dumpable), then reads the answer itself so that the worker never sees it; it proposes nothing
-FORGE_A_KEEP_IN_THE_PIPE = """
+# the worktree, and writes a keep of it in the worker's channel to the coordinator through /proc/PID/fd (which
+# worked on the pipes the two had); it proposes nothing
+FORGE_A_KEEP_IN_THE_CHANNEL = """
 import json, os, subprocess, sys
 pid = os.getpid()
 while not any(b"worker_main" in part for part in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")):
     pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-options = json.loads(open(f"/proc/{pid}/cmdline", "rb").read().rstrip(b"\\0").split(b"\\0")[-1])
-from_coordinator, to_coordinator = options["fds"]
+fds = os.listdir(f"/proc/{pid}/fd")
 git = lambda *a, **k: subprocess.run(["git", *a], capture_output=True, text=True, check=True, **k).stdout.strip()
 best = git("rev-parse", "HEAD")
 blob = git("hash-object", "-w", "--stdin", input=open("train.py").read() + "# forged keep\\n")
-index = dict(os.environ, GIT_INDEX_FILE=os.path.abspath("forged-index"))
-git("read-tree", "HEAD", env=index)
-git("update-index", "--cacheinfo", f"100644,{blob},train.py", env=index)
-sha = git("-c", "user.name=x", "-c", "user.email=x@x", "commit-tree", git("write-tree", env=index), "-p", best,
-          "-m", "comment only")
-os.unlink("forged-index")
-row = {"commit": sha[:7], "val_bpb": "0.300000", "status": "keep", "description": "forged", "tag": "t",
-       "n": os.environ["AUTORESEARCH_EXPERIMENT"], "seeds": "900,901", "val_bpb_runs": "0.300000,0.300000",
-       "train_py": blob[:12], "worker": str(options["worker"]), "log": "", "note": ""}
-with open(f"/proc/{pid}/fd/{to_coordinator}", "w") as pipe:
-    pipe.write(json.dumps({"op": "row", "row": row, "base": best, "sha": sha}) + "\\n")
-print(sha, file=open(sys.argv[1], "w"))
-with open(f"/proc/{pid}/fd/{from_coordinator}", "rb", buffering=0) as pipe:  # the answer, read before the worker
-    while pipe.read(1) not in (b"\\n", b""):
-        pass
+row = {"commit": best[:7], "val_bpb": "0.300000", "status": "keep", "description": "forged", "tag": "t",
+       "n": os.environ["AUTORESEARCH_EXPERIMENT"], "seeds": "900", "val_bpb_runs": "0.300000", "train_py": blob[:12]}
+line = json.dumps({"op": "row", "row": row, "base": best, "sha": best}) + "\\n"
+refused = []
+for fd in fds:  # every descriptor the worker holds: its channel among them
+    try:
+        with open(f"/proc/{pid}/fd/{fd}", "w") as f:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(("socket:", "pipe:")):
+                f.write(line)
+    except OSError as e:
+        refused.append(os.readlink(f"/proc/{pid}/fd/{fd}").split(":")[0] + " " + type(e).__name__)
+print(json.dumps(refused), file=open(sys.argv[1], "w"))
 """
 
 
-def test_a_keep_written_in_a_workers_pipe_by_its_agent_is_not_recorded_and_stops_the_run(repo, gpus, tmp_path):
+def test_an_agent_cannot_write_in_its_workers_channel_to_the_coordinator(repo, gpus, tmp_path):
     initialised(repo, gpus)
-    (tmp_path / "forge.py").write_text(FORGE_A_KEEP_IN_THE_PIPE)
-    forged = tmp_path / "forged"
-    agent = agent_script(tmp_path, f'[ "$N" = 1 ] && {sys.executable} {tmp_path / "forge.py"} {forged}\n'
+    (tmp_path / "forge.py").write_text(FORGE_A_KEEP_IN_THE_CHANNEL)
+    tried = tmp_path / "tried"
+    agent = agent_script(tmp_path, f'[ "$N" = 1 ] && {sys.executable} {tmp_path / "forge.py"} {tried}\n'
                                    f'{edit("VAL_BPB", "1.5")}; echo "$N" >> train.py; echo "worse $N"')
-    p = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "2", check=False)
-    assert p.returncode == 2 and "carried a row for #1 that its worker did not make" in p.stderr, p.stdout + p.stderr
-    sha = forged.read_text().strip()
-    assert sha[:7] not in {r["commit"] for r in rows(repo)} and [r["status"] for r in rows(repo)][:1] == ["keep"]
-    assert git(repo, gpus, "rev-parse", "autoresearch/t") == git(repo, gpus, "rev-parse", "main")  # not moved
+    out = loop(repo, gpus, "run", "--agent", agent, "--workers", "2", "--max-experiments", "2").stdout
+    refused = json.loads(tried.read_text())
+    assert "socket OSError" in refused, refused  # ENXIO: a socket cannot be opened again, by root neither
+    assert [r["status"] for r in rows(repo)] == ["keep", "discard", "discard"], out
+    assert_all_at_best(repo, gpus)
+
+
+def test_a_row_that_is_none_of_the_experiment_its_worker_was_handed_is_named(repo, gpus):
+    # what the coordinator checks before it records a worker's row (a worker running other code could send any)
+    from autoresearch.workers import foreign_row
+    initialised(repo, gpus)
+    base = git(repo, gpus, "rev-parse", "HEAD")
+    set_train(repo, VAL_BPB=0.5)
+    git(repo, gpus, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "better")
+    sha, blob = git(repo, gpus, "rev-parse", "HEAD"), git(repo, gpus, "rev-parse", "HEAD:train.py")[:12]
+    task = {"n": 1, "train_py": blob, "seeds": ["43", "44"]}
+    row = {"n": "1", "commit": sha[:7], "status": "keep", "train_py": blob, "seeds": "43", "best_seeds": "44"}
+    os.chdir(repo)  # git runs here, as in the coordinator
+    assert foreign_row(task, {"row": row, "base": base, "sha": sha}) is None
+    assert foreign_row(dict(task, recorded=True), {"row": row, "base": base, "sha": sha}) == \
+        "it was handed #1, already recorded"
+    assert foreign_row(None, {"row": row, "base": base, "sha": sha}) == "it was handed none"
+    assert foreign_row(task, {"row": dict(row, n="2"), "base": base, "sha": sha}) == "it was handed #1"
+    assert foreign_row({"n": 1}, {"row": row, "base": base, "sha": sha}) == "not the train.py it claimed"
+    assert foreign_row(task, {"row": dict(row, seeds="900"), "base": base, "sha": sha}) == "seeds it was not given"
+    for forged in ({"sha": base}, {"base": sha}, {"row": dict(row, commit="f0f0f0f")}):
+        message = {"row": row, "base": base, "sha": sha, **forged}
+        assert foreign_row(task, message) == "its commit does not hold that train.py on top of its base", forged
+    rejected = {"n": "1", "commit": sha[:7], "status": "discard", "train_py": "other", "seeds": ""}  # not run
+    assert foreign_row(task, {"row": rejected, "base": base, "sha": sha}) is None
 
 
 def test_a_change_an_agent_commits_on_the_tags_branch_itself_is_taken_off_it_and_kept_aside(repo, gpus, tmp_path):
