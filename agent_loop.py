@@ -26,7 +26,7 @@ from pathlib import Path
 
 from autoresearch.demo import run_demo
 from autoresearch.experiment import STEP_LIMIT_S, confirm, read_pending, run_baseline, run_experiment
-from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head, row_commit
+from autoresearch.gitrepo import current_branch, ensure_ignored, git, git_root, head, row_commit, short
 from autoresearch.handoff import dumpable
 from autoresearch.hubstore import Limits
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, RESULTS, LoopError
@@ -278,7 +278,7 @@ def warn_branch_not_at_best(branch, best):
     else:
         where = (f"neither at the best nor past it (moved since). Fix: `git checkout {branch} && "
                  f"git reset --keep {best}`")
-    print(f"warning: {branch} is at {tip[:7]}, {where}; the best's code is {best[:7]}", file=sys.stderr)
+    print(f"warning: {branch} is at {short(tip)}, {where}; the best's code is {short(best)}", file=sys.stderr)
 
 
 def cmd_demo(args):

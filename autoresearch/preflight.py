@@ -7,7 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from autoresearch.gitrepo import changed_since, current_branch, git, head, tree_status
+from autoresearch.gitrepo import changed_since, current_branch, git, head, short, tree_status
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, PREPARE, RESULTS, TRAIN, LoopError
 from autoresearch.ledger import COLUMNS, tag_rows
 from autoresearch.state import import_prepare
@@ -86,9 +86,10 @@ def check_position(loop, allow_ahead):
     best, here = loop.best_commit, head()
     if here == best or (allow_ahead and git("merge-base", "--is-ancestor", best, here, check=False) is not None):
         return
-    raise LoopError(f"{loop.branch} is at {here[:7]}, not at the best kept commit {best[:7]} "
-                    f"(experiment #{loop.best['n']}). Fix: `git branch keep-{here[:7]} {here[:7]} && "
-                    f"git reset --keep {best}` (your commits stay on branch keep-{here[:7]})")
+    here_id, best_id = short(here), short(best)  # longer than 7 digits where 7 name more than one commit
+    raise LoopError(f"{loop.branch} is at {here_id}, not at the best kept commit {best_id} "
+                    f"(experiment #{loop.best['n']}). Fix: `git branch keep-{here_id} {here_id} && "
+                    f"git reset --keep {best}` (your commits stay on branch keep-{here_id})")
 
 
 def check_clean(loop):
