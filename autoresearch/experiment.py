@@ -268,9 +268,10 @@ def sealed_run(loop, seed, log, flight, version):
     code, code_ctime = Path(TRAIN).read_bytes(), os.lstat(TRAIN).st_ctime_ns
     if blob_hash(code) != version:  # the runs are recorded under version: the file must be it, byte for byte
         raise LoopError(f"the {TRAIN} about to run ({blob_hash(code)}) is not the version its runs would be "
-                        f"recorded under ({version}); nothing was run. Fix: remove what changes {TRAIN} between "
-                        f"git and the file (a filter or end-of-line rule in .gitattributes, .git/info/attributes or "
-                        f".git/config), then run again")
+                        f"recorded under ({version}); nothing was run. Fix: stop what wrote it since it was checked "
+                        f"out (a process left running?), or remove what changes {TRAIN} between git and the file "
+                        f"(a filter or end-of-line rule in .gitattributes, .git/info/attributes or .git/config), "
+                        f"then run again")
     pinned, folder = loop.config.get("train_data"), metric_folder(loop.config)
     changed = [name for name, stamp in (pinned or {}).items() if file_stamps(folder, [name])[name] != stamp]
     if changed:  # an agent between two steps garbled them for the best's re-runs alone, say
@@ -344,8 +345,8 @@ def untrusted(loop, n, sha, runs):
         return f"{REJECTED}: ran profile {got}, expected {loop.config['profile']}"
     dirty = changed_since(sha)
     if dirty:  # train.py wrote to tracked files while it ran: its number cannot be trusted
-        return (f"{REJECTED}: {TRAIN} changed {', '.join(sorted(dirty))} while running; "
-                f"saved at {loop.ref(f'discarded/{n}')}")
+        return (f"{REJECTED}: {TRAIN} changed {', '.join(sorted(dirty))} while running"
+                + (f"; saved at {loop.ref(f'discarded/{n}')}" if n else ""))  # (n 0: the baseline, not saved)
     edited = sorted({p for r in runs for p in r.edited_code})
     if edited:
         return (f"{REJECTED}: the evaluator ran code edited since the tag's first evaluation (between runs): "
@@ -481,7 +482,7 @@ def run_baseline(loop, repeats):
     estimate of the run-to-run noise (the best's re-runs improve it all night). An interrupted baseline is not
     resumed but run again by init, so its running.json goes on a stop too."""
     started, sha = time.monotonic(), head()
-    cache = loop.compile_cache(blob_hash(Path(TRAIN).read_bytes()))
+    version = git("rev-parse", f"{sha}:{TRAIN}")[:12]  # the commit's: every run must be it, byte for byte
     module_bytecode(force=True)  # a fresh clone has none: else the evaluator's imports write it during a run
     edited = loop.installed_code.edited()  # this tag's record, or an earlier tag's under the same uv.lock
     if edited:
@@ -497,11 +498,18 @@ def run_baseline(loop, repeats):
         runs = []
         for i in range(repeats):
             seed = loop.config["base_seed"] + i
-            run = train_once(loop.config, loop.timeout, seed, log, flight.spawned, cache, loop.evaluator_cache,
-                             loop.installed_code, loop.private_dir)
-            if run.edited_code and not run.error:
-                run.error = (f"the evaluator ran code that differs from what its package installed: "
-                             f"{', '.join(run.edited_code)}; {INSTALLED_FIX}")
+            # sealed as every later run is: the baseline's runs are what every change is measured against (a
+            # red team's process put a train.py with tiny learning rates in place for them alone, and a
+            # comment-only change was kept, -56%)
+            try:
+                run = sealed_run(loop, seed, log, flight, version)
+            except LoopError as e:
+                print(f"the baseline was not run: {e}", file=sys.stderr)
+                return 1
+            distrust = None if run.error else untrusted(loop, 0, sha, [run])
+            if distrust:
+                run.error = (f"{distrust}. A baseline must be the commit as it is: stop what changed it, put back "
+                             f"what it changed (`git status`, `git checkout {sha[:7]} -- FILE`)")
             print(f"baseline run {i + 1}/{repeats} seed {run.seed}: "
                   + (f"val_bpb={run.val:.6f}" if not run.error else f"crash {run.error}"), flush=True)
             if run.error:
@@ -512,8 +520,7 @@ def run_baseline(loop, repeats):
             runs.append(run)
         train_wall = sum(r.wall for r in runs)
         loop.rows = [experiment_row(loop, 0, sha, "keep", "baseline", runs,
-                                    statistics.fmean(r.val for r in runs), "", log,
-                                    blob_hash(Path(TRAIN).read_bytes()))]
+                                    statistics.fmean(r.val for r in runs), "", log, version)]
         sigma = statistics.stdev(r.val for r in runs) if repeats > 1 else None
         noise = (f"sigma {sigma:.6f} from {repeats} runs" if sigma is not None else
                  "1 run: the noise is unknown, so nothing can be judged on one run yet; the first experiment "

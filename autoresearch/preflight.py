@@ -7,7 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from autoresearch.gitrepo import changed_since, current_branch, git, head, short, tree_status
+from autoresearch.gitrepo import changed_since, current_branch, git, head, short
 from autoresearch.layout import BRANCH_PREFIX, LOGS_DIR, PREPARE, RESULTS, TRAIN, LoopError
 from autoresearch.ledger import COLUMNS, tag_rows
 from autoresearch.state import import_prepare
@@ -48,7 +48,7 @@ def setup_problems(tag, resume):
     for f in (PREPARE, TRAIN):
         if git("ls-files", "--error-unmatch", f, check=False) is None:
             problems.append(f"{f} is not committed. Fix: `git add {f} && git commit -m 'add {f}'`")
-    dirty, _ = tree_status()
+    dirty = changed_since("HEAD")  # from the bytes on disk: git status believes --assume-unchanged
     if PREPARE in dirty:
         problems.append(f"{PREPARE} differs from the commit ({PREPARE} is the fixed contract). "
                         f"Fix: `git checkout -- {PREPARE}` (or commit it before starting)")

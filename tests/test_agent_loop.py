@@ -208,6 +208,29 @@ def test_init_resumes_after_a_crashed_baseline(repo, env):
     assert out.startswith("resuming branch autoresearch/t") and rows(repo)[0]["status"] == "keep"
 
 
+def test_init_refuses_a_prepare_py_edited_and_hidden_from_git_status(repo, env):
+    # a red team scaled bits_per_byte by 1.2 for the baseline alone, put it back, and a comment was kept (-9%)
+    with open(repo / "prepare.py", "a") as f:
+        f.write("# a metric scaled for the baseline\n")
+    git(repo, env, "update-index", "--assume-unchanged", "prepare.py")
+    p = loop(repo, env, "init", "--tag", "t", check=False)
+    assert p.returncode == 1 and "prepare.py differs from the commit" in p.stderr, p.stderr
+    assert not (repo / "results.tsv").exists() or not rows(repo)
+    assert "prepare.py" in git(repo, env, "status", "--porcelain")  # and git shows it again
+
+
+@pytest.mark.parametrize("mode", ["tamper", "selfedit"])
+def test_a_baseline_run_that_changes_the_commits_files_is_no_baseline(repo, env, mode):
+    # tamper: writes prepare.py; selfedit: rewrites train.py, so that the next run is other code (a red team's
+    # process swapped in a train.py with tiny learning rates for the baseline's runs, and a comment was kept)
+    set_train(repo, MODE=mode)
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline")
+    p = loop(repo, env, "init", "--tag", "t", "--repeats", "2", check=False)
+    assert p.returncode == 1 and "the baseline crashed" in p.stderr, p.stdout + p.stderr
+    assert "A baseline must be the commit as it is" in p.stderr and not rows(repo)
+    assert ("prepare.py" if mode == "tamper" else "train.py") in p.stderr.split("the baseline crashed")[1]
+
+
 def test_init_refuses_a_results_tsv_tracked_by_git(repo, env):
     (repo / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
     git(repo, env, "add", "-f", "results.tsv")
