@@ -20,9 +20,11 @@ import secrets
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import requests
+import urllib3
 
 from autoresearch.gitrepo import git, git_env, identity, row_commit
 from autoresearch.layout import TRAIN, LoopError, read_json
@@ -30,7 +32,9 @@ from autoresearch.ledger import ledger_dir, measured_versions, not_judged, one_l
 from autoresearch.proposers import Proposal
 from autoresearch.state import say
 
-TIMEOUT_S = 60
+TIMEOUT_S = 60             # for the hub's whole answer, not each read of it: a hub that drips one byte a while
+MAX_ANSWER = 1 << 30       # bytes: a bundle of a whole history is far smaller
+FULL_ID = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
 RESULTS_CHANNEL = "results"
 
 
@@ -83,9 +87,18 @@ class HubClient:
                             f"hub --listen HOST:PORT` or check the URL; or run without --hub") from None
 
     def call(self, method, path, ok=(), **kw):
+        deadline = time.monotonic() + TIMEOUT_S
         try:
-            r = requests.request(method, self.url + path, headers=getattr(self, "auth", {}), timeout=TIMEOUT_S, **kw)
-        except requests.RequestException as e:
+            r = requests.request(method, self.url + path, headers=getattr(self, "auth", {}), timeout=TIMEOUT_S,
+                                 stream=True, **kw)
+            body = bytearray()
+            while chunk := r.raw.read1(1 << 16, decode_content=True):  # one read each: the deadline is seen
+                body += chunk
+                if time.monotonic() > deadline or len(body) > MAX_ANSWER:
+                    r.close()
+                    raise HubDown(f"{method} {path}: no whole answer within {TIMEOUT_S} s and {MAX_ANSWER} bytes")
+            r._content = bytes(body)  # read whole, as requests does without stream: .json(), .text, .content
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
             raise HubDown(f"{method} {path}: {type(e).__name__}") from None
         if r.status_code >= 400 and r.status_code not in ok:
             try:
@@ -202,7 +215,11 @@ class HubClient:
                 raise HubDown(f"push refused: {r.text[:200]}")
         with self.changing_state() as state:
             state["pushed"] = head
-        say(self.loop, f"hub: pushed {self.loop.branch} at {head[:7]} ({len(r.json()['hashes'])} new commits)")
+        try:
+            new = len(r.json()["hashes"])
+        except (ValueError, KeyError, TypeError):  # pushed all the same: the hub's answer is only a count
+            new = "?"
+        say(self.loop, f"hub: pushed {self.loop.branch} at {head[:7]} ({new} new commits)")
 
     # -- before an experiment ----------------------------------------------------------------------------------
 
@@ -210,13 +227,23 @@ class HubClient:
         """The best claim on the hub for this platform that beats the local best, comes from a trusted agent,
         is on the hub and was not tried here yet; None if there is none."""
         claims = self.data("GET", "/api/results", params={"platform": self.platform, "limit": "1000"})
+        if not isinstance(claims, list):
+            raise HubDown(f"GET /api/results: not a list of results ({str(claims)[:80]!r})")
         state = self.state()
         last = str(self.loop.rows[-1].get("n")) if self.loop.rows else None
         tried = set(state["tried"]) | {c for c, n in state.get("after", {}).items() if n == last}
-        usable = [c for c in claims if c["status"] in ("keep", "reported") and 0 < c["val_bpb"] < self.loop.best_val
-                  and c["commit_full"] and c["commit_full"] not in tried
+        usable = [c for c in claims if well_formed(c) and c["status"] in ("keep", "reported")
+                  and 0 < c["val_bpb"] < self.loop.best_val and c["commit_full"] not in tried
                   and (self.trust is None or c["agent_id"] in self.trust)]
-        return min(usable, key=lambda c: (c["val_bpb"], c["id"]), default=None)
+        for claim in sorted(usable, key=lambda c: (c["val_bpb"], c["id"])):
+            if self.trust is None:
+                return claim
+            # the commit's pusher trusted too: an untrusted agent's commit can share a trusted claim's 7 digits
+            # (a red team's did in 51 s), and the hub then names it as the claim's
+            pushed = self.data("GET", f"/api/git/commits/{claim['commit_full']}")
+            if isinstance(pushed, dict) and pushed.get("agent_id") in self.trust:
+                return claim
+        return None
 
     def adopt(self):
         """The hub's best claim (see candidate) as the working tree's train.py, committed on the best, or None.
@@ -264,6 +291,14 @@ class HubClient:
         say(self.loop, f"hub: trying {sha[:7]} of {claim['agent_id']}, val_bpb {claim['val_bpb']:.6f} there "
                        f"against {self.loop.best_val:.6f} here")
         return Proposal(description)
+
+
+def well_formed(claim):
+    """A result as our hub serves it: a hub that answers otherwise is passed over, not a crash of the loop."""
+    return (isinstance(claim, dict) and isinstance(claim.get("status"), str) and isinstance(claim.get("id"), int)
+            and type(claim.get("val_bpb")) in (int, float) and isinstance(claim.get("agent_id"), str)
+            and isinstance(claim.get("commit_full"), str) and FULL_ID.fullmatch(claim["commit_full"]) is not None
+            and isinstance(claim.get("description") or "", str))
 
 
 class HubFirst:

@@ -1,6 +1,7 @@
 """The hub (autoresearch/hub.py) as its clients meet it: a real server on 127.0.0.1 with a temporary data folder,
 real git bundles, and program_hub.md's own curl commands."""
 
+import http.server
 import json
 import os
 import re
@@ -452,6 +453,69 @@ def test_a_hub_claim_that_does_not_hold_here_is_discarded_and_tried_once(hub, re
     loop(repo, lab_env, *here, "1")
     assert rows(repo)[-1]["status"] == "keep" and rows(repo)[-1]["description"].startswith(
         f"from the hub: {honest[:7]}")
+
+
+def test_a_trusted_agents_claim_on_a_commit_another_agent_pushed_is_not_tried(hub, repo, lab_env, tmp_path):
+    # a red team's untrusted agent pushed a commit sharing a trusted claim's 7 digits (51 s of SHA-1), and the hub
+    # then named it as that claim's commit: the lab ran it as the trusted agent's
+    initialised(repo, lab_env)
+    mallory, trusted = hub.register("mallory"), hub.register("trusted")
+    sha = claim_on_hub(hub, mallory, repo, repo / ".." / "m", lab_env, "VAL_BPB = 0.5", 0.5)
+    hub.post("/api/results", trusted, json={"commit": sha, "val_bpb": 0.4, "platform": "here", "status": "keep"})
+    here = ("run", "--agent", "true", "--hub", hub.url, "--hub-platform", "here", "--max-experiments", "1")
+    out = loop(repo, lab_env, *here, "--hub-trust", "trusted").stdout
+    assert "hub: trying" not in out and len(rows(repo)) == 1, out  # pushed by an agent it does not trust
+    out = loop(repo, lab_env, *here, "--hub-trust", "trusted,mallory").stdout
+    assert f"hub: trying {sha[:7]}" in out and rows(repo)[-1]["status"] == "keep", out
+
+
+class GarbledHub(http.server.BaseHTTPRequestHandler):
+    """In front of a real hub (`upstream`), as a dishonest or broken one: its list of results is not ours."""
+    upstream = None
+
+    def do_GET(self):
+        if self.path.startswith("/api/results"):
+            return self.answer(200, json.dumps([{"id": 1, "status": "keep", "val_bpb": "0.1", "agent_id": "x",
+                                                 "commit_full": "a" * 40, "description": ""}, 7, None]).encode())
+        self.forward("GET")
+
+    def do_POST(self):
+        self.forward("POST")
+
+    def forward(self, method):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        r = requests.request(method, self.upstream + self.path, data=body, timeout=30,
+                             headers={k: v for k, v in self.headers.items() if k.lower() in ("authorization",
+                                                                                           "content-type")})
+        self.answer(r.status_code, r.content)
+
+    def answer(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_hub_whose_results_are_not_ours_is_passed_over_and_the_loop_goes_on(hub, repo, lab_env, tmp_path):
+    # a red team's proxy answered results with a val_bpb as text: a TypeError before the first experiment, at
+    # every restart, and the night was lost
+    GarbledHub.upstream = hub.url
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), GarbledHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    better = tmp_path / "better.sh"
+    better.write_text("#!/bin/sh\nsed -i 's/^VAL_BPB = .*/VAL_BPB = 0.9/' train.py\n")
+    better.chmod(0o755)
+    try:
+        initialised(repo, lab_env)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        out = loop(repo, lab_env, "run", "--agent", str(better), "--hub", url, "--max-experiments", "1").stdout
+    finally:
+        server.shutdown()
+    assert "hub: trying" not in out and [r["status"] for r in rows(repo)] == ["keep", "keep"], out
 
 
 def test_a_hub_commit_whose_train_py_is_no_file_is_passed_over_and_the_loop_goes_on(hub, repo, lab_env, tmp_path):
