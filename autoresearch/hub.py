@@ -155,7 +155,12 @@ def build_app(store):
         if request.method == "GET":
             q = request.query_params
             limit, _ = paging(request, 100)
-            return await call(store.results, q.get("platform"), q.get("best") in ("1", "true"), limit)
+            try:
+                below = float(q["below"]) if "below" in q else None
+            except ValueError:
+                raise HubError(400, "below must be a number (a val_bpb)") from None
+            agents = q["agents"].split(",") if "agents" in q else None
+            return await call(store.results, q.get("platform"), q.get("best") in ("1", "true"), limit, below, agents)
         data = await body_json(request)
         return 201, {"id": await call(store.add_result, data, agent)}
 

@@ -226,7 +226,11 @@ class HubClient:
     def candidate(self):
         """The best claim on the hub for this platform that beats the local best, comes from a trusted agent,
         is on the hub and was not tried here yet; None if there is none."""
-        claims = self.data("GET", "/api/results", params={"platform": self.platform, "limit": "1000"})
+        # the claims below the best, lowest first (of the trusted agents): newest first, a flood of other posts
+        # pushed them out of the 1000 a lab reads; a hub without these filters answers the newest, filtered here
+        claims = self.data("GET", "/api/results", params={
+            "platform": self.platform, "limit": "1000", "below": repr(self.loop.best_val),
+            **({"agents": ",".join(sorted(self.trust))} if self.trust is not None else {})})
         if not isinstance(claims, list):
             raise HubDown(f"GET /api/results: not a list of results ({str(claims)[:80]!r})")
         state = self.state()

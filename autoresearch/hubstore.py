@@ -415,9 +415,19 @@ class Store:
                           (r["commit"], r["val_bpb"], r["platform"], r["status"], r["description"],
                            r.get("vram_gb"), agent_id, post_id, now_iso())).lastrowid
 
-    def results(self, platform=None, best=False, limit=100):
+    def results(self, platform=None, best=False, limit=100, below=None, agents=None):
+        """The newest results (of a platform); best: the lowest val_bpb per platform; below: the claims (keep,
+        reported) under that val_bpb, lowest first, of `agents` if given: what a lab may try, which a flood of
+        other posts cannot push out of the newest `limit`."""
         where, args = ("WHERE platform = ?", [platform]) if platform else ("", [])
-        if best:  # the lowest val_bpb per platform among results that are not failures
+        if below is not None:
+            where += f" {'AND' if where else 'WHERE'} status IN ('keep', 'reported') AND val_bpb < ?"
+            args.append(below)
+            if agents is not None:
+                where += f" AND agent_id IN ({', '.join('?' * len(agents))})"
+                args += agents
+            rows = self.read(f"SELECT * FROM results {where} ORDER BY val_bpb, id LIMIT ?", [*args, limit])
+        elif best:  # the lowest val_bpb per platform among results that are not failures
             rows = self.read(f"SELECT * FROM results {where} {'AND' if where else 'WHERE'} status IN "
                              f"('keep', 'reported') ORDER BY val_bpb, id", args)
             firsts = {}

@@ -289,6 +289,24 @@ def test_results_posts_are_parsed_and_the_best_per_platform_is_served(hub):
     assert hub.get("/api/results?best=1", auth).json()[0]["val_bpb"] == 0.9901  # 0 is a crash's, never a best
 
 
+def test_the_claims_a_lab_may_try_are_served_lowest_first_whatever_else_was_posted_since(hub):
+    # a red team's 1000 crash posts from untrusted agents pushed every trusted claim out of the newest 1000
+    trusted, mallory = hub.register("trusted"), hub.register("mallory")
+    for commit, val in (("aaaaaaa", 0.95), ("bbbbbbb", 0.93), ("ccccccc", 0.99)):
+        hub.post("/api/results", trusted, json={"commit": commit, "val_bpb": val, "platform": "P", "status": "keep"})
+    hub.post("/api/results", mallory, json={"commit": "ddddddd", "val_bpb": 0.90, "platform": "P", "status": "keep"})
+    for i in range(30):
+        hub.post("/api/results", mallory, json={"commit": f"{i:07x}", "val_bpb": 0.5, "platform": "P",
+                                                "status": "crash"})
+    assert len(hub.get("/api/results?platform=P&limit=20", trusted).json()) == 20  # the newest: crashes only
+    claims = hub.get("/api/results?platform=P&limit=20&below=0.98", trusted).json()
+    assert [(c["commit"], c["agent_id"]) for c in claims] == [
+        ("ddddddd", "mallory"), ("bbbbbbb", "trusted"), ("aaaaaaa", "trusted")]
+    claims = hub.get("/api/results?platform=P&limit=2&below=0.98&agents=trusted,alice", trusted).json()
+    assert [c["commit"] for c in claims] == ["bbbbbbb", "aaaaaaa"]
+    assert hub.get("/api/results?below=low", trusted).status_code == 400
+
+
 def test_posts_replies_and_errors_are_json(hub):
     auth = hub.register("alice")
     assert hub.post("/api/channels", auth, json={"name": "Bad Name"}).status_code == 400
