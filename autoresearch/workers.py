@@ -121,7 +121,7 @@ def plan_devices(workers, gpus, share=None):
 
 
 class Link:
-    """The worker's side of its pipes: one JSON line out, one JSON line back."""
+    """The worker's side of its socket to the coordinator: one JSON line out, one JSON line back."""
 
     def __init__(self, fd, remote=False):
         channel = socket.socket(fileno=fd)
@@ -367,7 +367,7 @@ class Coordinator:
         threading.Thread(target=echo, args=(w.number, w.proc.stdout), daemon=True).start()
 
     def listen(self, w, pipe):
-        """Its messages, then None when its pipe closes (a line cut by its death ends it too)."""
+        """Its messages, then None when its socket closes (a line cut by its death ends it too)."""
         try:
             for line in pipe:
                 self.messages.put((w, json.loads(line)))
