@@ -13,14 +13,19 @@ experiment is a row in results.tsv and a log in logs/TAG/; the loop resumes afte
     uv run agent_loop.py hub --listen 127.0.0.1:8080   # a hub that many loops share (program_hub.md)
 """
 # The command line only: what each command does lives in the modules of autoresearch/ (listed in
-# autoresearch/__init__.py). Python puts this file's directory on sys.path, so they import from any cwd.
+# autoresearch/__init__.py). Python puts this file's directory on sys.path, so they import from any cwd; last,
+# not first: the checkout is the agent's, and a json.py or argparse.py left in it stood in for the standard
+# library's inside the loop (a red team's rewrote the candidate's val_bpb before the row was written).
+import sys
+
+sys.path.append(sys.path.pop(0))
+
 import argparse
 import math
 import json
 import os
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 

@@ -7,6 +7,7 @@ import ast
 import fcntl
 import functools
 import importlib.metadata
+import importlib.util
 import json
 import operator
 import os
@@ -294,10 +295,17 @@ def take_lock(folder):
 
 def import_prepare():
     """prepare.py, imported lazily (it imports torch) from the repo root; it reads
-    AUTORESEARCH_PROFILE and AUTORESEARCH_CACHE_DIR."""
-    sys.path.insert(0, os.getcwd())
-    import prepare
-    return prepare
+    AUTORESEARCH_PROFILE and AUTORESEARCH_CACHE_DIR. By its path: the repo root is not put on sys.path, so that a
+    numpy.py the agent left there is not the one prepare.py, and the loop, import."""
+    if "prepare" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("prepare", os.path.join(os.getcwd(), PREPARE))
+        sys.modules["prepare"] = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(sys.modules["prepare"])
+        except BaseException:
+            del sys.modules["prepare"]
+            raise
+    return sys.modules["prepare"]
 
 
 # The variables of the shell that starts `init` that decide what Python and the loader run in train.py, pinned

@@ -170,6 +170,27 @@ def test_each_row_names_its_commit_by_the_full_id_the_loop_finds_it_by(repo, env
     assert rows(repo)[1]["sha"] == git(repo, env, "rev-parse", "HEAD")  # the best, where the branch is
 
 
+def test_a_module_the_agent_leaves_in_the_checkout_never_stands_in_for_the_loops_own(repo, env, tmp_path):
+    # a red team's argparse.py in the repository root ran in the loop before its first check, deleted itself, and
+    # scaled the candidate's val_bpb: a comment-only change kept, -21%
+    for harness in ("agent_loop.py", "autoresearch"):  # a checkout of the harness, as users have it
+        copy = shutil.copy if harness.endswith(".py") else shutil.copytree
+        copy(REPO / harness, repo / harness, **({} if harness.endswith(".py") else {
+            "ignore": shutil.ignore_patterns("__pycache__")}))
+    git(repo, env, "add", ".")
+    git(repo, env, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the harness")
+    own = [sys.executable, str(repo / "agent_loop.py")]
+    assert subprocess.run([*own, "init", "--tag", "t", "--repeats", "1"], cwd=repo, env=env).returncode == 0
+    seen = tmp_path / "seen"
+    for name in ("argparse", "json", "numpy"):  # the loop's first import, a later one, one prepare.py imports
+        (repo / f"{name}.py").write_text(f"import sys; open({str(seen)!r}, 'a').write(repr(sys.argv) + chr(10))\n")
+    subprocess.run([sys.executable, "-c", "import json"], cwd=repo, env=env, check=True)  # live: it runs here
+    set_train(repo, VAL_BPB=0.9)
+    subprocess.run([*own, "step", "-m", "better"], cwd=repo, env=env, capture_output=True)
+    ran = seen.read_text().splitlines()
+    assert ran[0] == "['-c']" and not [line for line in ran if "agent_loop.py" in line], ran
+
+
 def test_init_lists_every_failed_check_with_its_fix(repo, env):
     (Path(env["AUTORESEARCH_CACHE_DIR"]) / "ready").unlink()
     (repo / "README.md").write_text("my unsaved notes\n")
