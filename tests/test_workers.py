@@ -136,13 +136,18 @@ blob = git("hash-object", "-w", "--stdin", input=open("train.py").read() + "# fo
 row = {"commit": best[:7], "val_bpb": "0.300000", "status": "keep", "description": "forged", "tag": "t",
        "n": os.environ["AUTORESEARCH_EXPERIMENT"], "seeds": "900", "val_bpb_runs": "0.300000", "train_py": blob[:12]}
 line = json.dumps({"op": "row", "row": row, "base": best, "sha": best}) + "\\n"
-for fd in fds:  # every descriptor the worker holds: its channel among them
+for fd in fds:  # every socket and pipe the worker holds: its channel among them
+    path = f"/proc/{pid}/fd/{fd}"
     try:
-        with open(f"/proc/{pid}/fd/{fd}", "w") as f:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(("socket:", "pipe:")):
+        kind = os.readlink(path).split(":")[0]
+    except OSError:  # closed since the listing (a git command of the worker's, say)
+        continue
+    if kind in ("socket", "pipe"):
+        try:
+            with open(path, "w") as f:
                 f.write(line)
-    except OSError as e:
-        refused.append(os.readlink(f"/proc/{pid}/fd/{fd}").split(":")[0] + " " + type(e).__name__)
+        except OSError as e:
+            refused.append(f"{kind} {type(e).__name__}")
 print(json.dumps(refused), file=open(sys.argv[1], "w"))
 """
 
