@@ -62,6 +62,9 @@ class Limits:
     channels: int = 100
 
 
+CLAIMS = "status IN ('keep', 'reported')"  # the results that claim a val_bpb (not a discard or a crash)
+
+
 class HubError(Exception):
     """An answer other than success: the HTTP status and the message the client sees as {"error": ...}."""
 
@@ -421,15 +424,15 @@ class Store:
         other posts cannot push out of the newest `limit`."""
         where, args = ("WHERE platform = ?", [platform]) if platform else ("", [])
         if below is not None:
-            where += f" {'AND' if where else 'WHERE'} status IN ('keep', 'reported') AND val_bpb < ?"
+            where += f" {'AND' if where else 'WHERE'} {CLAIMS} AND val_bpb < ?"
             args.append(below)
             if agents is not None:
                 where += f" AND agent_id IN ({', '.join('?' * len(agents))})"
                 args += agents
             rows = self.read(f"SELECT * FROM results {where} ORDER BY val_bpb, id LIMIT ?", [*args, limit])
         elif best:  # the lowest val_bpb per platform among results that are not failures
-            rows = self.read(f"SELECT * FROM results {where} {'AND' if where else 'WHERE'} status IN "
-                             f"('keep', 'reported') ORDER BY val_bpb, id", args)
+            rows = self.read(f"SELECT * FROM results {where} {'AND' if where else 'WHERE'} {CLAIMS} "
+                             f"ORDER BY val_bpb, id", args)
             firsts = {}
             for row in rows:
                 firsts.setdefault(row["platform"], row)

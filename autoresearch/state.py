@@ -346,7 +346,7 @@ def installed_packages():
 
 def metadata_headers(text):
     """{name, version} from a distribution's METADATA headers, without email.parser's reading of the whole
-    file: each command of the loop reads every installed package's (~0.1 s instead of ~0.01 s)."""
+    file: each command of the loop reads every installed package's (0.03-0.1 s instead of ~0.01 s)."""
     headers = {}
     for line in text.splitlines():
         if not line.strip():
